@@ -1,0 +1,1491 @@
+#!/usr/bin/env python3
+"""Caduceus: a dead man's switch for cron jobs.
+
+Each job checks in by fetching a URL when it succeeds; when a job does not
+check in within its interval, Caduceus notifies (email, Telegram, console),
+reminds every ``notify_every`` while it stays down, and notifies again when it
+recovers.  One file, standard library only, Python 3.9+ (``tomli`` is needed
+below 3.11 to read the config).
+
+Run::
+
+    python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
+
+Configuration (the format of Caduceus 0.0.11, read unchanged)::
+
+    [config]
+    secret_key = "somelongkey"        # optional; check-ins must then carry ?key=
+
+    [alerting.email]                  # optional; also [alerting.telegram]
+    recipient_emails = ["ops@example.com"]
+    from_addr = "caduceus@example.com"
+    hostname = "localhost"            # port = 25, username, password,
+    encryption = "none"               # "none" | "ssl" | "starttls"
+
+    [alerts]
+    default_channels = ["email"]
+
+    [alerts.backups]                  # the name is the URL segment
+    every = "1d"                      # "90s", "1h30m", "2 days", "1:30:00"
+    notify_every = "6h"               # reminder cadence while down; default: every
+    channels = ["email", "console"]   # default: default_channels
+
+HTTP endpoints:
+
+    GET|HEAD|POST /reset/<name>/?key=K   record a check-in: 200 "Alert reset."
+                                         (404 for an unknown name or a wrong key)
+    GET|HEAD /                           a short status page
+
+A 200 means the check-in is committed to SQLite.  All state (first seen, last
+check-in, status, notices not yet delivered) lives in the database file, so a
+restart, even ``kill -9``, resumes exactly where it stopped.  Failed
+notifications stay in a durable outbox and are retried with backoff for at
+least a day.
+
+Licence: MIT.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import difflib
+import email.message
+import email.utils
+import hmac
+import http.client
+import http.server
+import json
+import logging
+import math
+import re
+import signal
+import smtplib
+import socket
+import socketserver
+import sqlite3
+import ssl
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Iterator, Mapping
+
+try:
+    import tomllib
+except ImportError:  # Python < 3.11
+    try:
+        import tomli as tomllib
+    except ImportError:
+        tomllib = None
+
+__version__ = "1.0.0"
+__all__ = [
+    "CaduceusError",
+    "Config",
+    "Monitor",
+    "NOTIFIERS",
+    "Server",
+    "Store",
+    "load_config",
+    "main",
+    "parse_duration",
+]
+
+log = logging.getLogger("caduceus")
+
+#: Check statuses, stored as text.  NEW: never checked in since it was first seen.
+NEW, UP, DOWN = "new", "up", "down"
+
+#: Kinds of notice; each has its own subject line (kept from 0.0.11: users filter on them).
+NOTICE_DOWN, NOTICE_REMINDER, NOTICE_UP = "down", "reminder", "up"
+
+
+###############################################################################
+# Errors ######################################################################
+###############################################################################
+
+
+class CaduceusError(Exception):
+    """Root of every error Caduceus raises on purpose."""
+
+
+class ConfigError(CaduceusError):
+    """The configuration cannot be used.  The message names file, key and problem."""
+
+
+class NotifyError(CaduceusError):
+    """A channel could not deliver a notice.
+
+    ``permanent`` means retrying cannot help (the recipient or the token was
+    refused); ``retry_after_s`` is the wait the remote side asked for, if any.
+    """
+
+    def __init__(self, message: str, permanent: bool = False,
+                 retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.permanent = permanent
+        self.retry_after_s = retry_after_s
+
+
+###############################################################################
+# Durations and schedules #####################################################
+###############################################################################
+
+_UNIT_SECONDS = {}
+for _names, _seconds in (
+    (("w", "wk", "wks", "week", "weeks"), 7 * 86400),
+    (("d", "day", "days"), 86400),
+    (("h", "hr", "hrs", "hour", "hours"), 3600),
+    (("m", "min", "mins", "minute", "minutes"), 60),
+    (("s", "sec", "secs", "second", "seconds"), 1),
+):
+    for _name in _names:
+        _UNIT_SECONDS[_name] = _seconds
+del _names, _seconds, _name
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_TERM = re.compile(rf"\s*({_NUMBER})\s*([a-z]+)\s*(?:,|and\b)?")
+_CLOCK = re.compile(rf"(?:(\d+)\s*d(?:ays?)?\s*,?\s*)?(\d+(?::\d+){{1,3}}(?:\.\d+)?)")
+
+#: What a duration looks like, for error messages.
+DURATION_HINT = 'a duration such as "90s", "1h30m", "2 days" or "1:30:00"'
+
+
+def parse_duration(text: str) -> float:
+    """Return the seconds in a duration written as Caduceus 0.0.11 accepted it.
+
+    Accepts unit terms in any combination (``"1h30m"``, ``"1.5h"``,
+    ``"2 days, 4 hours"``, ``"90 minutes"``; units w, d, h, m, s and their
+    long forms), clock forms (``"4:13"`` is m:s, ``"1:30:00"`` h:m:s,
+    ``"2:04:13:02"`` d:h:m:s, optionally after ``"2 days,"``), and a bare
+    number of seconds (``"90"``).  Raises ``ValueError`` for anything else and
+    for durations that are not positive.
+    """
+    cleaned = text.strip().lower()
+    seconds = _parse_duration(cleaned)
+    if seconds is None:
+        raise ValueError(f"expected {DURATION_HINT}, got {text!r}")
+    if seconds <= 0:
+        raise ValueError(f"expected a positive duration, got {text!r}")
+    return seconds
+
+
+def _parse_duration(text: str) -> float | None:
+    if re.fullmatch(_NUMBER, text):
+        return float(text)
+    clock = _CLOCK.fullmatch(text)
+    if clock:
+        days = int(clock.group(1) or 0)
+        fields = [float(part) for part in clock.group(2).split(":")]
+        if days and len(fields) == 4:
+            return None
+        total = 0.0
+        for value, unit in zip(reversed(fields), (1, 60, 3600, 86400)):
+            total += value * unit
+        return total + days * 86400
+    total = 0.0
+    seen = set()
+    position = 0
+    while position < len(text):
+        term = _DURATION_TERM.match(text, position)
+        if not term or term.group(2) not in _UNIT_SECONDS:
+            return None
+        unit = _UNIT_SECONDS[term.group(2)]
+        if unit in seen:
+            return None
+        seen.add(unit)
+        total += float(term.group(1)) * unit
+        position = term.end()
+    return total if seen else None
+
+
+def format_duration(seconds: float, parts: int = 4) -> str:
+    """Write seconds as ``"1d 2h 3m 4s"``, keeping the ``parts`` largest units.
+
+    ``format_duration(5400) == "1h 30m"``; ``format_duration(93784, 2) == "1d 2h"``.
+    Tenths of a second show only below ten seconds (``"0.5s"``).
+    """
+    if seconds < 10 and round(seconds, 1) != int(seconds):
+        return f"{round(seconds, 1):g}s"
+    remaining = int(round(seconds))
+    words = []
+    for suffix, unit in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        count, remaining = divmod(remaining, unit)
+        if count and len(words) < parts:
+            words.append(f"{count}{suffix}")
+    return " ".join(words) or "0s"
+
+
+def format_time(at: float) -> str:
+    """Write epoch seconds as UTC ISO 8601 to the second: ``2026-11-24T03:00:00Z``."""
+    moment = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Channels that can be named in ``channels``; console needs no [alerting] section.
+CHANNEL_NAMES = ("console", "email", "telegram")
+
+ENCRYPTIONS = ("none", "ssl", "starttls")
+
+_REQUIRED = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class EmailConf:
+    """``[alerting.email]``: the SMTP server and the default recipients."""
+
+    from_addr: str
+    recipient_emails: tuple[str, ...] = ()
+    hostname: str = "localhost"
+    port: int = 25
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    encryption: str = "none"
+    timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class TelegramConf:
+    """``[alerting.telegram]``: the bot token and the chat to post in."""
+
+    apikey: str = dataclasses.field(repr=False)
+    chat_id: str
+    api_url: str = "https://api.telegram.org"
+    timeout_s: float = 30.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """One ``[alerts.NAME]`` table: a job that must check in every ``every_s``."""
+
+    name: str
+    every_s: float
+    notify_every_s: float
+    channels: tuple[str, ...]
+    recipient_emails: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration file.  Build it with ``load_config``."""
+
+    checks: Mapping[str, CheckSpec]
+    secret_key: str = dataclasses.field(default="", repr=False)
+    email: EmailConf | None = None
+    telegram: TelegramConf | None = None
+    path: str = ""
+
+
+class _Table:
+    """One TOML table being read: every error names the file and the key path.
+
+    ``take()`` each known key; ``finish()`` then rejects whatever is left,
+    suggesting the closest known key (``evry`` -> ``every``).
+    """
+
+    def __init__(self, file: str, where: str, data: Any) -> None:
+        self.file = file
+        self.where = where
+        if not isinstance(data, dict):
+            raise self.error(where, "a table", data)
+        self.data = data
+        self.known: list[str] = []
+
+    def error(self, key_path: str, expected: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.file}: {key_path}: expected {expected}, got {_show(got)}")
+
+    def path(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def take(self, key: str, expected: str, check: Callable[[Any], Any], default: Any = _REQUIRED) -> Any:
+        """Return ``check(value)``; ``check`` raises ValueError/TypeError to reject it."""
+        self.known.append(key)
+        if key not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.file}: {self.path(key)}: missing; expected {expected}")
+            return default
+        value = self.data[key]
+        try:
+            return check(value)
+        except (TypeError, ValueError) as exc:
+            detail = str(exc)
+            if detail.startswith("expected "):
+                raise ConfigError(f"{self.file}: {self.path(key)}: {detail}") from None
+            raise self.error(self.path(key), expected, value) from None
+
+    def finish(self, extra_known: tuple[str, ...] = ()) -> None:
+        known = self.known + list(extra_known)
+        for key in self.data:
+            if key not in known:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(known)}"
+                raise ConfigError(f"{self.file}: {self.path(key)}: unknown key{hint}")
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str):
+        raise TypeError
+    return value
+
+
+def _table(value: Any) -> dict:
+    if not isinstance(value, dict):
+        raise TypeError
+    return value
+
+
+def _encryption(value: Any) -> str:
+    choice = _string(value).strip().lower()
+    if choice not in ENCRYPTIONS:
+        raise ValueError
+    return choice
+
+
+def _port(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ValueError
+    return value
+
+
+def _duration(value: Any) -> float:
+    if not isinstance(value, str):
+        raise TypeError
+    return parse_duration(value)
+
+
+def _address(value: Any) -> str:
+    """An email address, plain or with a display name; it must contain an @."""
+    if not isinstance(value, str):
+        raise TypeError
+    addr = email.utils.parseaddr(value)[1]
+    local, at, domain = addr.rpartition("@")
+    if not (local and at and domain) or any(c.isspace() for c in addr):
+        raise ValueError
+    return value
+
+
+def _address_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise TypeError
+    for item in value:
+        try:
+            _address(item)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected email addresses containing @, got {_show(item)}") from None
+    return tuple(value)
+
+
+def _channel_list(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise TypeError
+    channels = tuple(item.strip().lower() for item in value)
+    for channel in channels:
+        if channel not in CHANNEL_NAMES:
+            raise ValueError(f"expected channels among {', '.join(CHANNEL_NAMES)}, got {json.dumps(channel)}")
+    return channels
+
+
+def _chat_id(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise TypeError
+    return str(value).strip()
+
+
+def _http_url(value: Any) -> str:
+    if not isinstance(value, str) or urllib.parse.urlsplit(value).scheme not in ("http", "https"):
+        raise ValueError
+    return value.rstrip("/")
+
+
+def _alert_name(file: str, name: str) -> str:
+    if not name or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise ConfigError(f"{file}: alerts.{json.dumps(name)}: an alert name is a URL segment; "
+                          "it must be non-empty, without / or control characters")
+    return name
+
+
+def load_config(path: str) -> Config:
+    """Read and validate a Caduceus TOML file; raise ``ConfigError`` on any mistake.
+
+    Everything is checked here, so a config that loads cannot fail later:
+    unknown keys, durations, channel names, channels used but not configured,
+    email addresses and recipients, ports.  Messages look like
+    ``caduceus.toml: alerts.backups.every: expected a duration ..., got "soon"``.
+    """
+    if tomllib is None:
+        raise ConfigError("reading the config needs Python 3.11+, or the tomli package "
+                          "on older Pythons: pip install tomli")
+    try:
+        with open(path, "rb") as file:
+            data = tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+    top = _Table(path, "", data)
+    settings = _Table(path, "config", top.take("config", "a table", _table, {}))
+    secret_key = settings.take("secret_key", "a string", _string, "")
+    settings.finish()
+
+    alerting = _Table(path, "alerting", top.take("alerting", "a table", _table, {}))
+    email_conf = telegram_conf = None
+    if "email" in alerting.data:
+        section = _Table(path, "alerting.email", alerting.data["email"])
+        email_conf = EmailConf(
+            recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
+            from_addr=section.take("from_addr", "an email address", _address),
+            hostname=section.take("hostname", "a host name", _string, "localhost"),
+            port=section.take("port", "a port number (1-65535)", _port, 25),
+            username=section.take("username", "a string", _string, ""),
+            password=section.take("password", "a string", _string, ""),
+            encryption=section.take("encryption", 'one of "none", "ssl", "starttls"', _encryption, "none"),
+        )
+        section.finish()
+    if "telegram" in alerting.data:
+        section = _Table(path, "alerting.telegram", alerting.data["telegram"])
+        telegram_conf = TelegramConf(
+            apikey=section.take("apikey", "the bot token, a string", _string),
+            chat_id=section.take("chat_id", "a chat id", _chat_id),
+            api_url=section.take("api_url", "an http(s) URL", _http_url, "https://api.telegram.org"),
+        )
+        section.finish()
+    alerting.finish(extra_known=("email", "telegram"))
+
+    alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table))
+    default_channels = alerts.take("default_channels", "a list of channel names", _channel_list, ("email",))
+    checks = {}
+    for name, table in alerts.data.items():
+        if name == "default_channels":
+            continue
+        _alert_name(path, name)
+        alerts.known.append(name)
+        section = _Table(path, f"alerts.{name}", table)
+        every_s = section.take("every", DURATION_HINT, _duration)
+        spec = CheckSpec(
+            name=name,
+            every_s=every_s,
+            notify_every_s=section.take("notify_every", DURATION_HINT, _duration, every_s),
+            channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
+            recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
+        )
+        section.finish()
+        _check_channels(path, spec, email_conf, telegram_conf, "channels" in table)
+        checks[name] = spec
+    alerts.finish()
+    top.finish()
+    return Config(checks=checks, secret_key=secret_key, email=email_conf,
+                  telegram=telegram_conf, path=path)
+
+
+def _check_channels(path: str, spec: CheckSpec, email_conf: EmailConf | None,
+                    telegram_conf: TelegramConf | None, own_channels: bool) -> None:
+    key = f"alerts.{spec.name}.channels" if own_channels else "alerts.default_channels"
+    for channel, conf in (("email", email_conf), ("telegram", telegram_conf)):
+        if channel in spec.channels and conf is None:
+            raise ConfigError(f"{path}: {key}: alert {json.dumps(spec.name)} uses the {channel} "
+                              f"channel, but there is no [alerting.{channel}] section")
+    if "email" in spec.channels and not (spec.recipient_emails or email_conf.recipient_emails):
+        raise ConfigError(f"{path}: alerts.{spec.name}.recipient_emails: alert {json.dumps(spec.name)} "
+                          "sends email but has no recipients here or in [alerting.email]")
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+#: Check-ins kept per alert (a ring buffer): the database does not grow per check-in.
+PING_HISTORY = 100
+#: State changes kept per alert.
+FLIP_HISTORY = 100
+#: Notices that could not be delivered at all, kept for inspection.
+FAILED_NOTICE_HISTORY = 100
+
+SCHEMA_VERSION = 1
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checks (
+    name          TEXT PRIMARY KEY,
+    status        TEXT NOT NULL,
+    first_seen_at REAL NOT NULL,
+    last_ping_at  REAL,
+    down_at       REAL,
+    notified_at   REAL,
+    n_pings       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS pings (
+    check_name  TEXT NOT NULL,
+    slot        INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    kind        TEXT NOT NULL,
+    remote_addr TEXT NOT NULL,
+    user_agent  TEXT NOT NULL,
+    PRIMARY KEY (check_name, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flips (
+    id         INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at         REAL NOT NULL,
+    old        TEXT NOT NULL,
+    new        TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flips_by_check ON flips (check_name, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    check_name      TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT NOT NULL DEFAULT '',
+    failed          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+"""
+
+
+class Store:
+    """The SQLite file that holds all state.
+
+    One connection shared by all threads; every write goes through
+    ``transaction()`` (``BEGIN IMMEDIATE``, so a second process on the same file
+    waits instead of failing), and the re-entrant lock serialises this
+    process's threads.  Methods called inside a transaction join it.  The
+    store never formats values into SQL.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
+        try:
+            self._conn.row_factory = sqlite3.Row
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            version = self._conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise CaduceusError(f"{path}: written by a newer Caduceus (schema {version}); "
+                                    "upgrade caduceus.py")
+            with self.transaction() as conn:
+                # executescript() would commit on its own; run the statements inside ours.
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
+            #: True when this open created Caduceus's tables (so 0.0.11 state may be imported).
+            self.created = version == 0
+        except BaseException:
+            self._conn.close()
+            raise
+
+    def close(self) -> None:
+        """Close the database once any running transaction has finished."""
+        with self._lock:
+            self._conn.close()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """Run the block as one transaction: all of it is committed, or none."""
+        with self._lock:
+            if self._conn.in_transaction:
+                yield self._conn
+                return
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+            except BaseException:
+                self._conn.execute("ROLLBACK")
+                raise
+            else:
+                self._conn.execute("COMMIT")
+
+    def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, params).fetchall()
+
+    # Checks ----------------------------------------------------------------
+
+    def sync_checks(self, names: list[str], now: float) -> None:
+        """Add rows for new alert names (first seen ``now``); forget removed ones."""
+        with self.transaction() as conn:
+            known = {row["name"] for row in conn.execute("SELECT name FROM checks")}
+            for name in names:
+                if name not in known:
+                    conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES (?, ?, ?)",
+                                 (name, NEW, now))
+            for name in known - set(names):
+                for table, column in (("checks", "name"), ("pings", "check_name"),
+                                      ("flips", "check_name"), ("outbox", "check_name")):
+                    conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
+
+    def checks(self) -> list[sqlite3.Row]:
+        """All check rows, in name order."""
+        return self._all("SELECT * FROM checks ORDER BY name")
+
+    def check(self, name: str) -> sqlite3.Row | None:
+        rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
+        return rows[0] if rows else None
+
+    def record_ping(self, name: str, at: float, kind: str, remote_addr: str, user_agent: str) -> None:
+        """Store a check-in in the alert's ring of recent pings and move last_ping_at."""
+        with self.transaction() as conn:
+            row = conn.execute("SELECT n_pings FROM checks WHERE name = ?", (name,)).fetchone()
+            conn.execute("UPDATE checks SET n_pings = n_pings + 1, last_ping_at = ? WHERE name = ?",
+                         (at, name))
+            conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, remote_addr, user_agent)"
+                         " VALUES (?, ?, ?, ?, ?, ?)",
+                         (name, row["n_pings"] % PING_HISTORY, at, kind, remote_addr, user_agent))
+
+    def pings(self, name: str) -> list[sqlite3.Row]:
+        """The alert's recent check-ins, oldest first."""
+        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY at, slot", (name,))
+
+    def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
+                   notified_at: float | None = None) -> bool:
+        """Compare-and-swap the status from ``old`` to ``new``; False if it was not ``old``.
+
+        ``down_at`` and ``notified_at`` are set too when given (None keeps them).
+        """
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE checks SET status = ?, down_at = COALESCE(?, down_at), "
+                "notified_at = COALESCE(?, notified_at) WHERE name = ? AND status = ?",
+                (new, down_at, notified_at, name, old))
+            return cursor.rowcount == 1
+
+    def set_notified(self, name: str, at: float) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE checks SET notified_at = ? WHERE name = ?", (at, name))
+
+    def add_flip(self, name: str, at: float, old: str, new: str, reason: str) -> None:
+        """Record a state change, keeping the newest FLIP_HISTORY per alert."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO flips (check_name, at, old, new, reason) VALUES (?, ?, ?, ?, ?)",
+                         (name, at, old, new, reason))
+            conn.execute("DELETE FROM flips WHERE check_name = ? AND id NOT IN "
+                         "(SELECT id FROM flips WHERE check_name = ? ORDER BY id DESC LIMIT ?)",
+                         (name, name, FLIP_HISTORY))
+
+    def flips(self, name: str) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
+
+    # Outbox ----------------------------------------------------------------
+
+    def enqueue(self, name: str, channel: str, kind: str, subject: str, body: str, now: float) -> None:
+        """Queue a notice for a channel.  A reminder replaces an undelivered older one."""
+        with self.transaction() as conn:
+            if kind == NOTICE_REMINDER:
+                conn.execute("DELETE FROM outbox WHERE check_name = ? AND channel = ? AND kind = ? "
+                             "AND failed = 0", (name, channel, NOTICE_REMINDER))
+            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, created_at,"
+                         " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                         (name, channel, kind, subject, body, now, now))
+
+    def next_notice(self, channel: str) -> sqlite3.Row | None:
+        """The oldest undelivered notice for a channel: notices leave in order."""
+        rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT 1",
+                         (channel,))
+        return rows[0] if rows else None
+
+    def pending_notices(self) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM outbox WHERE failed = 0 ORDER BY id")
+
+    def failed_notices(self) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
+
+    def notice_sent(self, notice_id: int) -> None:
+        with self.transaction() as conn:
+            conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
+
+    def notice_failed(self, notice_id: int, error: str, retry_at: float | None) -> None:
+        """Count a failed attempt: retry at ``retry_at``, or give up when it is None."""
+        with self.transaction() as conn:
+            if retry_at is None:
+                conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, failed = 1 "
+                             "WHERE id = ?", (error, notice_id))
+                conn.execute("DELETE FROM outbox WHERE failed = 1 AND id NOT IN "
+                             "(SELECT id FROM outbox WHERE failed = 1 ORDER BY id DESC LIMIT ?)",
+                             (FAILED_NOTICE_HISTORY,))
+            else:
+                conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
+                             "next_attempt_at = ? WHERE id = ?", (error, retry_at, notice_id))
+
+    # Caduceus 0.0.11 -------------------------------------------------------
+
+    def legacy_state(self) -> dict[str, tuple[float | None, float | None]]:
+        """Read a Caduceus 0.0.11 database in the same file, without changing it.
+
+        Returns ``{alert: (last check-in, last failure notice)}`` as epoch
+        seconds; 0.0.11 wrote naive local times, read here in the local zone.
+        Empty when the file has no 0.0.11 tables.
+        """
+        tables = {row[0] for row in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        state: dict[str, tuple[float | None, float | None]] = {}
+        if "alert" in tables:
+            for row in self._all("SELECT alert_id, MAX(timestamp) AS at FROM alert GROUP BY alert_id"):
+                state[row["alert_id"]] = (_legacy_time(row["at"]), None)
+        if "notification" in tables:
+            for row in self._all("SELECT alert_id, timestamp FROM notification"):
+                last_ping_at = state.get(row["alert_id"], (None, None))[0]
+                state[row["alert_id"]] = (last_ping_at, _legacy_time(row["timestamp"]))
+        return state
+
+    def import_legacy(self, name: str, status: str, last_ping_at: float | None,
+                      down_at: float | None, notified_at: float | None) -> None:
+        with self.transaction() as conn:
+            conn.execute("UPDATE checks SET status = ?, last_ping_at = ?, down_at = ?, notified_at = ? "
+                         "WHERE name = ?", (status, last_ping_at, down_at, notified_at, name))
+
+
+def _legacy_time(text: str | None) -> float | None:
+    if not text:
+        return None
+    try:
+        return datetime.datetime.fromisoformat(str(text)).timestamp()
+    except ValueError:
+        return None
+
+
+###############################################################################
+# Monitor #####################################################################
+###############################################################################
+
+#: First retry of a failed notice after this, then doubling ...
+RETRY_FIRST_S = 5.0
+#: ... up to this between attempts ...
+RETRY_MAX_S = 300.0
+#: ... for at least this long before giving up.
+RETRY_FOR_S = 24 * 3600.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Flip:
+    """A status change of one check, stamped with when it really happened."""
+
+    check: str
+    old: str
+    new: str
+    reason: str
+    at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """What a channel sends: one subject and one plain-text body about one check."""
+
+    check: str
+    kind: str
+    subject: str
+    body: str
+    at: float
+
+
+def due_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
+    """When a check that is not down becomes overdue: last check-in (or first seen) + every."""
+    since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
+    return since + spec.every_s
+
+
+def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], now: float) -> tuple[str, str]:
+    """Return the subject and body of a notice about ``row`` as it is at ``now``.
+
+    The subjects are those of Caduceus 0.0.11, to the character.
+    """
+    name = spec.name
+    if kind == NOTICE_UP:
+        down_at = row["down_at"] if row["down_at"] is not None else now
+        return (f"Caduceus: Alert {name} is reporting again.",
+                f"Hello,\n\nYour alert \"{name}\" is reporting again. All is well.\n\n"
+                f"Checked in:  {format_time(now)}\n"
+                f"Down for:    {format_duration(now - down_at, 2)} (since {format_time(down_at)})\n\n"
+                "Thanks,\nCaduceus\n")
+    if row["last_ping_at"] is None:
+        last = (f"never (watched since {format_time(row['first_seen_at'])}, "
+                f"{format_duration(now - row['first_seen_at'], 2)} ago)")
+    else:
+        last = f"{format_time(row['last_ping_at'])} ({format_duration(now - row['last_ping_at'], 2)} ago)"
+    deadline = due_at(spec, row)
+    still = "still " if kind == NOTICE_REMINDER else ""
+    return (f"Caduceus: Alert \"{name}\" is {still}failing.",
+            f"Hello,\n\nYour alert \"{name}\" is {still}failing: it should check in every "
+            f"{format_duration(spec.every_s)}, and it has not.\n\n"
+            f"Last check-in: {last}\n"
+            f"Overdue by:    {format_duration(max(now - deadline, 0), 2)} "
+            f"(it was due at {format_time(deadline)})\n\n"
+            f"You will be reminded every {format_duration(spec.notify_every_s)} while it stays down, "
+            "and told when it reports again.\n\nThanks,\nCaduceus\n")
+
+
+class Monitor:
+    """The rules: check-ins, deadlines, and which notices to send.
+
+    ============  ===============  ==========================================
+    from          event            to, and what is sent
+    ============  ===============  ==========================================
+    new, up       check-in         up, silently
+    down          check-in         up: "is reporting again"
+    new, up       deadline passes  down: "is failing" (the flip is stamped
+                                   with the deadline, not the sweep time)
+    down          notify_every     down: "is still failing", every
+                  since a notice   notify_every after the previous notice
+    ============  ===============  ==========================================
+
+    A check's deadline is its last check-in (or, never having checked in, the
+    time it was first seen) plus ``every``.  State changes and the notices
+    they cause are committed in one transaction; the notices go to the outbox
+    and ``deliver()`` sends them later, so no check-in waits on a channel.
+
+    ``notifiers`` maps a channel name to ``fn(config, notice)`` (see
+    NOTIFIERS); ``clock`` returns epoch seconds and is read once per operation.
+    """
+
+    def __init__(self, store: Store, config: Config,
+                 notifiers: Mapping[str, Callable[[Config, Notice], None]],
+                 clock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.config = config
+        self.notifiers = notifiers
+        self.clock = clock
+        self._deadline_listeners: list[Callable[[float], None]] = []
+        self._outbox_listeners: list[Callable[[float], None]] = []
+
+    def on_deadline(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
+        self._deadline_listeners.append(listener)
+
+    def on_outbox(self, listener: Callable[[float], None]) -> None:
+        """Call ``listener(now)`` after notices were queued."""
+        self._outbox_listeners.append(listener)
+
+    def start(self) -> None:
+        """Bring the database in line with the config: add new alerts, forget removed
+        ones, and on the first run over a Caduceus 0.0.11 file, import its state."""
+        now = self.clock()
+        with self.store.transaction():
+            self.store.sync_checks(list(self.config.checks), now)
+            if self.store.created:
+                self._import_legacy()
+
+    def _import_legacy(self) -> None:
+        for name, (last_ping_at, notified_at) in self.store.legacy_state().items():
+            spec = self.config.checks.get(name)
+            if spec is None:
+                continue
+            if notified_at is None:
+                if last_ping_at is not None:
+                    self.store.import_legacy(name, UP, last_ping_at, None, None)
+                    log.info("%s: imported last check-in %s from Caduceus 0.0.11", name,
+                             format_time(last_ping_at))
+                continue
+            down_at = last_ping_at + spec.every_s if last_ping_at is not None else notified_at
+            self.store.import_legacy(name, DOWN, last_ping_at, min(down_at, notified_at), notified_at)
+            log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
+                     format_time(notified_at))
+
+    # Check-ins -------------------------------------------------------------
+
+    def ping(self, name: str, remote_addr: str = "", user_agent: str = "") -> Flip | None:
+        """Record a successful check-in; return the flip to up if the check was down.
+
+        Raises ``KeyError`` for a name that is not configured.  When it
+        returns, the check-in is committed.
+        """
+        spec = self.config.checks[name]
+        now = self.clock()
+        flip = None
+        with self.store.transaction():
+            row = self.store.check(name)
+            self.store.record_ping(name, now, "success", remote_addr, user_agent)
+            if row["status"] == DOWN and self.store.set_status(name, DOWN, UP):
+                flip = Flip(name, DOWN, UP, "check-in", now)
+                self.store.add_flip(name, now, DOWN, UP, flip.reason)
+                self._enqueue(NOTICE_UP, spec, row, now)
+            elif row["status"] == NEW:
+                self.store.set_status(name, NEW, UP)
+        if flip:
+            log.warning("%s: up again, reporting after %s down", name,
+                        format_duration(now - (row["down_at"] or now), 2))
+            self._tell(self._outbox_listeners, now)
+        self._tell(self._deadline_listeners, now + spec.every_s)
+        return flip
+
+    # Deadlines -------------------------------------------------------------
+
+    def sweep(self) -> list[Flip]:
+        """Mark overdue checks down and queue the notices that are due; return the flips."""
+        now = self.clock()
+        flips = []
+        queued = False
+        with self.store.transaction():
+            for row in self.store.checks():
+                spec = self.config.checks.get(row["name"])
+                if spec is None:
+                    continue
+                if row["status"] in (NEW, UP):
+                    deadline = due_at(spec, row)
+                    if now >= deadline and self.store.set_status(spec.name, row["status"], DOWN,
+                                                                 down_at=deadline, notified_at=now):
+                        flip = Flip(spec.name, row["status"], DOWN, "missed deadline", deadline)
+                        self.store.add_flip(spec.name, deadline, row["status"], DOWN, flip.reason)
+                        self._enqueue(NOTICE_DOWN, spec, row, now)
+                        flips.append(flip)
+                        queued = True
+                        log.warning("%s: down, no check-in since %s", spec.name,
+                                    format_time(deadline - spec.every_s))
+                elif row["status"] == DOWN:
+                    elapsed = now - row["notified_at"]
+                    if elapsed >= spec.notify_every_s:
+                        # Keep the reminders on their grid even if Caduceus was stopped for a while.
+                        notified_at = row["notified_at"] + (elapsed // spec.notify_every_s) * spec.notify_every_s
+                        self.store.set_notified(spec.name, notified_at)
+                        self._enqueue(NOTICE_REMINDER, spec, row, now)
+                        queued = True
+                        log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
+        if queued:
+            self._tell(self._outbox_listeners, now)
+        return flips
+
+    def next_sweep_at(self) -> float | None:
+        """When the next check goes overdue or is due a reminder; None with no checks."""
+        times = []
+        for row in self.store.checks():
+            spec = self.config.checks.get(row["name"])
+            if spec is None:
+                continue
+            if row["status"] == DOWN:
+                times.append(row["notified_at"] + spec.notify_every_s)
+            else:
+                times.append(due_at(spec, row))
+        return min(times, default=None)
+
+    # Notices ---------------------------------------------------------------
+
+    def _enqueue(self, kind: str, spec: CheckSpec, row: Mapping[str, Any], now: float) -> None:
+        subject, body = render_notice(kind, spec, row, now)
+        for channel in spec.channels:
+            self.store.enqueue(spec.name, channel, kind, subject, body, now)
+
+    def deliver(self, channel: str) -> float | None:
+        """Send the channel's queued notices, oldest first; return when to call again.
+
+        Stops at the first failure, so notices never overtake each other: the
+        failed one is retried after 5 s, doubling up to 5 minutes, and given up
+        (and logged as an error) after a day or at a permanent error.  Returns
+        None when nothing is queued.
+        """
+        while True:
+            row = self.store.next_notice(channel)
+            now = self.clock()
+            if row is None:
+                return None
+            if row["next_attempt_at"] > now:
+                return row["next_attempt_at"]
+            notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"])
+            attempt = row["attempts"] + 1
+            try:
+                notifier = self.notifiers.get(channel)
+                if notifier is None:
+                    raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
+                notifier(self.config, notice)
+            except NotifyError as exc:
+                delay = min(RETRY_FIRST_S * 2 ** (attempt - 1), RETRY_MAX_S)
+                delay = max(delay, exc.retry_after_s or 0)
+                give_up = exc.permanent or now - row["created_at"] >= RETRY_FOR_S
+                self.store.notice_failed(row["id"], str(exc), None if give_up else now + delay)
+                if give_up:
+                    log.error("%s: gave up sending %r to %s after %d attempts: %s",
+                              notice.check, notice.subject, channel, attempt, exc)
+                    continue
+                log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
+                            notice.check, notice.subject, channel, attempt, exc, format_duration(delay))
+                return now + delay
+            self.store.notice_sent(row["id"])
+            log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
+
+    @staticmethod
+    def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
+        for listener in listeners:
+            listener(at)
+
+
+###############################################################################
+# Notifiers ###################################################################
+###############################################################################
+
+#: Telegram refuses messages longer than this.
+TELEGRAM_MAX_CHARS = 4096
+
+
+def send_console(config: Config, notice: Notice) -> None:
+    """Print the notice on standard output."""
+    try:
+        print(f"{notice.subject}\n{notice.body}", flush=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot write to standard output: {exc}") from None
+
+
+def send_email(config: Config, notice: Notice) -> None:
+    """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
+
+    Recipients are the alert's ``recipient_emails``, else the global list, and
+    the ``To`` header says the same.  Certificates are verified for ssl and
+    starttls.  Every socket operation has the configured timeout.
+    """
+    conf = config.email
+    if conf is None:
+        raise NotifyError("email is not configured ([alerting.email])", permanent=True)
+    spec = config.checks.get(notice.check)
+    recipients = (spec.recipient_emails if spec else ()) or conf.recipient_emails
+    if not recipients:
+        raise NotifyError("no email recipients", permanent=True)
+    message = email.message.EmailMessage()
+    message["Subject"] = notice.subject
+    message["From"] = conf.from_addr
+    message["To"] = ", ".join(recipients)
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    sender = email.utils.parseaddr(conf.from_addr)[1]
+    message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
+    message.set_content(notice.body)
+    context = ssl.create_default_context()
+    try:
+        if conf.encryption == "ssl":
+            smtp = smtplib.SMTP_SSL(conf.hostname, conf.port, timeout=conf.timeout_s, context=context)
+        else:
+            smtp = smtplib.SMTP(conf.hostname, conf.port, timeout=conf.timeout_s)
+        with smtp:
+            if conf.encryption == "starttls":
+                smtp.starttls(context=context)
+            if conf.username:
+                smtp.login(conf.username, conf.password)
+            refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
+    except smtplib.SMTPRecipientsRefused as exc:
+        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}", permanent=True) from None
+    except smtplib.SMTPAuthenticationError as exc:
+        raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=True) from None
+    except smtplib.SMTPResponseException as exc:
+        raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=exc.smtp_code >= 500) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
+    if refused:
+        log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
+
+
+def _smtp_text(error: bytes | str) -> str:
+    return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+
+
+def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
+    return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
+
+
+def send_telegram(config: Config, notice: Notice) -> None:
+    """Post the notice as plain text through the Bot API's ``sendMessage``.
+
+    A 429 answer raises with the ``retry_after`` Telegram asked for; other 4xx
+    answers are permanent.  The bot token is part of the URL, so it never
+    appears in an error message.
+    """
+    conf = config.telegram
+    if conf is None:
+        raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
+    text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
+    request = urllib.request.Request(
+        f"{conf.api_url}/bot{conf.apikey}/sendMessage",
+        data=json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=conf.timeout_s) as response:
+            response.read()
+    except urllib.error.HTTPError as exc:
+        with exc:
+            try:
+                answer = json.loads(exc.read() or b"{}")
+            except ValueError:
+                answer = None
+        if not isinstance(answer, dict):
+            answer = {}
+        description = answer.get("description") or exc.reason
+        if exc.code == 429:
+            retry_after = (answer.get("parameters") or {}).get("retry_after")
+            raise NotifyError(f"Telegram rate limit: {description}",
+                              retry_after_s=float(retry_after) if retry_after else None) from None
+        raise NotifyError(f"Telegram answered {exc.code}: {description}",
+                          permanent=400 <= exc.code < 500) from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise NotifyError(f"cannot reach Telegram at {urllib.parse.urlsplit(conf.api_url).netloc}: "
+                          f"{reason}") from None
+
+
+#: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
+#: notice is handed over, and raises NotifyError (never anything else it can
+#: foresee) when it is not; it never logs or returns secrets.
+NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
+    "console": send_console,
+    "email": send_email,
+    "telegram": send_telegram,
+}
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+#: Largest request body read; a larger one is refused with 413.
+MAX_BODY_BYTES = 1 << 20
+
+_SECRET_IN_URL = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
+
+
+class Server(http.server.ThreadingHTTPServer):
+    """The check-in server: a thread per connection, keep-alive, one ``Monitor``.
+
+    ``drain()`` waits for requests being handled, for a clean shutdown.
+    """
+
+    #: The default backlog of 5 drops connections under a burst of cron jobs.
+    request_queue_size = 128
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], monitor: Monitor) -> None:
+        self.monitor = monitor
+        self._busy = 0
+        self._idle = threading.Condition()
+        host, port = address
+        infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        # Prefer IPv4, as "localhost" may list ::1 first while cron jobs use 127.0.0.1.
+        infos.sort(key=lambda info: info[0] != socket.AF_INET)
+        self.address_family = infos[0][0]
+        super().__init__(infos[0][4][:2], Handler)
+
+    def server_bind(self) -> None:
+        # HTTPServer.server_bind does a reverse DNS lookup (getfqdn); skip it.
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+    def handle_error(self, request: Any, client_address: tuple) -> None:
+        # A client that resets its connection is not worth a traceback on stderr.
+        log.debug("connection from %s failed", client_address[0], exc_info=True)
+
+    @contextlib.contextmanager
+    def busy(self) -> Iterator[None]:
+        with self._idle:
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    def drain(self, timeout_s: float) -> bool:
+        """Wait until no request is being handled; False if that took too long."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Routes check-ins to ``self.server.monitor``; see the module docstring."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"Caduceus/{__version__}"
+    #: Buffer the response, so headers and body leave in one segment: two small
+    #: writes on a keep-alive connection stall 40 ms on Nagle + delayed ACK.
+    wbufsize = 64 * 1024
+    disable_nagle_algorithm = True
+    #: Idle keep-alive connections are closed after this many seconds.
+    timeout = 30
+
+    _ROUTES = (
+        (re.compile(r"/"), ("GET", "HEAD"), "_home"),
+        (re.compile(r"/reset/(?P<name>[^/]+)/?"), ("GET", "HEAD", "POST"), "_reset"),
+    )
+
+    def do_GET(self) -> None:
+        self._route()
+
+    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
+
+    def _route(self) -> None:
+        with self.server.busy():
+            try:
+                split = urllib.parse.urlsplit(self.path)
+                path = urllib.parse.unquote(split.path)
+                for pattern, methods, handler in self._ROUTES:
+                    match = pattern.fullmatch(path)
+                    if match is None:
+                        continue
+                    allow = ", ".join((*methods, "OPTIONS"))
+                    if self.command == "OPTIONS":
+                        self._reply(200, "", extra={"Allow": allow})
+                    elif self.command not in methods:
+                        self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
+                    else:
+                        getattr(self, handler)(match, urllib.parse.parse_qs(split.query, keep_blank_values=True))
+                    return
+                self._reply(404, "Not found.\n")
+            except ConnectionError:
+                self.close_connection = True
+                log.debug("%s went away during %s", self.client_address[0], self._safe_request_line())
+            except Exception:
+                log.exception("error handling %s", self._safe_request_line())
+                self.close_connection = True
+                with contextlib.suppress(OSError):  # the client may be gone too
+                    self._reply(500, "Internal server error.\n")
+
+    def _body(self) -> bytes | None:
+        """Read the request body; None (after replying) if it cannot be read."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._reply(411, "Send a Content-Length.\n")
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if not 0 <= length <= MAX_BODY_BYTES:
+            self.close_connection = True
+            self._reply(413 if length > 0 else 400, "Bad Content-Length.\n")
+            return None
+        return self.rfile.read(length)
+
+    def _home(self, match: re.Match, query: dict[str, list[str]]) -> None:
+        monitor = self.server.monitor
+        down = sum(row["status"] == DOWN for row in monitor.store.checks()
+                   if row["name"] in monitor.config.checks)
+        self._reply(200, f"Caduceus {__version__}: watching {len(monitor.config.checks)} alerts, "
+                         f"{down} failing.\n")
+
+    def _reset(self, match: re.Match, query: dict[str, list[str]]) -> None:
+        if self.command == "POST" and self._body() is None:
+            return
+        monitor = self.server.monitor
+        name = match["name"]
+        secret = monitor.config.secret_key
+        key = query.get("key", [""])[0]
+        # Compare even for unknown names, so timing does not tell which names exist.
+        key_ok = hmac.compare_digest(key.encode(), secret.encode())
+        if name not in monitor.config.checks or (secret and not key_ok):
+            self._reply(404, "Not found.\n")
+            return
+        monitor.ping(name, self.client_address[0], self.headers.get("User-Agent", "")[:200])
+        log.info("%s: check-in from %s", name, self.client_address[0])
+        body = "Alert reset."
+        if key and not secret:
+            body += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
+                     " the check-in counted.\n")
+        self._reply(200, body)
+
+    def _reply(self, code: int, body: str, extra: Mapping[str, str] | None = None) -> None:
+        payload = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(payload)))
+        for name, value in (extra or {}).items():
+            self.send_header(name, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(payload)
+
+    def version_string(self) -> str:
+        return self.server_version  # without the Python version
+
+    def _safe_request_line(self) -> str:
+        return _SECRET_IN_URL.sub(r"\1***", getattr(self, "requestline", ""))
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        log.debug('%s "%s" %s', self.client_address[0], self._safe_request_line(), code)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        # Error lines from http.server may quote the raw request line: mask keys there too.
+        log.info("%s %s", self.client_address[0], _SECRET_IN_URL.sub(r"\1***", format % args))
+
+
+###############################################################################
+# Sweeper #####################################################################
+###############################################################################
+
+
+class Sweeper:
+    """Calls ``work()`` on a re-armed ``threading.Timer``, when ``work`` asks to.
+
+    ``work()`` returns the epoch time it wants to run again (or None: only
+    when poked).  The wait is capped at ``max_wait_s`` so a jumping wall clock
+    cannot stall it for long.  ``poke(at)`` brings the next run forward when
+    something (a check-in, a queued notice) needs it sooner.  An exception in
+    ``work`` is logged and retried after ``retry_s``: a sweeper that dies
+    silently is a dead man's switch that never fires.
+    """
+
+    def __init__(self, work: Callable[[], float | None], name: str = "sweeper",
+                 clock: Callable[[], float] = time.time, max_wait_s: float = 60.0,
+                 retry_s: float = 5.0) -> None:
+        self._work = work
+        self._name = name
+        self._clock = clock
+        self._max_wait_s = max_wait_s
+        self._retry_s = retry_s
+        self._lock = threading.Lock()
+        self._running = threading.Lock()
+        self._timer: threading.Timer | None = None
+        self._timer_at = math.inf
+        self._stopped = False
+
+    def start(self) -> None:
+        """Run ``work`` now, and from then on when it asks."""
+        self.poke(self._clock())
+
+    def poke(self, at: float) -> None:
+        """Make sure ``work`` runs no later than ``at`` (epoch seconds)."""
+        with self._lock:
+            if self._stopped or at >= self._timer_at:
+                return
+            if self._timer is not None:
+                self._timer.cancel()
+            delay = min(max(at - self._clock(), 0.0), self._max_wait_s)
+            self._timer_at = at if delay < self._max_wait_s else self._clock() + delay
+            self._timer = threading.Timer(delay, self._tick)
+            self._timer.name = self._name
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _tick(self) -> None:
+        with self._lock:
+            if self._timer is threading.current_thread():
+                self._timer = None
+                self._timer_at = math.inf
+        with self._running:
+            if self._stopped:
+                return
+            try:
+                next_at = self._work()
+            except Exception:
+                log.exception("%s failed; trying again in %s", self._name, format_duration(self._retry_s))
+                next_at = self._clock() + self._retry_s
+        self.poke(self._clock() + self._max_wait_s if next_at is None else next_at)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop re-arming, and wait up to ``timeout_s`` for a run in progress."""
+        with self._lock:
+            self._stopped = True
+            if self._timer is not None:
+                self._timer.cancel()
+        if self._running.acquire(timeout=timeout_s):
+            self._running.release()
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="caduceus.py",
+                                     description="A dead man's switch for cron jobs.")
+    parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
+                        help="the configuration file (default: caduceus.toml)")
+    parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3",
+                        help="the SQLite database file (default: database.sqlite3)")
+    parser.add_argument("-i", "--host", default="localhost",
+                        help="the address to listen on (default: localhost)")
+    parser.add_argument("-p", "--port", type=int, default=5000,
+                        help="the port to listen on (default: 5000)")
+    parser.add_argument("-d", "--debug", action="store_true", help="log debug messages")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the service until SIGTERM or Ctrl-C; return the exit status.
+
+    2 for a configuration or start-up problem (one line on stderr), 0 after a
+    clean shutdown.
+    """
+    args = _parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"caduceus: {exc}", file=sys.stderr)
+        return 2
+    try:
+        store = Store(args.db)
+    except (sqlite3.Error, CaduceusError) as exc:
+        print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
+        return 2
+    with contextlib.closing(store):
+        monitor = Monitor(store, config, NOTIFIERS)
+        monitor.start()
+        try:
+            server = Server((args.host, args.port), monitor)
+        except OSError as exc:
+            print(f"caduceus: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            return 2
+        with server:
+            return _serve(server, monitor)
+
+
+def _serve(server: Server, monitor: Monitor) -> int:
+    def sweep() -> float | None:
+        monitor.sweep()
+        return monitor.next_sweep_at()
+
+    sweeper = Sweeper(sweep)
+    monitor.on_deadline(sweeper.poke)
+    couriers = []
+    for channel in NOTIFIERS:
+        courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
+        monitor.on_outbox(courier.poke)
+        couriers.append(courier)
+    stop = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda signum, frame: stop.set())
+    thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
+    thread.start()
+    host, port = server.server_address[:2]
+    log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
+             f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
+    sweeper.start()
+    for courier in couriers:
+        courier.start()
+    stop.wait()
+    log.info("shutting down")
+    server.shutdown()
+    thread.join()
+    if not server.drain(10):
+        log.warning("gave up waiting for requests in progress")
+    for worker in (sweeper, *couriers):
+        worker.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
