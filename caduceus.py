@@ -169,9 +169,9 @@ def parse_duration(text: str) -> float:
     cleaned = text.strip().lower()
     seconds = _parse_duration(cleaned)
     if seconds is None:
-        raise ValueError(f"expected {DURATION_HINT}, got {text!r}")
+        raise ValueError(f"expected {DURATION_HINT}, got {json.dumps(text)}")
     if seconds <= 0:
-        raise ValueError(f"expected a positive duration, got {text!r}")
+        raise ValueError(f"expected a positive duration, got {json.dumps(text)}")
     return seconds
 
 
@@ -1078,7 +1078,9 @@ def send_email(config: Config, notice: Notice) -> None:
                 smtp.login(conf.username, conf.password)
             refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
     except smtplib.SMTPRecipientsRefused as exc:
-        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}", permanent=True) from None
+        permanent = all(code >= 500 for code, _ in exc.recipients.values())
+        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
+                          permanent=permanent) from None
     except smtplib.SMTPAuthenticationError as exc:
         raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
                           permanent=True) from None
@@ -1464,19 +1466,30 @@ def _serve(server: Server, monitor: Monitor) -> int:
         courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
         monitor.on_outbox(courier.poke)
         couriers.append(courier)
-    stop = threading.Event()
-    if threading.current_thread() is threading.main_thread():
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, lambda signum, frame: stop.set())
     thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
-    thread.start()
-    host, port = server.server_address[:2]
-    log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
-             f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
-    sweeper.start()
-    for courier in couriers:
-        courier.start()
-    stop.wait()
+    # A signal handler must not take locks (Event.set() can deadlock against the
+    # main thread's own wait), so the C handler writes the signal number to a
+    # socket and the main thread sleeps on reading it.
+    wake_r, wake_w = socket.socketpair()
+    with wake_r, wake_w:
+        wake_w.setblocking(False)
+        previous_fd = signal.set_wakeup_fd(wake_w.fileno())
+        previous = {signum: signal.signal(signum, lambda signum, frame: None)
+                    for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            thread.start()
+            host, port = server.server_address[:2]
+            log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
+                     f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
+            sweeper.start()
+            for courier in couriers:
+                courier.start()
+            while wake_r.recv(1)[0] not in previous:
+                pass
+        finally:
+            signal.set_wakeup_fd(previous_fd)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     log.info("shutting down")
     server.shutdown()
     thread.join()
