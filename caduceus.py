@@ -60,6 +60,7 @@ import http.server
 import json
 import logging
 import math
+import os
 import re
 import signal
 import smtplib
@@ -67,12 +68,14 @@ import socket
 import socketserver
 import sqlite3
 import ssl
+import subprocess
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import zoneinfo
 from typing import Any, Callable, Iterator, Mapping
 
 try:
@@ -87,6 +90,7 @@ __version__ = "1.0.0"
 __all__ = [
     "CaduceusError",
     "Config",
+    "CronSchedule",
     "Monitor",
     "NOTIFIERS",
     "Server",
@@ -103,6 +107,12 @@ NEW, UP, DOWN = "new", "up", "down"
 
 #: Kinds of notice; each has its own subject line (kept from 0.0.11: users filter on them).
 NOTICE_DOWN, NOTICE_REMINDER, NOTICE_UP = "down", "reminder", "up"
+
+#: Signals a job sends.  An exit status arrives as SUCCESS (0) or FAIL (1-255).
+SUCCESS, START, FAIL, LOG = "success", "start", "fail", "log"
+
+#: Why a check went down (an exit status and a run-time limit have their own texts).
+REASON_MISSED, REASON_FAILED = "missed deadline", "reported failure"
 
 
 ###############################################################################
@@ -227,6 +237,311 @@ def format_time(at: float) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+#: Per field: name for error messages, lowest and highest value, and the names
+#: accepted in place of numbers (``names[i]`` stands for ``lowest + i``).
+_CRON_FIELDS = (
+    ("minute", 0, 59, ()),
+    ("hour", 0, 23, ()),
+    ("day-of-month", 1, 31, ()),
+    ("month", 1, 12, ("jan", "feb", "mar", "apr", "may", "jun",
+                      "jul", "aug", "sep", "oct", "nov", "dec")),
+    ("day-of-week", 0, 7, ("sun", "mon", "tue", "wed", "thu", "fri", "sat")),
+)
+
+#: The @-aliases of Vixie cron.  @reboot is refused: it names no time to expect.
+_CRON_ALIASES = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+
+#: Longest day in each month; February counts its leap day, which some year has.
+_CRON_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+#: The Gregorian calendar, weekdays included, repeats every 146097 days (400
+#: years), so a schedule that has not fired within that many days never will.
+_CRON_SCAN_DAYS = 146097
+
+_CRON_WEEKDAY_NAMES = ("Sunday", "Monday", "Tuesday", "Wednesday", "Thursday",
+                       "Friday", "Saturday")
+_CRON_MONTH_NAMES = ("January", "February", "March", "April", "May", "June", "July",
+                     "August", "September", "October", "November", "December")
+
+
+@dataclasses.dataclass(frozen=True)
+class CronSchedule:
+    """A five-field cron schedule (Vixie cron syntax), evaluated in a time zone.
+
+    Fields are minute, hour, day of month, month (``1-12`` or ``jan-dec``) and
+    day of week (``0-7`` or ``sun-sat``; 0 and 7 are Sunday), each ``*``, a
+    value, a range ``a-b``, a step ``*/n``, ``a-b/n`` or ``a/n`` (``a``-last/n),
+    or a comma-separated list of those; ``@hourly``, ``@daily``/``@midnight``,
+    ``@weekly``, ``@monthly`` and ``@yearly``/``@annually`` stand for their
+    usual expansions.  As in Vixie cron, a day field is *restricted* unless it
+    begins with ``*``: when both day fields are restricted a day matches if
+    either matches (``0 0 13 * fri`` runs on the 13th and on every Friday);
+    otherwise a day must match both (``0 0 */2 * mon`` runs on Mondays that fall
+    on an odd day of the month).
+
+    Daylight saving time: each matching wall-clock time fires once.  A time the
+    clock skips when it springs forward fires at the instant of the jump (02:30
+    in New York on 2026-03-08 fires at 03:00 EDT), and skipped times that fall
+    in the same gap collapse into that one instant.  A time the clock shows
+    twice when it falls back fires at its first occurrence only, so
+    ``*/15 * * * *`` pauses for the repeated hour.
+    """
+
+    expression: str
+    minutes: frozenset[int]
+    hours: frozenset[int]
+    days: frozenset[int]
+    months: frozenset[int]
+    weekdays: frozenset[int]  #: 0 is Sunday, 6 Saturday
+    day_restricted: bool
+    weekday_restricted: bool
+
+    @classmethod
+    def parse(cls, expression: str) -> CronSchedule:
+        """Parse ``expression``; raise ``ValueError`` naming the field and the fault.
+
+        Also refuses schedules that can never fire, such as ``0 0 30 2 *``.
+        """
+        text = expression.strip()
+        if text.startswith("@"):
+            alias = text.lower()
+            if alias == "@reboot":
+                raise ValueError('"@reboot" is not supported: it names no time '
+                                 "at which to expect a ping")
+            if alias not in _CRON_ALIASES:
+                raise ValueError(f'unknown cron alias "{text}"; expected one of '
+                                 f"{', '.join(_CRON_ALIASES)}")
+            text = _CRON_ALIASES[alias]
+        fields = text.split()
+        if len(fields) != 5:
+            raise ValueError(f'cron expression "{expression}": expected 5 fields '
+                             "(minute hour day-of-month month day-of-week), "
+                             f"got {len(fields)}")
+        minutes, hours, days, months, weekdays = (
+            _parse_cron_field(field, index) for index, field in enumerate(fields))
+        day_restricted = not fields[2].startswith("*")
+        weekday_restricted = not fields[4].startswith("*")
+        # Only with the day-of-month alone deciding can the days miss every month:
+        # a star day field always contains day 1, and any weekday occurs in any month.
+        if day_restricted and not weekday_restricted and not any(
+                day <= _CRON_MONTH_DAYS[month - 1] for day in days for month in months):
+            raise ValueError(f'cron expression "{expression}" never fires: '
+                             f'no month in "{fields[3]}" has day '
+                             f"{_join([str(day) for day in sorted(days)], 'or')}")
+        return cls(expression, minutes, hours, days, months, weekdays,
+                   day_restricted, weekday_restricted)
+
+    def next_after(self, at: float, tz: datetime.tzinfo) -> float:
+        """Return the first scheduled instant strictly after epoch seconds ``at``.
+
+        Fields are read as wall-clock time in ``tz`` (a ``zoneinfo.ZoneInfo`` or
+        a fixed ``datetime.timezone``), with the daylight saving rule in the
+        class docstring.  Raises ``ValueError`` if nothing matches within 400
+        years, which ``parse`` rules out.
+        """
+        start = datetime.datetime.fromtimestamp(at, tz)
+        first_ordinal = start.toordinal()
+        hours = sorted(self.hours)
+        minutes = sorted(self.minutes)
+        ordinal = first_ordinal
+        while ordinal <= first_ordinal + _CRON_SCAN_DAYS:
+            day = datetime.date.fromordinal(ordinal)
+            if day.month not in self.months:
+                ordinal = datetime.date(day.year + day.month // 12, day.month % 12 + 1,
+                                        1).toordinal()
+                continue
+            # Wall times up to start's own minute map to instants at or before
+            # `at` (the mapping never runs backwards), so the first day skips them.
+            done = (start.hour, start.minute) if ordinal == first_ordinal else (-1, -1)
+            if self._day_matches(day):
+                for hour in (hour for hour in hours if hour >= done[0]):
+                    for minute in minutes:
+                        if (hour, minute) <= done:
+                            continue
+                        fire_at = _wall_to_epoch(datetime.datetime(
+                            day.year, day.month, day.day, hour, minute, tzinfo=tz))
+                        # Not yet after `at` only in the rest of a repeated hour.
+                        if fire_at > at:
+                            return fire_at
+            ordinal += 1
+        raise ValueError(f'cron expression "{self.expression}" never fires')
+
+    def describe(self) -> str:
+        """Return short English for the schedule, or ``"cron: <expression>"``.
+
+        For example ``"at 03:00 every day"``, ``"every 15 minutes"`` or
+        ``"at 09:30 on Monday-Friday"``.
+        """
+        every_hour = self.hours == frozenset(range(24))
+        periodic = True
+        if every_hour and self.minutes == frozenset(range(60)):
+            when = "every minute"
+        elif every_hour and _cron_step(self.minutes, 60):
+            when = f"every {_cron_step(self.minutes, 60)} minutes"
+        elif every_hour and len(self.minutes) == 1:
+            when = f"every hour at :{min(self.minutes):02d}"
+        elif self.minutes == {0} and _cron_step(self.hours, 24):
+            when = f"every {_cron_step(self.hours, 24)} hours"
+        elif len(self.hours) * len(self.minutes) <= 4:
+            periodic = False
+            when = "at " + _join([f"{hour:02d}:{minute:02d}" for hour in sorted(self.hours)
+                                  for minute in sorted(self.minutes)])
+        else:
+            return f"cron: {self.expression}"
+
+        in_months = ""
+        of_months = "the month"
+        if self.months != frozenset(range(1, 13)):
+            of_months = _join(_cron_runs(sorted(self.months), 1, _CRON_MONTH_NAMES))
+            in_months = f" in {of_months}"
+        all_days = self.days == frozenset(range(1, 32))
+        all_weekdays = self.weekdays == frozenset(range(7))
+        # Monday first, as people list working days; cron counts from Sunday.
+        weekday_words = _join(_cron_runs(sorted((wd - 1) % 7 for wd in self.weekdays),
+                                         0, _CRON_WEEKDAY_NAMES[1:] + _CRON_WEEKDAY_NAMES[:1]))
+        plural = "s" if len(self.days) > 1 else ""
+        day_words = f"day{plural} {_join(_cron_runs(sorted(self.days), 1, None))}"
+        either = self.day_restricted and self.weekday_restricted
+        if (all_days and all_weekdays) or (either and (all_days or all_weekdays)):
+            on = "" if periodic else " every day"
+        elif either:
+            on = f" on {day_words} of the month and on {weekday_words}"
+        elif all_days:
+            on = f" on {weekday_words}"
+        elif all_weekdays:
+            return f"{when} on {day_words} of {of_months}"
+        else:
+            return f"cron: {self.expression}"
+        return f"{when}{on}{in_months}"
+
+    def _day_matches(self, day: datetime.date) -> bool:
+        day_ok = day.day in self.days
+        weekday_ok = day.isoweekday() % 7 in self.weekdays
+        if self.day_restricted and self.weekday_restricted:
+            return day_ok or weekday_ok
+        return day_ok and weekday_ok
+
+
+def _parse_cron_field(text: str, index: int) -> frozenset[int]:
+    name, lowest, highest, names = _CRON_FIELDS[index]
+    values: set[int] = set()
+    for part in text.split(","):
+        base, slash, step_text = part.partition("/")
+        problem = None
+        if not part:
+            problem = "empty list item"
+        elif slash and not re.fullmatch(r"[0-9]+", step_text):
+            problem = f'step "{step_text}" is not a whole number'
+        elif slash and int(step_text) == 0:
+            problem = "step must be at least 1"
+        elif base.count("-") > 1:
+            problem = f'"{base}" has more than one "-"'
+        if problem:
+            raise ValueError(f'{name} field "{text}": {problem}')
+        step = int(step_text) if slash else 1
+        if base == "*":
+            first, last = lowest, highest
+        else:
+            first_text, dash, last_text = base.partition("-")
+            first = _parse_cron_value(first_text, text, index)
+            # "5/10" means "5-59/10" (Vixie cron itself rejects "a/n" without a range).
+            last = highest if slash else first
+            if dash:
+                last = _parse_cron_value(last_text, text, index)
+                if first > last:
+                    hint = ", and Sunday is also 7" if index == 4 else ""
+                    raise ValueError(f'{name} field "{text}": range {base} is reversed '
+                                     f"(write the smaller value first{hint})")
+        values.update(range(first, last + 1, step))
+    if 7 in values and index == 4:
+        values.discard(7)
+        values.add(0)
+    return frozenset(values)
+
+
+def _parse_cron_value(text: str, field_text: str, index: int) -> int:
+    name, lowest, highest, names = _CRON_FIELDS[index]
+    if re.fullmatch(r"[0-9]+", text):
+        value = int(text)
+    elif text.lower() in names:
+        value = lowest + names.index(text.lower())
+    elif not text:
+        raise ValueError(f'{name} field "{field_text}": a value is missing')
+    else:
+        noun = "month" if index == 3 else "day"
+        expected = f"a number or a {noun} name ({names[0]}-{names[-1]})" if names else "a number"
+        raise ValueError(f'{name} field "{field_text}": "{text}" is not {expected}')
+    if not lowest <= value <= highest:
+        raise ValueError(f'{name} field "{field_text}": {value} is out of range '
+                         f"{lowest}-{highest}")
+    return value
+
+
+def _wall_to_epoch(wall: datetime.datetime) -> float:
+    """Return when the clock in ``wall.tzinfo`` shows ``wall``, by CronSchedule's DST rule."""
+    first = wall.replace(fold=0)
+    second = wall.replace(fold=1)
+    if first.utcoffset() >= second.utcoffset():
+        # Equal offsets: an ordinary time.  Larger under fold=0: a repeated
+        # time (PEP 495), and fold=0 is its first occurrence.
+        return first.timestamp()
+    # A skipped time.  PEP 495 reads it with the offset from before the jump
+    # under fold=0 (an instant after the jump) and from after it under fold=1
+    # (an instant before it); bisect between them for the jump, to the second.
+    before, after = second.timestamp(), first.timestamp()
+    offset_before = datetime.datetime.fromtimestamp(before, wall.tzinfo).utcoffset()
+    while after - before > 1:
+        middle = (before + after) // 2
+        if datetime.datetime.fromtimestamp(middle, wall.tzinfo).utcoffset() == offset_before:
+            before = middle
+        else:
+            after = middle
+    return after
+
+
+def _cron_step(values: frozenset[int], period: int) -> int | None:
+    """Return n if ``values`` is exactly every n-th of 0..period-1, n dividing period."""
+    for step in range(2, period // 2 + 1):
+        if period % step == 0 and values == frozenset(range(0, period, step)):
+            return step
+    return None
+
+
+def _cron_runs(positions: list[int], offset: int, labels: tuple[str, ...] | None) -> list[str]:
+    """Label sorted positions, writing three or more in a row as ``first-last``."""
+    def label(position: int) -> str:
+        return labels[position - offset] if labels else str(position)
+
+    runs: list[list[int]] = []
+    for position in positions:
+        if runs and position == runs[-1][-1] + 1:
+            runs[-1].append(position)
+        else:
+            runs.append([position])
+    words: list[str] = []
+    for run in runs:
+        if len(run) >= 3:
+            words.append(f"{label(run[0])}-{label(run[-1])}")
+        else:
+            words.extend(label(position) for position in run)
+    return words
+
+
+def _join(words: list[str], conjunction: str = "and") -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    if len(words) <= 1:
+        return "".join(words)
+    return f"{', '.join(words[:-1])} {conjunction} {words[-1]}"
+
+
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
@@ -265,13 +580,36 @@ class TelegramConf:
 
 @dataclasses.dataclass(frozen=True)
 class CheckSpec:
-    """One ``[alerts.NAME]`` table: a job that must check in every ``every_s``."""
+    """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
+    by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
 
     name: str
-    every_s: float
+    every_s: float | None
     notify_every_s: float
     channels: tuple[str, ...]
     recipient_emails: tuple[str, ...] = ()
+    schedule: CronSchedule | None = None
+    tz: datetime.tzinfo = datetime.timezone.utc
+    grace_s: float = 0.0
+    max_runtime_s: float | None = None
+
+    def due_after(self, since: float) -> float:
+        """The deadline of a job whose last success (or first sighting) was at ``since``."""
+        if self.schedule is not None:
+            return self.schedule.next_after(since, self.tz) + self.grace_s
+        return since + self.every_s + self.grace_s
+
+    def describe(self) -> str:
+        """The schedule in words: ``"every 1h, 10m grace"``, ``"at 03:00 every day (Europe/Athens)"``."""
+        if self.schedule is not None:
+            words = f"{self.schedule.describe()} ({self.tz})"
+        else:
+            words = f"every {format_duration(self.every_s)}"
+        if self.grace_s:
+            words += f", {format_duration(self.grace_s)} grace"
+        if self.max_runtime_s is not None:
+            words += f", runs at most {format_duration(self.max_runtime_s)}"
+        return words
 
 
 @dataclasses.dataclass(frozen=True)
@@ -311,7 +649,9 @@ class _Table:
         self.known.append(key)
         if key not in self.data:
             if default is _REQUIRED:
-                raise ConfigError(f"{self.file}: {self.path(key)}: missing; expected {expected}")
+                typo = difflib.get_close_matches(key, list(self.data), n=1)
+                hint = f'; found "{typo[0]}": did you mean "{key}"?' if typo else ""
+                raise ConfigError(f"{self.file}: {self.path(key)}: missing; expected {expected}{hint}")
             return default
         value = self.data[key]
         try:
@@ -414,6 +754,31 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _zone(value: Any) -> datetime.tzinfo:
+    name = _string(value).strip()
+    if name.upper() in ("UTC", "Z", "ETC/UTC"):
+        return datetime.timezone.utc  # needs no zone database
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f'expected an IANA time zone such as "Europe/Athens", got {json.dumps(name)}'
+                         " (is the tzdata package installed?)") from None
+
+
+def _cron(value: Any) -> CronSchedule:
+    try:
+        return CronSchedule.parse(_string(value))
+    except ValueError as exc:
+        raise ValueError(f"expected a cron schedule such as \"0 3 * * *\" or \"@daily\", "
+                         f"got {json.dumps(value)}: {exc}") from None
+
+
+def _non_negative_duration(value: Any) -> float:
+    if isinstance(value, str) and re.fullmatch(r"\s*0+\s*[a-z]*\s*", value.lower()):
+        return 0.0
+    return _duration(value)
+
+
 def _alert_name(file: str, name: str) -> str:
     if not name or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ConfigError(f"{file}: alerts.{json.dumps(name)}: an alert name is a URL segment; "
@@ -443,6 +808,7 @@ def load_config(path: str) -> Config:
     top = _Table(path, "", data)
     settings = _Table(path, "config", top.take("config", "a table", _table, {}))
     secret_key = settings.take("secret_key", "a string", _string, "")
+    default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     settings.finish()
 
     alerting = _Table(path, "alerting", top.take("alerting", "a table", _table, {}))
@@ -477,22 +843,49 @@ def load_config(path: str) -> Config:
             continue
         _alert_name(path, name)
         alerts.known.append(name)
-        section = _Table(path, f"alerts.{name}", table)
-        every_s = section.take("every", DURATION_HINT, _duration)
-        spec = CheckSpec(
-            name=name,
-            every_s=every_s,
-            notify_every_s=section.take("notify_every", DURATION_HINT, _duration, every_s),
-            channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
-            recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
-        )
-        section.finish()
+        spec = _check_spec(path, name, table, default_channels, default_tz)
         _check_channels(path, spec, email_conf, telegram_conf, "channels" in table)
         checks[name] = spec
     alerts.finish()
     top.finish()
     return Config(checks=checks, secret_key=secret_key, email=email_conf,
                   telegram=telegram_conf, path=path)
+
+
+def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, ...],
+                default_tz: datetime.tzinfo) -> CheckSpec:
+    section = _Table(path, f"alerts.{name}", table)
+    if "every" in section.data and "schedule" in section.data:
+        raise ConfigError(f"{path}: alerts.{name}: give either every or schedule, not both")
+    if "schedule" in section.data:
+        every_s = None
+        schedule = section.take("schedule", "a cron schedule", _cron)
+        section.known.append("every")
+    else:
+        every_s = section.take("every", f'{DURATION_HINT} (or a cron schedule = "0 3 * * *")', _duration)
+        schedule = None
+        section.known.append("schedule")
+    tz = section.take("timezone", "an IANA time zone", _zone, default_tz)
+    if schedule is not None:
+        # A cron job's natural reminder cadence is the gap between two of its runs
+        # (measured from a fixed point, so loading a config is repeatable).
+        first = schedule.next_after(0.0, tz)
+        period_s = schedule.next_after(first, tz) - first
+    else:
+        period_s = every_s
+    spec = CheckSpec(
+        name=name,
+        every_s=every_s,
+        schedule=schedule,
+        tz=tz,
+        grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, 0.0),
+        max_runtime_s=section.take("max_runtime", DURATION_HINT, _duration, None),
+        notify_every_s=section.take("notify_every", DURATION_HINT, _duration, period_s),
+        channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
+        recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
+    )
+    section.finish()
+    return spec
 
 
 def _check_channels(path: str, spec: CheckSpec, email_conf: EmailConf | None,
@@ -513,10 +906,34 @@ def _check_channels(path: str, spec: CheckSpec, email_conf: EmailConf | None,
 
 #: Check-ins kept per alert (a ring buffer): the database does not grow per check-in.
 PING_HISTORY = 100
+#: Bytes of a request body kept with a signal (the tail, where errors are).
+MAX_PING_BODY = 10 * 1024
 #: State changes kept per alert.
 FLIP_HISTORY = 100
 #: Notices that could not be delivered at all, kept for inspection.
 FAILED_NOTICE_HISTORY = 100
+
+@dataclasses.dataclass(frozen=True)
+class Ping:
+    """One signal from a job, as it is stored: kind, exit status, body, and who sent it."""
+
+    kind: str = SUCCESS
+    exit_status: int | None = None
+    body: str = ""
+    remote_addr: str = ""
+    user_agent: str = ""
+
+
+def parse_signal(text: str) -> tuple[str, int | None]:
+    """Read the signal part of a check-in URL: "" is success, then start, fail, log,
+    or an exit status (0 success, 1-255 failure).  Raises ValueError otherwise."""
+    if text in ("", SUCCESS, START, FAIL, LOG):
+        return text or SUCCESS, None
+    if text.isdigit() and len(text) <= 3 and int(text) <= 255:
+        status = int(text)
+        return (FAIL if status else SUCCESS), status
+    raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
+
 
 SCHEMA_VERSION = 1
 SCHEMA = """
@@ -526,7 +943,10 @@ CREATE TABLE IF NOT EXISTS checks (
     first_seen_at REAL NOT NULL,
     last_ping_at  REAL,
     down_at       REAL,
+    down_reason   TEXT NOT NULL DEFAULT '',
     notified_at   REAL,
+    started_at    REAL,
+    last_duration_s REAL,
     n_pings       INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pings (
@@ -534,6 +954,9 @@ CREATE TABLE IF NOT EXISTS pings (
     slot        INTEGER NOT NULL,
     at          REAL NOT NULL,
     kind        TEXT NOT NULL,
+    exit_status INTEGER,
+    duration_s  REAL,
+    body        TEXT NOT NULL,
     remote_addr TEXT NOT NULL,
     user_agent  TEXT NOT NULL,
     PRIMARY KEY (check_name, slot)
@@ -645,31 +1068,58 @@ class Store:
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
         return rows[0] if rows else None
 
-    def record_ping(self, name: str, at: float, kind: str, remote_addr: str, user_agent: str) -> None:
-        """Store a check-in in the alert's ring of recent pings and move last_ping_at."""
+    def record_ping(self, name: str, at: float, ping: Ping) -> float | None:
+        """Store a signal in the alert's ring of recent pings and update its run state.
+
+        A success moves ``last_ping_at``; a start sets ``started_at``; a
+        success or failure ends the run and returns its duration (None when no
+        run was started).  A log changes nothing but the history.
+        """
         with self.transaction() as conn:
-            row = conn.execute("SELECT n_pings FROM checks WHERE name = ?", (name,)).fetchone()
-            conn.execute("UPDATE checks SET n_pings = n_pings + 1, last_ping_at = ? WHERE name = ?",
-                         (at, name))
-            conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, remote_addr, user_agent)"
-                         " VALUES (?, ?, ?, ?, ?, ?)",
-                         (name, row["n_pings"] % PING_HISTORY, at, kind, remote_addr, user_agent))
+            row = conn.execute("SELECT n_pings, started_at FROM checks WHERE name = ?", (name,)).fetchone()
+            duration_s = None
+            if ping.kind in (SUCCESS, FAIL) and row["started_at"] is not None:
+                duration_s = at - row["started_at"]
+            if ping.kind == SUCCESS:
+                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, "
+                             "last_duration_s = COALESCE(?, last_duration_s) WHERE name = ?",
+                             (at, duration_s, name))
+            elif ping.kind == FAIL:
+                conn.execute("UPDATE checks SET started_at = NULL, "
+                             "last_duration_s = COALESCE(?, last_duration_s) WHERE name = ?",
+                             (duration_s, name))
+            elif ping.kind == START:
+                conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
+            conn.execute("UPDATE checks SET n_pings = n_pings + 1 WHERE name = ?", (name,))
+            conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, exit_status, duration_s,"
+                         " body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         (name, row["n_pings"] % PING_HISTORY, at, ping.kind, ping.exit_status, duration_s,
+                          ping.body, ping.remote_addr, ping.user_agent))
+            return duration_s
 
     def pings(self, name: str) -> list[sqlite3.Row]:
-        """The alert's recent check-ins, oldest first."""
+        """The alert's recent signals, oldest first."""
         return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY at, slot", (name,))
 
+    def last_body(self, name: str) -> str:
+        """The body of the alert's latest signal that had one, or ""."""
+        rows = self._all("SELECT body FROM pings WHERE check_name = ? AND body != '' "
+                         "ORDER BY at DESC, slot DESC LIMIT 1", (name,))
+        return rows[0]["body"] if rows else ""
+
     def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
-                   notified_at: float | None = None) -> bool:
+                   notified_at: float | None = None, down_reason: str | None = None) -> bool:
         """Compare-and-swap the status from ``old`` to ``new``; False if it was not ``old``.
 
-        ``down_at`` and ``notified_at`` are set too when given (None keeps them).
+        ``down_at``, ``notified_at`` and ``down_reason`` are set too when given
+        (None keeps them).
         """
         with self.transaction() as conn:
             cursor = conn.execute(
                 "UPDATE checks SET status = ?, down_at = COALESCE(?, down_at), "
-                "notified_at = COALESCE(?, notified_at) WHERE name = ? AND status = ?",
-                (new, down_at, notified_at, name, old))
+                "notified_at = COALESCE(?, notified_at), down_reason = COALESCE(?, down_reason) "
+                "WHERE name = ? AND status = ?",
+                (new, down_at, notified_at, down_reason, name, old))
             return cursor.rowcount == 1
 
     def set_notified(self, name: str, at: float) -> None:
@@ -752,8 +1202,10 @@ class Store:
     def import_legacy(self, name: str, status: str, last_ping_at: float | None,
                       down_at: float | None, notified_at: float | None) -> None:
         with self.transaction() as conn:
-            conn.execute("UPDATE checks SET status = ?, last_ping_at = ?, down_at = ?, notified_at = ? "
-                         "WHERE name = ?", (status, last_ping_at, down_at, notified_at, name))
+            conn.execute("UPDATE checks SET status = ?, last_ping_at = ?, down_at = ?, notified_at = ?, "
+                         "down_reason = ? WHERE name = ?",
+                         (status, last_ping_at, down_at, notified_at,
+                          REASON_MISSED if status == DOWN else "", name))
 
 
 def _legacy_time(text: str | None) -> float | None:
@@ -775,6 +1227,8 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 #: ... for at least this long before giving up.
 RETRY_FOR_S = 24 * 3600.0
+#: Lines and characters of a job's output quoted in a notice.
+TAIL_LINES, TAIL_CHARS = 10, 2000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -799,63 +1253,97 @@ class Notice:
     at: float
 
 
-def due_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
-    """When a check that is not down becomes overdue: last check-in (or first seen) + every."""
+def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
+    """When a check that is not down goes down if nothing arrives, and why.
+
+    The due time follows the last success (or, never having succeeded, the
+    time the check was first seen): plus ``every``, or the next ``schedule``
+    time, plus ``grace``.  A run started more than ``max_runtime`` ago is due
+    earlier, for running too long.
+    """
     since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
-    return since + spec.every_s
+    due = spec.due_after(since)
+    if spec.max_runtime_s is not None and row["started_at"] is not None:
+        run_due = row["started_at"] + spec.max_runtime_s
+        if run_due < due:
+            return run_due, (f"ran too long: started at {format_time(row['started_at'])} "
+                             f"and has not finished within {format_duration(spec.max_runtime_s)}")
+    return due, REASON_MISSED
 
 
-def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], now: float) -> tuple[str, str]:
-    """Return the subject and body of a notice about ``row`` as it is at ``now``.
+def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str, output: str,
+                  now: float) -> tuple[str, str]:
+    """Return the subject and body of a notice about ``row`` (the check as it was
+    before the change) at ``now``.  ``output`` is the job's latest output, if any.
 
     The subjects are those of Caduceus 0.0.11, to the character.
     """
     name = spec.name
+    lines = []
     if kind == NOTICE_UP:
         down_at = row["down_at"] if row["down_at"] is not None else now
-        return (f"Caduceus: Alert {name} is reporting again.",
-                f"Hello,\n\nYour alert \"{name}\" is reporting again. All is well.\n\n"
-                f"Checked in:  {format_time(now)}\n"
-                f"Down for:    {format_duration(now - down_at, 2)} (since {format_time(down_at)})\n\n"
-                "Thanks,\nCaduceus\n")
-    if row["last_ping_at"] is None:
-        last = (f"never (watched since {format_time(row['first_seen_at'])}, "
-                f"{format_duration(now - row['first_seen_at'], 2)} ago)")
+        subject = f"Caduceus: Alert {name} is reporting again."
+        lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
+                  f"Checked in:    {format_time(now)}",
+                  f"Was down for:  {format_duration(now - down_at, 2)} (since {format_time(down_at)}, "
+                  f"{row['down_reason'] or REASON_MISSED})"]
     else:
-        last = f"{format_time(row['last_ping_at'])} ({format_duration(now - row['last_ping_at'], 2)} ago)"
-    deadline = due_at(spec, row)
-    still = "still " if kind == NOTICE_REMINDER else ""
-    return (f"Caduceus: Alert \"{name}\" is {still}failing.",
-            f"Hello,\n\nYour alert \"{name}\" is {still}failing: it should check in every "
-            f"{format_duration(spec.every_s)}, and it has not.\n\n"
-            f"Last check-in: {last}\n"
-            f"Overdue by:    {format_duration(max(now - deadline, 0), 2)} "
-            f"(it was due at {format_time(deadline)})\n\n"
-            f"You will be reminded every {format_duration(spec.notify_every_s)} while it stays down, "
-            "and told when it reports again.\n\nThanks,\nCaduceus\n")
+        still = "still " if kind == NOTICE_REMINDER else ""
+        subject = f"Caduceus: Alert \"{name}\" is {still}failing."
+        if row["last_ping_at"] is None:
+            last = (f"never (watched since {format_time(row['first_seen_at'])}, "
+                    f"{format_duration(now - row['first_seen_at'], 2)} ago)")
+        else:
+            last = f"{format_time(row['last_ping_at'])} ({format_duration(now - row['last_ping_at'], 2)} ago)"
+        lines += [f"Your alert \"{name}\" is {still}failing: {reason}.", "",
+                  f"Schedule:      {spec.describe()}",
+                  f"Last success:  {last}"]
+        if kind == NOTICE_DOWN and not reason.startswith((REASON_FAILED, "exit status")):
+            due = deadline(spec, row)[0]
+            lines.append(f"Overdue by:    {format_duration(max(now - due, 0), 2)} (due at {format_time(due)})")
+        elif kind == NOTICE_REMINDER:
+            lines.append(f"Down for:      {format_duration(now - row['down_at'], 2)} "
+                         f"(since {format_time(row['down_at'])})")
+    if row["last_duration_s"] is not None:
+        lines.append(f"Last run took: {format_duration(row['last_duration_s'], 2)}")
+    tail = _tail(output)
+    if tail:
+        lines += ["", "Last output:"] + [f"| {line}" for line in tail]
+    if kind != NOTICE_UP:
+        lines += ["", f"You will be reminded every {format_duration(spec.notify_every_s)} while it "
+                      "stays down, and told when it reports again."]
+    return subject, "Hello,\n\n" + "\n".join(lines) + "\n\nThanks,\nCaduceus\n"
+
+
+def _tail(output: str) -> list[str]:
+    text = output[-TAIL_CHARS:].rstrip()
+    return text.splitlines()[-TAIL_LINES:] if text else []
 
 
 class Monitor:
-    """The rules: check-ins, deadlines, and which notices to send.
+    """The rules: signals, deadlines, and which notices to send.
 
-    ============  ===============  ==========================================
-    from          event            to, and what is sent
-    ============  ===============  ==========================================
-    new, up       check-in         up, silently
-    down          check-in         up: "is reporting again"
-    new, up       deadline passes  down: "is failing" (the flip is stamped
-                                   with the deadline, not the sweep time)
-    down          notify_every     down: "is still failing", every
-                  since a notice   notify_every after the previous notice
-    ============  ===============  ==========================================
+    =============  ====================  =====================================
+    from           event                 to, and what is sent
+    =============  ====================  =====================================
+    new, up        success               up, silently
+    down           success               up: "is reporting again"
+    new, up        fail / exit 1-255     down at once: "is failing"
+    new, up        deadline passes       down: "is failing" (the flip is
+                                         stamped with the deadline, not the
+                                         time of the sweep)
+    down           notify_every since    down: "is still failing"
+                   the previous notice
+    any            start                 unchanged; the run is timed, and
+                                         with max_runtime, due to finish
+    any            log                   unchanged; kept in the history
+    =============  ====================  =====================================
 
-    A check's deadline is its last check-in (or, never having checked in, the
-    time it was first seen) plus ``every``.  State changes and the notices
-    they cause are committed in one transaction; the notices go to the outbox
-    and ``deliver()`` sends them later, so no check-in waits on a channel.
-
-    ``notifiers`` maps a channel name to ``fn(config, notice)`` (see
-    NOTIFIERS); ``clock`` returns epoch seconds and is read once per operation.
+    State changes and the notices they cause are committed in one
+    transaction; notices go to the outbox and ``deliver()`` sends them later,
+    so no check-in waits on a channel.  ``notifiers`` maps a channel name to
+    ``fn(config, notice)`` (see NOTIFIERS); ``clock`` returns epoch seconds
+    and is read once per operation.
     """
 
     def __init__(self, store: Store, config: Config,
@@ -896,36 +1384,37 @@ class Monitor:
                     log.info("%s: imported last check-in %s from Caduceus 0.0.11", name,
                              format_time(last_ping_at))
                 continue
-            down_at = last_ping_at + spec.every_s if last_ping_at is not None else notified_at
+            down_at = spec.due_after(last_ping_at) if last_ping_at is not None else notified_at
             self.store.import_legacy(name, DOWN, last_ping_at, min(down_at, notified_at), notified_at)
             log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
                      format_time(notified_at))
 
-    # Check-ins -------------------------------------------------------------
+    # Signals ---------------------------------------------------------------
 
-    def ping(self, name: str, remote_addr: str = "", user_agent: str = "") -> Flip | None:
-        """Record a successful check-in; return the flip to up if the check was down.
+    def ping(self, name: str, ping: Ping = Ping()) -> Flip | None:
+        """Record a signal from a job; return the flip it caused, if any.
 
         Raises ``KeyError`` for a name that is not configured.  When it
-        returns, the check-in is committed.
+        returns, the signal is committed and any notice it caused is queued.
         """
         spec = self.config.checks[name]
         now = self.clock()
         flip = None
         with self.store.transaction():
             row = self.store.check(name)
-            self.store.record_ping(name, now, "success", remote_addr, user_agent)
-            if row["status"] == DOWN and self.store.set_status(name, DOWN, UP):
-                flip = Flip(name, DOWN, UP, "check-in", now)
-                self.store.add_flip(name, now, DOWN, UP, flip.reason)
-                self._enqueue(NOTICE_UP, spec, row, now)
-            elif row["status"] == NEW:
+            self.store.record_ping(name, now, ping)
+            if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
+            elif ping.kind == SUCCESS and row["status"] == DOWN:
+                flip = self._flip(spec, row, UP, row["down_reason"], now, now)
+            elif ping.kind == FAIL and row["status"] != DOWN:
+                reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
+                flip = self._flip(spec, row, DOWN, reason, now, now)
+            row = self.store.check(name)
         if flip:
-            log.warning("%s: up again, reporting after %s down", name,
-                        format_duration(now - (row["down_at"] or now), 2))
             self._tell(self._outbox_listeners, now)
-        self._tell(self._deadline_listeners, now + spec.every_s)
+        if row["status"] != DOWN:
+            self._tell(self._deadline_listeners, deadline(spec, row)[0])
         return flip
 
     # Deadlines -------------------------------------------------------------
@@ -934,33 +1423,26 @@ class Monitor:
         """Mark overdue checks down and queue the notices that are due; return the flips."""
         now = self.clock()
         flips = []
-        queued = False
+        reminded = False
         with self.store.transaction():
             for row in self.store.checks():
                 spec = self.config.checks.get(row["name"])
                 if spec is None:
                     continue
-                if row["status"] in (NEW, UP):
-                    deadline = due_at(spec, row)
-                    if now >= deadline and self.store.set_status(spec.name, row["status"], DOWN,
-                                                                 down_at=deadline, notified_at=now):
-                        flip = Flip(spec.name, row["status"], DOWN, "missed deadline", deadline)
-                        self.store.add_flip(spec.name, deadline, row["status"], DOWN, flip.reason)
-                        self._enqueue(NOTICE_DOWN, spec, row, now)
-                        flips.append(flip)
-                        queued = True
-                        log.warning("%s: down, no check-in since %s", spec.name,
-                                    format_time(deadline - spec.every_s))
-                elif row["status"] == DOWN:
-                    elapsed = now - row["notified_at"]
-                    if elapsed >= spec.notify_every_s:
-                        # Keep the reminders on their grid even if Caduceus was stopped for a while.
-                        notified_at = row["notified_at"] + (elapsed // spec.notify_every_s) * spec.notify_every_s
-                        self.store.set_notified(spec.name, notified_at)
-                        self._enqueue(NOTICE_REMINDER, spec, row, now)
-                        queued = True
-                        log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
-        if queued:
+                if row["status"] != DOWN:
+                    due, reason = deadline(spec, row)
+                    if now >= due:
+                        flip = self._flip(spec, row, DOWN, reason, due, now)
+                        if flip:
+                            flips.append(flip)
+                elif now - row["notified_at"] >= spec.notify_every_s:
+                    # Keep reminders on their grid, even after Caduceus was stopped for a while.
+                    missed = (now - row["notified_at"]) // spec.notify_every_s
+                    self.store.set_notified(spec.name, row["notified_at"] + missed * spec.notify_every_s)
+                    self._enqueue(NOTICE_REMINDER, spec, row, row["down_reason"], now)
+                    reminded = True
+                    log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
+        if flips or reminded:
             self._tell(self._outbox_listeners, now)
         return flips
 
@@ -974,13 +1456,37 @@ class Monitor:
             if row["status"] == DOWN:
                 times.append(row["notified_at"] + spec.notify_every_s)
             else:
-                times.append(due_at(spec, row))
+                times.append(deadline(spec, row)[0])
         return min(times, default=None)
+
+    def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
+              now: float) -> Flip | None:
+        """Change a check's status (in the caller's transaction) and queue its notice."""
+        old = row["status"]
+        if new == DOWN:
+            changed = self.store.set_status(spec.name, old, DOWN, down_at=at, notified_at=now,
+                                            down_reason=reason)
+        else:
+            changed = self.store.set_status(spec.name, old, new)
+        if not changed:
+            return None
+        flip = Flip(spec.name, old, new, reason, at)
+        self.store.add_flip(spec.name, at, old, new, reason)
+        self._enqueue(NOTICE_DOWN if new == DOWN else NOTICE_UP, spec, row, reason, now)
+        if new == DOWN:
+            log.warning("%s: down: %s", spec.name, reason)
+        else:
+            log.warning("%s: up again after %s down", spec.name,
+                        format_duration(now - (row["down_at"] or now), 2))
+        return flip
 
     # Notices ---------------------------------------------------------------
 
-    def _enqueue(self, kind: str, spec: CheckSpec, row: Mapping[str, Any], now: float) -> None:
-        subject, body = render_notice(kind, spec, row, now)
+    def _enqueue(self, kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str,
+                 now: float) -> None:
+        # ``row`` is the check before the change; the run it reports on may just have ended.
+        row = {**row, "last_duration_s": self.store.check(spec.name)["last_duration_s"]}
+        subject, body = render_notice(kind, spec, row, reason, self.store.last_body(spec.name), now)
         for channel in spec.channels:
             self.store.enqueue(spec.name, channel, kind, subject, body, now)
 
@@ -1083,7 +1589,7 @@ def send_email(config: Config, notice: Notice) -> None:
                           permanent=permanent) from None
     except smtplib.SMTPAuthenticationError as exc:
         raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
-                          permanent=True) from None
+                          permanent=exc.smtp_code >= 500) from None
     except smtplib.SMTPResponseException as exc:
         raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
                           permanent=exc.smtp_code >= 500) from None
@@ -1156,10 +1662,15 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 # HTTP ########################################################################
 ###############################################################################
 
-#: Largest request body read; a larger one is refused with 413.
-MAX_BODY_BYTES = 1 << 20
+#: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
+MAX_BODY_BYTES = 16 << 20
 
-_SECRET_IN_URL = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
+_KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
+_KEY_IN_PING_PATH = re.compile(r"(/ping/)[^/?\s]+(?=/)")
+
+#: What a check-in under /reset/ answers, by signal (under /ping/ it is always "OK").
+_RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
+                  LOG: "Message recorded."}
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -1223,7 +1734,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     _ROUTES = (
         (re.compile(r"/"), ("GET", "HEAD"), "_home"),
-        (re.compile(r"/reset/(?P<name>[^/]+)/?"), ("GET", "HEAD", "POST"), "_reset"),
+        (re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), ("GET", "HEAD", "POST"), "_reset"),
+        (re.compile(r"/ping/(?P<rest>.+)"), ("GET", "HEAD", "POST"), "_ping"),
     )
 
     def do_GET(self) -> None:
@@ -1258,8 +1770,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 with contextlib.suppress(OSError):  # the client may be gone too
                     self._reply(500, "Internal server error.\n")
 
-    def _body(self) -> bytes | None:
-        """Read the request body; None (after replying) if it cannot be read."""
+    def _body(self) -> tuple[bytes, int] | None:
+        """Read the request body: return its last MAX_PING_BODY bytes and its length,
+        or None (after replying) when it cannot be read."""
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
             self.close_connection = True
             self._reply(411, "Send a Content-Length.\n")
@@ -1272,7 +1785,14 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.close_connection = True
             self._reply(413 if length > 0 else 400, "Bad Content-Length.\n")
             return None
-        return self.rfile.read(length)
+        kept, remaining = b"", length
+        while remaining:
+            chunk = self.rfile.read(min(remaining, 64 * 1024))
+            if not chunk:
+                raise ConnectionError("request body cut short")
+            kept = (kept + chunk)[-MAX_PING_BODY:]
+            remaining -= len(chunk)
+        return kept, length
 
     def _home(self, match: re.Match, query: dict[str, list[str]]) -> None:
         monitor = self.server.monitor
@@ -1282,24 +1802,58 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          f"{down} failing.\n")
 
     def _reset(self, match: re.Match, query: dict[str, list[str]]) -> None:
-        if self.command == "POST" and self._body() is None:
-            return
-        monitor = self.server.monitor
-        name = match["name"]
-        secret = monitor.config.secret_key
+        """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>."""
         key = query.get("key", [""])[0]
+        signal_text = match["signal"] or ""
+        recorded = self._signal(match["name"], key, signal_text)
+        if recorded is not None:
+            kind, note = recorded
+            if key and not self.server.monitor.config.secret_key:
+                note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
+                         " the check-in counted.\n")
+            self._reply(200, _RESET_ANSWERS[kind] + note)
+
+    def _ping(self, match: re.Match, query: dict[str, list[str]]) -> None:
+        """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]."""
+        parts = match["rest"].split("/")
+        key = parts.pop(0) if self.server.monitor.config.secret_key else ""
+        if not 1 <= len(parts) <= 2:
+            self._reply(404, "Not found.\n")
+            return
+        recorded = self._signal(parts[0], key, parts[1] if len(parts) == 2 else "")
+        if recorded is not None:
+            self._reply(200, "OK" + recorded[1])
+
+    def _signal(self, name: str, key: str, signal_text: str) -> tuple[str, str] | None:
+        """Check the key and record the signal.
+
+        Returns its kind and a note for the answer ("" or that the body was
+        truncated), or None after replying with an error.
+        """
+        body = self._body()
+        if body is None:
+            return None
+        monitor = self.server.monitor
+        secret = monitor.config.secret_key
         # Compare even for unknown names, so timing does not tell which names exist.
         key_ok = hmac.compare_digest(key.encode(), secret.encode())
         if name not in monitor.config.checks or (secret and not key_ok):
             self._reply(404, "Not found.\n")
-            return
-        monitor.ping(name, self.client_address[0], self.headers.get("User-Agent", "")[:200])
-        log.info("%s: check-in from %s", name, self.client_address[0])
-        body = "Alert reset."
-        if key and not secret:
-            body += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
-                     " the check-in counted.\n")
-        self._reply(200, body)
+            return None
+        try:
+            kind, exit_status = parse_signal(signal_text)
+        except ValueError as exc:
+            self._reply(400, f"{str(exc).capitalize()}.\n")
+            return None
+        data, length = body
+        note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
+                if length > len(data) else "")
+        ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client_address[0],
+                    self.headers.get("User-Agent", "")[:200])
+        monitor.ping(name, ping)
+        what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
+        log.info("%s: %s from %s", name, what, self.client_address[0])
+        return kind, note
 
     def _reply(self, code: int, body: str, extra: Mapping[str, str] | None = None) -> None:
         payload = body.encode()
@@ -1317,15 +1871,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def version_string(self) -> str:
         return self.server_version  # without the Python version
 
+    def _mask(self, text: str) -> str:
+        """Hide keys in a request line: ?key=..., and /ping/<key>/ when a secret is set."""
+        text = _KEY_IN_QUERY.sub(r"\1***", text)
+        if self.server.monitor.config.secret_key:
+            text = _KEY_IN_PING_PATH.sub(r"\1***", text)
+        return text
+
     def _safe_request_line(self) -> str:
-        return _SECRET_IN_URL.sub(r"\1***", getattr(self, "requestline", ""))
+        return self._mask(getattr(self, "requestline", ""))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         log.debug('%s "%s" %s', self.client_address[0], self._safe_request_line(), code)
 
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
-        log.info("%s %s", self.client_address[0], _SECRET_IN_URL.sub(r"\1***", format % args))
+        log.info("%s %s", self.client_address[0], self._mask(format % args))
 
 
 ###############################################################################
@@ -1406,9 +1967,208 @@ class Sweeper:
 ###############################################################################
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="caduceus.py",
-                                     description="A dead man's switch for cron jobs.")
+# The run wrapper ---------------------------------------------------------------
+
+#: How long one signal from ``run`` may take, and the first wait between its tries.
+RUN_TIMEOUT_S, RUN_BACKOFF_S = 10.0, 1.0
+
+
+def _signal_url(url: str, signal_text: str) -> str:
+    """Turn a check-in URL into the URL of a signal, keeping the query:
+    ``http://h/reset/backups/?key=K`` and ``"start"`` -> ``http://h/reset/backups/start?key=K``."""
+    parts = urllib.parse.urlsplit(url)
+    return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{signal_text}"))
+
+
+def _masked_url(url: str) -> str:
+    return _KEY_IN_PING_PATH.sub(r"\1***", _KEY_IN_QUERY.sub(r"\1***", url))
+
+
+def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
+    """POST a signal, trying again on network errors and 5xx with doubling waits.
+
+    Problems are reported on stderr, never raised: the job matters more than
+    its monitoring.
+    """
+    for attempt in range(retries + 1):
+        if attempt:
+            time.sleep(RUN_BACKOFF_S * 2 ** (attempt - 1))
+        request = urllib.request.Request(url, data=body, method="POST", headers={
+            "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout_s) as response:
+                response.read()
+            return True
+        except urllib.error.HTTPError as exc:
+            exc.close()
+            problem, final = f"HTTP {exc.code} {exc.reason}", exc.code < 500
+        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
+            problem, final = str(getattr(exc, "reason", exc)), False
+        print(f"caduceus run: {_masked_url(url)}: {problem}", file=sys.stderr)
+        if final:
+            return False
+    return False
+
+
+def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None:
+    """Copy a child's output to our own as it comes, keeping the last MAX_PING_BODY bytes."""
+    for chunk in iter(lambda: source.read1(64 * 1024), b""):
+        sink.write(chunk)
+        sink.flush()
+        with lock:
+            tail += chunk
+            del tail[:-MAX_PING_BODY]
+
+
+def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S) -> int:
+    """Run ``command`` between a start signal and its exit status; return that status.
+
+    The command runs without a shell, with its output passed through as it
+    comes; the last 10 KB of it go with the exit status.  A command killed by
+    signal N counts as exit status 128+N, one that cannot be started as 127
+    (not found) or 126.  Monitoring trouble never changes what the command does.
+    """
+    _send_signal(_signal_url(url, START), b"", retries, timeout_s)
+    tail, lock = bytearray(), threading.Lock()
+    try:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    except OSError as exc:
+        message = f"caduceus run: cannot run {command[0]}: {exc.strerror or exc}\n"
+        sys.stderr.write(message)
+        tail += message.encode()
+        status = 127 if isinstance(exc, FileNotFoundError) else 126
+    else:
+        with process:
+            pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout.buffer, tail, lock)),
+                     threading.Thread(target=_pump, args=(process.stderr, sys.stderr.buffer, tail, lock))]
+            for pump in pumps:
+                pump.start()
+            # Ctrl-C reaches the whole process group: let the command decide, then report.
+            # SIGTERM (cron, timeout, systemd) is passed on to it.
+            handlers = {}
+            if threading.current_thread() is threading.main_thread():
+                handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+                handlers[signal.SIGTERM] = signal.signal(
+                    signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+            try:
+                status = process.wait()
+            finally:
+                for signum, handler in handlers.items():
+                    signal.signal(signum, handler)
+            for pump in pumps:
+                pump.join()
+        if status < 0:
+            status = 128 - status
+    _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s)
+    return status
+
+
+def _run_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py run", description="Run a command and report its start, exit status and output.")
+    parser.add_argument("--retries", type=int, default=3, metavar="N",
+                        help="tries again on network errors, with doubling waits from 1s (default: 3)")
+    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S, metavar="SECONDS",
+                        help="for each signal (default: 10)")
+    parser.add_argument("url", help="the check-in URL, e.g. http://host:5000/reset/backups/?key=K")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if urllib.parse.urlsplit(args.url).scheme not in ("http", "https"):
+        parser.error(f"expected an http(s) URL, got {json.dumps(_masked_url(args.url))}")
+    if not command:
+        parser.error("no command: run URL -- COMMAND [ARGS...]")
+    return run_command(args.url, command, max(args.retries, 0), args.timeout)
+
+
+# The check command -------------------------------------------------------------
+
+
+def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
+    """The check rows of a database, read-only; {} when there is no such file or table."""
+    if not os.path.exists(db):
+        return {}
+    uri = f"file:{urllib.parse.quote(os.path.abspath(db))}?mode=ro"
+    try:
+        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+            conn.row_factory = sqlite3.Row
+            return {row["name"]: row for row in conn.execute("SELECT * FROM checks")}
+    except sqlite3.Error:
+        return {}
+
+
+def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float) -> list[dict]:
+    """What ``check`` prints, per alert: schedule, channels, status and next deadline.
+
+    Alerts missing from ``rows`` are reported as if first seen at ``now``.
+    """
+    report = []
+    for spec in config.checks.values():
+        row = rows.get(spec.name) or {"status": NEW, "first_seen_at": now, "last_ping_at": None,
+                                      "started_at": None, "notified_at": None}
+        due = reminder = None
+        if row["status"] == DOWN:
+            reminder = row["notified_at"] + spec.notify_every_s
+        else:
+            due = deadline(spec, row)[0]
+        report.append({
+            "name": spec.name,
+            "schedule": spec.schedule.expression if spec.schedule else None,
+            "every": spec.every_s,
+            "description": spec.describe(),
+            "timezone": str(spec.tz),
+            "grace": spec.grace_s,
+            "max_runtime": spec.max_runtime_s,
+            "notify_every": spec.notify_every_s,
+            "channels": list(spec.channels),
+            "status": row["status"],
+            "last_success": format_time(row["last_ping_at"]) if row["last_ping_at"] is not None else None,
+            "next_due": format_time(due) if due is not None else None,
+            "next_due_local": _local_time(due, spec.tz) if due is not None else None,
+            "next_reminder": format_time(reminder) if reminder is not None else None,
+        })
+    return report
+
+
+def _local_time(at: float, tz: datetime.tzinfo) -> str:
+    return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py check", description="Validate the config and show each alert's next deadline.")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml")
+    parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3")
+    parser.add_argument("--json", action="store_true", help="print JSON for scripts")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"caduceus: {exc}", file=sys.stderr)
+        return 2
+    report = check_report(config, _read_state(args.db), clock())
+    if args.json:
+        print(json.dumps({"alerts": report}, indent=2))
+        return 0
+    print(f"{args.config}: OK, {len(report)} alerts")
+    for alert in report:
+        print(f"\n{alert['name']}: {alert['description']}")
+        print(f"  channels:      {', '.join(alert['channels'])}")
+        print(f"  status:        {alert['status']}, last success {alert['last_success'] or 'never'}")
+        if alert["next_due"]:
+            print(f"  next deadline: {alert['next_due_local']} ({alert['next_due']})")
+        else:
+            print(f"  next reminder: {alert['next_reminder']}")
+    return 0
+
+
+# The service -------------------------------------------------------------------
+
+def _parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py", description="A dead man's switch for cron jobs.",
+        epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
+               "'caduceus.py check' validates the config and shows deadlines.")
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
     parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
                         help="the configuration file (default: caduceus.toml)")
@@ -1423,11 +2183,17 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the service until SIGTERM or Ctrl-C; return the exit status.
+    """Run the service until SIGTERM or Ctrl-C (or the ``run``/``check``
+    command); return the exit status.
 
     2 for a configuration or start-up problem (one line on stderr), 0 after a
-    clean shutdown.
+    clean shutdown.  ``run`` returns its command's exit status.
     """
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["run"]:
+        return _run_main(argv[1:])
+    if argv[:1] == ["check"]:
+        return _check_main(argv[1:])
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")

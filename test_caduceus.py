@@ -31,9 +31,10 @@ import time
 import unittest
 import unittest.mock
 import urllib.request
+import zoneinfo
 
 import caduceus
-from caduceus import DOWN, NEW, UP
+from caduceus import DOWN, NEW, UP, CronSchedule
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -169,6 +170,406 @@ class DurationParsingTest(unittest.TestCase):
 
 
 ###############################################################################
+# Cron schedules ##############################################################
+###############################################################################
+
+UTC = datetime.timezone.utc
+ATHENS = "Europe/Athens"          # 2026: 03:00->04:00 on 03-29, 04:00->03:00 on 10-25, both at 01:00Z
+NEW_YORK = "America/New_York"     # 2026: 02:00->03:00 on 03-08 (07:00Z), 02:00->01:00 on 11-01 (06:00Z)
+
+
+def zone(name: str) -> datetime.tzinfo:
+    return UTC if name == "UTC" else zoneinfo.ZoneInfo(name)
+
+
+def at(iso: str) -> float:
+    """``"2026-03-08T07:00:00Z"`` -> epoch seconds (fromisoformat takes no "Z" on 3.9)."""
+    moment = datetime.datetime.strptime(iso, "%Y-%m-%dT%H:%M:%SZ")
+    return moment.replace(tzinfo=UTC).timestamp()
+
+
+def iso(epoch: float) -> str:
+    return datetime.datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def local(epoch: float, tz_name: str) -> str:
+    """Wall time and offset, e.g. ``"2026-03-29 04:00 +0300"``."""
+    return datetime.datetime.fromtimestamp(epoch, zone(tz_name)).strftime("%Y-%m-%d %H:%M %z")
+
+
+def walk(expression: str, tz_name: str, start: str, count: int) -> list[float]:
+    schedule = CronSchedule.parse(expression)
+    fires = []
+    now = at(start)
+    for _ in range(count):
+        now = schedule.next_after(now, zone(tz_name))
+        fires.append(now)
+    return fires
+
+
+def wall_clock(tz: datetime.tzinfo, start: float, end: float) -> list[tuple[int, int]]:
+    """Each real minute in [start, end] with what the clock in ``tz`` shows then.
+
+    Wall times are whole minutes counted from 1970-01-01 00:00 on the local clock.
+    """
+    minutes = []
+    for now in range(int(start) // 60 * 60, int(end) + 1, 60):
+        offset = datetime.datetime.fromtimestamp(now, tz).utcoffset()
+        minutes.append((now, (now + int(offset.total_seconds())) // 60))
+    return minutes
+
+
+def brute_force_fires(schedule: CronSchedule, clock: list[tuple[int, int]]) -> list[float]:
+    """An independent reference: the instants in ``clock`` at which the schedule fires.
+
+    Walks real minutes, keeping the latest wall time the clock has shown.  A
+    minute fires if the clock has just shown a newer wall time that matches:
+    after a fall-back it shows nothing new, after a spring-forward the whole
+    skipped stretch at once.  Start ``clock`` a few hours early: its first hours
+    cannot see a repeated hour that began before it.
+    """
+    day_ok_cache: dict[int, bool] = {}
+
+    def day_ok(day_number: int) -> bool:
+        if day_number not in day_ok_cache:
+            day = datetime.date(1970, 1, 1) + datetime.timedelta(days=day_number)
+            in_days = day.day in schedule.days
+            in_weekdays = day.isoweekday() % 7 in schedule.weekdays
+            if schedule.day_restricted and schedule.weekday_restricted:
+                either = in_days or in_weekdays
+            else:
+                either = in_days and in_weekdays
+            day_ok_cache[day_number] = day.month in schedule.months and either
+        return day_ok_cache[day_number]
+
+    def matches(wall_minute: int) -> bool:
+        return (wall_minute % 60 in schedule.minutes
+                and wall_minute // 60 % 24 in schedule.hours
+                and day_ok(wall_minute // 1440))
+
+    fires = []
+    newest = clock[0][1]
+    for now, wall in clock[1:]:
+        if any(matches(minute) for minute in range(newest + 1, wall + 1)):
+            fires.append(float(now))
+        newest = max(newest, wall)
+    return fires
+
+
+class CronNextTest(unittest.TestCase):
+    """next_after against a table of (expression, zone, after, expected), all UTC ISO."""
+
+    TABLE = [
+        # Basics, strictly-after semantics.
+        ("* * * * *", "UTC", "2026-01-15T10:20:00Z", "2026-01-15T10:21:00Z"),
+        ("* * * * *", "UTC", "2026-01-15T10:20:59Z", "2026-01-15T10:21:00Z"),
+        ("*/15 * * * *", "UTC", "2026-01-15T10:20:00Z", "2026-01-15T10:30:00Z"),
+        ("*/15 * * * *", "UTC", "2026-01-15T10:45:00Z", "2026-01-15T11:00:00Z"),
+        ("0 3 * * *", "UTC", "2026-01-15T02:59:59Z", "2026-01-15T03:00:00Z"),
+        ("0 3 * * *", "UTC", "2026-01-15T03:00:00Z", "2026-01-16T03:00:00Z"),
+        ("30 9 * * *", "UTC", "2026-01-15T09:30:00Z", "2026-01-16T09:30:00Z"),
+        # Lists, ranges, steps.
+        ("5,10,50 * * * *", "UTC", "2026-01-15T10:10:00Z", "2026-01-15T10:50:00Z"),
+        ("0 9-17 * * *", "UTC", "2026-01-15T17:30:00Z", "2026-01-16T09:00:00Z"),
+        ("1-30/10 * * * *", "UTC", "2026-01-15T10:12:00Z", "2026-01-15T10:21:00Z"),
+        ("1-30/10 * * * *", "UTC", "2026-01-15T10:21:00Z", "2026-01-15T11:01:00Z"),
+        ("5/20 * * * *", "UTC", "2026-01-15T10:26:00Z", "2026-01-15T10:45:00Z"),
+        ("0 */6 * * *", "UTC", "2026-01-15T10:00:00Z", "2026-01-15T12:00:00Z"),
+        ("0 0 1,15 * *", "UTC", "2026-01-02T00:00:00Z", "2026-01-15T00:00:00Z"),
+        # Names, any case.
+        ("0 0 1 jan *", "UTC", "2026-01-15T00:00:00Z", "2027-01-01T00:00:00Z"),
+        ("0 12 * * mon-fri", "UTC", "2026-01-16T12:00:00Z", "2026-01-19T12:00:00Z"),  # Fri -> Mon
+        ("0 12 * JUN-aug SAT", "UTC", "2026-01-01T00:00:00Z", "2026-06-06T12:00:00Z"),
+        # Month ends and leap days.
+        ("0 0 31 * *", "UTC", "2026-03-31T00:00:00Z", "2026-05-31T00:00:00Z"),
+        ("0 0 29 2 *", "UTC", "2027-01-01T00:00:00Z", "2028-02-29T00:00:00Z"),
+        ("0 0 29 2 *", "UTC", "2096-03-01T00:00:00Z", "2104-02-29T00:00:00Z"),  # 2100 is no leap year
+        ("0 0 29 2 1", "UTC", "2026-01-01T00:00:00Z", "2026-02-02T00:00:00Z"),  # OR: any February Monday
+        ("0 0 29 2 */7", "UTC", "2026-01-01T00:00:00Z", "2032-02-29T00:00:00Z"),  # AND: a Sunday Feb 29
+        # Sunday as 0, 7 and sun; 2026-01-15 is a Thursday.
+        ("0 0 * * 0", "UTC", "2026-01-15T00:00:00Z", "2026-01-18T00:00:00Z"),
+        ("0 0 * * 7", "UTC", "2026-01-15T00:00:00Z", "2026-01-18T00:00:00Z"),
+        ("0 0 * * sun", "UTC", "2026-01-15T00:00:00Z", "2026-01-18T00:00:00Z"),
+        ("0 0 * * 5-7", "UTC", "2026-01-17T00:00:00Z", "2026-01-18T00:00:00Z"),
+        # Vixie day rule.  Both restricted: the 13th OR any Friday (2026-04-13 is a Monday).
+        ("0 0 13 * fri", "UTC", "2026-04-10T00:00:00Z", "2026-04-13T00:00:00Z"),
+        ("0 0 13 * fri", "UTC", "2026-04-13T00:00:00Z", "2026-04-17T00:00:00Z"),
+        # dom starts with "*": AND, so Mondays on odd days; Monday 2026-01-12 is skipped.
+        ("0 0 */2 * mon", "UTC", "2026-01-01T00:00:00Z", "2026-01-05T00:00:00Z"),
+        ("0 0 */2 * mon", "UTC", "2026-01-05T00:00:00Z", "2026-01-19T00:00:00Z"),
+        # "1-31" is restricted, so OR with Monday: every day.
+        ("0 0 1-31 * mon", "UTC", "2026-01-05T00:00:00Z", "2026-01-06T00:00:00Z"),
+        ("0 0 * * mon", "UTC", "2026-01-05T00:00:00Z", "2026-01-12T00:00:00Z"),
+        ("0 0 13 * *", "UTC", "2026-01-05T00:00:00Z", "2026-01-13T00:00:00Z"),
+        # Aliases.
+        ("@hourly", "UTC", "2026-01-15T10:20:00Z", "2026-01-15T11:00:00Z"),
+        ("@daily", "UTC", "2026-01-15T10:20:00Z", "2026-01-16T00:00:00Z"),
+        ("@midnight", "UTC", "2026-01-15T10:20:00Z", "2026-01-16T00:00:00Z"),
+        ("@weekly", "UTC", "2026-01-15T10:20:00Z", "2026-01-18T00:00:00Z"),
+        ("@monthly", "UTC", "2026-01-15T10:20:00Z", "2026-02-01T00:00:00Z"),
+        ("@yearly", "UTC", "2026-01-15T10:20:00Z", "2027-01-01T00:00:00Z"),
+        ("@ANNUALLY", "UTC", "2026-01-15T10:20:00Z", "2027-01-01T00:00:00Z"),
+        # Year rollover.
+        ("* * * * *", "UTC", "2026-12-31T23:59:00Z", "2027-01-01T00:00:00Z"),
+        ("59 23 31 12 *", "UTC", "2026-12-31T23:59:00Z", "2027-12-31T23:59:00Z"),
+        # Athens spring forward: 03:00-03:59 is skipped and fires at the jump, 01:00Z.
+        ("30 3 * * *", ATHENS, "2026-03-28T12:00:00Z", "2026-03-29T01:00:00Z"),
+        ("30 3 * * *", ATHENS, "2026-03-29T01:00:00Z", "2026-03-30T00:30:00Z"),
+        ("0 3 * * *", ATHENS, "2026-03-27T12:00:00Z", "2026-03-28T01:00:00Z"),  # +02
+        ("0 3 * * *", ATHENS, "2026-03-28T01:00:00Z", "2026-03-29T01:00:00Z"),  # skipped: 04:00 +03
+        ("0 3 * * *", ATHENS, "2026-03-29T01:00:00Z", "2026-03-30T00:00:00Z"),  # +03
+        # Athens fall back: 03:00-03:59 repeats; first occurrence (+03) only.
+        ("0 3 * * *", ATHENS, "2026-10-23T12:00:00Z", "2026-10-24T00:00:00Z"),  # +03
+        ("0 3 * * *", ATHENS, "2026-10-24T00:00:00Z", "2026-10-25T00:00:00Z"),  # first 03:00, +03
+        ("0 3 * * *", ATHENS, "2026-10-25T00:00:00Z", "2026-10-26T01:00:00Z"),  # +02
+        ("30 3 * * *", ATHENS, "2026-10-24T12:00:00Z", "2026-10-25T00:30:00Z"),
+        ("30 3 * * *", ATHENS, "2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"),
+        # New York spring forward: 02:00-02:59 is skipped and fires at the jump, 07:00Z.
+        ("30 2 * * *", NEW_YORK, "2026-03-07T12:00:00Z", "2026-03-08T07:00:00Z"),
+        ("30 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"),
+        ("*/15 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),
+        ("*/15 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:00:00Z"),  # once only
+        ("0 3 * * *", NEW_YORK, "2026-03-07T00:00:00Z", "2026-03-07T08:00:00Z"),  # -05
+        ("0 3 * * *", NEW_YORK, "2026-03-07T08:00:00Z", "2026-03-08T07:00:00Z"),  # -04
+        # New York fall back: 01:00-01:59 repeats; first occurrence (-04) only.
+        ("30 1 * * *", NEW_YORK, "2026-10-31T12:00:00Z", "2026-11-01T05:30:00Z"),
+        ("30 1 * * *", NEW_YORK, "2026-11-01T05:30:00Z", "2026-11-02T06:30:00Z"),
+        ("30 1 * * *", NEW_YORK, "2026-11-01T06:10:00Z", "2026-11-02T06:30:00Z"),  # inside the repeat
+        ("0 3 * * *", NEW_YORK, "2026-10-31T00:00:00Z", "2026-10-31T07:00:00Z"),  # -04
+        ("0 3 * * *", NEW_YORK, "2026-10-31T07:00:00Z", "2026-11-01T08:00:00Z"),  # -05
+        # Lord Howe moves by half an hour: 02:00-02:29 is skipped (jump at 15:30Z).
+        ("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", "2026-10-03T15:30:00Z"),
+        # Santiago moves at midnight: Sunday 00:00-00:59 is skipped, the jump is at 04:00Z.
+        ("30 0 * * *", "America/Santiago", "2026-09-05T12:00:00Z", "2026-09-06T04:00:00Z"),
+    ]
+
+    def test_table(self) -> None:
+        for expression, tz_name, after, expected in self.TABLE:
+            with self.subTest(expression=expression, tz=tz_name, after=after):
+                schedule = CronSchedule.parse(expression)
+                self.assertEqual(iso(schedule.next_after(at(after), zone(tz_name))), expected)
+
+    def test_table_agrees_with_brute_force(self) -> None:
+        for expression, tz_name, after, expected in self.TABLE:
+            if at(expected) - at(after) > 7 * 86400:
+                continue
+            with self.subTest(expression=expression, tz=tz_name, after=after):
+                clock = wall_clock(zone(tz_name), at(after) - 3 * 3600, at(expected))
+                fires = brute_force_fires(CronSchedule.parse(expression), clock)
+                self.assertEqual(iso(next(t for t in fires if t > at(after))), expected)
+
+    def test_agrees_with_brute_force_around_every_2026_transition(self) -> None:
+        """Starts every 7.5 minutes from 3 hours before to 3 hours after each change."""
+        expressions = ["* * * * *", "*/15 * * * *", "*/30 * * * *", "0 * * * *",
+                       "30 0 * * *", "30 1 * * *", "30 2 * * *", "0 3 * * *",
+                       "30 3 * * *", "*/15 2 * * *", "59 1,2 * * sat,sun,mon", "0 0 * * *"]
+        zones = [ATHENS, NEW_YORK, "Australia/Lord_Howe", "America/Santiago",
+                 "Europe/Dublin", "Asia/Kolkata", "UTC"]
+        for tz_name in zones:
+            tz = zone(tz_name)
+            for transition in _transitions(tz, 2026) or [at("2026-06-01T00:00:00Z")]:
+                window_end = transition + 30 * 3600
+                clock = wall_clock(tz, transition - 6 * 3600, window_end)
+                for expression in expressions:
+                    schedule = CronSchedule.parse(expression)
+                    fires = brute_force_fires(schedule, clock)
+                    for step in range(-24, 25):
+                        after = transition + step * 450.0
+                        expected = next((t for t in fires if t > after), None)
+                        got = schedule.next_after(after, tz)
+                        if expected is None:
+                            self.assertGreater(got, window_end)
+                        elif got != expected:
+                            self.fail(f"{expression} in {tz_name} after {iso(after)}: "
+                                      f"got {iso(got)}, brute force says {iso(expected)}")
+
+    def test_athens_three_oclock_on_the_days_around_each_change(self) -> None:
+        spring = [local(t, ATHENS) for t in walk("0 3 * * *", ATHENS, "2026-03-27T12:00:00Z", 3)]
+        self.assertEqual(spring, ["2026-03-28 03:00 +0200",
+                                  "2026-03-29 04:00 +0300",   # 03:00 does not exist that night
+                                  "2026-03-30 03:00 +0300"])
+        autumn = [local(t, ATHENS) for t in walk("0 3 * * *", ATHENS, "2026-10-23T12:00:00Z", 3)]
+        self.assertEqual(autumn, ["2026-10-24 03:00 +0300",
+                                  "2026-10-25 03:00 +0300",   # first of the two 03:00s
+                                  "2026-10-26 03:00 +0200"])
+
+    def test_new_york_three_oclock_on_the_days_around_each_change(self) -> None:
+        spring = [local(t, NEW_YORK) for t in walk("0 3 * * *", NEW_YORK, "2026-03-07T00:00:00Z", 3)]
+        self.assertEqual(spring, ["2026-03-07 03:00 -0500", "2026-03-08 03:00 -0400",
+                                  "2026-03-09 03:00 -0400"])
+        autumn = [local(t, NEW_YORK) for t in walk("0 3 * * *", NEW_YORK, "2026-10-31T00:00:00Z", 3)]
+        self.assertEqual(autumn, ["2026-10-31 03:00 -0400", "2026-11-01 03:00 -0500",
+                                  "2026-11-02 03:00 -0500"])
+
+    def test_half_hourly_walk_across_fall_back_repeats_no_wall_time(self) -> None:
+        for tz_name, start, expected in [
+            (NEW_YORK, "2026-11-01T04:00:00Z",
+             ["04:30", "05:00", "05:30", "07:00", "07:30"]),   # 06:00Z and 06:30Z would repeat 01:xx
+            (ATHENS, "2026-10-25T00:00:00Z",
+             ["00:30", "02:00", "02:30", "03:00"]),              # 01:00Z, 01:30Z would repeat 03:xx
+        ]:
+            with self.subTest(tz=tz_name):
+                fires = walk("*/30 * * * *", tz_name, start, len(expected))
+                self.assertEqual([iso(t)[11:16] for t in fires], expected)
+                walls = [local(t, tz_name)[:16] for t in fires]
+                self.assertEqual(len(walls), len(set(walls)), walls)
+
+    def test_every_minute_through_spring_forward_keeps_real_minutes(self) -> None:
+        fires = walk("* * * * *", NEW_YORK, "2026-03-08T06:57:00Z", 4)
+        self.assertEqual([iso(t) for t in fires], ["2026-03-08T06:58:00Z", "2026-03-08T06:59:00Z",
+                                                   "2026-03-08T07:00:00Z", "2026-03-08T07:01:00Z"])
+        self.assertEqual(local(fires[2], NEW_YORK), "2026-03-08 03:00 -0400")
+
+    def test_fractional_seconds_and_fixed_offsets(self) -> None:
+        schedule = CronSchedule.parse("0 9 * * *")
+        plus_two = datetime.timezone(datetime.timedelta(hours=2))
+        self.assertEqual(iso(schedule.next_after(at("2026-01-15T06:59:59Z") + 0.999, plus_two)),
+                         "2026-01-15T07:00:00Z")
+        self.assertEqual(schedule.next_after(at("2026-01-15T07:00:00Z") - 0.001, plus_two),
+                         at("2026-01-15T07:00:00Z"))
+        self.assertIsInstance(schedule.next_after(0.0, UTC), float)
+
+    def test_unsatisfiable_schedule_built_by_hand_raises(self) -> None:
+        schedule = CronSchedule("0 0 31 4 *", frozenset({0}), frozenset({0}), frozenset({31}),
+                                frozenset({4}), frozenset(range(7)), True, False)
+        with self.assertRaisesRegex(ValueError, "never fires"):
+            schedule.next_after(at("2026-01-01T00:00:00Z"), UTC)
+
+
+class CronParseTest(unittest.TestCase):
+    def test_fields(self) -> None:
+        schedule = CronSchedule.parse("  5/20 9-17/4 */10 jan,JUL 5-7 ")
+        self.assertEqual(schedule.expression, "  5/20 9-17/4 */10 jan,JUL 5-7 ")
+        self.assertEqual(schedule.minutes, {5, 25, 45})
+        self.assertEqual(schedule.hours, {9, 13, 17})
+        self.assertEqual(schedule.days, {1, 11, 21, 31})
+        self.assertEqual(schedule.months, {1, 7})
+        self.assertEqual(schedule.weekdays, {5, 6, 0})
+        self.assertFalse(schedule.day_restricted)
+        self.assertTrue(schedule.weekday_restricted)
+
+    def test_aliases_expand(self) -> None:
+        for alias, expansion in [("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"),
+                                 ("@midnight", "0 0 * * *"), ("@weekly", "0 0 * * 0"),
+                                 ("@monthly", "0 0 1 * *"), ("@yearly", "0 0 1 1 *"),
+                                 ("@annually", "0 0 1 1 *")]:
+            with self.subTest(alias=alias):
+                expanded = CronSchedule.parse(expansion)
+                self.assertEqual(dataclass_fields(CronSchedule.parse(alias)),
+                                 dataclass_fields(expanded))
+
+    def test_errors(self) -> None:
+        for expression, message in [
+            ("", 'cron expression "": expected 5 fields (minute hour day-of-month month '
+                 "day-of-week), got 0"),
+            ("* * * *", 'cron expression "* * * *": expected 5 fields'),
+            ("* * * * * *", "got 6"),
+            ("61 * * * *", 'minute field "61": 61 is out of range 0-59'),
+            ("* 24 * * *", 'hour field "24": 24 is out of range 0-23'),
+            ("* * 0 * *", 'day-of-month field "0": 0 is out of range 1-31'),
+            ("* * 32 * *", 'day-of-month field "32": 32 is out of range 1-31'),
+            ("* * * 13 *", 'month field "13": 13 is out of range 1-12'),
+            ("* * * * 8", 'day-of-week field "8": 8 is out of range 0-7'),
+            ("5-1 * * * *", 'minute field "5-1": range 5-1 is reversed'),
+            ("* * * * fri-sun", 'day-of-week field "fri-sun": range fri-sun is reversed'),
+            ("*/0 * * * *", 'minute field "*/0": step must be at least 1'),
+            ("*/-1 * * * *", 'minute field "*/-1": step "-1" is not a whole number'),
+            ("*/ * * * *", 'minute field "*/": step "" is not a whole number'),
+            ("1/2/3 * * * *", 'minute field "1/2/3": step "2/3" is not a whole number'),
+            ("1,,2 * * * *", 'minute field "1,,2": empty list item'),
+            ("1, * * * *", 'minute field "1,": empty list item'),
+            ("1-2-3 * * * *", 'minute field "1-2-3": "1-2-3" has more than one "-"'),
+            ("/5 * * * *", 'minute field "/5": a value is missing'),
+            ("* * * * mon-", 'day-of-week field "mon-": a value is missing'),
+            ("abc * * * *", 'minute field "abc": "abc" is not a number'),
+            ("jan * * * *", 'minute field "jan": "jan" is not a number'),
+            ("* * * foo *", 'month field "foo": "foo" is not a number or a month name (jan-dec)'),
+            ("* * * * monday", 'day-of-week field "monday": "monday" is not a number or a day '
+                               "name (sun-sat)"),
+            ("* * * * 1.5", 'day-of-week field "1.5": "1.5" is not a number'),
+            ("\u0663 * * * *", 'minute field "\u0663": "\u0663" is not a number'),  # Arabic-Indic 3
+            ("@reboot", '"@reboot" is not supported'),
+            ("@fortnightly", 'unknown cron alias "@fortnightly"; expected one of @yearly'),
+            ("@daily 5", 'unknown cron alias "@daily 5"'),
+            ("0 0 30 2 *", 'cron expression "0 0 30 2 *" never fires: no month in "2" has day 30'),
+            ("0 0 31 4,6,9,11 *", "never fires: no month in \"4,6,9,11\" has day 31"),
+            ("0 0 30,31 feb *", "has day 30 or 31"),
+        ]:
+            with self.subTest(expression=expression):
+                with self.assertRaises(ValueError) as caught:
+                    CronSchedule.parse(expression)
+                self.assertIn(message, str(caught.exception))
+
+    def test_day_rules_that_can_still_fire_are_accepted(self) -> None:
+        for expression in ["0 0 29 2 *", "0 0 30 2 mon", "0 0 */30 2 *", "0 0 31 * *",
+                           "0 0 1-31/30 4 *"]:
+            with self.subTest(expression=expression):
+                CronSchedule.parse(expression)
+
+
+class CronDescribeTest(unittest.TestCase):
+    def test_describe(self) -> None:
+        for expression, text in [
+            ("* * * * *", "every minute"),
+            ("*/15 * * * *", "every 15 minutes"),
+            ("*/15 * * * 1-5", "every 15 minutes on Monday-Friday"),
+            ("0 3 * * *", "at 03:00 every day"),
+            ("30 9 * * mon-fri", "at 09:30 on Monday-Friday"),
+            ("0 9,17 * * *", "at 09:00 and 17:00 every day"),
+            ("0 8 * * 1,3,5", "at 08:00 on Monday, Wednesday and Friday"),
+            ("0 8 * * sat,sun", "at 08:00 on Saturday and Sunday"),
+            ("0 8 * * 7", "at 08:00 on Sunday"),
+            ("@hourly", "every hour at :00"),
+            ("0 */2 * * *", "every 2 hours"),
+            ("@daily", "at 00:00 every day"),
+            ("@weekly", "at 00:00 on Sunday"),
+            ("@monthly", "at 00:00 on day 1 of the month"),
+            ("@yearly", "at 00:00 on day 1 of January"),
+            ("0 0 1,15 * *", "at 00:00 on days 1 and 15 of the month"),
+            ("0 12 * jun-aug *", "at 12:00 every day in June-August"),
+            ("0 0 13 * fri", "at 00:00 on day 13 of the month and on Friday"),
+            ("0 0 1-31 * mon", "at 00:00 every day"),
+            ("0 0 */2 * mon", "cron: 0 0 */2 * mon"),
+            ("* 3 * * *", "cron: * 3 * * *"),
+            ("*/7 * * * *", "cron: */7 * * * *"),
+        ]:
+            with self.subTest(expression=expression):
+                self.assertEqual(CronSchedule.parse(expression).describe(), text)
+
+
+def dataclass_fields(schedule: CronSchedule) -> tuple:
+    """Every field but the expression as written."""
+    return (schedule.minutes, schedule.hours, schedule.days, schedule.months,
+            schedule.weekdays, schedule.day_restricted, schedule.weekday_restricted)
+
+
+def _transitions(tz: datetime.tzinfo, year: int) -> list[float]:
+    """Instants in ``year`` at which ``tz`` changes its UTC offset, to the minute."""
+    found = []
+    start = datetime.datetime(year, 1, 1, tzinfo=UTC).timestamp()
+    end = datetime.datetime(year + 1, 1, 1, tzinfo=UTC).timestamp()
+    previous = datetime.datetime.fromtimestamp(start, tz).utcoffset()
+    hour = start
+    while hour < end:
+        hour += 3600
+        offset = datetime.datetime.fromtimestamp(hour, tz).utcoffset()
+        if offset != previous:
+            minute = hour - 3600
+            while datetime.datetime.fromtimestamp(minute, tz).utcoffset() == previous:
+                minute += 60
+            found.append(minute)
+            previous = offset
+    return found
+
+
+class ZoneDataTest(unittest.TestCase):
+    def test_zone_data_is_installed(self) -> None:
+        for name in [ATHENS, NEW_YORK, "Australia/Lord_Howe", "America/Santiago"]:
+            with self.subTest(zone=name):
+                self.assertEqual(len(_transitions(zoneinfo.ZoneInfo(name), 2026)), 2)
+
+
+###############################################################################
 # Configuration ###############################################################
 ###############################################################################
 
@@ -262,7 +663,7 @@ class ConfigTest(unittest.TestCase):
         self.assertConfigError("""
             [alerts.backups]
             evry = "1h"
-        """, "alerts.backups.every: missing")
+        """, "alerts.backups.every: missing", 'found "evry": did you mean "every"?')
         self.assertConfigError("""
             [alerts.backups]
             every = "1h"
@@ -397,7 +798,7 @@ class StoreTest(unittest.TestCase):
         self.store.sync_checks(["job"], 100.0)
         with self.assertRaises(RuntimeError):
             with self.store.transaction():
-                self.store.record_ping("job", 200.0, "success", "127.0.0.1", "curl")
+                self.store.record_ping("job", 200.0, caduceus.Ping())
                 raise RuntimeError("boom")
         self.assertIsNone(self.store.check("job")["last_ping_at"])
         self.assertEqual(self.store.pings("job"), [])
@@ -405,7 +806,7 @@ class StoreTest(unittest.TestCase):
     def test_check_in_history_is_bounded(self):
         self.store.sync_checks(["job"], 0.0)
         for i in range(caduceus.PING_HISTORY * 2 + 7):
-            self.store.record_ping("job", float(i), "success", "127.0.0.1", "curl")
+            self.store.record_ping("job", float(i), caduceus.Ping())
         pings = self.store.pings("job")
         self.assertEqual(len(pings), caduceus.PING_HISTORY)
         self.assertEqual(pings[-1]["at"], caduceus.PING_HISTORY * 2 + 6)
@@ -419,7 +820,7 @@ class StoreTest(unittest.TestCase):
 
     def test_removed_alerts_are_forgotten_with_their_history(self):
         self.store.sync_checks(["job", "old"], 0.0)
-        self.store.record_ping("old", 1.0, "success", "", "")
+        self.store.record_ping("old", 1.0, caduceus.Ping())
         self.store.enqueue("old", "console", caduceus.NOTICE_DOWN, "s", "b", 1.0)
         self.store.sync_checks(["job"], 2.0)
         self.assertEqual([row["name"] for row in self.store.checks()], ["job"])
@@ -474,7 +875,7 @@ class MonitorTest(unittest.TestCase):
         flips = self.sweep()
         self.assertEqual([(f.check, f.old, f.new) for f in flips], [("hourly", NEW, DOWN)])
         self.assertEqual(self.console.subjects, ['Caduceus: Alert "hourly" is failing.'])
-        self.assertIn("Last check-in: never", self.console.notices[0].body)
+        self.assertIn("Last success:  never", self.console.notices[0].body)
 
     def test_check_in_pushes_the_deadline_back(self):
         self.clock.advance(3000)
@@ -534,12 +935,13 @@ class MonitorTest(unittest.TestCase):
         body = self.console.about("backups")[-1].body
         self.assertIn('Your alert "backups" is failing', body)
         self.assertIn("every 1d", body)
-        self.assertIn(f"Last check-in: {checked_in} (1d 2h ago)", body)
+        self.assertIn(f"Last success:  {checked_in} (1d 2h ago)", body)
         self.assertIn("Overdue by:    2h", body)
+        self.assertIn("failing: missed deadline.", body)
         self.clock.advance(3600)
         self.monitor.ping("backups")
         self.monitor.deliver("console")
-        self.assertIn("Down for:    3h", self.console.about("backups")[-1].body)
+        self.assertIn("Was down for:  3h", self.console.about("backups")[-1].body)
 
     def test_unknown_name_is_refused(self):
         with self.assertRaises(KeyError):
@@ -1119,8 +1521,8 @@ class HTTPTest(unittest.TestCase):
 
     def test_unknown_or_miscased_alert_is_not_found(self):
         for path in ["/reset/nosuch/?key=s3cret", "/reset/HOURLY/?key=s3cret",
-                     "/reset/default_channels/?key=s3cret", "/reset/hourly/extra?key=s3cret",
-                     "/reset/", "/nosuch"]:
+                     "/reset/default_channels/?key=s3cret", "/reset/hourly/extra", "/reset/",
+                     "/nosuch"]:
             with self.subTest(path=path):
                 self.assertEqual(self.request("GET", path)[0], 404)
 
@@ -1297,6 +1699,422 @@ class SweeperTest(unittest.TestCase):
             sweeper.start()
             self.assertTrue(delivered.wait(WAIT_S))
         self.assertEqual(store.check("quick")["status"], DOWN)
+
+
+###############################################################################
+# Job lifecycle ###############################################################
+###############################################################################
+
+LIFECYCLE_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.nightly]
+    every = "1d"
+    grace = "10m"
+    max_runtime = "2h"
+
+    [alerts.plain]
+    every = "1h"
+"""
+
+
+class LifecycleTest(unittest.TestCase):
+    """start / fail / exit status / log signals, grace and max_runtime, on a fake clock."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.console = Recorder()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, LIFECYCLE_CONFIG),
+                                        {"console": self.console}, self.clock)
+        self.monitor.start()
+
+    def send(self, name: str, kind: str = caduceus.SUCCESS, exit_status: int | None = None,
+             body: str = "") -> caduceus.Flip | None:
+        flip = self.monitor.ping(name, caduceus.Ping(kind, exit_status, body))
+        self.monitor.deliver("console")
+        return flip
+
+    def sweep(self, name: str) -> list[caduceus.Flip]:
+        """Sweep; return the flips of one alert."""
+        flips = self.monitor.sweep()
+        self.monitor.deliver("console")
+        return [flip for flip in flips if flip.check == name]
+
+    def test_grace_extends_the_deadline(self):
+        self.send("nightly")
+        self.clock.advance(86400 + 600 - 1)
+        self.assertEqual(self.sweep("nightly"), [])
+        self.clock.advance(1)
+        self.assertEqual([f.check for f in self.sweep("nightly")], ["nightly"])
+
+    def test_reported_failure_goes_down_at_once_with_the_reason(self):
+        self.send("plain")
+        self.clock.advance(60)
+        flip = self.send("plain", caduceus.FAIL)
+        self.assertEqual((flip.old, flip.new, flip.reason, flip.at), (UP, DOWN, "reported failure", self.clock.now))
+        self.assertEqual(self.console.subjects, ['Caduceus: Alert "plain" is failing.'])
+        self.assertIn("is failing: reported failure.", self.console.notices[0].body)
+        self.assertNotIn("Overdue", self.console.notices[0].body)
+
+    def test_exit_status_is_the_reason_and_output_is_quoted(self):
+        output = "".join(f"line {i}\n" for i in range(30)) + "rsync: connection refused\n"
+        self.send("nightly", caduceus.START)
+        self.clock.advance(125)
+        self.send("nightly", caduceus.FAIL, exit_status=23, body=output)
+        body = self.console.notices[0].body
+        self.assertIn("is failing: exit status 23.", body)
+        self.assertIn("Last run took: 2m 5s", body)
+        self.assertIn("| rsync: connection refused", body)
+        self.assertIn("| line 29", body)
+        self.assertNotIn("| line 5\n", body, "only the tail of the output is quoted")
+
+    def test_exit_status_zero_is_success_and_recovers(self):
+        self.send("plain", caduceus.FAIL, exit_status=1)
+        self.clock.advance(30)
+        flip = self.send("plain", caduceus.SUCCESS, exit_status=0)
+        self.assertEqual((flip.old, flip.new), (DOWN, UP))
+        self.assertEqual(self.console.subjects[-1], "Caduceus: Alert plain is reporting again.")
+        self.assertIn("exit status 1", self.console.notices[-1].body)
+
+    def test_a_second_failure_while_down_sends_nothing_new(self):
+        self.send("plain", caduceus.FAIL)
+        self.clock.advance(10)
+        self.assertIsNone(self.send("plain", caduceus.FAIL))
+        self.assertEqual(len(self.console.notices), 1)
+
+    def test_start_alone_changes_nothing_but_the_run(self):
+        self.send("plain")
+        self.send("plain", caduceus.START)
+        row = self.monitor.store.check("plain")
+        self.assertEqual((row["status"], row["started_at"]), (UP, self.clock.now))
+        self.clock.advance(3600)
+        self.assertEqual([f.reason for f in self.sweep("plain")], ["missed deadline"])
+
+    def test_run_longer_than_max_runtime_goes_down(self):
+        self.send("nightly")
+        self.clock.advance(3600)
+        started = self.clock.now
+        self.send("nightly", caduceus.START)
+        self.clock.advance(2 * 3600 - 1)
+        self.assertEqual(self.sweep("nightly"), [])
+        self.clock.advance(1)
+        flips = self.sweep("nightly")
+        self.assertEqual([(f.check, f.at) for f in flips], [("nightly", started + 2 * 3600)])
+        self.assertIn(f"started at {caduceus.format_time(started)} and has not finished", flips[0].reason)
+        self.assertIn("ran too long", self.console.about("nightly")[0].body)
+
+    def test_finished_run_clears_the_run_time_limit(self):
+        self.send("nightly", caduceus.START)
+        self.clock.advance(60)
+        self.send("nightly")
+        self.clock.advance(3 * 3600)
+        self.assertEqual(self.sweep("nightly"), [])
+        self.assertEqual(self.monitor.store.check("nightly")["last_duration_s"], 60)
+
+    def test_log_is_kept_without_changing_status(self):
+        self.send("plain", caduceus.LOG, body="disk 91% full")
+        row = self.monitor.store.check("plain")
+        self.assertEqual((row["status"], row["last_ping_at"]), (NEW, None))
+        self.assertEqual(self.monitor.store.pings("plain")[-1]["body"], "disk 91% full")
+
+    def test_signals_parse_as_documented(self):
+        table = {"": (caduceus.SUCCESS, None), "start": (caduceus.START, None), "fail": (caduceus.FAIL, None),
+                 "log": (caduceus.LOG, None), "0": (caduceus.SUCCESS, 0), "1": (caduceus.FAIL, 1),
+                 "255": (caduceus.FAIL, 255)}
+        for text, expected in table.items():
+            with self.subTest(text=text):
+                self.assertEqual(caduceus.parse_signal(text), expected)
+        for text in ["256", "-1", "1000", "abc", "START", "0x1"]:
+            with self.subTest(text=text), self.assertRaises(ValueError):
+                caduceus.parse_signal(text)
+
+
+class SignalHTTPTest(unittest.TestCase):
+    """Every signal through the real HTTP server, with /reset/ and /ping/ URLs."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.start_server(LIFECYCLE_CONFIG)
+
+    def start_server(self, text: str) -> None:
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, text), {"console": Recorder()}, self.clock)
+        self.monitor.start()
+        self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
+
+    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request(method, path, body=body, headers={"User-Agent": "test-agent"})
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+
+    def last_ping(self, name: str) -> sqlite3.Row:
+        return self.monitor.store.pings(name)[-1]
+
+    def test_reset_signals(self):
+        self.assertEqual(self.request("GET", "/reset/plain/start?key=s3cret"), (200, "Run started."))
+        self.assertEqual(self.last_ping("plain")["kind"], "start")
+        self.assertEqual(self.request("POST", "/reset/plain/fail?key=s3cret", b"boom"),
+                         (200, "Failure recorded."))
+        self.assertEqual(self.monitor.store.check("plain")["status"], DOWN)
+        self.assertEqual(self.request("HEAD", "/reset/plain/log?key=s3cret")[0], 200)
+        self.assertEqual(self.request("GET", "/reset/plain/0?key=s3cret"), (200, "Alert reset."))
+        self.assertEqual(self.monitor.store.check("plain")["status"], UP)
+        status, _ = self.request("POST", "/reset/plain/3?key=s3cret")
+        ping = self.last_ping("plain")
+        self.assertEqual((status, ping["kind"], ping["exit_status"]), (200, "fail", 3))
+        self.assertEqual(self.monitor.store.check("plain")["down_reason"], "exit status 3")
+
+    def test_bad_signal_is_a_400_but_only_with_the_right_key(self):
+        for signal_text in ["256", "abc", "-1"]:
+            with self.subTest(signal=signal_text):
+                status, body = self.request("GET", f"/reset/plain/{signal_text}?key=s3cret")
+                self.assertEqual(status, 400)
+                self.assertIn("exit status 0-255", body)
+                self.assertEqual(self.request("GET", f"/reset/plain/{signal_text}?key=nope")[0], 404)
+        self.assertEqual(self.monitor.store.check("plain")["n_pings"], 0)
+
+    def test_body_user_agent_and_address_are_stored(self):
+        self.request("POST", "/reset/plain/?key=s3cret", "déjà vu\n".encode())
+        ping = self.last_ping("plain")
+        self.assertEqual((ping["body"], ping["user_agent"], ping["remote_addr"]),
+                         ("déjà vu\n", "test-agent", "127.0.0.1"))
+
+    def test_large_body_keeps_its_tail_and_says_so(self):
+        body = b"x" * 50_000 + b"the end"
+        status, text = self.request("POST", "/reset/plain/fail?key=s3cret", body)
+        self.assertEqual(status, 200)
+        self.assertIn(f"truncated: its last {caduceus.MAX_PING_BODY} of {len(body)} bytes", text)
+        stored = self.last_ping("plain")["body"]
+        self.assertEqual(len(stored), caduceus.MAX_PING_BODY)
+        self.assertTrue(stored.endswith("the end"))
+        self.assertEqual(self.request("GET", "/reset/plain/?key=s3cret")[0], 200, "keep-alive survives")
+
+    def test_healthchecks_ping_urls_with_a_secret_key(self):
+        self.assertEqual(self.request("GET", "/ping/s3cret/plain"), (200, "OK"))
+        self.assertEqual(self.request("POST", "/ping/s3cret/plain/start"), (200, "OK"))
+        self.assertEqual(self.request("POST", "/ping/s3cret/plain/1", b"exit 1"), (200, "OK"))
+        self.assertEqual(self.monitor.store.check("plain")["down_reason"], "exit status 1")
+        self.assertEqual(self.request("GET", "/ping/s3cret/plain/log")[0], 200)
+        for path in ["/ping/plain", "/ping/wrong/plain", "/ping/s3cret/nosuch", "/ping/s3cret/plain/start/x"]:
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 404)
+
+    def test_healthchecks_ping_urls_without_a_secret_key(self):
+        self.start_server("""
+            [alerts]
+            default_channels = ["console"]
+            [alerts.job]
+            every = "1h"
+        """)
+        self.assertEqual(self.request("GET", "/ping/job"), (200, "OK"))
+        self.assertEqual(self.request("GET", "/ping/job/fail"), (200, "OK"))
+        self.assertEqual(self.monitor.store.check("job")["status"], DOWN)
+
+    def test_ping_key_in_the_path_never_reaches_the_log(self):
+        with self.assertLogs("caduceus", "DEBUG") as logs:
+            self.request("GET", "/ping/s3cret/plain/start")
+            self.request("GET", "/ping/s3cret-typo/plain")
+        text = "\n".join(logs.output)
+        self.assertIn("/ping/***/plain", text)
+        self.assertNotIn("s3cret", text)
+
+
+class ScheduledAlertTest(unittest.TestCase):
+    """Alerts with a cron ``schedule`` and ``timezone``, end to end on a fake clock."""
+
+    CONFIG = """
+        [config]
+        timezone = "Europe/Athens"
+        [alerts]
+        default_channels = ["console"]
+        [alerts.backup]
+        schedule = "0 3 * * *"
+        grace = "15m"
+        [alerts.report]
+        schedule = "30 9 * * mon-fri"
+        timezone = "UTC"
+    """
+
+    def setUp(self):
+        self.config = config_from(self, self.CONFIG)
+
+    def local(self, epoch: float) -> str:
+        return datetime.datetime.fromtimestamp(epoch, zoneinfo.ZoneInfo("Europe/Athens")).strftime("%m-%d %H:%M %z")
+
+    def test_config_reads_schedule_timezone_and_default_cadence(self):
+        backup, report = self.config.checks["backup"], self.config.checks["report"]
+        self.assertEqual(backup.schedule.expression, "0 3 * * *")
+        self.assertEqual(str(backup.tz), "Europe/Athens")
+        self.assertEqual(report.tz, datetime.timezone.utc)
+        self.assertIsNone(backup.every_s)
+        self.assertEqual(backup.notify_every_s, 86400, "a daily job is reminded daily")
+        self.assertEqual(backup.describe(), "at 03:00 every day (Europe/Athens), 15m grace")
+
+    def test_a_3am_athens_job_is_expected_at_3am_local_across_both_dst_changes(self):
+        clock = FakeClock(at("2026-03-27T12:00:00Z"))
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")),
+                                   self.config, {}, clock)
+        monitor.start()
+        deadlines = []
+        for start in ["2026-03-27T12:00:00Z", "2026-03-28T12:00:00Z", "2026-03-29T12:00:00Z",
+                      "2026-10-24T12:00:00Z", "2026-10-25T12:00:00Z"]:
+            clock.now = at(start)
+            monitor.ping("backup")
+            row = monitor.store.check("backup")
+            deadlines.append(self.local(caduceus.deadline(self.config.checks["backup"], row)[0]))
+        self.assertEqual(deadlines, ["03-28 03:15 +0200", "03-29 04:15 +0300", "03-30 03:15 +0300",
+                                     "10-25 03:15 +0300", "10-26 03:15 +0200"])  # 03:00 repeats: first counts
+
+    def test_missed_scheduled_run_goes_down_after_grace(self):
+        clock = FakeClock(at("2026-11-23T12:00:00Z"))
+        console = Recorder()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")),
+                                   self.config, {"console": console}, clock)
+        monitor.start()
+        clock.now = at("2026-11-24T01:14:59Z")  # 03:14:59 in Athens
+        self.assertEqual([f.check for f in monitor.sweep()], [])
+        clock.advance(1)
+        flips = monitor.sweep()
+        self.assertEqual([(f.check, caduceus.format_time(f.at)) for f in flips],
+                         [("backup", "2026-11-24T01:15:00Z")])
+        monitor.deliver("console")
+        self.assertIn("Schedule:      at 03:00 every day (Europe/Athens), 15m grace", console.notices[0].body)
+
+    def test_schedule_errors_name_the_alert_and_key(self):
+        cases = [
+            ('schedule = "61 3 * * *"', "alerts.job.schedule:", 'minute field "61": 61 is out of range 0-59'),
+            ('schedule = "0 0 30 2 *"', "alerts.job.schedule:", "never fires"),
+            ('schedule = "@reboot"', "alerts.job.schedule:", "@reboot"),
+            ('schedule = "0 3 * * *"\ntimezone = "Mars/Olympus"', "alerts.job.timezone:", '"Mars/Olympus"'),
+            ('every = "1h"\nschedule = "0 3 * * *"', "alerts.job:", "either every or schedule, not both"),
+            ('notify_every = "1h"', "alerts.job.every: missing", "schedule"),
+            ('every = "1h"\ngrace = "soon"', "alerts.job.grace:", '"soon"'),
+            ('every = "1h"\nmax_runtime = "0s"', "alerts.job.max_runtime:", "positive"),
+        ]
+        for body, *fragments in cases:
+            with self.subTest(body=body):
+                path = write_config(self, "[alerts]\ndefault_channels = [\"console\"]\n[alerts.job]\n" + body)
+                with self.assertRaises(caduceus.ConfigError) as caught:
+                    caduceus.load_config(path)
+                for fragment in fragments:
+                    self.assertIn(fragment, str(caught.exception))
+
+    def test_zero_grace_is_allowed(self):
+        config = config_from(self, """
+            [alerts.job]
+            every = "1h"
+            grace = "0s"
+            channels = ["console"]
+        """)
+        self.assertEqual(config.checks["job"].grace_s, 0)
+
+
+###############################################################################
+# The run wrapper and the check command #######################################
+###############################################################################
+
+
+class RunWrapperTest(unittest.TestCase):
+    """``caduceus.py run URL -- COMMAND`` as a real process against a real server."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, LIFECYCLE_CONFIG), {"console": Recorder()},
+                                        self.clock)
+        self.monitor.start()
+        port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
+        self.url = f"http://127.0.0.1:{port}/reset/nightly/?key=s3cret"
+
+    def run_wrapper(self, url: str, *command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "run", "--retries", "0",
+                               url, "--", *command], capture_output=True, timeout=60)
+
+    def kinds(self) -> list[tuple[str, int | None]]:
+        return [(p["kind"], p["exit_status"]) for p in self.monitor.store.pings("nightly")]
+
+    def test_successful_command(self):
+        result = self.run_wrapper(self.url, sys.executable, "-c", "print('backed up 3 files')")
+        self.assertEqual(result.returncode, 0)
+        self.assertEqual(result.stdout, b"backed up 3 files\n", "output passes through untouched")
+        self.assertEqual(self.kinds(), [("start", None), ("success", 0)])
+        self.assertEqual(self.monitor.store.pings("nightly")[-1]["body"], "backed up 3 files\n")
+        self.assertEqual(self.monitor.store.check("nightly")["status"], UP)
+
+    def test_failing_command_reports_its_exit_status_and_output(self):
+        script = "import sys; print('copying'); sys.stderr.write('disk full\\n'); sys.exit(3)"
+        result = self.run_wrapper(self.url, sys.executable, "-c", script)
+        self.assertEqual(result.returncode, 3)
+        self.assertEqual(result.stderr, b"disk full\n")
+        self.assertEqual(self.kinds(), [("start", None), ("fail", 3)])
+        body = self.monitor.store.pings("nightly")[-1]["body"]
+        self.assertIn("copying", body)
+        self.assertIn("disk full", body)
+        self.assertEqual(self.monitor.store.check("nightly")["down_reason"], "exit status 3")
+
+    def test_missing_command_is_reported_as_127(self):
+        result = self.run_wrapper(self.url, "/nonexistent/backup")
+        self.assertEqual(result.returncode, 127)
+        self.assertEqual(self.kinds(), [("start", None), ("fail", 127)])
+
+    def test_server_down_does_not_change_what_the_command_does(self):
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        result = self.run_wrapper(f"http://127.0.0.1:{port}/reset/nightly/?key=s3cret",
+                                  sys.executable, "-c", "print('still ran'); raise SystemExit(4)")
+        self.assertEqual(result.returncode, 4)
+        self.assertEqual(result.stdout, b"still ran\n")
+        self.assertIn(b"caduceus run:", result.stderr)
+        self.assertNotIn(b"s3cret", result.stderr)
+
+    def test_signal_urls_keep_the_query(self):
+        self.assertEqual(caduceus._signal_url("http://h:5000/reset/backups/?key=K", "start"),
+                         "http://h:5000/reset/backups/start?key=K")
+        self.assertEqual(caduceus._signal_url("https://h/ping/K/backups", "3"), "https://h/ping/K/backups/3")
+
+
+class CheckCommandTest(unittest.TestCase):
+    def run_check(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = caduceus.main(["check", *argv])
+        return code, out.getvalue(), err.getvalue()
+
+    def test_reports_next_deadlines_from_the_database(self):
+        directory = temp_dir(self)
+        config = write_config(self, LIFECYCLE_CONFIG, directory)
+        db = os.path.join(directory, "db.sqlite3")
+        clock = FakeClock(time.time())
+        with contextlib.closing(caduceus.Store(db)) as store:
+            monitor = caduceus.Monitor(store, caduceus.load_config(config), {}, clock)
+            monitor.start()
+            monitor.ping("plain")
+        code, out, _ = self.run_check("-c", config, "-b", db, "--json")
+        self.assertEqual(code, 0)
+        alerts = {alert["name"]: alert for alert in json.loads(out)["alerts"]}
+        self.assertEqual(alerts["plain"]["next_due"], caduceus.format_time(clock.now + 3600))
+        self.assertEqual(alerts["plain"]["status"], "up")
+        self.assertEqual((alerts["nightly"]["grace"], alerts["nightly"]["max_runtime"]), (600, 7200))
+        self.assertEqual(alerts["nightly"]["last_success"], None)
+        code, text, _ = self.run_check("-c", config, "-b", db)
+        self.assertIn("nightly: every 1d, 10m grace, runs at most 2h", text)
+
+    def test_invalid_config_exits_2(self):
+        path = write_config(self, """
+            [alerts.job]
+            every = "1h"
+            schedule = "0 3 * * *"
+        """)
+        code, _, err = self.run_check("-c", path)
+        self.assertEqual(code, 2)
+        self.assertIn("alerts.job: give either every or schedule, not both", err)
 
 
 ###############################################################################
