@@ -2,19 +2,22 @@
 """Caduceus: a dead man's switch for cron jobs.
 
 Each job checks in by fetching a URL when it succeeds; when a job does not
-check in within its interval, Caduceus notifies (email, Telegram, console),
-reminds every ``notify_every`` while it stays down, and notifies again when it
-recovers.  One file, standard library only, Python 3.9+ (``tomli`` is needed
-below 3.11 to read the config).
+check in on time, Caduceus notifies (email, Telegram, console), reminds every
+``notify_every`` while it stays down, and notifies again when it recovers.
+One file, standard library only, Python 3.9+ (``tomli`` is needed below 3.11
+to read the config).
 
 Run::
 
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
+    python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
+    python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
 
-Configuration (the format of Caduceus 0.0.11, read unchanged)::
+Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
 
     [config]
-    secret_key = "somelongkey"        # optional; check-ins must then carry ?key=
+    secret_key = "somelongkey"        # optional; check-ins must then carry it
+    timezone = "UTC"                  # default for schedules
 
     [alerting.email]                  # optional; also [alerting.telegram]
     recipient_emails = ["ops@example.com"]
@@ -26,21 +29,25 @@ Configuration (the format of Caduceus 0.0.11, read unchanged)::
     default_channels = ["email"]
 
     [alerts.backups]                  # the name is the URL segment
-    every = "1d"                      # "90s", "1h30m", "2 days", "1:30:00"
+    every = "1d"                      # "90s", "1h30m", "2 days", "1:30:00"; or
+                                      # schedule = "0 3 * * *" with timezone = "Europe/Athens"
+    grace = "30m"                     # default 0
+    max_runtime = "2h"                # a started run must finish within this
     notify_every = "6h"               # reminder cadence while down; default: every
     channels = ["email", "console"]   # default: default_channels
 
-HTTP endpoints:
+HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
 
-    GET|HEAD|POST /reset/<name>/?key=K   record a check-in: 200 "Alert reset."
-                                         (404 for an unknown name or a wrong key)
-    GET|HEAD /                           a short status page
+    /reset/<name>/?key=K                 success: 200 "Alert reset."
+    /reset/<name>/<signal>?key=K         signal: start, fail, log, or an exit status 0-255
+    /ping/[<K>/]<name>[/<signal>]        the same, as healthchecks.io spells it: 200 "OK"
+    GET /                                a short status page
 
-A 200 means the check-in is committed to SQLite.  All state (first seen, last
-check-in, status, notices not yet delivered) lives in the database file, so a
-restart, even ``kill -9``, resumes exactly where it stopped.  Failed
-notifications stay in a durable outbox and are retried with backoff for at
-least a day.
+An unknown name or a wrong key answers 404, a bad signal 400.  A 200 means
+the signal is committed to SQLite.  All state (first seen, last success,
+status, notices not yet delivered) lives in the database file, so a restart,
+even ``kill -9``, resumes exactly where it stopped.  Failed notifications stay
+in a durable outbox and are retried with backoff for at least a day.
 
 Licence: MIT.
 """
