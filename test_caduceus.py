@@ -18,10 +18,12 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import socketserver
 import sqlite3
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -1238,27 +1240,69 @@ class SMTPSink(socketserver.ThreadingTCPServer):
     """A real SMTP server on loopback that keeps what it receives.
 
     ``refuse_rcpt`` makes it answer RCPT TO with that reply line instead of 250.
+    With ``tls`` (a server-side SSLContext) it offers STARTTLS, or with
+    ``implicit_tls`` speaks TLS from the first byte (encryption = "ssl").
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, refuse_rcpt: bytes = b"") -> None:
+    def __init__(self, refuse_rcpt: bytes = b"", tls: ssl.SSLContext | None = None,
+                 implicit_tls: bool = False) -> None:
         super().__init__(("127.0.0.1", 0), SMTPSinkHandler)
         self.refuse_rcpt = refuse_rcpt
-        self.messages: list[tuple[str, list[str], email.message.Message]] = []
+        self.tls = tls
+        self.implicit_tls = implicit_tls
+        self.messages: list[tuple[str, list[str], email.message.Message, bool]] = []
         self.received = threading.Event()
 
 
 class SMTPSinkHandler(socketserver.StreamRequestHandler):
+    def start_tls(self) -> None:
+        self.rfile.close()
+        self.wfile.close()
+        self.request = self.server.tls.wrap_socket(self.request, server_side=True)
+        self.connection = self.request
+        self.rfile = self.request.makefile("rb")
+        self.wfile = self.request.makefile("wb", buffering=0)
+        self.encrypted = True
+
+    def finish(self):
+        super().finish()
+        if self.encrypted:  # wrap_socket() detached the socket socketserver will close
+            self.request.close()
+
     def handle(self):
+        self.encrypted = False
+        if self.server.implicit_tls:
+            with contextlib.suppress(ssl.SSLError, OSError):  # the client refused our certificate
+                self.start_tls()
+                self.wfile.write(b"220 sink ESMTP\r\n")
+                self.converse()
+            return
         self.wfile.write(b"220 sink ESMTP\r\n")
+        self.converse()
+
+    def converse(self):
         sender, recipients = "", []
         while True:
-            line = self.rfile.readline()
+            try:
+                line = self.rfile.readline()
+            except (ssl.SSLError, OSError):  # the client refused our certificate
+                return
             if not line:
                 return
             verb = line[:4].upper()
+            if verb == b"EHLO" and self.server.tls and not self.encrypted:
+                self.wfile.write(b"250-sink\r\n250 STARTTLS\r\n")
+                continue
+            if line.strip().upper() == b"STARTTLS":
+                self.wfile.write(b"220 go ahead\r\n")
+                try:
+                    self.start_tls()
+                except (ssl.SSLError, OSError):
+                    return
+                continue
             if verb == b"MAIL":
                 sender = line.decode().split(":", 1)[1].strip().strip("<>")
             elif verb == b"RCPT" and self.server.refuse_rcpt:
@@ -1273,7 +1317,7 @@ class SMTPSinkHandler(socketserver.StreamRequestHandler):
                     data = data[1:] if data.startswith(b"..") else data
                     lines.append(data.replace(b"\r\n", b"\n"))
                 message = email.message_from_bytes(b"".join(lines), policy=email.policy.default)
-                self.server.messages.append((sender, recipients, message))
+                self.server.messages.append((sender, recipients, message, self.encrypted))
                 self.server.received.set()
             elif verb == b"QUIT":
                 self.wfile.write(b"221 bye\r\n")
@@ -1332,7 +1376,7 @@ class EmailTest(unittest.TestCase):
         sink = serve(self, SMTPSink())
         caduceus.send_email(email_config(self, sink.server_address[1]), NOTICE)
         self.assertTrue(sink.received.wait(WAIT_S))
-        sender, recipients, message = sink.messages[0]
+        sender, recipients, message, _ = sink.messages[0]
         self.assertEqual(sender, "caduceus@example.com")
         self.assertEqual(recipients, ["ops@example.com", "dev@example.com"])
         self.assertEqual(message["Subject"], 'Caduceus: Alert "mail" is failing.')
@@ -1347,7 +1391,7 @@ class EmailTest(unittest.TestCase):
         notice = dataclasses.replace(NOTICE, check="mail2")
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
-        _, recipients, message = sink.messages[0]
+        _, recipients, message, _ = sink.messages[0]
         self.assertEqual(recipients, ["third@example.com"])
         self.assertEqual(message["To"], "third@example.com")
 
@@ -1396,6 +1440,49 @@ class EmailTest(unittest.TestCase):
         with self.assertRaises(caduceus.NotifyError) as caught:
             caduceus.send_email(config, NOTICE)
         self.assertNotIn("pw", str(caught.exception).replace("SMTP", ""))
+        self.assertEqual(sink.messages, [])
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+class EmailTLSTest(unittest.TestCase):
+    """encryption = "starttls" and "ssl" against a sink with a certificate for localhost."""
+
+    def setUp(self):
+        directory = temp_dir(self)
+        self.cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                        "-keyout", key, "-out", self.cert, "-subj", "/CN=localhost",
+                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+        self.server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.server_tls.load_cert_chain(self.cert, key)
+
+    def config(self, sink: SMTPSink, encryption: str) -> caduceus.Config:
+        config = email_config(self, sink.server_address[1], encryption=encryption)
+        return dataclasses.replace(config, email=dataclasses.replace(config.email, hostname="localhost"))
+
+    def trusted(self):
+        """Trust the test certificate as the system's CAs would be trusted."""
+        return unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert})
+
+    def test_starttls_delivers_encrypted(self):
+        sink = serve(self, SMTPSink(tls=self.server_tls))
+        with self.trusted():
+            caduceus.send_email(self.config(sink, "starttls"), NOTICE)
+        self.assertTrue(sink.received.wait(WAIT_S))
+        self.assertTrue(sink.messages[0][3], "the message went over TLS")
+
+    def test_implicit_tls_delivers_encrypted(self):
+        sink = serve(self, SMTPSink(tls=self.server_tls, implicit_tls=True))
+        with self.trusted():
+            caduceus.send_email(self.config(sink, "ssl"), NOTICE)
+        self.assertTrue(sink.received.wait(WAIT_S))
+        self.assertTrue(sink.messages[0][3])
+
+    def test_an_untrusted_certificate_is_refused(self):
+        sink = serve(self, SMTPSink(tls=self.server_tls))
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_email(self.config(sink, "starttls"), NOTICE)
+        self.assertIn("certificate", str(caught.exception).lower())
         self.assertEqual(sink.messages, [])
 
 
