@@ -558,6 +558,9 @@ CHANNEL_NAMES = ("console", "email", "telegram")
 
 ENCRYPTIONS = ("none", "ssl", "starttls")
 
+#: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
+SCHEDULE_GRACE_S = 3600.0
+
 _REQUIRED = object()
 
 
@@ -878,14 +881,18 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         # (measured from a fixed point, so loading a config is repeatable).
         first = schedule.next_after(0.0, tz)
         period_s = schedule.next_after(first, tz) - first
+        # A scheduled job reports after it has run, so it needs time past its
+        # minute: without grace every run would be late (healthchecks.io: 1h).
+        default_grace_s = min(SCHEDULE_GRACE_S, period_s / 2)
     else:
         period_s = every_s
+        default_grace_s = 0.0  # what 0.0.11 did: existing configs behave as before
     spec = CheckSpec(
         name=name,
         every_s=every_s,
         schedule=schedule,
         tz=tz,
-        grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, 0.0),
+        grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, default_grace_s),
         max_runtime_s=section.take("max_runtime", DURATION_HINT, _duration, None),
         notify_every_s=section.take("notify_every", DURATION_HINT, _duration, period_s),
         channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
@@ -934,7 +941,7 @@ class Ping:
 def parse_signal(text: str) -> tuple[str, int | None]:
     """Read the signal part of a check-in URL: "" is success, then start, fail, log,
     or an exit status (0 success, 1-255 failure).  Raises ValueError otherwise."""
-    if text in ("", SUCCESS, START, FAIL, LOG):
+    if text in ("", START, FAIL, LOG):
         return text or SUCCESS, None
     if text.isdigit() and len(text) <= 3 and int(text) <= 255:
         status = int(text)
@@ -1087,13 +1094,12 @@ class Store:
             duration_s = None
             if ping.kind in (SUCCESS, FAIL) and row["started_at"] is not None:
                 duration_s = at - row["started_at"]
+            # A run without a start has no known duration: forget the previous one.
             if ping.kind == SUCCESS:
-                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, "
-                             "last_duration_s = COALESCE(?, last_duration_s) WHERE name = ?",
-                             (at, duration_s, name))
+                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, last_duration_s = ? "
+                             "WHERE name = ?", (at, duration_s, name))
             elif ping.kind == FAIL:
-                conn.execute("UPDATE checks SET started_at = NULL, "
-                             "last_duration_s = COALESCE(?, last_duration_s) WHERE name = ?",
+                conn.execute("UPDATE checks SET started_at = NULL, last_duration_s = ? WHERE name = ?",
                              (duration_s, name))
             elif ping.kind == START:
                 conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
@@ -1109,9 +1115,10 @@ class Store:
         return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY at, slot", (name,))
 
     def last_body(self, name: str) -> str:
-        """The body of the alert's latest signal that had one, or ""."""
-        rows = self._all("SELECT body FROM pings WHERE check_name = ? AND body != '' "
-                         "ORDER BY at DESC, slot DESC LIMIT 1", (name,))
+        """The body of the alert's latest signal ("" if none): an older run's output
+        would mislead a notice about this one."""
+        rows = self._all("SELECT body FROM pings WHERE check_name = ? ORDER BY at DESC, slot DESC LIMIT 1",
+                         (name,))
         return rows[0]["body"] if rows else ""
 
     def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
@@ -1673,7 +1680,7 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 MAX_BODY_BYTES = 16 << 20
 
 _KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
-_KEY_IN_PING_PATH = re.compile(r"(/ping/)[^/?\s]+(?=/)")
+_KEY_IN_PING_PATH = re.compile(r"(/ping/)[^/?\s]+")
 
 #: What a check-in under /reset/ answers, by signal (under /ping/ it is always "OK").
 _RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
@@ -1850,7 +1857,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         try:
             kind, exit_status = parse_signal(signal_text)
         except ValueError as exc:
-            self._reply(400, f"{str(exc).capitalize()}.\n")
+            message = str(exc)
+            self._reply(400, f"{message[0].upper()}{message[1:]}.\n")
             return None
         data, length = body
         note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
@@ -2092,16 +2100,17 @@ def _run_main(argv: list[str]) -> int:
 
 
 def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
-    """The check rows of a database, read-only; {} when there is no such file or table."""
+    """The check rows of a database, read-only; {} when there is no such file, or
+    it has no Caduceus tables yet.  Raises sqlite3.Error if it cannot be read."""
     if not os.path.exists(db):
         return {}
     uri = f"file:{urllib.parse.quote(os.path.abspath(db))}?mode=ro"
-    try:
-        with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
-            conn.row_factory = sqlite3.Row
-            return {row["name"]: row for row in conn.execute("SELECT * FROM checks")}
-    except sqlite3.Error:
-        return {}
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
+        conn.row_factory = sqlite3.Row
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "checks" not in tables:
+            return {}
+        return {row["name"]: row for row in conn.execute("SELECT * FROM checks")}
 
 
 def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float) -> list[dict]:
@@ -2153,7 +2162,12 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     except ConfigError as exc:
         print(f"caduceus: {exc}", file=sys.stderr)
         return 2
-    report = check_report(config, _read_state(args.db), clock())
+    try:
+        state = _read_state(args.db)
+    except sqlite3.Error as exc:
+        print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
+        return 2
+    report = check_report(config, state, clock())
     if args.json:
         print(json.dumps({"alerts": report}, indent=2))
         return 0

@@ -1868,6 +1868,22 @@ class LifecycleTest(unittest.TestCase):
         self.assertEqual(self.console.subjects[-1], "Caduceus: Alert plain is reporting again.")
         self.assertIn("exit status 1", self.console.notices[-1].body)
 
+    def test_a_notice_quotes_only_the_latest_signals_output(self):
+        self.send("plain", caduceus.LOG, body="old news from last week")
+        self.send("plain", caduceus.FAIL)
+        self.assertNotIn("old news", self.console.notices[0].body)
+        self.assertNotIn("Last output", self.console.notices[0].body)
+
+    def test_a_run_without_a_start_has_no_duration(self):
+        self.send("plain", caduceus.START)
+        self.clock.advance(90)
+        self.send("plain")
+        self.assertEqual(self.monitor.store.check("plain")["last_duration_s"], 90)
+        self.clock.advance(60)
+        self.send("plain", caduceus.FAIL)
+        self.assertEqual(self.monitor.store.check("plain")["last_duration_s"], None)
+        self.assertNotIn("Last run took", self.console.notices[0].body)
+
     def test_a_second_failure_while_down_sends_nothing_new(self):
         self.send("plain", caduceus.FAIL)
         self.clock.advance(10)
@@ -1916,7 +1932,7 @@ class LifecycleTest(unittest.TestCase):
         for text, expected in table.items():
             with self.subTest(text=text):
                 self.assertEqual(caduceus.parse_signal(text), expected)
-        for text in ["256", "-1", "1000", "abc", "START", "0x1"]:
+        for text in ["256", "-1", "1000", "abc", "START", "0x1", "success"]:
             with self.subTest(text=text), self.assertRaises(ValueError):
                 caduceus.parse_signal(text)
 
@@ -1959,6 +1975,8 @@ class SignalHTTPTest(unittest.TestCase):
         self.assertEqual(self.monitor.store.check("plain")["down_reason"], "exit status 3")
 
     def test_bad_signal_is_a_400_but_only_with_the_right_key(self):
+        self.assertEqual(self.request("GET", "/reset/plain/START?key=s3cret"),
+                         (400, 'Unknown signal "START": use start, fail, log or an exit status 0-255.\n'))
         for signal_text in ["256", "abc", "-1"]:
             with self.subTest(signal=signal_text):
                 status, body = self.request("GET", f"/reset/plain/{signal_text}?key=s3cret")
@@ -2093,6 +2111,34 @@ class ScheduledAlertTest(unittest.TestCase):
                 for fragment in fragments:
                     self.assertIn(fragment, str(caught.exception))
 
+    def test_default_grace_lets_a_scheduled_job_finish_before_it_is_late(self):
+        config = config_from(self, """
+            [alerts]
+            default_channels = ["console"]
+            [alerts.daily]
+            schedule = "0 3 * * *"
+            [alerts.often]
+            schedule = "*/10 * * * *"
+            [alerts.interval]
+            every = "1h"
+        """)
+        self.assertEqual(config.checks["daily"].grace_s, 3600)
+        self.assertEqual(config.checks["often"].grace_s, 300, "half the gap between runs")
+        self.assertEqual(config.checks["interval"].grace_s, 0, "every-alerts keep 0.0.11's behaviour")
+        clock = FakeClock(at("2026-11-23T12:00:00Z"))
+        console = Recorder()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")),
+                                   config, {"console": console}, clock)
+        monitor.start()
+        for day in ("24", "25", "26"):
+            clock.now = at(f"2026-11-{day}T03:00:00Z")
+            monitor.ping("daily", caduceus.Ping(caduceus.START))
+            clock.advance(20 * 60)  # a 20-minute job
+            monitor.ping("daily")
+            monitor.sweep()
+            monitor.deliver("console")
+        self.assertEqual(console.subjects_about("daily"), [], "a job that runs on time never pages")
+
     def test_zero_grace_is_allowed(self):
         config = config_from(self, """
             [alerts.job]
@@ -2192,6 +2238,16 @@ class CheckCommandTest(unittest.TestCase):
         self.assertEqual(alerts["nightly"]["last_success"], None)
         code, text, _ = self.run_check("-c", config, "-b", db)
         self.assertIn("nightly: every 1d, 10m grace, runs at most 2h", text)
+
+    def test_unreadable_database_is_an_error_not_an_empty_state(self):
+        directory = temp_dir(self)
+        config = write_config(self, LIFECYCLE_CONFIG, directory)
+        db = os.path.join(directory, "db.sqlite3")
+        with open(db, "wb") as file:
+            file.write(b"this is not a database" * 100)
+        code, _, err = self.run_check("-c", config, "-b", db)
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read the database", err)
 
     def test_invalid_config_exits_2(self):
         path = write_config(self, """
