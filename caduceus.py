@@ -86,6 +86,11 @@ import zoneinfo
 from typing import Any, Callable, Iterator, Mapping
 
 try:
+    import fcntl
+except ImportError:  # Windows: no single-instance lock
+    fcntl = None
+
+try:
     import tomllib
 except ImportError:  # Python < 3.11
     try:
@@ -169,6 +174,9 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION_TERM = re.compile(rf"\s*({_NUMBER})\s*([a-z]+)\s*(?:,|and\b)?")
 _CLOCK = re.compile(rf"(?:(\d+)\s*d(?:ays?)?\s*,?\s*)?(\d+(?::\d+){{1,3}}(?:\.\d+)?)")
 
+#: Longer durations are surely typos (and would overflow dates).
+MAX_DURATION_S = 3650 * 86400.0
+
 #: What a duration looks like, for error messages.
 DURATION_HINT = 'a duration such as "90s", "1h30m", "2 days" or "1:30:00"'
 
@@ -189,6 +197,8 @@ def parse_duration(text: str) -> float:
         raise ValueError(f"expected {DURATION_HINT}, got {json.dumps(text)}")
     if seconds <= 0:
         raise ValueError(f"expected a positive duration, got {json.dumps(text)}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"expected a duration of at most 10 years, got {json.dumps(text)}")
     return seconds
 
 
@@ -556,6 +566,7 @@ def _join(words: list[str], conjunction: str = "and") -> str:
 #: Channels that can be named in ``channels``; console needs no [alerting] section.
 CHANNEL_NAMES = ("console", "email", "telegram")
 
+#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
 ENCRYPTIONS = ("none", "ssl", "starttls")
 
 #: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
@@ -745,7 +756,8 @@ def _address_list(value: Any) -> tuple[str, ...]:
 def _channel_list(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise TypeError
-    channels = tuple(item.strip().lower() for item in value)
+    # Listed twice means the same as once; dict keeps the order.
+    channels = tuple(dict.fromkeys(item.strip().lower() for item in value))
     for channel in channels:
         if channel not in CHANNEL_NAMES:
             raise ValueError(f"expected channels among {', '.join(CHANNEL_NAMES)}, got {json.dumps(channel)}")
@@ -943,13 +955,15 @@ def parse_signal(text: str) -> tuple[str, int | None]:
     or an exit status (0 success, 1-255 failure).  Raises ValueError otherwise."""
     if text in ("", START, FAIL, LOG):
         return text or SUCCESS, None
-    if text.isdigit() and len(text) <= 3 and int(text) <= 255:
+    if re.fullmatch(r"[0-9]{1,3}", text) and int(text) <= 255:
         status = int(text)
         return (FAIL if status else SUCCESS), status
     raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
 
 
+#: Bumped, with a migration in Store.__init__, whenever SCHEMA changes.
 SCHEMA_VERSION = 1
+#: Caduceus's tables.  A 0.0.11 database's own tables (alert, notification) are left alone.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checks (
     name          TEXT PRIMARY KEY,
@@ -1014,10 +1028,14 @@ class Store:
     def __init__(self, path: str) -> None:
         self.path = path
         self._lock = threading.RLock()
+        self._depth = 0
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         try:
             self._conn.row_factory = sqlite3.Row
-            self._conn.execute("PRAGMA journal_mode=WAL")
+            mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode != "wal":
+                # Still correct, but check-ins and sweeps then block each other's readers.
+                log.warning("%s: SQLite kept journal mode %r instead of WAL", path, mode)
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise CaduceusError(f"{path}: written by a newer Caduceus (schema {version}); "
@@ -1041,19 +1059,31 @@ class Store:
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """Run the block as one transaction: all of it is committed, or none."""
+        """Run the block as one transaction: all of it is committed, or none.
+
+        A transaction opened inside another joins it.  If COMMIT itself fails
+        (the disk is full, the file is locked), everything is rolled back and
+        the error raised, so nothing is reported as saved that was not.
+        """
         with self._lock:
-            if self._conn.in_transaction:
-                yield self._conn
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
                 return
             self._conn.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            else:
                 self._conn.execute("COMMIT")
+            except BaseException:
+                if self._conn.in_transaction:
+                    self._conn.execute("ROLLBACK")
+                raise
+            finally:
+                self._depth = 0
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -1066,19 +1096,24 @@ class Store:
         with self.transaction() as conn:
             known = {row["name"] for row in conn.execute("SELECT name FROM checks")}
             for name in names:
-                if name not in known:
-                    conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES (?, ?, ?)",
-                                 (name, NEW, now))
+                self.ensure_check(name, now)
             for name in known - set(names):
                 for table, column in (("checks", "name"), ("pings", "check_name"),
                                       ("flips", "check_name"), ("outbox", "check_name")):
                     conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
+
+    def ensure_check(self, name: str, now: float) -> None:
+        """Add a row for an alert first seen at ``now``, unless it has one."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR IGNORE INTO checks (name, status, first_seen_at) VALUES (?, ?, ?)",
+                         (name, NEW, now))
 
     def checks(self) -> list[sqlite3.Row]:
         """All check rows, in name order."""
         return self._all("SELECT * FROM checks ORDER BY name")
 
     def check(self, name: str) -> sqlite3.Row | None:
+        """One check's row, or None."""
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
         return rows[0] if rows else None
 
@@ -1137,6 +1172,7 @@ class Store:
             return cursor.rowcount == 1
 
     def set_notified(self, name: str, at: float) -> None:
+        """Record when the latest failure notice (or reminder) about a check was queued."""
         with self.transaction() as conn:
             conn.execute("UPDATE checks SET notified_at = ? WHERE name = ?", (at, name))
 
@@ -1150,6 +1186,7 @@ class Store:
                          (name, name, FLIP_HISTORY))
 
     def flips(self, name: str) -> list[sqlite3.Row]:
+        """A check's recent state changes, oldest first."""
         return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
 
     # Outbox ----------------------------------------------------------------
@@ -1171,12 +1208,15 @@ class Store:
         return rows[0] if rows else None
 
     def pending_notices(self) -> list[sqlite3.Row]:
+        """Notices still to be delivered, all channels, in queue order."""
         return self._all("SELECT * FROM outbox WHERE failed = 0 ORDER BY id")
 
     def failed_notices(self) -> list[sqlite3.Row]:
+        """Notices given up on, newest FAILED_NOTICE_HISTORY of them."""
         return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
 
     def notice_sent(self, notice_id: int) -> None:
+        """Drop a delivered notice from the outbox."""
         with self.transaction() as conn:
             conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
 
@@ -1215,6 +1255,7 @@ class Store:
 
     def import_legacy(self, name: str, status: str, last_ping_at: float | None,
                       down_at: float | None, notified_at: float | None) -> None:
+        """Set a check's state from Caduceus 0.0.11's tables (see legacy_state)."""
         with self.transaction() as conn:
             conn.execute("UPDATE checks SET status = ?, last_ping_at = ?, down_at = ?, notified_at = ?, "
                          "down_reason = ? WHERE name = ?",
@@ -1415,6 +1456,7 @@ class Monitor:
         now = self.clock()
         flip = None
         with self.store.transaction():
+            self.store.ensure_check(name, now)  # in case the row was lost
             row = self.store.check(name)
             self.store.record_ping(name, now, ping)
             if ping.kind == SUCCESS and row["status"] == NEW:
@@ -1525,8 +1567,16 @@ class Monitor:
                 notifier = self.notifiers.get(channel)
                 if notifier is None:
                     raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
-                notifier(self.config, notice)
+                try:
+                    notifier(self.config, notice)
+                except NotifyError:
+                    raise
+                except Exception as exc:
+                    # A notifier bug must cost an attempt, not block its channel forever.
+                    log.exception("%s: %s notifier failed unexpectedly", notice.check, channel)
+                    raise NotifyError(f"unexpected {type(exc).__name__}") from None
             except NotifyError as exc:
+                now = self.clock()  # a send can take its whole timeout before failing
                 delay = min(RETRY_FIRST_S * 2 ** (attempt - 1), RETRY_MAX_S)
                 delay = max(delay, exc.retry_after_s or 0)
                 give_up = exc.permanent or now - row["created_at"] >= RETRY_FOR_S
@@ -1609,6 +1659,9 @@ def send_email(config: Config, notice: Notice) -> None:
                           permanent=exc.smtp_code >= 500) from None
     except (smtplib.SMTPException, OSError) as exc:
         raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
+    except ValueError as exc:  # e.g. a password smtplib cannot encode
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
+                          permanent=True) from None
     if refused:
         log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
 
@@ -1632,8 +1685,9 @@ def send_telegram(config: Config, notice: Notice) -> None:
     if conf is None:
         raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
     text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
+    # Quoted: a stray space or # in a pasted token must not bend the URL.
     request = urllib.request.Request(
-        f"{conf.api_url}/bot{conf.apikey}/sendMessage",
+        f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
         data=json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
@@ -1651,15 +1705,20 @@ def send_telegram(config: Config, notice: Notice) -> None:
             answer = {}
         description = answer.get("description") or exc.reason
         if exc.code == 429:
-            retry_after = (answer.get("parameters") or {}).get("retry_after")
-            raise NotifyError(f"Telegram rate limit: {description}",
-                              retry_after_s=float(retry_after) if retry_after else None) from None
+            parameters = answer.get("parameters")
+            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+            if not isinstance(retry_after, (int, float)) or isinstance(retry_after, bool):
+                retry_after = None
+            raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=retry_after) from None
         raise NotifyError(f"Telegram answered {exc.code}: {description}",
                           permanent=400 <= exc.code < 500) from None
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
+    except urllib.error.URLError as exc:
         raise NotifyError(f"cannot reach Telegram at {urllib.parse.urlsplit(conf.api_url).netloc}: "
-                          f"{reason}") from None
+                          f"{exc.reason}") from None
+    except (http.client.HTTPException, OSError, ValueError) as exc:
+        # Only the type: these messages may quote the URL, and so the token.
+        raise NotifyError(f"talking to Telegram at {urllib.parse.urlsplit(conf.api_url).netloc} failed: "
+                          f"{type(exc).__name__}") from None
 
 
 #: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
@@ -1714,8 +1773,12 @@ class Server(http.server.ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def handle_error(self, request: Any, client_address: tuple) -> None:
-        # A client that resets its connection is not worth a traceback on stderr.
-        log.debug("connection from %s failed", client_address[0], exc_info=True)
+        # A client that resets its connection is not worth a traceback; anything
+        # else outside _route is a bug and must be seen.
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
+            log.debug("connection from %s failed", client_address[0], exc_info=True)
+        else:
+            log.exception("error serving %s", client_address[0])
 
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
@@ -1760,6 +1823,11 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def _route(self) -> None:
         with self.server.busy():
             try:
+                # Read the body whatever the answer, or a keep-alive connection
+                # would parse it as the next request.
+                body = self._body()
+                if body is None:
+                    return
                 split = urllib.parse.urlsplit(self.path)
                 path = urllib.parse.unquote(split.path)
                 for pattern, methods, handler in self._ROUTES:
@@ -1772,7 +1840,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     elif self.command not in methods:
                         self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
                     else:
-                        getattr(self, handler)(match, urllib.parse.parse_qs(split.query, keep_blank_values=True))
+                        query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+                        getattr(self, handler)(match, query, body)
                     return
                 self._reply(404, "Not found.\n")
             except ConnectionError:
@@ -1808,18 +1877,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
             remaining -= len(chunk)
         return kept, length
 
-    def _home(self, match: re.Match, query: dict[str, list[str]]) -> None:
+    def _home(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
         monitor = self.server.monitor
         down = sum(row["status"] == DOWN for row in monitor.store.checks()
                    if row["name"] in monitor.config.checks)
         self._reply(200, f"Caduceus {__version__}: watching {len(monitor.config.checks)} alerts, "
                          f"{down} failing.\n")
 
-    def _reset(self, match: re.Match, query: dict[str, list[str]]) -> None:
+    def _reset(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
         """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>."""
         key = query.get("key", [""])[0]
-        signal_text = match["signal"] or ""
-        recorded = self._signal(match["name"], key, signal_text)
+        recorded = self._signal(match["name"], key, match["signal"] or "", body)
         if recorded is not None:
             kind, note = recorded
             if key and not self.server.monitor.config.secret_key:
@@ -1827,26 +1895,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
                          " the check-in counted.\n")
             self._reply(200, _RESET_ANSWERS[kind] + note)
 
-    def _ping(self, match: re.Match, query: dict[str, list[str]]) -> None:
+    def _ping(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
         """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]."""
         parts = match["rest"].split("/")
         key = parts.pop(0) if self.server.monitor.config.secret_key else ""
         if not 1 <= len(parts) <= 2:
             self._reply(404, "Not found.\n")
             return
-        recorded = self._signal(parts[0], key, parts[1] if len(parts) == 2 else "")
+        recorded = self._signal(parts[0], key, parts[1] if len(parts) == 2 else "", body)
         if recorded is not None:
             self._reply(200, "OK" + recorded[1])
 
-    def _signal(self, name: str, key: str, signal_text: str) -> tuple[str, str] | None:
-        """Check the key and record the signal.
+    def _signal(self, name: str, key: str, signal_text: str,
+                body: tuple[bytes, int]) -> tuple[str, str] | None:
+        """Check the key and record the signal with the body's kept tail.
 
         Returns its kind and a note for the answer ("" or that the body was
         truncated), or None after replying with an error.
         """
-        body = self._body()
-        if body is None:
-            return None
         monitor = self.server.monitor
         secret = monitor.config.secret_key
         # Compare even for unknown names, so timing does not tell which names exist.
@@ -1887,10 +1953,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
-        """Hide keys in a request line: ?key=..., and /ping/<key>/ when a secret is set."""
-        text = _KEY_IN_QUERY.sub(r"\1***", text)
-        if self.server.monitor.config.secret_key:
-            text = _KEY_IN_PING_PATH.sub(r"\1***", text)
+        """Hide keys in a request line: ?key=..., /ping/<key>/ when a secret is set,
+        and the secret wherever it is.  Percent-escapes are decoded first, so
+        ``?%6Bey=`` cannot smuggle a key past the patterns."""
+        text = _KEY_IN_QUERY.sub(r"\1***", urllib.parse.unquote(text))
+        secret = self.server.monitor.config.secret_key
+        if secret:
+            text = _KEY_IN_PING_PATH.sub(r"\1***", text).replace(secret, "***")
         return text
 
     def _safe_request_line(self) -> str:
@@ -2026,13 +2095,21 @@ def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
 
 
 def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None:
-    """Copy a child's output to our own as it comes, keeping the last MAX_PING_BODY bytes."""
-    for chunk in iter(lambda: source.read1(64 * 1024), b""):
-        sink.write(chunk)
-        sink.flush()
-        with lock:
-            tail += chunk
-            del tail[:-MAX_PING_BODY]
+    """Copy a child's output to our own as it comes, keeping the last MAX_PING_BODY bytes.
+
+    If our own output is closed (``run ... | head -1``), stop reading, so the
+    child gets SIGPIPE just as it would without the wrapper.
+    """
+    with source:
+        for chunk in iter(lambda: source.read1(64 * 1024), b""):
+            with lock:
+                tail += chunk
+                del tail[:-MAX_PING_BODY]
+            try:
+                sink.write(chunk)
+                sink.flush()
+            except OSError:
+                return
 
 
 def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S) -> int:
@@ -2043,37 +2120,53 @@ def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float
     signal N counts as exit status 128+N, one that cannot be started as 127
     (not found) or 126.  Monitoring trouble never changes what the command does.
     """
-    _send_signal(_signal_url(url, START), b"", retries, timeout_s)
+    # The start signal goes in the background: a slow server must not delay the job.
+    starting = threading.Thread(target=_send_signal, args=(_signal_url(url, START), b"", retries, timeout_s),
+                                daemon=True)
+    starting.start()
     tail, lock = bytearray(), threading.Lock()
+    # Ctrl-C reaches the whole process group, so the wrapper lets the command
+    # decide and reports what it did.  SIGTERM (cron, timeout, systemd) is passed
+    # on, also one that arrives before the command has started.  Both are Python
+    # handlers, not SIG_IGN, which the command would inherit.
+    children: list[subprocess.Popen] = []
+    terms: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        terms.append(signum)
+        for child in children:
+            child.send_signal(signum)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
     try:
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    except OSError as exc:
-        message = f"caduceus run: cannot run {command[0]}: {exc.strerror or exc}\n"
-        sys.stderr.write(message)
-        tail += message.encode()
-        status = 127 if isinstance(exc, FileNotFoundError) else 126
-    else:
-        with process:
-            pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout.buffer, tail, lock)),
-                     threading.Thread(target=_pump, args=(process.stderr, sys.stderr.buffer, tail, lock))]
-            for pump in pumps:
-                pump.start()
-            # Ctrl-C reaches the whole process group: let the command decide, then report.
-            # SIGTERM (cron, timeout, systemd) is passed on to it.
-            handlers = {}
-            if threading.current_thread() is threading.main_thread():
-                handlers[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
-                handlers[signal.SIGTERM] = signal.signal(
-                    signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
-            try:
+        try:
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        except OSError as exc:
+            message = f"caduceus run: cannot run {command[0]}: {exc.strerror or exc}\n"
+            sys.stderr.write(message)
+            tail += message.encode()
+            status = 127 if isinstance(exc, FileNotFoundError) else 126
+        else:
+            with process:
+                children.append(process)
+                for signum in terms:
+                    process.send_signal(signum)
+                pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout.buffer, tail, lock)),
+                         threading.Thread(target=_pump, args=(process.stderr, sys.stderr.buffer, tail, lock))]
+                for pump in pumps:
+                    pump.start()
                 status = process.wait()
-            finally:
-                for signum, handler in handlers.items():
-                    signal.signal(signum, handler)
-            for pump in pumps:
-                pump.join()
-        if status < 0:
-            status = 128 - status
+                for pump in pumps:
+                    pump.join()
+            if status < 0:
+                status = 128 - status
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    starting.join()  # the start must arrive before the end
     _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s)
     return status
 
@@ -2185,6 +2278,12 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
 
 # The service -------------------------------------------------------------------
 
+def _port_arg(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
+    return int(text)
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="caduceus.py", description="A dead man's switch for cron jobs.",
@@ -2197,10 +2296,31 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
                         help="the SQLite database file (default: database.sqlite3)")
     parser.add_argument("-i", "--host", default="localhost",
                         help="the address to listen on (default: localhost)")
-    parser.add_argument("-p", "--port", type=int, default=5000,
-                        help="the port to listen on (default: 5000)")
+    parser.add_argument("-p", "--port", type=_port_arg, default=5000,
+                        help="the port to listen on (default: 5000; 0 picks a free one)")
     parser.add_argument("-d", "--debug", action="store_true", help="log debug messages")
     return parser.parse_args(argv)
+
+
+#: How long a shutdown waits for requests and notices in progress.
+SHUTDOWN_WAIT_S = 10.0
+
+
+def _lock_instance(db: str) -> Any:
+    """Hold ``DB.lock`` for as long as the returned file is open.
+
+    Two services on one database would each forget the other's alerts and
+    send every notice twice; the second one is refused instead.  Where fcntl
+    is missing (Windows) nothing is locked.
+    """
+    lock = open(f"{db}.lock", "a")
+    if fcntl is not None:
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise CaduceusError(f"{db}: another Caduceus is already using this database") from None
+    return lock
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2224,21 +2344,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caduceus: {exc}", file=sys.stderr)
         return 2
     try:
-        store = Store(args.db)
-    except (sqlite3.Error, CaduceusError) as exc:
-        print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
+        lock = _lock_instance(args.db)
+    except CaduceusError as exc:
+        print(f"caduceus: {exc}", file=sys.stderr)
         return 2
-    with contextlib.closing(store):
-        monitor = Monitor(store, config, NOTIFIERS)
-        monitor.start()
+    except OSError as exc:
+        print(f"caduceus: {args.db}: cannot open the database: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    with lock:
         try:
-            server = Server((args.host, args.port), monitor)
-        except OSError as exc:
-            print(f"caduceus: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-                  file=sys.stderr)
+            store = Store(args.db)
+        except (sqlite3.Error, CaduceusError) as exc:
+            print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
             return 2
-        with server:
-            return _serve(server, monitor)
+        with contextlib.closing(store):
+            monitor = Monitor(store, config, NOTIFIERS)
+            # Listen before touching the database: a start that cannot serve changes nothing.
+            try:
+                server = Server((args.host, args.port), monitor)
+            except OSError as exc:
+                print(f"caduceus: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
+                      file=sys.stderr)
+                return 2
+            with server:
+                monitor.start()
+                return _serve(server, monitor)
 
 
 def _serve(server: Server, monitor: Monitor) -> int:
@@ -2279,11 +2409,16 @@ def _serve(server: Server, monitor: Monitor) -> int:
                 signal.signal(signum, handler)
     log.info("shutting down")
     server.shutdown()
+    server.socket.close()  # refuse new connections now; requests in progress still finish
     thread.join()
-    if not server.drain(10):
+    workers = (sweeper, *couriers)
+    for worker in workers:
+        worker.stop(timeout_s=0)
+    give_up_at = time.monotonic() + SHUTDOWN_WAIT_S
+    if not server.drain(SHUTDOWN_WAIT_S):
         log.warning("gave up waiting for requests in progress")
-    for worker in (sweeper, *couriers):
-        worker.stop()
+    for worker in workers:  # a send in progress finishes, so it is not sent twice
+        worker.stop(timeout_s=max(give_up_at - time.monotonic(), 0.0))
     return 0
 
 

@@ -155,7 +155,8 @@ class DurationParsingTest(unittest.TestCase):
                 self.assertAlmostEqual(caduceus.parse_duration(text), seconds)
 
     def test_rejects_nonsense_and_non_positive_durations(self):
-        for text in ["", "soon", "1 fortnight", "h", "1h1h", "1h 2x", "-5m", "0s", "0", "1::2", "1.2.3h"]:
+        for text in ["", "soon", "1 fortnight", "h", "1h1h", "1h 2x", "-5m", "0s", "0", "1::2", "1.2.3h",
+                     "100000000w"]:
             with self.subTest(text=text), self.assertRaises(ValueError) as caught:
                 caduceus.parse_duration(text)
             self.assertIn(json.dumps(text), str(caught.exception))
@@ -805,6 +806,22 @@ class StoreTest(unittest.TestCase):
         self.assertIsNone(self.store.check("job")["last_ping_at"])
         self.assertEqual(self.store.pings("job"), [])
 
+    def test_a_failed_commit_rolls_back_and_the_next_transaction_works(self):
+        self.store.sync_checks(["job"], 0.0)
+        conn = self.store._conn  # a deferred foreign key is the one way to make COMMIT itself fail
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self.store.transaction():
+            conn.execute("CREATE TABLE child (parent TEXT REFERENCES checks (name) DEFERRABLE INITIALLY DEFERRED)")
+        with self.assertRaises(sqlite3.IntegrityError):
+            with self.store.transaction():
+                self.store.record_ping("job", 1.0, caduceus.Ping())
+                conn.execute("INSERT INTO child VALUES ('nobody')")
+        self.assertFalse(conn.in_transaction)
+        self.assertEqual(self.store.check("job")["n_pings"], 0, "the ping went with the failed commit")
+        self.store.record_ping("job", 2.0, caduceus.Ping())
+        with contextlib.closing(sqlite3.connect(self.path)) as other:
+            self.assertEqual(other.execute("SELECT n_pings FROM checks").fetchone()[0], 1, "really committed")
+
     def test_check_in_history_is_bounded(self):
         self.store.sync_checks(["job"], 0.0)
         for i in range(caduceus.PING_HISTORY * 2 + 7):
@@ -1029,14 +1046,17 @@ class MonitorTest(unittest.TestCase):
             every = "1m"
             [alerts.b]
             every = "1m"
-            channels = ["console", "console"]
+            channels = ["console", "Console "]
+            [alerts.c]
+            every = "1m"
+            channels = []
         """)
         self.monitor.store.close()
         monitor = self.start_monitor(config)
         self.clock.advance(60)
         monitor.sweep()
         channels = sorted((row["check_name"], row["channel"]) for row in monitor.store.pending_notices())
-        self.assertEqual(channels, [("a", "console"), ("b", "console"), ("b", "console")])
+        self.assertEqual(channels, [("a", "console"), ("b", "console")], "once per channel; c has none")
 
 
 class LegacyImportTest(unittest.TestCase):
@@ -1207,6 +1227,19 @@ class DeliveryTest(unittest.TestCase):
         self.assertGreaterEqual(self.clock.now - created, caduceus.RETRY_FOR_S)
         self.assertLess(self.clock.now - created, caduceus.RETRY_FOR_S + caduceus.RETRY_MAX_S + 1)
         self.assertEqual(len(self.monitor.store.failed_notices()), 1)
+
+    def test_an_unexpected_notifier_error_costs_an_attempt_not_the_channel(self):
+        self.telegram.error = UnicodeEncodeError("ascii", "pässword", 1, 2, "ordinal not in range")
+        self.go_down()
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            retry_at = self.monitor.deliver("telegram")
+        self.assertEqual(retry_at, self.clock.now + 5)
+        self.assertIn("UnicodeEncodeError", "\n".join(logs.output))
+        self.assertEqual(self.monitor.store.pending_notices()[-1]["attempts"], 1)
+        self.telegram.error = None
+        self.clock.now = retry_at
+        self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(len(self.telegram.notices), 1)
 
     def test_rate_limit_wait_is_honoured(self):
         self.telegram.error = caduceus.NotifyError("429", retry_after_s=42)
@@ -1532,6 +1565,15 @@ class TelegramTest(unittest.TestCase):
         self.assertIn("chat not found", str(caught.exception))
         self.assertNotIn(self.TOKEN, str(caught.exception))
 
+    def test_a_mangled_token_does_not_leak(self):
+        server = serve(self, TelegramStandIn([(404, {"ok": False, "description": "Not Found"})]))
+        config = self.config_for(server)
+        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, apikey="12 3:x#y"))
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_telegram(config, NOTICE)
+        self.assertEqual(server.requests[0][0], "/bot12%203:x%23y/sendMessage")
+        self.assertNotIn("12 3", str(caught.exception))
+
     def test_unreachable_api_does_not_leak_the_token(self):
         with socket.create_server(("127.0.0.1", 0)) as sock:
             port = sock.getsockname()[1]
@@ -1685,9 +1727,24 @@ class HTTPTest(unittest.TestCase):
         self.assertEqual(status, 413)
         self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[0], 200)
 
+    def test_a_body_on_any_route_cannot_smuggle_a_request(self):
+        smuggled = b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            for method, path in [("POST", "/"), ("POST", "/nosuch"), ("PUT", "/reset/hourly/"),
+                                 ("OPTIONS", "/reset/hourly/")]:
+                conn.request(method, path, body=smuggled)
+                response = conn.getresponse()
+                response.read()
+                self.assertIn(response.status, (200, 404, 405))
+            conn.request("GET", "/reset/hourly/?key=s3cret")
+            self.assertEqual(conn.getresponse().read(), b"Alert reset.")
+        self.assertEqual(self.pings("hourly"), 1, "only the real check-in counted")
+
     def test_the_key_never_reaches_the_log(self):
         with self.assertLogs("caduceus", "DEBUG") as logs:
             self.request("GET", "/reset/hourly/?key=s3cret")
+            self.request("GET", "/reset/hourly/?%6Bey=s3cret")
             self.request("GET", "/reset/hourly/?key=s3cret-wrong")
             with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
                 sock.sendall(b"GET /reset/hourly/?key=s3cret HTTP/1.1 extra\r\n\r\n")
@@ -2029,6 +2086,10 @@ class SignalHTTPTest(unittest.TestCase):
         text = "\n".join(logs.output)
         self.assertIn("/ping/***/plain", text)
         self.assertNotIn("s3cret", text)
+        with self.assertLogs("caduceus", "DEBUG") as logs:
+            self.assertEqual(self.request("GET", "/ping/s3cret%2Fplain")[0], 200)
+            self.request("GET", "/%70ing/s3cret/plain")
+        self.assertNotIn("s3cret", "\n".join(logs.output))
 
 
 class ScheduledAlertTest(unittest.TestCase):
@@ -2207,6 +2268,45 @@ class RunWrapperTest(unittest.TestCase):
         self.assertIn(b"caduceus run:", result.stderr)
         self.assertNotIn(b"s3cret", result.stderr)
 
+    def test_a_command_killed_by_a_signal_is_reported_as_128_plus_n(self):
+        result = self.run_wrapper(self.url, sys.executable, "-c",
+                                  "import os, signal; os.kill(os.getpid(), signal.SIGTERM)")
+        self.assertEqual(result.returncode, 128 + signal.SIGTERM)
+        self.assertEqual(self.kinds()[-1], ("fail", 128 + signal.SIGTERM))
+
+    def test_sigterm_is_passed_on_to_the_command(self):
+        script = ("import signal, sys, time\n"
+                  "signal.signal(signal.SIGTERM, lambda *a: (print('cleaned up', flush=True), sys.exit(7)))\n"
+                  "print('ready', flush=True)\n"
+                  "signal.pause()\n")
+        wrapper = subprocess.Popen([sys.executable, os.path.join(HERE, "caduceus.py"), "run", "--retries", "0",
+                                    self.url, "--", sys.executable, "-c", script],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with wrapper:
+            self.assertEqual(wrapper.stdout.readline(), b"ready\n")
+            wrapper.send_signal(signal.SIGTERM)
+            self.assertEqual(wrapper.stdout.read(), b"cleaned up\n")
+            self.assertEqual(wrapper.wait(WAIT_S), 7)
+        self.assertEqual(self.kinds()[-1], ("fail", 7))
+
+    def test_the_command_still_answers_ctrl_c(self):
+        # Python leaves SIGINT ignored at start-up only if its parent ignored it.
+        result = self.run_wrapper(self.url, sys.executable, "-c",
+                                  "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
+        self.assertEqual(result.stdout, b"False\n")
+
+    def test_a_closed_output_ends_the_command_as_it_would_alone(self):
+        # caduceus.py run URL -- yes | head -1
+        wrapper = subprocess.Popen([sys.executable, os.path.join(HERE, "caduceus.py"), "run", "--retries", "0",
+                                    self.url, "--", sys.executable, "-c", "while True: print('y')"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        with wrapper:
+            self.assertEqual(wrapper.stdout.readline(), b"y\n")
+            wrapper.stdout.close()
+            self.assertNotEqual(wrapper.wait(WAIT_S), 0)
+        self.assertEqual(self.kinds()[0], ("start", None))
+        self.assertEqual(self.kinds()[-1][0], "fail")
+
     def test_signal_urls_keep_the_query(self):
         self.assertEqual(caduceus._signal_url("http://h:5000/reset/backups/?key=K", "start"),
                          "http://h:5000/reset/backups/start?key=K")
@@ -2298,6 +2398,13 @@ class MainTest(unittest.TestCase):
         self.assertIn("/nonexistent/dir/db.sqlite3", err)
         self.assertNotIn("Traceback", err)
 
+    def test_out_of_range_port_is_refused(self):
+        path = write_config(self, CONSOLE_CONFIG)
+        with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit) as caught:
+            caduceus.main(["-c", path, "-p", "70000"])
+        self.assertEqual(caught.exception.code, 2)
+        self.assertIn("expected a port number 0-65535", err.getvalue())
+
     def test_version(self):
         out = io.StringIO()
         with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as caught:
@@ -2344,6 +2451,25 @@ class ProcessTest(unittest.TestCase):
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
         self.assertIsNotNone(self.last_ping_at())
+
+    def test_a_second_instance_on_the_same_database_is_refused_and_changes_nothing(self):
+        process, port = self.start()
+        other = write_config(self, """
+            [alerts]
+            default_channels = ["console"]
+            [alerts.unrelated]
+            every = "1m"
+        """, temp_dir(self))
+        second = subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "-c", other, "-b", self.db,
+                                 "-i", "127.0.0.1", "-p", "0"], capture_output=True, text=True, timeout=WAIT_S)
+        self.assertEqual(second.returncode, 2)
+        self.assertIn("another Caduceus is already using this database", second.stderr)
+        self.assertEqual(self.check_in(port), "Alert reset.")
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            names = sorted(row[0] for row in conn.execute("SELECT name FROM checks"))
+        self.assertEqual(names, ["backups", "hourly"])
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
 
     def test_kill_9_loses_no_check_in_and_no_first_seen_time(self):
         process, port = self.start()
