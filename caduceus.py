@@ -2243,17 +2243,31 @@ def _local_time(at: float, tz: datetime.tzinfo) -> str:
     return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def _add_file_args(parser: argparse.ArgumentParser) -> None:
+    """-c and -b, the same for the service and ``check``."""
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
+                        help="the configuration file (default: caduceus.toml)")
+    parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3",
+                        help="the SQLite database file (default: database.sqlite3)")
+
+
+def _load_config_or_say(path: str) -> Config | None:
+    """The config, or None after printing its one-line error on stderr."""
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        print(f"caduceus: {exc}", file=sys.stderr)
+        return None
+
+
 def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     parser = argparse.ArgumentParser(
         prog="caduceus.py check", description="Validate the config and show each alert's next deadline.")
-    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml")
-    parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3")
+    _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"caduceus: {exc}", file=sys.stderr)
+    config = _load_config_or_say(args.config)
+    if config is None:
         return 2
     try:
         state = _read_state(args.db)
@@ -2290,10 +2304,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
                "'caduceus.py check' validates the config and shows deadlines.")
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
-    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
-                        help="the configuration file (default: caduceus.toml)")
-    parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3",
-                        help="the SQLite database file (default: database.sqlite3)")
+    _add_file_args(parser)
     parser.add_argument("-i", "--host", default="localhost",
                         help="the address to listen on (default: localhost)")
     parser.add_argument("-p", "--port", type=_port_arg, default=5000,
@@ -2338,10 +2349,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
-    try:
-        config = load_config(args.config)
-    except ConfigError as exc:
-        print(f"caduceus: {exc}", file=sys.stderr)
+    config = _load_config_or_say(args.config)
+    if config is None:
         return 2
     try:
         lock = _lock_instance(args.db)
