@@ -1046,8 +1046,6 @@ class Store:
                     if statement.strip():
                         conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
-            #: True when this open created Caduceus's tables (so 0.0.11 state may be imported).
-            self.created = version == 0
         except BaseException:
             self._conn.close()
             raise
@@ -1107,6 +1105,10 @@ class Store:
         with self.transaction() as conn:
             conn.execute("INSERT OR IGNORE INTO checks (name, status, first_seen_at) VALUES (?, ?, ?)",
                          (name, NEW, now))
+
+    def is_empty(self) -> bool:
+        """True while no alert has ever been recorded: the time to import 0.0.11's state."""
+        return not self._all("SELECT 1 FROM checks LIMIT 1")
 
     def checks(self) -> list[sqlite3.Row]:
         """All check rows, in name order."""
@@ -1424,8 +1426,9 @@ class Monitor:
         ones, and on the first run over a Caduceus 0.0.11 file, import its state."""
         now = self.clock()
         with self.store.transaction():
+            first_run = self.store.is_empty()
             self.store.sync_checks(list(self.config.checks), now)
-            if self.store.created:
+            if first_run:
                 self._import_legacy()
 
     def _import_legacy(self) -> None:
@@ -1739,7 +1742,8 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 MAX_BODY_BYTES = 16 << 20
 
 _KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
-_KEY_IN_PING_PATH = re.compile(r"(/ping/)[^/?\s]+")
+_KEY_IN_PING_PATH = re.compile(r"(/ping/+)[^/?\s]+")
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 #: What a check-in under /reset/ answers, by signal (under /ping/ it is always "OK").
 _RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
@@ -1756,7 +1760,8 @@ class Server(http.server.ThreadingHTTPServer):
     request_queue_size = 128
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], monitor: Monitor) -> None:
+    def __init__(self, address: tuple[str, int], monitor: Monitor | None = None) -> None:
+        #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
         self._busy = 0
         self._idle = threading.Condition()
@@ -1844,7 +1849,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                         getattr(self, handler)(match, query, body)
                     return
                 self._reply(404, "Not found.\n")
-            except ConnectionError:
+            except (ConnectionError, socket.timeout):
                 self.close_connection = True
                 log.debug("%s went away during %s", self.client_address[0], self._safe_request_line())
             except Exception:
@@ -1953,14 +1958,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
-        """Hide keys in a request line: ?key=..., /ping/<key>/ when a secret is set,
-        and the secret wherever it is.  Percent-escapes are decoded first, so
-        ``?%6Bey=`` cannot smuggle a key past the patterns."""
-        text = _KEY_IN_QUERY.sub(r"\1***", urllib.parse.unquote(text))
-        secret = self.server.monitor.config.secret_key
-        if secret:
-            text = _KEY_IN_PING_PATH.sub(r"\1***", text).replace(secret, "***")
-        return text
+        """Make a request line safe to log.
+
+        Keys are hidden (``?key=...``; ``/ping/<key>/`` when a secret is set;
+        the secret itself anywhere), first in the raw line, where a key is one
+        token even if it holds an encoded space or &, then again after
+        percent-decoding, so ``?%6Bey=`` cannot slip past.  Control characters
+        are escaped, so a request cannot forge log lines with ``%0A``.
+        """
+        secret = self.server.monitor.config.secret_key if self.server.monitor else ""
+        for decode in (False, True):
+            if decode:
+                text = urllib.parse.unquote(text)
+            if secret:
+                text = _KEY_IN_PING_PATH.sub(r"\1***", text.replace(secret, "***"))
+            text = _KEY_IN_QUERY.sub(r"\1***", text)
+        return _CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
     def _safe_request_line(self) -> str:
         return self._mask(getattr(self, "requestline", ""))
@@ -2086,8 +2099,9 @@ def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
         except urllib.error.HTTPError as exc:
             exc.close()
             problem, final = f"HTTP {exc.code} {exc.reason}", exc.code < 500
-        except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-            problem, final = str(getattr(exc, "reason", exc)), False
+        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+            # Some of these messages quote the URL: mask the keys in them too.
+            problem, final = _masked_url(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
         print(f"caduceus run: {_masked_url(url)}: {problem}", file=sys.stderr)
         if final:
             return False
@@ -2105,6 +2119,8 @@ def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None
             with lock:
                 tail += chunk
                 del tail[:-MAX_PING_BODY]
+            if sink is None:
+                continue
             try:
                 sink.write(chunk)
                 sink.flush()
@@ -2139,8 +2155,9 @@ def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
-        handlers[signal.SIGINT] = signal.signal(signal.SIGINT, lambda signum, frame: None)
-        handlers[signal.SIGTERM] = signal.signal(signal.SIGTERM, forward)
+        for signum, handler in ((signal.SIGINT, lambda signum, frame: None), (signal.SIGTERM, forward)):
+            if signal.getsignal(signum) is not signal.SIG_IGN:  # ignored stays ignored, for the command too
+                handlers[signum] = signal.signal(signum, handler)
     try:
         try:
             process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -2154,8 +2171,11 @@ def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float
                 children.append(process)
                 for signum in terms:
                     process.send_signal(signum)
-                pumps = [threading.Thread(target=_pump, args=(process.stdout, sys.stdout.buffer, tail, lock)),
-                         threading.Thread(target=_pump, args=(process.stderr, sys.stderr.buffer, tail, lock))]
+                # sys.stdout is None when the wrapper was started with fd 1 closed.
+                pumps = [threading.Thread(target=_pump, args=(process.stdout, getattr(sys.stdout, "buffer", None),
+                                                              tail, lock)),
+                         threading.Thread(target=_pump, args=(process.stderr, getattr(sys.stderr, "buffer", None),
+                                                              tail, lock))]
                 for pump in pumps:
                     pump.start()
                 status = process.wait()
@@ -2197,7 +2217,16 @@ def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
     it has no Caduceus tables yet.  Raises sqlite3.Error if it cannot be read."""
     if not os.path.exists(db):
         return {}
-    uri = f"file:{urllib.parse.quote(os.path.abspath(db))}?mode=ro"
+    uri = f"file:{urllib.parse.quote(os.path.abspath(db))}"
+    try:
+        return _read_checks(f"{uri}?mode=ro")
+    except sqlite3.OperationalError:
+        # A WAL database needs its -shm file even to read; a user who may not
+        # write beside it can still read a snapshot of the file itself.
+        return _read_checks(f"{uri}?immutable=1")
+
+
+def _read_checks(uri: str) -> dict[str, Mapping[str, Any]]:
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -2361,21 +2390,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"caduceus: {args.db}: cannot open the database: {exc.strerror or exc}", file=sys.stderr)
         return 2
     with lock:
+        # Listen before touching the database: a start that cannot serve changes nothing.
         try:
-            store = Store(args.db)
-        except (sqlite3.Error, CaduceusError) as exc:
-            print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
+            server = Server((args.host, args.port))
+        except (OSError, UnicodeError) as exc:
+            print(f"caduceus: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+                  file=sys.stderr)
             return 2
-        with contextlib.closing(store):
-            monitor = Monitor(store, config, NOTIFIERS)
-            # Listen before touching the database: a start that cannot serve changes nothing.
+        with server:
             try:
-                server = Server((args.host, args.port), monitor)
-            except OSError as exc:
-                print(f"caduceus: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}",
-                      file=sys.stderr)
+                store = Store(args.db)
+            except (sqlite3.Error, CaduceusError) as exc:
+                print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
-            with server:
+            with contextlib.closing(store):
+                server.monitor = monitor = Monitor(store, config, NOTIFIERS)
                 monitor.start()
                 return _serve(server, monitor)
 

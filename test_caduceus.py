@@ -1059,29 +1059,31 @@ class MonitorTest(unittest.TestCase):
         self.assertEqual(channels, [("a", "console"), ("b", "console")], "once per channel; c has none")
 
 
+def make_legacy_db(path: str, checkins: dict, notifications: dict) -> None:
+    """Write a database as Caduceus 0.0.11 (peewee) left it: naive local times."""
+    def local(at: float) -> str:
+        return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")
+
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.execute('CREATE TABLE "alert" ("id" INTEGER NOT NULL PRIMARY KEY, '
+                     '"alert_id" VARCHAR(255) NOT NULL, "timestamp" DATETIME NOT NULL)')
+        conn.execute('CREATE TABLE "notification" ("id" INTEGER NOT NULL PRIMARY KEY, '
+                     '"alert_id" VARCHAR(255) NOT NULL, "timestamp" DATETIME NOT NULL)')
+        for name, times in checkins.items():
+            for at in times:
+                conn.execute('INSERT INTO alert (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
+        for name, at in notifications.items():
+            conn.execute('INSERT INTO notification (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
+
+
 class LegacyImportTest(unittest.TestCase):
     """Switching over from a Caduceus 0.0.11 database.sqlite3 in place."""
-
-    def make_legacy_db(self, path: str, checkins: dict, notifications: dict) -> None:
-        def local(at: float) -> str:
-            return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")
-
-        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-            conn.execute('CREATE TABLE "alert" ("id" INTEGER NOT NULL PRIMARY KEY, '
-                         '"alert_id" VARCHAR(255) NOT NULL, "timestamp" DATETIME NOT NULL)')
-            conn.execute('CREATE TABLE "notification" ("id" INTEGER NOT NULL PRIMARY KEY, '
-                         '"alert_id" VARCHAR(255) NOT NULL, "timestamp" DATETIME NOT NULL)')
-            for name, times in checkins.items():
-                for at in times:
-                    conn.execute('INSERT INTO alert (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
-            for name, at in notifications.items():
-                conn.execute('INSERT INTO notification (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
 
     def test_imports_last_check_in_and_notified_state_and_leaves_old_tables(self):
         clock = FakeClock()
         now = clock.now
         db = os.path.join(temp_dir(self), "database.sqlite3")
-        self.make_legacy_db(db, {"hourly": [now - 7000, now - 600], "backups": [now - 86400 - 7200]},
+        make_legacy_db(db, {"hourly": [now - 7000, now - 600], "backups": [now - 86400 - 7200]},
                             {"backups": now - 3600})
         store = open_store(self, db)
         console = Recorder()
@@ -1110,7 +1112,7 @@ class LegacyImportTest(unittest.TestCase):
     def test_imports_only_on_the_first_start(self):
         clock = FakeClock()
         db = os.path.join(temp_dir(self), "database.sqlite3")
-        self.make_legacy_db(db, {"hourly": [clock.now - 100]}, {})
+        make_legacy_db(db, {"hourly": [clock.now - 100]}, {})
         config = config_from(self, CONSOLE_CONFIG)
         with contextlib.closing(caduceus.Store(db)) as store:
             monitor = caduceus.Monitor(store, config, {}, clock)
@@ -1753,6 +1755,28 @@ class HTTPTest(unittest.TestCase):
         self.assertIn("key=***", text)
         self.assertNotIn("s3cret", text)
 
+    def test_an_odd_secret_is_masked_whole_and_requests_cannot_forge_log_lines(self):
+        self.start("""
+            [config]
+            secret_key = "s3c ret&x"
+            [alerts]
+            default_channels = ["console"]
+            [alerts.job]
+            every = "1h"
+        """)
+        with self.assertLogs("caduceus", "DEBUG") as logs:
+            self.assertEqual(self.request("GET", "/reset/job/?key=s3c%20ret%26x")[0], 200)
+            self.assertEqual(self.request("GET", "/ping/s3c%20ret%26x/job")[0], 200)
+            self.request("GET", "/ping//s3c-rex/job")
+            with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+                sock.sendall(b"GET /x%0A2026-11-24 WARNING job: down: forged HTTP/1.1\r\n\r\n")
+                sock.recv(1024)
+        text = "\n".join(logs.output)
+        for fragment in ("s3c", "ret&x", "ret%26x", "rex"):
+            self.assertNotIn(fragment, text)
+        self.assertFalse([line for line in text.splitlines() if line.startswith("2026-11-24")])
+        self.assertIn("\\x0a2026-11-24 WARNING", text)
+
     def test_an_internal_error_is_a_500_and_the_server_survives(self):
         self.monitor.store.close()
         with self.assertLogs("caduceus", "ERROR"):
@@ -2295,6 +2319,22 @@ class RunWrapperTest(unittest.TestCase):
                                   "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
         self.assertEqual(result.stdout, b"False\n")
 
+    def test_an_ignored_ctrl_c_stays_ignored_for_the_command(self):
+        # As under nohup or "cmd &" in a script: the command must see what it would see alone.
+        check = "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)"
+        result = subprocess.run(["sh", "-c", 'trap "" INT; exec "$@"', "sh", sys.executable,
+                                 os.path.join(HERE, "caduceus.py"), "run", "--retries", "0", self.url, "--",
+                                 sys.executable, "-c", check], capture_output=True, timeout=60)
+        self.assertEqual(result.stdout, b"True\n")
+
+    def test_a_wrapper_started_without_standard_output_still_reports(self):
+        result = subprocess.run(["sh", "-c", 'exec "$@" >&-', "sh", sys.executable,
+                                 os.path.join(HERE, "caduceus.py"), "run", "--retries", "0", self.url, "--",
+                                 sys.executable, "-c", "import sys; sys.stderr.write('done\\n')"],
+                                capture_output=True, timeout=60)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.kinds(), [("start", None), ("success", 0)])
+
     def test_a_closed_output_ends_the_command_as_it_would_alone(self):
         # caduceus.py run URL -- yes | head -1
         wrapper = subprocess.Popen([sys.executable, os.path.join(HERE, "caduceus.py"), "run", "--retries", "0",
@@ -2397,6 +2437,20 @@ class MainTest(unittest.TestCase):
         self.assertEqual(code, 2)
         self.assertIn("/nonexistent/dir/db.sqlite3", err)
         self.assertNotIn("Traceback", err)
+
+    def test_a_start_that_cannot_listen_leaves_the_database_alone(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        make_legacy_db(db, {"hourly": [time.time() - 60]}, {})
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            code, err = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+        self.assertEqual(code, 2)
+        self.assertIn("cannot listen on", err)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            self.assertEqual(tables, {"alert", "notification"}, "the 0.0.11 state is still there to import")
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], 0)
 
     def test_out_of_range_port_is_refused(self):
         path = write_config(self, CONSOLE_CONFIG)
