@@ -571,6 +571,9 @@ ENCRYPTIONS = ("none", "ssl", "starttls")
 
 #: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
 SCHEDULE_GRACE_S = 3600.0
+#: A success this long before a scheduled time (or a tenth of the gap between
+#: runs, if shorter) counts for that run: the job's clock may be a little ahead.
+SCHEDULE_EARLY_S = 60.0
 
 _REQUIRED = object()
 
@@ -613,11 +616,16 @@ class CheckSpec:
     tz: datetime.tzinfo = datetime.timezone.utc
     grace_s: float = 0.0
     max_runtime_s: float | None = None
+    early_s: float = 0.0
 
     def due_after(self, since: float) -> float:
-        """The deadline of a job whose last success (or first sighting) was at ``since``."""
+        """The deadline of a job whose last success (or first sighting) was at ``since``.
+
+        For a schedule, a success up to ``early_s`` before a scheduled time
+        counts for that run, so a job host whose clock runs ahead is not late.
+        """
         if self.schedule is not None:
-            return self.schedule.next_after(since, self.tz) + self.grace_s
+            return self.schedule.next_after(since + self.early_s, self.tz) + self.grace_s
         return since + self.every_s + self.grace_s
 
     def describe(self) -> str:
@@ -896,15 +904,18 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         # A scheduled job reports after it has run, so it needs time past its
         # minute: without grace every run would be late (healthchecks.io: 1h).
         default_grace_s = min(SCHEDULE_GRACE_S, period_s / 2)
+        early_s = min(SCHEDULE_EARLY_S, period_s / 10)
     else:
         period_s = every_s
         default_grace_s = 0.0  # what 0.0.11 did: existing configs behave as before
+        early_s = 0.0
     spec = CheckSpec(
         name=name,
         every_s=every_s,
         schedule=schedule,
         tz=tz,
         grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, default_grace_s),
+        early_s=early_s,
         max_runtime_s=section.take("max_runtime", DURATION_HINT, _duration, None),
         notify_every_s=section.take("notify_every", DURATION_HINT, _duration, period_s),
         channels=section.take("channels", "a list of channel names", _channel_list, default_channels),

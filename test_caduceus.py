@@ -2224,6 +2224,20 @@ class ScheduledAlertTest(unittest.TestCase):
             monitor.deliver("console")
         self.assertEqual(console.subjects_about("daily"), [], "a job that runs on time never pages")
 
+    def test_a_success_just_before_the_scheduled_time_counts_for_that_run(self):
+        # The job's clock runs 3 s ahead: its 03:00 run reports at 02:59:57 by ours.
+        spec = self.config.checks["backup"]
+        early = at("2026-11-24T00:59:57Z")  # 02:59:57 in Athens
+        self.assertEqual(self.local(spec.due_after(early)), "11-25 03:15 +0200", "tomorrow's run, not today's")
+        earlier = at("2026-11-24T00:58:00Z")  # two minutes early is a different run
+        self.assertEqual(self.local(spec.due_after(earlier)), "11-24 03:15 +0200")
+        every_minute = config_from(self, """
+            [alerts.tick]
+            schedule = "* * * * *"
+            channels = ["console"]
+        """).checks["tick"]
+        self.assertEqual(every_minute.early_s, 6, "a tenth of the gap: per-minute runs stay apart")
+
     def test_zero_grace_is_allowed(self):
         config = config_from(self, """
             [alerts.job]
