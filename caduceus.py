@@ -1990,7 +1990,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self._mask(getattr(self, "requestline", ""))
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        log.debug('%s "%s" %s', self.client_address[0], self._safe_request_line(), code)
+        if log.isEnabledFor(logging.DEBUG):  # masking is not free; skip it when unused
+            log.debug('%s "%s" %s', self.client_address[0], self._safe_request_line(), code)
 
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
