@@ -1130,11 +1130,11 @@ class Store:
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
         return rows[0] if rows else None
 
-    def record_ping(self, name: str, at: float, ping: Ping) -> float | None:
+    def record_ping(self, name: str, at: float, ping: Ping) -> None:
         """Store a signal in the alert's ring of recent pings and update its run state.
 
         A success moves ``last_ping_at``; a start sets ``started_at``; a
-        success or failure ends the run and returns its duration (None when no
+        success or failure ends the run and records its duration (None when no
         run was started).  A log changes nothing but the history.
         """
         with self.transaction() as conn:
@@ -1156,7 +1156,6 @@ class Store:
                          " body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (name, row["n_pings"] % PING_HISTORY, at, ping.kind, ping.exit_status, duration_s,
                           ping.body, ping.remote_addr, ping.user_agent))
-            return duration_s
 
     def pings(self, name: str) -> list[sqlite3.Row]:
         """The alert's recent signals, oldest first."""
@@ -1339,10 +1338,17 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     return due, REASON_MISSED
 
 
+def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
+    """When a check next needs the sweeper: its reminder if down, else its deadline."""
+    if row["status"] == DOWN:
+        return row["notified_at"] + spec.notify_every_s
+    return deadline(spec, row)[0]
+
+
 def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str, output: str,
                   now: float) -> tuple[str, str]:
-    """Return the subject and body of a notice about ``row`` (the check as it was
-    before the change) at ``now``.  ``output`` is the job's latest output, if any.
+    """Return the subject and body of a notice about ``row`` (the check as it is
+    after the change) at ``now``.  ``output`` is the job's latest output, if any.
 
     The subjects are those of Caduceus 0.0.11, to the character.
     """
@@ -1470,8 +1476,10 @@ class Monitor:
         now = self.clock()
         flip = None
         with self.store.transaction():
-            self.store.ensure_check(name, now)  # in case the row was lost
             row = self.store.check(name)
+            if row is None:  # lost (the database was edited): start the alert afresh
+                self.store.ensure_check(name, now)
+                row = self.store.check(name)
             self.store.record_ping(name, now, ping)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
@@ -1509,7 +1517,7 @@ class Monitor:
                     # Keep reminders on their grid, even after Caduceus was stopped for a while.
                     missed = (now - row["notified_at"]) // spec.notify_every_s
                     self.store.set_notified(spec.name, row["notified_at"] + missed * spec.notify_every_s)
-                    self._enqueue(NOTICE_REMINDER, spec, row, row["down_reason"], now)
+                    self._enqueue(NOTICE_REMINDER, spec, row["down_reason"], now)
                     reminded = True
                     log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
         if flips or reminded:
@@ -1518,16 +1526,9 @@ class Monitor:
 
     def next_sweep_at(self) -> float | None:
         """When the next check goes overdue or is due a reminder; None with no checks."""
-        times = []
-        for row in self.store.checks():
-            spec = self.config.checks.get(row["name"])
-            if spec is None:
-                continue
-            if row["status"] == DOWN:
-                times.append(row["notified_at"] + spec.notify_every_s)
-            else:
-                times.append(deadline(spec, row)[0])
-        return min(times, default=None)
+        checks = self.config.checks
+        return min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
+                    if row["name"] in checks), default=None)
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:
@@ -1542,7 +1543,7 @@ class Monitor:
             return None
         flip = Flip(spec.name, old, new, reason, at)
         self.store.add_flip(spec.name, at, old, new, reason)
-        self._enqueue(NOTICE_DOWN if new == DOWN else NOTICE_UP, spec, row, reason, now)
+        self._enqueue(NOTICE_DOWN if new == DOWN else NOTICE_UP, spec, reason, now)
         if new == DOWN:
             log.warning("%s: down: %s", spec.name, reason)
         else:
@@ -1552,10 +1553,13 @@ class Monitor:
 
     # Notices ---------------------------------------------------------------
 
-    def _enqueue(self, kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str,
-                 now: float) -> None:
-        # ``row`` is the check before the change; the run it reports on may just have ended.
-        row = {**row, "last_duration_s": self.store.check(spec.name)["last_duration_s"]}
+    def _enqueue(self, kind: str, spec: CheckSpec, reason: str, now: float) -> None:
+        """Queue a notice about the check as it is now (in the caller's transaction).
+
+        The flip keeps what the notice needs (``down_at`` and ``down_reason``
+        survive a recovery), and a run that just ended has its duration.
+        """
+        row = self.store.check(spec.name)
         subject, body = render_notice(kind, spec, row, reason, self.store.last_body(spec.name), now)
         for channel in spec.channels:
             self.store.enqueue(spec.name, channel, kind, subject, body, now)
@@ -1753,12 +1757,33 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 MAX_BODY_BYTES = 16 << 20
 
 _KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
+#: A /ping/ path's first segment is the key only when a secret is set (else it is the name).
 _KEY_IN_PING_PATH = re.compile(r"(/ping/+)[^/?\s]+")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 #: What a check-in under /reset/ answers, by signal (under /ping/ it is always "OK").
 _RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
                   LOG: "Message recorded."}
+
+
+def mask_keys(text: str, secret: str = "", key_in_ping_path: bool = True) -> str:
+    """Make a URL or request line safe to log or print.
+
+    Keys are hidden (``?key=...``, the first segment after ``/ping/`` when
+    ``key_in_ping_path``, and ``secret`` wherever it is), first in the raw text,
+    where a key is one token even if it holds an encoded space or &, then again
+    after percent-decoding, so ``?%6Bey=`` cannot slip past.  Control
+    characters are escaped, so a request cannot forge log lines with ``%0A``.
+    """
+    for decode in (False, True):
+        if decode:
+            text = urllib.parse.unquote(text)
+        if secret:
+            text = text.replace(secret, "***")
+        if key_in_ping_path:
+            text = _KEY_IN_PING_PATH.sub(r"\1***", text)
+        text = _KEY_IN_QUERY.sub(r"\1***", text)
+    return _CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
 class Server(http.server.ThreadingHTTPServer):
@@ -1969,22 +1994,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
-        """Make a request line safe to log.
-
-        Keys are hidden (``?key=...``; ``/ping/<key>/`` when a secret is set;
-        the secret itself anywhere), first in the raw line, where a key is one
-        token even if it holds an encoded space or &, then again after
-        percent-decoding, so ``?%6Bey=`` cannot slip past.  Control characters
-        are escaped, so a request cannot forge log lines with ``%0A``.
-        """
-        secret = self.server.monitor.config.secret_key if self.server.monitor else ""
-        for decode in (False, True):
-            if decode:
-                text = urllib.parse.unquote(text)
-            if secret:
-                text = _KEY_IN_PING_PATH.sub(r"\1***", text.replace(secret, "***"))
-            text = _KEY_IN_QUERY.sub(r"\1***", text)
-        return _CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
+        monitor = self.server.monitor
+        secret = monitor.config.secret_key if monitor else ""
+        return mask_keys(text, secret, key_in_ping_path=bool(secret))
 
     def _safe_request_line(self) -> str:
         return self._mask(getattr(self, "requestline", ""))
@@ -2089,10 +2101,6 @@ def _signal_url(url: str, signal_text: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{signal_text}"))
 
 
-def _masked_url(url: str) -> str:
-    return _KEY_IN_PING_PATH.sub(r"\1***", _KEY_IN_QUERY.sub(r"\1***", url))
-
-
 def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
     """POST a signal, trying again on network errors and 5xx with doubling waits.
 
@@ -2113,8 +2121,8 @@ def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
             problem, final = f"HTTP {exc.code} {exc.reason}", exc.code < 500
         except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
             # Some of these messages quote the URL: mask the keys in them too.
-            problem, final = _masked_url(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
-        print(f"caduceus run: {_masked_url(url)}: {problem}", file=sys.stderr)
+            problem, final = mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
+        print(f"caduceus run: {mask_keys(url)}: {problem}", file=sys.stderr)
         if final:
             return False
     return False
@@ -2215,7 +2223,7 @@ def _run_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if urllib.parse.urlsplit(args.url).scheme not in ("http", "https"):
-        parser.error(f"expected an http(s) URL, got {json.dumps(_masked_url(args.url))}")
+        parser.error(f"expected an http(s) URL, got {json.dumps(mask_keys(args.url))}")
     if not command:
         parser.error("no command: run URL -- COMMAND [ARGS...]")
     return run_command(args.url, command, max(args.retries, 0), args.timeout)
@@ -2256,11 +2264,8 @@ def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: flo
     for spec in config.checks.values():
         row = rows.get(spec.name) or {"status": NEW, "first_seen_at": now, "last_ping_at": None,
                                       "started_at": None, "notified_at": None}
-        due = reminder = None
-        if row["status"] == DOWN:
-            reminder = row["notified_at"] + spec.notify_every_s
-        else:
-            due = deadline(spec, row)[0]
+        event_at = next_event_at(spec, row)
+        due, reminder = (None, event_at) if row["status"] == DOWN else (event_at, None)
         report.append({
             "name": spec.name,
             "schedule": spec.schedule.expression if spec.schedule else None,

@@ -962,6 +962,13 @@ class MonitorTest(unittest.TestCase):
         self.monitor.deliver("console")
         self.assertIn("Was down for:  3h", self.console.about("backups")[-1].body)
 
+    def test_a_check_in_for_a_lost_row_starts_the_alert_afresh(self):
+        with contextlib.closing(sqlite3.connect(self.db)) as conn, conn:
+            conn.execute("DELETE FROM checks WHERE name = 'hourly'")
+        self.monitor.ping("hourly")
+        row = self.monitor.store.check("hourly")
+        self.assertEqual((row["status"], row["last_ping_at"], row["n_pings"]), (UP, self.clock.now, 1))
+
     def test_unknown_name_is_refused(self):
         with self.assertRaises(KeyError):
             self.monitor.ping("nosuch")
