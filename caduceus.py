@@ -973,7 +973,7 @@ def parse_signal(text: str) -> tuple[str, int | None]:
 
 
 #: Bumped, with a migration in Store.__init__, whenever SCHEMA changes.
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: Caduceus's tables.  A 0.0.11 database's own tables (alert, notification) are left alone.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checks (
@@ -986,7 +986,8 @@ CREATE TABLE IF NOT EXISTS checks (
     notified_at   REAL,
     started_at    REAL,
     last_duration_s REAL,
-    n_pings       INTEGER NOT NULL DEFAULT 0
+    n_pings       INTEGER NOT NULL DEFAULT 0,
+    clock_step_s  REAL NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS pings (
     check_name  TEXT NOT NULL,
@@ -1024,6 +1025,11 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 """
+#: Columns added to SCHEMA since schema 1: (table, column, definition), added to older files.
+#: checks.clock_step_s (2): wall clock steps since the last success, see Monitor.
+ADDED_COLUMNS = (
+    ("checks", "clock_step_s", "REAL NOT NULL DEFAULT 0"),
+)
 
 
 class Store:
@@ -1056,6 +1062,9 @@ class Store:
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
+                for table, column, definition in ADDED_COLUMNS:
+                    if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
+                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
         except BaseException:
             self._conn.close()
@@ -1133,19 +1142,21 @@ class Store:
     def record_ping(self, name: str, at: float, ping: Ping) -> None:
         """Store a signal in the alert's ring of recent pings and update its run state.
 
-        A success moves ``last_ping_at``; a start sets ``started_at``; a
-        success or failure ends the run and records its duration (None when no
-        run was started).  A log changes nothing but the history.
+        A success moves ``last_ping_at`` (and clears ``clock_step_s``); a
+        start sets ``started_at``; a success or failure ends the run and
+        records its duration (None when no run was started; never negative).
+        A log changes nothing but the history.
         """
         with self.transaction() as conn:
             row = conn.execute("SELECT n_pings, started_at FROM checks WHERE name = ?", (name,)).fetchone()
             duration_s = None
             if ping.kind in (SUCCESS, FAIL) and row["started_at"] is not None:
-                duration_s = at - row["started_at"]
+                # Monitor moves started_at with a wall clock step; 0 only if one went unseen (a restart).
+                duration_s = max(at - row["started_at"], 0.0)
             # A run without a start has no known duration: forget the previous one.
             if ping.kind == SUCCESS:
-                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, last_duration_s = ? "
-                             "WHERE name = ?", (at, duration_s, name))
+                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, last_duration_s = ?, "
+                             "clock_step_s = 0 WHERE name = ?", (at, duration_s, name))
             elif ping.kind == FAIL:
                 conn.execute("UPDATE checks SET started_at = NULL, last_duration_s = ? WHERE name = ?",
                              (duration_s, name))
@@ -1158,14 +1169,19 @@ class Store:
                           ping.body, ping.remote_addr, ping.user_agent))
 
     def pings(self, name: str) -> list[sqlite3.Row]:
-        """The alert's recent signals, oldest first."""
-        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY at, slot", (name,))
+        """The alert's recent signals in the order they arrived (not by ``at``:
+        the wall clock may have been set back in between)."""
+        # The ring's oldest slot is the one the next signal overwrites: n_pings % PING_HISTORY.
+        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY (slot + ? - "
+                         "(SELECT COALESCE(MAX(n_pings), 0) FROM checks WHERE name = ?) % ?) % ?",
+                         (name, PING_HISTORY, name, PING_HISTORY, PING_HISTORY))
 
     def last_body(self, name: str) -> str:
-        """The body of the alert's latest signal ("" if none): an older run's output
-        would mislead a notice about this one."""
-        rows = self._all("SELECT body FROM pings WHERE check_name = ? ORDER BY at DESC, slot DESC LIMIT 1",
-                         (name,))
+        """The body of the alert's latest-arrived signal ("" if none): an older
+        run's output would mislead a notice about this one."""
+        rows = self._all("SELECT body FROM pings WHERE check_name = ? AND slot = "
+                         "(SELECT (n_pings + ? - 1) % ? FROM checks WHERE name = ? AND n_pings > 0)",
+                         (name, PING_HISTORY, PING_HISTORY, name))
         return rows[0]["body"] if rows else ""
 
     def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
@@ -1200,6 +1216,21 @@ class Store:
     def flips(self, name: str) -> list[sqlite3.Row]:
         """A check's recent state changes, oldest first."""
         return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
+
+    def shift_times(self, step_s: float) -> None:
+        """Move every time that something is timed from by ``step_s``, because the
+        wall clock stepped by that much: each check's first sighting, last
+        success, run start, down time and last notice, and the outbox's retry
+        times, so every wait keeps its elapsed time.  ``clock_step_s`` adds the
+        step up until the next success (a schedule needs it, see ``deadline``).
+        History (pings, flips) keeps the times it was recorded at.
+        """
+        with self.transaction() as conn:
+            conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, last_ping_at = last_ping_at + ?1, "
+                         "started_at = started_at + ?1, down_at = down_at + ?1, "
+                         "notified_at = notified_at + ?1, clock_step_s = clock_step_s + ?1", (step_s,))
+            conn.execute("UPDATE outbox SET created_at = created_at + ?1, next_attempt_at = next_attempt_at + ?1 "
+                         "WHERE failed = 0", (step_s,))
 
     # Outbox ----------------------------------------------------------------
 
@@ -1296,6 +1327,18 @@ RETRY_MAX_S = 300.0
 RETRY_FOR_S = 24 * 3600.0
 #: Lines and characters of a job's output quoted in a notice.
 TAIL_LINES, TAIL_CHARS = 10, 2000
+#: A change of the wall clock against elapsed time larger than this is a step (NTP
+#: slews by at most 0.5 ms per second, and a sweep runs at least every minute).
+CLOCK_STEP_TOLERANCE_S = 1.0
+
+
+def elapsed_time() -> float:
+    """Seconds on a clock nobody can set, that keeps counting while the machine
+    sleeps (Linux's CLOCK_BOOTTIME; ``time.monotonic`` elsewhere): a suspended
+    machine's lost hours are real time that passed, not a wall clock step."""
+    if hasattr(time, "CLOCK_BOOTTIME"):
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    return time.monotonic()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1327,9 +1370,21 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     time the check was first seen): plus ``every``, or the next ``schedule``
     time, plus ``grace``.  A run started more than ``max_runtime`` ago is due
     earlier, for running too long.
+
+    After a wall clock step (``clock_step_s``, see Monitor) an ``every``
+    deadline keeps its elapsed time.  A ``schedule`` deadline stays that of
+    the run the last success counted for; a forward step moves it on with the
+    clock, a backward one leaves it at the scheduled time on the new clock
+    (cron there runs the job by that clock: an earlier deadline would cry wolf).
     """
     since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
-    due = spec.due_after(since)
+    # A read-only `check` of a file not yet migrated has no clock_step_s.
+    step_s = row["clock_step_s"] if "clock_step_s" in row.keys() else 0.0
+    if spec.schedule is None or not step_s:
+        due = spec.due_after(since)
+    else:
+        # since moved with the clock; the run it counted for is found from where it was.
+        due = spec.due_after(since - step_s) + max(step_s, 0.0)
     if spec.max_runtime_s is not None and row["started_at"] is not None:
         run_due = row["started_at"] + spec.max_runtime_s
         if run_due < due:
@@ -1359,16 +1414,17 @@ def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
         subject = f"Caduceus: Alert {name} is reporting again."
         lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
                   f"Checked in:    {format_time(now)}",
-                  f"Was down for:  {format_duration(now - down_at, 2)} (since {format_time(down_at)}, "
+                  f"Was down for:  {format_duration(max(now - down_at, 0), 2)} (since {format_time(down_at)}, "
                   f"{row['down_reason'] or REASON_MISSED})"]
     else:
         still = "still " if kind == NOTICE_REMINDER else ""
         subject = f"Caduceus: Alert \"{name}\" is {still}failing."
         if row["last_ping_at"] is None:
             last = (f"never (watched since {format_time(row['first_seen_at'])}, "
-                    f"{format_duration(now - row['first_seen_at'], 2)} ago)")
+                    f"{format_duration(max(now - row['first_seen_at'], 0), 2)} ago)")
         else:
-            last = f"{format_time(row['last_ping_at'])} ({format_duration(now - row['last_ping_at'], 2)} ago)"
+            ago = format_duration(max(now - row["last_ping_at"], 0), 2)
+            last = f"{format_time(row['last_ping_at'])} ({ago} ago)"
         lines += [f"Your alert \"{name}\" is {still}failing: {reason}.", "",
                   f"Schedule:      {spec.describe()}",
                   f"Last success:  {last}"]
@@ -1376,7 +1432,7 @@ def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
             due = deadline(spec, row)[0]
             lines.append(f"Overdue by:    {format_duration(max(now - due, 0), 2)} (due at {format_time(due)})")
         elif kind == NOTICE_REMINDER:
-            lines.append(f"Down for:      {format_duration(now - row['down_at'], 2)} "
+            lines.append(f"Down for:      {format_duration(max(now - row['down_at'], 0), 2)} "
                          f"(since {format_time(row['down_at'])})")
     if row["last_duration_s"] is not None:
         lines.append(f"Last run took: {format_duration(row['last_duration_s'], 2)}")
@@ -1418,15 +1474,40 @@ class Monitor:
     so no check-in waits on a channel.  ``notifiers`` maps a channel name to
     ``fn(config, notice)`` (see NOTIFIERS); ``clock`` returns epoch seconds
     and is read once per operation.
+
+    Wall clock steps.  Deadlines are kept in elapsed time: each operation
+    compares ``clock`` with ``monotonic`` (an elapsed-time clock nobody can
+    set), and when their difference moved by more than
+    CLOCK_STEP_TOLERANCE_S since the previous operation, the wall clock was
+    stepped (set by hand or by NTP): it logs a warning and moves every stored
+    time that a wait counts from by the step (``Store.shift_times``).  So an
+    alert due in 10 minutes before a step, either way, is due 10 minutes of
+    real time after it; runs, ``max_runtime``, reminders and notice retries
+    keep their real length.  A ``schedule`` alert stays on its wall-clock
+    schedule except for the run it is waiting for: a forward step moves that
+    deadline on with the clock, a backward step leaves it at the scheduled
+    time as the new clock shows it (cron runs the job by that clock), so no
+    step fakes a failure; see ``deadline``.  History and a notice's "Last
+    output" follow the order signals arrived in, not their times.  Elapsed
+    time does not survive a restart: a step while Caduceus is stopped is not
+    seen.  ``monotonic`` defaults to ``elapsed_time`` when ``clock`` is
+    ``time.time``, and else to ``clock`` itself (a clock given alone is
+    trusted never to step).
     """
 
     def __init__(self, store: Store, config: Config,
                  notifiers: Mapping[str, Callable[[Config, Notice], None]],
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self.store = store
         self.config = config
         self.notifiers = notifiers
         self.clock = clock
+        if monotonic is None:
+            monotonic = elapsed_time if clock is time.time else clock
+        self.monotonic = monotonic
+        #: clock() - monotonic() at the latest operation; None before the first.
+        self._clock_offset: float | None = None
         self._deadline_listeners: list[Callable[[float], None]] = []
         self._outbox_listeners: list[Callable[[float], None]] = []
 
@@ -1441,8 +1522,7 @@ class Monitor:
     def start(self) -> None:
         """Bring the database in line with the config: add new alerts, forget removed
         ones, and on the first run over a Caduceus 0.0.11 file, import its state."""
-        now = self.clock()
-        with self.store.transaction():
+        with self._operation() as now:
             first_run = self.store.is_empty()
             self.store.sync_checks(list(self.config.checks), now)
             if first_run:
@@ -1473,9 +1553,8 @@ class Monitor:
         returns, the signal is committed and any notice it caused is queued.
         """
         spec = self.config.checks[name]
-        now = self.clock()
         flip = None
-        with self.store.transaction():
+        with self._operation() as now:
             row = self.store.check(name)
             if row is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
@@ -1499,10 +1578,9 @@ class Monitor:
 
     def sweep(self) -> list[Flip]:
         """Mark overdue checks down and queue the notices that are due; return the flips."""
-        now = self.clock()
         flips = []
         reminded = False
-        with self.store.transaction():
+        with self._operation() as now:
             for row in self.store.checks():
                 spec = self.config.checks.get(row["name"])
                 if spec is None:
@@ -1523,6 +1601,29 @@ class Monitor:
         if flips or reminded:
             self._tell(self._outbox_listeners, now)
         return flips
+
+    @contextlib.contextmanager
+    def _operation(self) -> Iterator[float]:
+        """One transaction, and the time it happens at: the clock is read inside
+        it, after any wall clock step since the previous operation was applied."""
+        offset = previous = None
+        try:
+            with self.store.transaction():
+                previous, now = self._clock_offset, self.clock()
+                offset = self._clock_offset = now - self.monotonic()
+                if previous is not None and abs(offset - previous) > CLOCK_STEP_TOLERANCE_S:
+                    self._clock_stepped(offset - previous)
+                yield now
+        except BaseException:
+            # The shift was rolled back with the rest: let the next operation find the step again.
+            if offset is not None and self._clock_offset == offset:
+                self._clock_offset = previous
+            raise
+
+    def _clock_stepped(self, step_s: float) -> None:
+        log.warning("wall clock stepped %s by %s; deadlines keep their elapsed time",
+                    "forward" if step_s > 0 else "back", format_duration(abs(step_s), 2))
+        self.store.shift_times(step_s)
 
     def next_sweep_at(self) -> float | None:
         """When the next check goes overdue or is due a reminder; None with no checks."""

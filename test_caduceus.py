@@ -831,6 +831,39 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(pings[-1]["at"], caduceus.PING_HISTORY * 2 + 6)
         self.assertEqual(self.store.check("job")["n_pings"], caduceus.PING_HISTORY * 2 + 7)
 
+    def test_state_change_history_is_bounded(self):
+        self.store.sync_checks(["job", "other"], 0.0)
+        self.store.add_flip("other", 0.0, NEW, DOWN, "kept")
+        for i in range(caduceus.FLIP_HISTORY + 5):
+            self.store.add_flip("job", float(i), UP, DOWN, f"flip {i}")
+        flips = self.store.flips("job")
+        self.assertEqual(len(flips), caduceus.FLIP_HISTORY)
+        self.assertEqual((flips[0]["reason"], flips[-1]["reason"]), ("flip 5", f"flip {caduceus.FLIP_HISTORY + 4}"))
+        self.assertEqual([flip["reason"] for flip in self.store.flips("other")], ["kept"], "per alert")
+
+    def test_history_keeps_arrival_order_through_the_ring(self):
+        self.store.sync_checks(["job"], 0.0)
+        for i in range(caduceus.PING_HISTORY + 3):
+            self.store.record_ping("job", 1000.0 - i, caduceus.Ping(caduceus.LOG, body=f"{i}"))
+        bodies = [ping["body"] for ping in self.store.pings("job")]
+        self.assertEqual(bodies, [str(i) for i in range(3, caduceus.PING_HISTORY + 3)])
+        self.assertEqual(self.store.last_body("job"), str(caduceus.PING_HISTORY + 2))
+        self.store.sync_checks(["job", "quiet"], 0.0)
+        self.assertEqual(self.store.last_body("quiet"), "")
+
+    def test_a_schema_1_database_gains_the_new_columns(self):
+        path = os.path.join(temp_dir(self), "v1.sqlite3")
+        schema_1 = caduceus.SCHEMA.replace(",\n    clock_step_s  REAL NOT NULL DEFAULT 0", "")
+        self.assertNotIn("clock_step_s", schema_1)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.executescript(schema_1)
+            conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
+            conn.execute("PRAGMA user_version = 1")
+        store = open_store(self, path)
+        self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
     def test_status_change_is_compare_and_swap(self):
         self.store.sync_checks(["job"], 0.0)
         self.assertTrue(self.store.set_status("job", NEW, UP))
@@ -934,6 +967,19 @@ class MonitorTest(unittest.TestCase):
         self.clock.advance(86400)
         self.sweep()
         self.assertEqual(self.console.subjects_about("backups")[-1], 'Caduceus: Alert "backups" is failing.')
+
+    def test_state_changes_are_recorded_stamped_with_when_they_happened(self):
+        start = self.clock.now
+        self.monitor.ping("backups")
+        self.assertEqual(self.monitor.store.flips("backups"), [], "new -> up is silent")
+        self.clock.advance(86400 + 30)
+        self.sweep()
+        self.clock.advance(6 * 3600)
+        self.sweep()  # a reminder is not a state change
+        self.monitor.ping("backups")
+        flips = [(f["old"], f["new"], f["reason"], f["at"]) for f in self.monitor.store.flips("backups")]
+        self.assertEqual(flips, [(UP, DOWN, "missed deadline", start + 86400),
+                                 (DOWN, UP, "missed deadline", self.clock.now)])
 
     def test_notify_every_defaults_to_every(self):
         self.clock.advance(3600)
@@ -1064,6 +1110,222 @@ class MonitorTest(unittest.TestCase):
         monitor.sweep()
         channels = sorted((row["check_name"], row["channel"]) for row in monitor.store.pending_notices())
         self.assertEqual(channels, [("a", "console"), ("b", "console")], "once per channel; c has none")
+
+
+class SteppingClock(FakeClock):
+    """A FakeClock with an elapsed-time twin: ``advance`` lets real time pass (both
+    move), ``step`` sets the wall clock as an admin or NTP does (only it moves)."""
+
+    def __init__(self, start: float = 1_700_000_000.0) -> None:
+        super().__init__(start)
+        self.elapsed = 0.0
+
+    def advance(self, seconds: float) -> None:
+        super().advance(seconds)
+        self.elapsed += seconds
+
+    def step(self, seconds: float) -> None:
+        self.now += seconds
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+
+STEP_CONFIG = """
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.hourly]
+    every = "1h"
+    max_runtime = "30m"
+    notify_every = "2h"
+
+    [alerts.fresh]
+    every = "1h"
+
+    [alerts.nightly]
+    schedule = "0 3 * * *"
+    grace = "15m"
+"""
+
+
+class ClockStepTest(unittest.TestCase):
+    """A wall clock step neither fakes nor hides a failure (see the Monitor docstring)."""
+
+    def setUp(self):
+        self.clock = SteppingClock(at("2026-11-23T03:05:00Z"))
+        self.console = Recorder()
+        self.config = config_from(self, STEP_CONFIG)
+        self.store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(self.store, self.config, {"console": self.console}, self.clock,
+                                        monotonic=self.clock.monotonic)
+        self.monitor.start()
+
+    def send(self, name: str, kind: str = caduceus.SUCCESS, body: str = "", exit_status: int | None = None):
+        flip = self.monitor.ping(name, caduceus.Ping(kind, exit_status, body))
+        self.monitor.deliver("console")
+        return flip
+
+    def down(self, name: str) -> list[caduceus.Flip]:
+        """Sweep; return the flips of one alert."""
+        flips = [flip for flip in self.monitor.sweep() if flip.check == name]
+        self.monitor.deliver("console")
+        return flips
+
+    def step(self, seconds: float) -> list[caduceus.Flip]:
+        """Step the wall clock and sweep at once; return the sweep's flips."""
+        self.clock.step(seconds)
+        direction = "forward" if seconds > 0 else "back"
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            flips = self.monitor.sweep()
+        self.assertIn(f"wall clock stepped {direction} by {caduceus.format_duration(abs(seconds), 2)}",
+                      logs.output[0])
+        return flips
+
+    def test_forward_step_fakes_no_failure_of_an_every_alert(self):
+        self.send("hourly")
+        self.clock.advance(50 * 60)  # due in 10 minutes
+        self.assertEqual(self.step(3600), [], "1.0.0 said: hourly and fresh overdue by 50m")
+        self.clock.advance(10 * 60 - 1)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.clock.advance(1)
+        flips = self.monitor.sweep()
+        self.monitor.deliver("console")
+        self.assertEqual(sorted((f.check, f.at) for f in flips), [("fresh", self.clock.now),
+                                                                 ("hourly", self.clock.now)])
+        body = self.console.about("hourly")[0].body
+        self.assertIn("(1h ago)", body)
+        self.assertIn("Overdue by:    0s", body)
+
+    def test_backward_step_delays_no_failure_of_an_every_alert(self):
+        self.send("hourly")
+        self.clock.advance(50 * 60)
+        self.step(-3600)
+        self.clock.advance(10 * 60 - 1)
+        self.assertEqual(self.down("hourly"), [])
+        self.clock.advance(1)
+        self.assertEqual([flip.at for flip in self.down("hourly")], [self.clock.now], "not an hour late")
+        self.assertEqual(self.store.check("fresh")["status"], DOWN)
+        self.assertIn("Overdue by:    0s", self.console.about("hourly")[0].body)
+
+    def test_forward_step_fakes_no_failure_of_a_schedule_alert(self):
+        self.send("nightly")  # 03:05, for today's 03:00 run
+        self.clock.advance(86400)  # tomorrow 03:05: due at 03:15, in 10 minutes
+        flips = self.step(3600)  # 04:05: cron on this host runs the skipped 03:00 job now
+        self.assertEqual([f.check for f in flips if f.check == "nightly"], [])
+        self.clock.advance(10 * 60 - 1)
+        self.assertEqual(self.down("nightly"), [])
+        self.clock.advance(1)
+        self.assertEqual([caduceus.format_time(f.at) for f in self.down("nightly")], ["2026-11-24T04:15:00Z"])
+        self.clock.advance(600)
+        self.send("nightly")  # the run's success; the next is due on the schedule again
+        row = self.store.check("nightly")
+        self.assertEqual(caduceus.format_time(caduceus.deadline(self.config.checks["nightly"], row)[0]),
+                         "2026-11-25T03:15:00Z")
+
+    def test_backward_step_just_after_a_scheduled_run_fakes_no_failure(self):
+        self.send("nightly")  # 03:05: today's run is done
+        self.clock.advance(60)
+        self.step(-3600)  # 02:06: the success must still count for today's 03:00 run
+        self.assertEqual(self.down("nightly"), [])
+        self.clock.advance(3 * 3600)
+        self.assertEqual(self.down("nightly"), [])
+        row = self.store.check("nightly")
+        self.assertEqual(caduceus.format_time(caduceus.deadline(self.config.checks["nightly"], row)[0]),
+                         "2026-11-24T03:15:00Z")
+
+    def test_backward_step_before_a_scheduled_run_keeps_the_schedule(self):
+        # Cron on a host whose clock stepped back runs the job at 03:00 by the new clock.
+        self.send("nightly")
+        self.clock.advance(86400 - 35 * 60)  # tomorrow 02:30
+        self.step(-3600)  # 01:30
+        self.clock.advance(90 * 60)
+        self.send("nightly", caduceus.START)  # 03:00
+        self.clock.advance(5 * 60)
+        self.assertEqual(self.down("nightly"), [])
+        self.send("nightly")
+        self.assertEqual(self.console.about("nightly"), [])
+
+    def test_a_run_across_a_backward_step_takes_its_real_time(self):
+        self.send("hourly", caduceus.START)
+        self.clock.advance(60)
+        self.step(-3600)
+        self.clock.advance(65)
+        self.send("hourly", caduceus.FAIL, exit_status=2)
+        self.assertEqual(self.store.check("hourly")["last_duration_s"], 125)
+        self.assertEqual(self.store.pings("hourly")[-1]["duration_s"], 125)
+        self.assertIn("Last run took: 2m 5s", self.console.about("hourly")[0].body)
+
+    def test_a_run_is_timed_and_limited_in_real_time_across_a_forward_step(self):
+        self.send("hourly", caduceus.START)
+        self.clock.advance(20 * 60)
+        self.assertEqual(self.step(3600), [], "the run is 20 minutes old, not 80")
+        self.clock.advance(10 * 60)
+        self.assertEqual([f.at for f in self.down("hourly")], [self.clock.now])
+        self.assertIn("ran too long", self.console.about("hourly")[0].body)
+
+    def test_history_and_latest_output_follow_arrival_not_wall_time(self):
+        self.send("hourly", body="yesterday's run: all fine")
+        self.clock.advance(60)
+        self.step(-3600)
+        self.send("hourly", caduceus.FAIL, body="today's run: disk full")
+        self.assertEqual([p["body"] for p in self.store.pings("hourly")],
+                         ["yesterday's run: all fine", "today's run: disk full"])
+        self.assertEqual(self.store.last_body("hourly"), "today's run: disk full")
+        body = self.console.about("hourly")[0].body
+        self.assertIn("| today's run: disk full", body)
+        self.assertNotIn("yesterday", body)
+
+    def test_reminders_keep_their_real_cadence_across_a_forward_step(self):
+        self.send("hourly", caduceus.FAIL)
+        self.clock.advance(3600)
+        self.step(3600)
+        self.assertEqual(len(self.console.about("hourly")), 1, "no reminder after 1h of real time")
+        self.clock.advance(3600 - 1)
+        self.down("hourly")
+        self.assertEqual(len(self.console.about("hourly")), 1)
+        self.clock.advance(1)
+        self.down("hourly")
+        self.assertEqual(self.console.subjects_about("hourly")[-1], 'Caduceus: Alert "hourly" is still failing.')
+        self.assertIn("Down for:      2h", self.console.about("hourly")[-1].body)
+
+    def test_a_notice_retry_keeps_its_real_wait_across_a_backward_step(self):
+        self.console.error = caduceus.NotifyError("busy")
+        with self.assertLogs("caduceus", "WARNING"):
+            self.send("hourly", caduceus.FAIL)
+        self.console.error = None
+        self.step(-3600)
+        self.clock.advance(caduceus.RETRY_FIRST_S)
+        with self.assertLogs("caduceus", "INFO"):
+            self.monitor.deliver("console")
+        self.assertEqual(self.console.subjects, ['Caduceus: Alert "hourly" is failing.'])
+
+    def test_a_step_seen_by_a_failed_operation_is_applied_by_the_next(self):
+        self.send("hourly")
+        self.clock.advance(50 * 60)
+        self.clock.step(3600)
+        disk_error = sqlite3.OperationalError("disk I/O error")
+        with unittest.mock.patch.object(self.store, "record_ping", side_effect=disk_error):
+            with self.assertLogs("caduceus", "WARNING"), self.assertRaises(sqlite3.OperationalError):
+                self.monitor.ping("hourly")
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.monitor.sweep(), [])
+        self.assertIn("wall clock stepped forward by 1h", logs.output[0])
+
+    def test_slow_drift_is_not_a_step(self):
+        self.send("hourly")
+        for _ in range(3):
+            self.clock.step(0.5)
+            self.clock.advance(30)
+            self.monitor.sweep()
+        self.assertEqual(self.store.check("hourly")["last_ping_at"], at("2026-11-23T03:05:00Z"))
+
+    def test_without_an_elapsed_time_clock_the_wall_clock_is_trusted(self):
+        clock = FakeClock(self.clock.now)
+        monitor = caduceus.Monitor(self.store, self.config, {}, clock)
+        monitor.ping("hourly")
+        clock.advance(3600)
+        self.assertEqual([f.check for f in monitor.sweep() if f.check == "hourly"], ["hourly"])
 
 
 def make_legacy_db(path: str, checkins: dict, notifications: dict) -> None:
@@ -1833,6 +2095,21 @@ class SweeperTest(unittest.TestCase):
             runs.get(timeout=WAIT_S)
             runs.get(timeout=WAIT_S)
         self.assertIn("RuntimeError: boom", logs.output[0])
+
+    def test_a_far_off_or_no_wish_still_runs_within_max_wait(self):
+        clock = FakeClock()  # never moves: only the cap can bring the next run
+        wishes = [clock.now + 86400, None]
+        runs = queue.Queue()
+
+        def work():
+            runs.put(1)
+            return wishes.pop(0) if wishes else clock.now + 86400
+
+        sweeper = caduceus.Sweeper(work, clock=clock, max_wait_s=0.05)
+        self.addCleanup(sweeper.stop)
+        sweeper.start()
+        for _ in range(3):
+            runs.get(timeout=WAIT_S)
 
     def test_stop_prevents_further_runs(self):
         runs = queue.Queue()
