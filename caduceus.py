@@ -1226,11 +1226,12 @@ class Store:
         History (pings, flips) keeps the times it was recorded at.
         """
         with self.transaction() as conn:
-            conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, last_ping_at = last_ping_at + ?1, "
-                         "started_at = started_at + ?1, down_at = down_at + ?1, "
-                         "notified_at = notified_at + ?1, clock_step_s = clock_step_s + ?1", (step_s,))
-            conn.execute("UPDATE outbox SET created_at = created_at + ?1, next_attempt_at = next_attempt_at + ?1 "
-                         "WHERE failed = 0", (step_s,))
+            conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, "
+                         "last_ping_at = last_ping_at + ?1, started_at = started_at + ?1, "
+                         "down_at = down_at + ?1, notified_at = notified_at + ?1, "
+                         "clock_step_s = clock_step_s + ?1", (step_s,))
+            conn.execute("UPDATE outbox SET created_at = created_at + ?1, "
+                         "next_attempt_at = next_attempt_at + ?1 WHERE failed = 0", (step_s,))
 
     # Outbox ----------------------------------------------------------------
 
@@ -1374,8 +1375,9 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     After a wall clock step (``clock_step_s``, see Monitor) an ``every``
     deadline keeps its elapsed time.  A ``schedule`` deadline stays that of
     the run the last success counted for; a forward step moves it on with the
-    clock, a backward one leaves it at the scheduled time on the new clock
-    (cron there runs the job by that clock: an earlier deadline would cry wolf).
+    clock, a backward one leaves it at the scheduled time on the new clock (a
+    cron whose clock stepped back runs the job that much later in real time:
+    an earlier deadline would cry wolf).
     """
     since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
     # A read-only `check` of a file not yet migrated has no clock_step_s.
@@ -2119,12 +2121,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
 class Sweeper:
     """Calls ``work()`` on a re-armed ``threading.Timer``, when ``work`` asks to.
 
-    ``work()`` returns the epoch time it wants to run again (or None: only
-    when poked).  The wait is capped at ``max_wait_s`` so a jumping wall clock
-    cannot stall it for long.  ``poke(at)`` brings the next run forward when
-    something (a check-in, a queued notice) needs it sooner.  An exception in
-    ``work`` is logged and retried after ``retry_s``: a sweeper that dies
-    silently is a dead man's switch that never fires.
+    ``work()`` returns the epoch time it wants to run again (or None: nothing
+    to wait for).  The wait is capped at ``max_wait_s``, so it runs at least
+    that often whatever it asked, and a wall clock step cannot stall it.
+    ``poke(at)`` brings the next run forward when something (a check-in, a
+    queued notice) needs it sooner.  An exception in ``work`` is logged and
+    retried after ``retry_s``: a sweeper that dies silently is a dead man's
+    switch that never fires.
     """
 
     def __init__(self, work: Callable[[], float | None], name: str = "sweeper",

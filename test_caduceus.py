@@ -834,17 +834,20 @@ class StoreTest(unittest.TestCase):
     def test_state_change_history_is_bounded(self):
         self.store.sync_checks(["job", "other"], 0.0)
         self.store.add_flip("other", 0.0, NEW, DOWN, "kept")
-        for i in range(caduceus.FLIP_HISTORY + 5):
-            self.store.add_flip("job", float(i), UP, DOWN, f"flip {i}")
+        with self.store.transaction():  # one commit: quicker
+            for i in range(caduceus.FLIP_HISTORY + 5):
+                self.store.add_flip("job", float(i), UP, DOWN, f"flip {i}")
         flips = self.store.flips("job")
         self.assertEqual(len(flips), caduceus.FLIP_HISTORY)
-        self.assertEqual((flips[0]["reason"], flips[-1]["reason"]), ("flip 5", f"flip {caduceus.FLIP_HISTORY + 4}"))
+        self.assertEqual((flips[0]["reason"], flips[-1]["reason"]),
+                         ("flip 5", f"flip {caduceus.FLIP_HISTORY + 4}"))
         self.assertEqual([flip["reason"] for flip in self.store.flips("other")], ["kept"], "per alert")
 
     def test_history_keeps_arrival_order_through_the_ring(self):
         self.store.sync_checks(["job"], 0.0)
-        for i in range(caduceus.PING_HISTORY + 3):
-            self.store.record_ping("job", 1000.0 - i, caduceus.Ping(caduceus.LOG, body=f"{i}"))
+        with self.store.transaction():
+            for i in range(caduceus.PING_HISTORY + 3):  # the wall clock going back all along
+                self.store.record_ping("job", 1000.0 - i, caduceus.Ping(caduceus.LOG, body=f"{i}"))
         bodies = [ping["body"] for ping in self.store.pings("job")]
         self.assertEqual(bodies, [str(i) for i in range(3, caduceus.PING_HISTORY + 3)])
         self.assertEqual(self.store.last_body("job"), str(caduceus.PING_HISTORY + 2))
@@ -859,6 +862,9 @@ class StoreTest(unittest.TestCase):
             conn.executescript(schema_1)
             conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
             conn.execute("PRAGMA user_version = 1")
+        config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        report = caduceus.check_report(config, caduceus._read_state(path), 10.0)  # `check` reads it as it is
+        self.assertEqual(report[0]["next_due"], caduceus.format_time(3605.0))
         store = open_store(self, path)
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
         with contextlib.closing(sqlite3.connect(path)) as conn:
@@ -1079,6 +1085,17 @@ class MonitorTest(unittest.TestCase):
         self.monitor.ping("hourly")
         self.assertEqual(self.monitor.next_sweep_at(), start + 10 + 3600)
 
+    def test_a_reminder_wakes_the_couriers(self):
+        self.monitor.ping("backups", caduceus.Ping(caduceus.FAIL))
+        self.clock.advance(6 * 3600 - 1)
+        self.monitor.sweep()  # hourly goes down now; its first reminder is an hour away
+        woken = []
+        self.monitor.on_outbox(woken.append)
+        self.clock.advance(1)
+        self.monitor.sweep()
+        self.assertEqual(self.monitor.store.pending_notices()[-1]["kind"], caduceus.NOTICE_REMINDER)
+        self.assertEqual(woken, [self.clock.now])
+
     def test_check_in_moves_the_sweepers_deadline(self):
         pokes = []
         self.monitor.on_deadline(pokes.append)
@@ -1286,7 +1303,8 @@ class ClockStepTest(unittest.TestCase):
         self.assertEqual(len(self.console.about("hourly")), 1)
         self.clock.advance(1)
         self.down("hourly")
-        self.assertEqual(self.console.subjects_about("hourly")[-1], 'Caduceus: Alert "hourly" is still failing.')
+        self.assertEqual(self.console.subjects_about("hourly")[-1],
+                         'Caduceus: Alert "hourly" is still failing.')
         self.assertIn("Down for:      2h", self.console.about("hourly")[-1].body)
 
     def test_a_notice_retry_keeps_its_real_wait_across_a_backward_step(self):
@@ -1311,6 +1329,23 @@ class ClockStepTest(unittest.TestCase):
         with self.assertLogs("caduceus", "WARNING") as logs:
             self.assertEqual(self.monitor.sweep(), [])
         self.assertIn("wall clock stepped forward by 1h", logs.output[0])
+
+    def test_a_step_while_stopped_goes_unseen_but_nothing_runs_backwards(self):
+        self.send("hourly")
+        self.clock.advance(60)
+        self.send("hourly", caduceus.START)
+        self.clock.step(-3600)  # while stopped: elapsed time restarts with the process
+        self.clock.elapsed = 0.0
+        monitor = caduceus.Monitor(self.store, self.config, {"console": self.console}, self.clock,
+                                   monotonic=self.clock.monotonic)
+        monitor.start()
+        self.clock.advance(30)
+        monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        monitor.deliver("console")
+        self.assertEqual(self.store.check("hourly")["last_duration_s"], 0, "not -3570s")
+        body = self.console.about("hourly")[0].body
+        self.assertIn("(0s ago)", body)
+        self.assertIn("Last run took: 0s", body)
 
     def test_slow_drift_is_not_a_step(self):
         self.send("hourly")
