@@ -304,12 +304,18 @@ class CronSchedule:
     otherwise a day must match both (``0 0 */2 * mon`` runs on Mondays that fall
     on an odd day of the month).
 
-    Daylight saving time: each matching wall-clock time fires once.  A time the
-    clock skips when it springs forward fires at the instant of the jump (02:30
-    in New York on 2026-03-08 fires at 03:00 EDT), and skipped times that fall
-    in the same gap collapse into that one instant.  A time the clock shows
-    twice when it falls back fires at its first occurrence only, so
-    ``*/15 * * * *`` pauses for the repeated hour.
+    Daylight saving time, as Vixie cron, cronie and healthchecks.io's cronsim
+    treat it.  A *wildcard* schedule, one whose minute or hour field begins
+    with ``*`` (``*/15 * * * *``, ``45 * * * *``, ``0 */3 * * *``, ``@hourly``),
+    follows the clock as it is: a time the clock skips when it springs forward
+    does not fire at all (``45 * * * *`` in New York on 2026-03-08 fires at
+    01:45 EST and next at 03:45 EDT), and a time the clock shows twice when it
+    falls back fires both times, so the job keeps its real-time rhythm.  A
+    *fixed-time* schedule, any other (``30 2 * * *``, ``0 0-23/3 * * *``),
+    fires each matching wall-clock time once: a skipped time fires at the
+    instant of the jump (02:30 in New York on 2026-03-08 fires at 03:00 EDT),
+    skipped times in the same gap collapse into that one instant, and a
+    repeated time fires at its first occurrence only.
     """
 
     expression: str
@@ -320,6 +326,7 @@ class CronSchedule:
     weekdays: frozenset[int]  #: 0 is Sunday, 6 Saturday
     day_restricted: bool
     weekday_restricted: bool
+    wildcard: bool = False  #: minute or hour field begins with "*": see DST above
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
@@ -353,18 +360,43 @@ class CronSchedule:
             raise ValueError(f'cron expression "{expression}" never fires: '
                              f'no month in "{fields[3]}" has day '
                              f"{_join([str(day) for day in sorted(days)], 'or')}")
+        # cron's own test (MIN_STAR, HR_STAR): on the text, so "0-59 * * * *" is
+        # wildcard and "0 0-23 * * *" is not, though both run every hour.
+        wildcard = fields[0].startswith("*") or fields[1].startswith("*")
         return cls(expression, minutes, hours, days, months, weekdays,
-                   day_restricted, weekday_restricted)
+                   day_restricted, weekday_restricted, wildcard)
 
     def next_after(self, at: float, tz: datetime.tzinfo) -> float:
         """Return the first scheduled instant strictly after epoch seconds ``at``.
 
         Fields are read as wall-clock time in ``tz`` (a ``zoneinfo.ZoneInfo`` or
-        a fixed ``datetime.timezone``), with the daylight saving rule in the
+        a fixed ``datetime.timezone``), with the daylight saving rules in the
         class docstring.  Raises ``ValueError`` if nothing matches within 400
         years, which ``parse`` rules out.
         """
-        start = datetime.datetime.fromtimestamp(at, tz)
+        start_at = at
+        if self.wildcard:
+            # Inside the first run of a repeated hour the clock will show times
+            # before its current one again, and a wildcard job runs then too.
+            moment = datetime.datetime.fromtimestamp(at, tz)
+            start_at -= (moment.utcoffset() - moment.replace(fold=1).utcoffset()).total_seconds()
+        # Wall times up to start's own minute map to instants at or before `at`
+        # (the first instant of a wall time never runs backwards), so skip them.
+        best = None
+        for wall in self._walls_after(datetime.datetime.fromtimestamp(start_at, tz)):
+            instants = _wall_instants(wall) if self.wildcard else (_wall_to_epoch(wall),)
+            for fire_at in instants:
+                if fire_at > at and (best is None or fire_at < best):
+                    best = fire_at
+            # First instants rise with the wall time: no later wall time fires sooner.
+            if best is not None and instants and instants[0] >= best:
+                return best
+        if best is not None:
+            return best
+        raise ValueError(f'cron expression "{self.expression}" never fires')
+
+    def _walls_after(self, start: datetime.datetime) -> Iterator[datetime.datetime]:
+        """Yield matching wall times after ``start``'s minute, in order, for 400 years."""
         first_ordinal = start.toordinal()
         hours = sorted(self.hours)
         minutes = sorted(self.minutes)
@@ -375,21 +407,14 @@ class CronSchedule:
                 ordinal = datetime.date(day.year + day.month // 12, day.month % 12 + 1,
                                         1).toordinal()
                 continue
-            # Wall times up to start's own minute map to instants at or before
-            # `at` (the mapping never runs backwards), so the first day skips them.
             done = (start.hour, start.minute) if ordinal == first_ordinal else (-1, -1)
             if self._day_matches(day):
                 for hour in (hour for hour in hours if hour >= done[0]):
                     for minute in minutes:
-                        if (hour, minute) <= done:
-                            continue
-                        fire_at = _wall_to_epoch(datetime.datetime(
-                            day.year, day.month, day.day, hour, minute, tzinfo=tz))
-                        # Not yet after `at` only in the rest of a repeated hour.
-                        if fire_at > at:
-                            return fire_at
+                        if (hour, minute) > done:
+                            yield datetime.datetime(day.year, day.month, day.day, hour,
+                                                    minute, tzinfo=start.tzinfo)
             ordinal += 1
-        raise ValueError(f'cron expression "{self.expression}" never fires')
 
     def describe(self) -> str:
         """Return short English for the schedule, or ``"cron: <expression>"``.
@@ -502,8 +527,20 @@ def _parse_cron_value(text: str, field_text: str, index: int) -> int:
     return value
 
 
+def _wall_instants(wall: datetime.datetime) -> tuple[float, ...]:
+    """Every instant at which the clock in ``wall.tzinfo`` shows ``wall``, in order:
+    none for a time it skips, two for a time it repeats (the wildcard rule)."""
+    first = wall.replace(fold=0)
+    second = wall.replace(fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return (first.timestamp(),)
+    if first.utcoffset() > second.utcoffset():
+        return (first.timestamp(), second.timestamp())
+    return ()
+
+
 def _wall_to_epoch(wall: datetime.datetime) -> float:
-    """Return when the clock in ``wall.tzinfo`` shows ``wall``, by CronSchedule's DST rule."""
+    """Return when the clock in ``wall.tzinfo`` shows ``wall``, by the fixed-time DST rule."""
     first = wall.replace(fold=0)
     second = wall.replace(fold=1)
     if first.utcoffset() >= second.utcoffset():

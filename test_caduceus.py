@@ -222,14 +222,23 @@ def wall_clock(tz: datetime.tzinfo, start: float, end: float) -> list[tuple[int,
     return minutes
 
 
+def is_wildcard(expression: str) -> bool:
+    """cron's MIN_STAR/HR_STAR test, written out again: minute or hour begins with "*"."""
+    if expression.startswith("@"):
+        return expression.lower() == "@hourly"  # "0 * * * *"; the others are fixed times
+    fields = expression.split()
+    return fields[0].startswith("*") or fields[1].startswith("*")
+
+
 def brute_force_fires(schedule: CronSchedule, clock: list[tuple[int, int]]) -> list[float]:
     """An independent reference: the instants in ``clock`` at which the schedule fires.
 
-    Walks real minutes, keeping the latest wall time the clock has shown.  A
-    minute fires if the clock has just shown a newer wall time that matches:
-    after a fall-back it shows nothing new, after a spring-forward the whole
-    skipped stretch at once.  Start ``clock`` a few hours early: its first hours
-    cannot see a repeated hour that began before it.
+    A wildcard schedule fires at each real minute whose wall time matches.  A
+    fixed-time one walks real minutes, keeping the latest wall time the clock
+    has shown, and fires if the clock has just shown a newer wall time that
+    matches: after a fall-back it shows nothing new, after a spring-forward the
+    whole skipped stretch at once.  Start ``clock`` a few hours early: its first
+    hours cannot see a repeated hour that began before it.
     """
     day_ok_cache: dict[int, bool] = {}
 
@@ -250,6 +259,8 @@ def brute_force_fires(schedule: CronSchedule, clock: list[tuple[int, int]]) -> l
                 and wall_minute // 60 % 24 in schedule.hours
                 and day_ok(wall_minute // 1440))
 
+    if is_wildcard(schedule.expression):
+        return [float(now) for now, wall in clock[1:] if matches(wall)]
     fires = []
     newest = clock[0][1]
     for now, wall in clock[1:]:
@@ -330,8 +341,16 @@ class CronNextTest(unittest.TestCase):
         # New York spring forward: 02:00-02:59 is skipped and fires at the jump, 07:00Z.
         ("30 2 * * *", NEW_YORK, "2026-03-07T12:00:00Z", "2026-03-08T07:00:00Z"),
         ("30 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"),
-        ("*/15 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),
-        ("*/15 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:00:00Z"),  # once only
+        ("15,45 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),
+        ("15,45 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:15:00Z"),  # once only
+        # Wildcard schedules (minute or hour begins with "*") follow the clock as
+        # it is, as cron runs them: a skipped time does not fire at all...
+        ("*/15 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-09T06:00:00Z"),
+        ("45 * * * *", NEW_YORK, "2026-03-08T06:45:00Z", "2026-03-08T07:45:00Z"),  # 01:45 -> 03:45
+        ("0 */3 * * *", "Europe/Riga", "2026-03-28T22:00:00Z", "2026-03-29T03:00:00Z"),  # 00 -> 06
+        ("@hourly", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),  # 01:00 -> 03:00
+        # ...while a step on a fixed start is a fixed time: 03:00 fires at the jump.
+        ("0 0-23/3 * * *", "Europe/Riga", "2026-03-28T22:00:00Z", "2026-03-29T01:00:00Z"),
         ("0 3 * * *", NEW_YORK, "2026-03-07T00:00:00Z", "2026-03-07T08:00:00Z"),  # -05
         ("0 3 * * *", NEW_YORK, "2026-03-07T08:00:00Z", "2026-03-08T07:00:00Z"),  # -04
         # New York fall back: 01:00-01:59 repeats; first occurrence (-04) only.
@@ -340,6 +359,14 @@ class CronNextTest(unittest.TestCase):
         ("30 1 * * *", NEW_YORK, "2026-11-01T06:10:00Z", "2026-11-02T06:30:00Z"),  # inside the repeat
         ("0 3 * * *", NEW_YORK, "2026-10-31T00:00:00Z", "2026-10-31T07:00:00Z"),  # -04
         ("0 3 * * *", NEW_YORK, "2026-10-31T07:00:00Z", "2026-11-01T08:00:00Z"),  # -05
+        # Wildcard schedules fire in both runs of the repeated hour.
+        ("*/15 * * * *", NEW_YORK, "2026-11-01T05:45:00Z", "2026-11-01T06:00:00Z"),  # 01:45 -> 01:00
+        ("10 * * * *", NEW_YORK, "2026-11-01T05:10:00Z", "2026-11-01T06:10:00Z"),  # 01:10 twice
+        ("10 * * * *", NEW_YORK, "2026-11-01T05:20:00Z", "2026-11-01T06:10:00Z"),
+        ("10 * * * *", NEW_YORK, "2026-11-01T06:10:00Z", "2026-11-01T07:10:00Z"),
+        ("*/20 1 * * *", NEW_YORK, "2026-11-01T05:40:00Z", "2026-11-01T06:00:00Z"),
+        ("*/20 1 * * *", NEW_YORK, "2026-11-01T06:40:00Z", "2026-11-02T06:00:00Z"),
+        ("30 * * * *", "America/Santiago", "2026-04-05T02:30:00Z", "2026-04-05T03:30:00Z"),  # 23:30 x2
         # Lord Howe moves by half an hour: 02:00-02:29 is skipped (jump at 15:30Z).
         ("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", "2026-10-03T15:30:00Z"),
         # Santiago moves at midnight: Sunday 00:00-00:59 is skipped, the jump is at 04:00Z.
@@ -404,18 +431,32 @@ class CronNextTest(unittest.TestCase):
         self.assertEqual(autumn, ["2026-10-31 03:00 -0400", "2026-11-01 03:00 -0500",
                                   "2026-11-02 03:00 -0500"])
 
-    def test_half_hourly_walk_across_fall_back_repeats_no_wall_time(self) -> None:
-        for tz_name, start, expected in [
-            (NEW_YORK, "2026-11-01T04:00:00Z",
-             ["04:30", "05:00", "05:30", "07:00", "07:30"]),   # 06:00Z and 06:30Z would repeat 01:xx
-            (ATHENS, "2026-10-25T00:00:00Z",
-             ["00:30", "02:00", "02:30", "03:00"]),              # 01:00Z, 01:30Z would repeat 03:xx
+    def test_fall_back_wildcard_keeps_real_time_and_fixed_time_fires_once(self) -> None:
+        for expression, tz_name, start, expected in [
+            ("*/30 * * * *", NEW_YORK, "2026-11-01T04:00:00Z",   # 01:00 and 01:30 twice
+             ["04:30", "05:00", "05:30", "06:00", "06:30", "07:00"]),
+            ("*/30 * * * *", ATHENS, "2026-10-25T00:00:00Z",     # 03:00 and 03:30 twice
+             ["00:30", "01:00", "01:30", "02:00"]),
+            ("0,30 1 * * *", NEW_YORK, "2026-11-01T04:00:00Z",   # first 01:00, 01:30 only
+             ["05:00", "05:30", "06:00"]),                        # then 2026-11-02 01:00 EST
         ]:
-            with self.subTest(tz=tz_name):
-                fires = walk("*/30 * * * *", tz_name, start, len(expected))
+            with self.subTest(expression=expression, tz=tz_name):
+                fires = walk(expression, tz_name, start, len(expected))
                 self.assertEqual([iso(t)[11:16] for t in fires], expected)
                 walls = [local(t, tz_name)[:16] for t in fires]
-                self.assertEqual(len(walls), len(set(walls)), walls)
+                self.assertEqual(len(set(walls)) < len(walls), is_wildcard(expression), walls)
+
+    def test_wildcard_job_is_not_late_after_spring_forward(self) -> None:
+        config = config_from(self, """
+            [alerts.riga]
+            schedule = "0 */3 * * *"
+            timezone = "Europe/Riga"
+            channels = ["console"]
+        """)
+        # Checked in at 00:00 EET; cron next runs it at 06:00 EEST (03:00 is skipped),
+        # so with the default hour of grace it is due at 07:00 EEST, not 05:00.
+        due = config.checks["riga"].due_after(at("2026-03-28T22:00:00Z"))
+        self.assertEqual(local(due, "Europe/Riga"), "2026-03-29 07:00 +0300")
 
     def test_every_minute_through_spring_forward_keeps_real_minutes(self) -> None:
         fires = walk("* * * * *", NEW_YORK, "2026-03-08T06:57:00Z", 4)
@@ -450,6 +491,16 @@ class CronParseTest(unittest.TestCase):
         self.assertEqual(schedule.weekdays, {5, 6, 0})
         self.assertFalse(schedule.day_restricted)
         self.assertTrue(schedule.weekday_restricted)
+
+    def test_wildcard_is_a_minute_or_hour_field_beginning_with_a_star(self) -> None:
+        for expression, wildcard in [("* * * * *", True), ("*/15 2 * * *", True),
+                                     ("30 * * * *", True), ("0 */3 * * *", True),
+                                     ("@hourly", True), ("30 2 * * *", False),
+                                     ("0 0-23/3 * * *", False), ("0-59 0-23 * * *", False),
+                                     ("5/20 9 * * *", False), ("@daily", False)]:
+            with self.subTest(expression=expression):
+                self.assertIs(CronSchedule.parse(expression).wildcard, wildcard)
+                self.assertIs(is_wildcard(expression), wildcard)
 
     def test_aliases_expand(self) -> None:
         for alias, expansion in [("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"),
@@ -543,7 +594,8 @@ class CronDescribeTest(unittest.TestCase):
 def dataclass_fields(schedule: CronSchedule) -> tuple:
     """Every field but the expression as written."""
     return (schedule.minutes, schedule.hours, schedule.days, schedule.months,
-            schedule.weekdays, schedule.day_restricted, schedule.weekday_restricted)
+            schedule.weekdays, schedule.day_restricted, schedule.weekday_restricted,
+            schedule.wildcard)
 
 
 def _transitions(tz: datetime.tzinfo, year: int) -> list[float]:
