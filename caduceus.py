@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import decimal
 import difflib
 import email.message
 import email.utils
@@ -158,21 +159,58 @@ class NotifyError(CaduceusError):
 # Durations and schedules #####################################################
 ###############################################################################
 
-_UNIT_SECONDS = {}
-for _names, _seconds in (
-    (("w", "wk", "wks", "week", "weeks"), 7 * 86400),
-    (("d", "day", "days"), 86400),
-    (("h", "hr", "hrs", "hour", "hours"), 3600),
-    (("m", "min", "mins", "minute", "minutes"), 60),
-    (("s", "sec", "secs", "second", "seconds"), 1),
-):
-    for _name in _names:
-        _UNIT_SECONDS[_name] = _seconds
-del _names, _seconds, _name
+#: Seconds per unit, in the order 0.0.11 (pytimeparse 1.1.10) added them up.
+_UNIT_SECONDS = {"weeks": 7 * 86400, "days": 86400, "hours": 3600, "mins": 60, "secs": 1}
 
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_TERM = re.compile(rf"\s*({_NUMBER})\s*([a-z]+)\s*(?:,|and\b)?")
-_CLOCK = re.compile(rf"(?:(\d+)\s*d(?:ays?)?\s*,?\s*)?(\d+(?::\d+){{1,3}}(?:\.\d+)?)")
+#: How each unit may be written: pytimeparse 1.1.10's spellings, any case.
+_UNIT_WORDS = {
+    "weeks": "weeks?|wks?|w",
+    "days": "days?|dys?|d",
+    "hours": "hours?|hrs?|h",
+    "mins": "minutes?|mins?|m",
+    "secs": "seconds?|secs?|s",
+}
+
+
+def _unit_term(unit: str) -> str:
+    """An optional ``"<number> <unit>"`` with an optional "," or "/" after it, as 0.0.11 read it."""
+    return rf"(?:(?P<{unit}>[\d.]+)\s*(?:{_UNIT_WORDS[unit]})\s*(?:[,/]\s*)?)?"
+
+
+_CLOCK_SECONDS = r"(?P<secs>\d{2}(?:\.\d+)?)"
+
+#: The forms Caduceus 0.0.11 read (through pytimeparse 1.1.10), each matched
+#: whole, after an optional sign.  ``[\d.]+`` is its number: one such as
+#: "1.2.3" matches here and is then refused when it is converted.
+_DURATION_FORMS = tuple(re.compile(rf"\s*{form}\s*", re.IGNORECASE) for form in (
+    # "1w 3d 2h 32m 5s", "5 hours, 34 minutes", "1.5h": units in this order.
+    rf"{_unit_term('weeks')}\s*{_unit_term('days')}\s*{_unit_term('hours')}\s*"
+    rf"{_unit_term('mins')}\s*(?:(?P<secs>[\d.]+)\s*(?:{_UNIT_WORDS['secs']}))?",
+    rf"(?P<mins>\d{{1,2}}):{_CLOCK_SECONDS}",  # "4:13", minutes and seconds
+    # "4:13:02", "2 days, 4:13:02", "1w 1:00:00"
+    rf"{_unit_term('weeks')}\s*{_unit_term('days')}\s*"
+    rf"(?P<hours>\d+):(?P<mins>\d{{2}}):{_CLOCK_SECONDS}",
+    # "2:04:13:02", "1-04:18:35"
+    rf"(?P<days>\d+)[:-](?P<hours>\d{{2}}):(?P<mins>\d{{2}}):{_CLOCK_SECONDS}",
+    rf":{_CLOCK_SECONDS}",  # ":13"
+))
+
+#: Forms 0.0.11 refused that Caduceus also reads, none of them ambiguous: a bare
+#: number of seconds ("90"), and clocks with fields of any width ("1:2",
+#: "123:45", "1:2:3", "2 days, 4:1:2", "1:2:3:4").
+_EXTRA_DURATION_FORMS = tuple(re.compile(rf"\s*{form}\s*", re.IGNORECASE) for form in (
+    r"(?P<secs>[\d.]+)",
+    r"(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+    rf"(?:(?P<days>\d+)\s*(?:{_UNIT_WORDS['days']})\s*,?\s*)?"
+    r"(?P<hours>\d+):(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+    r"(?P<days>\d+):(?P<hours>\d+):(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+))
+
+#: Also read: unit terms in any order, and "and" between them ("30m and 1h").
+_ANY_ORDER_TERM = re.compile(
+    r"\s*([\d.]+)\s*(?:%s)(?![^\W\d_])\s*(?:(?:[,/]|and\b)\s*)?"
+    % "|".join(f"(?P<{unit}>{words})" for unit, words in _UNIT_WORDS.items()),
+    re.IGNORECASE)
 
 #: Longer durations are surely typos (and would overflow dates).
 MAX_DURATION_S = 3650 * 86400.0
@@ -182,53 +220,73 @@ DURATION_HINT = 'a duration such as "90s", "1h30m", "2 days" or "1:30:00"'
 
 
 def parse_duration(text: str) -> float:
-    """Return the seconds in a duration written as Caduceus 0.0.11 accepted it.
+    """Return the seconds in a duration, read as Caduceus 0.0.11 read it.
 
-    Accepts unit terms in any combination (``"1h30m"``, ``"1.5h"``,
-    ``"2 days, 4 hours"``, ``"90 minutes"``; units w, d, h, m, s and their
-    long forms), clock forms (``"4:13"`` is m:s, ``"1:30:00"`` h:m:s,
-    ``"2:04:13:02"`` d:h:m:s, optionally after ``"2 days,"``), and a bare
-    number of seconds (``"90"``).  Raises ``ValueError`` for anything else and
-    for durations that are not positive.
+    0.0.11 used pytimeparse 1.1.10, and every duration it read gives the same
+    seconds here: unit terms in the order weeks, days, hours, minutes, seconds
+    (``"1h30m"``, ``"1.5h"``, ``"2 days, 4 hours"``, ``"1w 3d 2h 32m"``; units
+    w/wk/week, d/dy/day, h/hr/hour, m/min/minute, s/sec/second and their
+    plurals; "," or "/" between terms), clocks (``"4:13"`` is m:ss,
+    ``"1:30:00"`` h:mm:ss, ``"2:04:13:02"`` and ``"1-04:18:35"`` d:hh:mm:ss,
+    ``":13"`` seconds, ``"2 days, 4:13:02"``, ``"1w 1:00:00"``), each after an
+    optional ``+``.  As there, fractional units with whole seconds drop the
+    fraction of a second (``"1.33333h"`` is 4799 s).  Also read: a bare number
+    of seconds (``"90"``), unit terms in any order or joined by "and", and
+    clock fields of any width.  Raises ``ValueError`` for anything else and for
+    durations that are not positive (a leading ``-``) or longer than 10 years.
     """
-    cleaned = text.strip().lower()
-    seconds = _parse_duration(cleaned)
+    seconds = _parse_duration(text)
     if seconds is None:
         raise ValueError(f"expected {DURATION_HINT}, got {json.dumps(text)}")
     if seconds <= 0:
         raise ValueError(f"expected a positive duration, got {json.dumps(text)}")
     if seconds > MAX_DURATION_S:
         raise ValueError(f"expected a duration of at most 10 years, got {json.dumps(text)}")
-    return seconds
+    return float(seconds)
 
 
-def _parse_duration(text: str) -> float | None:
-    if re.fullmatch(_NUMBER, text):
-        return float(text)
-    clock = _CLOCK.fullmatch(text)
-    if clock:
-        days = int(clock.group(1) or 0)
-        fields = [float(part) for part in clock.group(2).split(":")]
-        if days and len(fields) == 4:
-            return None
-        total = 0.0
-        for value, unit in zip(reversed(fields), (1, 60, 3600, 86400)):
-            total += value * unit
-        return total + days * 86400
-    total = 0.0
-    seen = set()
+def _parse_duration(text: str) -> int | float | None:
+    """The signed seconds in ``text`` (an int when 0.0.11 gave one), or None."""
+    signed = re.fullmatch(r"\s*([+-]?)(.*)", text, re.DOTALL)
+    sign = -1 if signed.group(1) == "-" else 1
+    body = signed.group(2)
+    for form in _DURATION_FORMS + _EXTRA_DURATION_FORMS:
+        found = form.fullmatch(body)
+        if found and found.group().strip():
+            seconds = _add_up(found.groupdict())
+            if seconds is not None:
+                return sign * seconds
+    fields: dict[str, str] = {}
     position = 0
-    while position < len(text):
-        term = _DURATION_TERM.match(text, position)
-        if not term or term.group(2) not in _UNIT_SECONDS:
+    while position < len(body):
+        term = _ANY_ORDER_TERM.match(body, position)
+        if not term or term.lastgroup in fields:
             return None
-        unit = _UNIT_SECONDS[term.group(2)]
-        if unit in seen:
-            return None
-        seen.add(unit)
-        total += float(term.group(1)) * unit
+        fields[term.lastgroup] = term.group(1)
         position = term.end()
-    return total if seen else None
+    seconds = _add_up({unit: fields.get(unit) for unit in _UNIT_SECONDS}) if fields else None
+    return None if seconds is None else sign * seconds
+
+
+def _add_up(fields: dict[str, str | None]) -> int | float | None:
+    """Add up matched fields exactly as pytimeparse 1.1.10 did; None if a number is malformed.
+
+    All whole numbers: an int.  Whole (or no) seconds: the other units summed
+    in decimal and truncated to whole seconds, plus the seconds.  Fractional
+    seconds: a float sum, in unit order.
+    """
+    present = [(unit, number) for unit, number in fields.items() if number is not None]
+    try:
+        if all(number.isdigit() for _, number in present):
+            return sum(_UNIT_SECONDS[unit] * int(number, 10) for unit, number in present)
+        secs = fields.get("secs")
+        if secs is None or secs.isdigit():
+            whole = int(sum(_UNIT_SECONDS[unit] * decimal.Decimal(number)
+                            for unit, number in present if unit != "secs"))
+            return whole + (int(secs, 10) if secs else 0)
+        return sum(_UNIT_SECONDS[unit] * float(number) for unit, number in present)
+    except (ValueError, decimal.InvalidOperation):
+        return None
 
 
 def format_duration(seconds: float, parts: int = 4) -> str:
@@ -612,6 +670,14 @@ SCHEDULE_GRACE_S = 3600.0
 #: runs, if shorter) counts for that run: the job's clock may be a little ahead.
 SCHEDULE_EARLY_S = 60.0
 
+#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
+#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
+MIN_CADENCE_S = 1.0
+
+#: Without ``notify_every``, reminders come every ``every`` but at most this
+#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
+DEFAULT_NOTIFY_FLOOR_S = 10.0
+
 _REQUIRED = object()
 
 
@@ -840,8 +906,15 @@ def _cron(value: Any) -> CronSchedule:
                          f"got {json.dumps(value)}: {exc}") from None
 
 
+def _cadence(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < MIN_CADENCE_S:
+        raise ValueError(f"expected a duration of at least {MIN_CADENCE_S:g}s, got {_show(value)}")
+    return seconds
+
+
 def _non_negative_duration(value: Any) -> float:
-    if isinstance(value, str) and re.fullmatch(r"\s*0+\s*[a-z]*\s*", value.lower()):
+    if isinstance(value, str) and _parse_duration(value) == 0:
         return 0.0
     return _duration(value)
 
@@ -929,7 +1002,7 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         schedule = section.take("schedule", "a cron schedule", _cron)
         section.known.append("every")
     else:
-        every_s = section.take("every", f'{DURATION_HINT} (or a cron schedule = "0 3 * * *")', _duration)
+        every_s = section.take("every", f'{DURATION_HINT} (or a cron schedule = "0 3 * * *")', _cadence)
         schedule = None
         section.known.append("schedule")
     tz = section.take("timezone", "an IANA time zone", _zone, default_tz)
@@ -953,8 +1026,9 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         tz=tz,
         grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, default_grace_s),
         early_s=early_s,
-        max_runtime_s=section.take("max_runtime", DURATION_HINT, _duration, None),
-        notify_every_s=section.take("notify_every", DURATION_HINT, _duration, period_s),
+        max_runtime_s=section.take("max_runtime", DURATION_HINT, _cadence, None),
+        notify_every_s=section.take("notify_every", DURATION_HINT, _cadence,
+                                    max(period_s, DEFAULT_NOTIFY_FLOOR_S)),
         channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
         recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
     )

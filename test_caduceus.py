@@ -138,17 +138,55 @@ CONSOLE_CONFIG = """
 
 
 class DurationParsingTest(unittest.TestCase):
-    def test_accepts_what_caduceus_0_0_11_accepted(self):
+    #: Every form in pytimeparse 1.1.10's README and tests (what Caduceus 0.0.11
+    #: read durations with), and the seconds it gave for each.
+    PYTIMEPARSE_FORMS = {
+        # README
+        "32m": 1920, "2h32m": 9120, "3d2h32m": 268320, "1w3d2h32m": 873120,
+        "1w 3d 2h 32m": 873120, "1 w 3 d 2 h 32 m": 873120, "4:13": 253, "4:13:02": 15182,
+        "4:13:02.266": 15182.266, "2:04:13:02.266": 187982.266, "1-04:18:35": 101915,
+        "1-04:18:35.25": 101915.25, "2 days,  4:13:02": 187982, "2 days,  4:13:02.266": 187982.266,
+        "5hr34m56s": 20096, "5 hours, 34 minutes, 56 seconds": 20096,
+        "5 hrs, 34 mins, 56 secs": 20096, "2 days, 5 hours, 34 minutes, 56 seconds": 192896,
+        "1.2 m": 72, "1.2 min": 72, "1.2 mins": 72, "1.2 minute": 72, "1.2 minutes": 72,
+        "172 hours": 619200, "172 hr": 619200, "172 h": 619200, "172 hrs": 619200,
+        "172 hour": 619200, "1.24 days": 107136, "5 d": 432000, "5 day": 432000,
+        "5 days": 432000, "5.6 wk": 3386880, "5.6 week": 3386880, "5.6 weeks": 3386880,
+        # its tests
+        "32min": 1920, "32mins": 1920, "32minute": 1920, "32minutes": 1920,
+        "32h": 115200, "32hr": 115200, "32hrs": 115200, "32hour": 115200, "32 h": 115200,
+        "32 min": 1920, "1 min": 60, "1 hours": 3600, "1 day": 86400, "1 sec": 1,
+        "16h32m64s": 16 * 3600 + 32 * 60 + 64, ":13": 13, "12-04:18:35": 1052315,
+        "1:04:18:35": 101915, "12:25:02": 44702, "04:18": 258, "0:02": 2, "7:02.223": 422.223,
+        "1.75 s": 1.75, "1.75 sec": 1.75, "1.75 secs": 1.75, "1.75 second": 1.75,
+        "1.75 seconds": 1.75, "32 m 1 s": 1921,
+        "1 hour\n2 minutes": 3720, "1 day\n 2:03:04": 93784, "\n1 minute\n\n": 60,
+        # fractional units with whole seconds: summed exactly, then whole seconds
+        "1.5m30s": 120, "0.5h10s": 1810, "0.5d1s": 43201, "0.5w1s": 302401, "4.1m": 246,
+        "4.1h": 14760, "8.2h": 29520, "1.13h": 4068, "0.7d": 60480, "2.3d": 198720,
+        "0.41w": 247968, "4.1 minutes": 246, "4.1h30s": 14790, "1.33333h": 4799,
+        "1.0001m": 60, "0.001h": 3,
+        # the rest of its grammar: dy/dys, weeks before a clock, "/" between terms
+        "1 dy": 86400, "2 dys": 172800, "1w 1:00:00": 608400, "1 day 2:03:04": 93784,
+        "1d/1:00:00": 90000, "1h/30m": 5400, "1h,": 3600, "1H": 3600, "5 MINUTES": 300,
+    }
+
+    def test_reads_every_duration_as_caduceus_0_0_11_did(self):
+        for text, seconds in self.PYTIMEPARSE_FORMS.items():
+            for sign in ("", "+", "+ ", " + "):
+                with self.subTest(text=sign + text):
+                    parsed = caduceus.parse_duration(sign + text)
+                    if isinstance(seconds, int):
+                        self.assertEqual(parsed, seconds)
+                    else:
+                        self.assertAlmostEqual(parsed, seconds, places=9)
+
+    def test_also_reads_forms_that_0_0_11_refused(self):
+        # Kept from Caduceus 1.0: none of them can mean anything else.
         table = {
-            "1s": 1, "90s": 90, "1m": 60, "1h": 3600, "1d": 86400, "1w": 604800,
-            "1h30m": 5400, "1.5h": 5400, "2 days": 172800, "90 minutes": 5400,
-            "1:30:00": 5400, "4:13": 253, "2:04:13:02": 2 * 86400 + 4 * 3600 + 13 * 60 + 2,
-            "2 days, 4:13:02": 2 * 86400 + 4 * 3600 + 13 * 60 + 2,
-            "5hr34m56s": 5 * 3600 + 34 * 60 + 56,
-            "5 hours, 34 minutes, 56 seconds": 5 * 3600 + 34 * 60 + 56,
-            "1w 3d 2h 32m": 7 * 86400 + 3 * 86400 + 2 * 3600 + 32 * 60,
-            "1.2 mins": 72, "172 hrs": 172 * 3600, "5.5 weeks": 5.5 * 604800,
-            " 10m ": 600, "1H": 3600, "90": 90, "0.5s": 0.5,
+            "90": 90, "0.5": 0.5, " 10m ": 600, "1h and 30m": 5400, "30m 1h": 5400,
+            "2 days and 4 hours": 187200, "1:2": 62, "123:45": 7425, "1:30:0": 5400,
+            "2 days, 4:1:2": 2 * 86400 + 4 * 3600 + 62, "1:2:3:4": 86400 + 7200 + 184, "5s,": 5,
         }
         for text, seconds in table.items():
             with self.subTest(text=text):
@@ -156,10 +194,24 @@ class DurationParsingTest(unittest.TestCase):
 
     def test_rejects_nonsense_and_non_positive_durations(self):
         for text in ["", "soon", "1 fortnight", "h", "1h1h", "1h 2x", "-5m", "0s", "0", "1::2", "1.2.3h",
-                     "100000000w"]:
-            with self.subTest(text=text), self.assertRaises(ValueError) as caught:
-                caduceus.parse_duration(text)
-            self.assertIn(json.dumps(text), str(caught.exception))
+                     "100000000w",
+                     # refused by 0.0.11 too
+                     "1--04:18:35", "1-4:18:35", "1-04:18", "1-04:18:35 extra", "1.5-04:18:35",
+                     "1-04-18:35", "1-04:18-35", "32 m - 1 s", "32 m + 1 s", "|5m", "| 5m", "|1:24",
+                     "invalid\ninput", "1 hour\ninvalid", "1\n2h", "++5m", "+", ":5", "1:2:3:4:5",
+                     "1 hand 2m", "2 minsand 3s",
+                     # negative or zero in 0.0.11: a duration here must be positive
+                     "-32m", "- 32 m 1 s", "-1-04:18:35", "-:13", "0-00:00:00", "0.0001h",
+                     # "uptime" writes h:mm after days: m:ss here would mislead
+                     "2 days, 4:13"]:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as caught:
+                    caduceus.parse_duration(text)
+                self.assertIn(json.dumps(text), str(caught.exception))
+
+    def test_a_leading_minus_is_not_positive(self):
+        with self.assertRaisesRegex(ValueError, 'expected a positive duration, got "-5m"'):
+            caduceus.parse_duration("-5m")
 
     def test_formats_durations_for_people(self):
         table = [(5400, 4, "1h 30m"), (93784, 4, "1d 2h 3m 4s"), (93784, 2, "1d 2h"),
@@ -739,6 +791,64 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
             notify_every = "0s"
         """, "alerts.backups.notify_every:", "positive")
+
+    def test_cadence_below_one_second_is_refused(self):
+        for key, value in [("every", "0.0001s"), ("notify_every", "0.5s"), ("max_runtime", "0.999")]:
+            with self.subTest(key=key):
+                every = "" if key == "every" else 'every = "1h"'
+                self.assertConfigError(f"""
+                    [alerts.job]
+                    {every}
+                    {key} = "{value}"
+                    channels = ["console"]
+                """, f"alerts.job.{key}: expected a duration of at least 1s, got \"{value}\"")
+        config = config_from(self, """
+            [alerts.job]
+            every = "1s"
+            notify_every = "1s"
+            max_runtime = "1s"
+            channels = ["console"]
+        """)
+        job = config.checks["job"]
+        self.assertEqual((job.every_s, job.notify_every_s, job.max_runtime_s), (1, 1, 1))
+
+    def test_reminders_default_to_every_but_not_more_often_than_every_10s(self):
+        config = config_from(self, """
+            [alerts]
+            default_channels = ["console"]
+            [alerts.second]
+            every = "1s"
+            [alerts.five]
+            every = "5s"
+            [alerts.ten]
+            every = "10s"
+            [alerts.minute]
+            every = "1m"
+            [alerts.chosen]
+            every = "1s"
+            notify_every = "2s"
+            [alerts.cron]
+            schedule = "* * * * *"
+        """)
+        self.assertEqual({name: spec.notify_every_s for name, spec in config.checks.items()},
+                         {"second": 10, "five": 10, "ten": 10, "minute": 60, "chosen": 2, "cron": 60})
+
+    def test_grace_may_be_zero_in_any_form_but_not_junk(self):
+        for text in ["0", "0s", "0 minutes", "0:00", "+0h"]:
+            with self.subTest(grace=text):
+                config = config_from(self, f"""
+                    [alerts.job]
+                    every = "1h"
+                    grace = "{text}"
+                    channels = ["console"]
+                """)
+                self.assertEqual(config.checks["job"].grace_s, 0)
+        self.assertConfigError("""
+            [alerts.job]
+            every = "1h"
+            grace = "0xyz"
+            channels = ["console"]
+        """, "alerts.job.grace:", "expected a duration", '"0xyz"')
 
     def test_unknown_channel_is_refused(self):
         self.assertConfigError("""
@@ -1905,8 +2015,10 @@ class SweeperTest(unittest.TestCase):
             [alerts]
             default_channels = ["console"]
             [alerts.quick]
-            every = "0.2s"
+            every = "1s"
         """)
+        quick = dataclasses.replace(config.checks["quick"], every_s=0.2)  # below a config's floor: quick
+        config = dataclasses.replace(config, checks={"quick": quick})
         delivered = threading.Event()
         store = open_store(self, os.path.join(directory, "db.sqlite3"))
         monitor = caduceus.Monitor(store, config, {"console": lambda c, n: delivered.set()})
