@@ -33,7 +33,7 @@ Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
                                       # schedule = "0 3 * * *" with timezone = "Europe/Athens"
     grace = "30m"                     # default 0
     max_runtime = "2h"                # a started run must finish within this
-    notify_every = "6h"               # reminder cadence while down; default: every
+    notify_every = "6h"               # reminder cadence while down; default: every (10s at least)
     channels = ["email", "console"]   # default: default_channels
 
 HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
@@ -842,10 +842,18 @@ def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
+#: Characters that cannot go into an email header (nor into a log line).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _address(value: Any) -> str:
     """An email address, plain or with a display name; it must contain an @."""
     if not isinstance(value, str):
         raise TypeError
+    if _CONTROL_CHARACTERS.search(value):
+        # A line break here would fail every email, or add a header to it.
+        raise ValueError(f"expected an email address without line breaks or control characters, "
+                         f"got {_show(value)}")
     addr = email.utils.parseaddr(value)[1]
     local, at, domain = addr.rpartition("@")
     if not (local and at and domain) or any(c.isspace() for c in addr):
@@ -859,8 +867,11 @@ def _address_list(value: Any) -> tuple[str, ...]:
     for item in value:
         try:
             _address(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected email addresses containing @, got {_show(item)}") from None
+        except (TypeError, ValueError) as exc:
+            detail = str(exc)  # keep _address's own "expected ..." when it has one
+            if not detail.startswith("expected "):
+                detail = f"expected email addresses containing @, got {_show(item)}"
+            raise ValueError(detail) from None
     return tuple(value)
 
 
@@ -919,6 +930,24 @@ def _non_negative_duration(value: Any) -> float:
     return _duration(value)
 
 
+#: What a secret_key may hold: characters that pass unencoded through both a
+#: path segment (/ping/KEY/name) and a query value (?key=KEY).  Not / ? # % & +
+#: (+ reads as a space in a query), spaces, quotes, brackets or non-ASCII.
+_SECRET_KEY_CHARACTERS = "-._~!$'()*,;:@="
+_SECRET_KEY = re.compile(rf"[A-Za-z0-9{re.escape(_SECRET_KEY_CHARACTERS)}]*")
+
+
+def _secret_key(value: Any) -> str:
+    key = _string(value)
+    if not _SECRET_KEY.fullmatch(key):
+        # Name the characters, never the key: this message is printed.
+        bad = sorted({c for c in key if not _SECRET_KEY.fullmatch(c)})
+        raise ValueError(f"expected letters, digits and {' '.join(_SECRET_KEY_CHARACTERS)} only, "
+                         f"as the key goes into URLs (/ping/KEY/name and ?key=KEY); got a key "
+                         f"containing {', '.join(json.dumps(c) for c in bad)}")
+    return key
+
+
 def _alert_name(file: str, name: str) -> str:
     if not name or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise ConfigError(f"{file}: alerts.{json.dumps(name)}: an alert name is a URL segment; "
@@ -930,24 +959,22 @@ def load_config(path: str) -> Config:
     """Read and validate a Caduceus TOML file; raise ``ConfigError`` on any mistake.
 
     Everything is checked here, so a config that loads cannot fail later:
-    unknown keys, durations, channel names, channels used but not configured,
-    email addresses and recipients, ports.  Messages look like
+    the encoding (UTF-8, a byte order mark allowed), unknown keys, durations
+    (``every``, ``notify_every`` and ``max_runtime`` at least 1 s), channel
+    names, channels used but not configured, email addresses (no line breaks
+    or control characters) and recipients, ports, and a ``secret_key`` that
+    fits unencoded in a URL.  A config without alerts loads, watching nothing.
+    Messages look like
     ``caduceus.toml: alerts.backups.every: expected a duration ..., got "soon"``.
     """
     if tomllib is None:
         raise ConfigError("reading the config needs Python 3.11+, or the tomli package "
                           "on older Pythons: pip install tomli")
-    try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data = _read_toml(path)
 
     top = _Table(path, "", data)
     settings = _Table(path, "config", top.take("config", "a table", _table, {}))
-    secret_key = settings.take("secret_key", "a string", _string, "")
+    secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     settings.finish()
 
@@ -975,7 +1002,8 @@ def load_config(path: str) -> Config:
         section.finish()
     alerting.finish(extra_known=("email", "telegram"))
 
-    alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table))
+    # No alerts is a valid, if idle, config (main warns): a new install starts so.
+    alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table, {}))
     default_channels = alerts.take("default_channels", "a list of channel names", _channel_list, ("email",))
     checks = {}
     for name, table in alerts.data.items():
@@ -990,6 +1018,27 @@ def load_config(path: str) -> Config:
     top.finish()
     return Config(checks=checks, secret_key=secret_key, email=email_conf,
                   telegram=telegram_conf, path=path)
+
+
+def _read_toml(path: str) -> dict:
+    """The parsed TOML file: UTF-8, with or without a byte order mark."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    # Windows editors save a byte order mark, which TOML does not allow.
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: expected a UTF-8 text file, got byte 0x{raw[exc.start]:02x} on line "
+                          f"{line} (save the config as UTF-8)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
 def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, ...],
@@ -2509,6 +2558,8 @@ def main(argv: list[str] | None = None) -> int:
     config = _load_config_or_say(args.config)
     if config is None:
         return 2
+    if not config.checks:
+        log.warning("no alerts configured in %s; nothing is watched", args.config)
     try:
         lock = _lock_instance(args.db)
     except CaduceusError as exc:

@@ -761,6 +761,28 @@ class ConfigTest(unittest.TestCase):
         config = config_from(self, CONSOLE_CONFIG)
         self.assertNotIn("default_channels", config.checks)
 
+    def test_secret_key_must_fit_unencoded_in_a_url(self):
+        for key, shown in [("Sekr3t/x", '"/"'), ("Sekr3t?x", '"?"'), ("Sekr3t#x", '"#"'),
+                           ("Sekr3t x", '" "'), ("Sekr3t%41", '"%"'), ("Sekr3t&x", '"&"'),
+                           ("Sekr3t+x", '"+"'), ("Sekr3t\\nx", '"\\n"'), ("Sekr3t\\tx", '"\\t"'),
+                           ("p\u00e4ssSekr3t", '"\\u00e4"'), ('Sekr3t\\"x', '"\\""'),
+                           ("Sekr3t<x>", '"<", ">"')]:
+            with self.subTest(key=key):
+                message = self.assertConfigError(f"""
+                    [config]
+                    secret_key = "{key}"
+                    [alerts.job]
+                    every = "1h"
+                    channels = ["console"]
+                """, "config.secret_key: expected letters, digits and - . _ ~ ! $ ' ( ) * , ; : @ = only",
+                    "/ping/KEY/name and ?key=KEY", f"got a key containing {shown}")
+                self.assertNotIn("Sekr3t", message)
+        config = config_from(self, """
+            [config]
+            secret_key = "Az09-._~!$'()*,;:@="
+        """)
+        self.assertEqual(config.secret_key, "Az09-._~!$'()*,;:@=")
+
     def test_secrets_do_not_show_in_the_config_repr(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
         for secret in ("somelongkey", "mypassword", "123456:ABCDEF"):
@@ -886,6 +908,28 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
         """, "alerting.email.from_addr:", "email address", '"caduceus"')
 
+    def test_email_addresses_with_line_breaks_or_control_characters_are_refused(self):
+        # Each would pass as an address and then fail every email (or add a header).
+        for key, line in [
+            ("alerting.email.recipient_emails", 'recipient_emails = ["ops@example.com\\n"]'),
+            ("alerting.email.recipient_emails", 'recipient_emails = ["Ops\\u0007 <ops@example.com>"]'),
+            ("alerting.email.from_addr", 'from_addr = "Caduceus <c@example.com>\\r\\nBcc: x@example.com"'),
+            ("alerting.email.from_addr", 'from_addr = "c@example.com\\u2028"'),
+            ("alerts.job.recipient_emails", 'recipient_emails = ["\\tdev@example.com"]'),
+        ]:
+            with self.subTest(line=line):
+                section, _, _ = key.rpartition(".")
+                settings = {"alerting.email": "", "alerts.job": ""}
+                settings[section] = line
+                self.assertConfigError(f"""
+                    [alerting.email]
+                    {settings["alerting.email"] or 'recipient_emails = ["ops@example.com"]'}
+                    {'from_addr = "c@example.com"' if "from_addr" not in line else ""}
+                    [alerts.job]
+                    every = "1h"
+                    {settings["alerts.job"]}
+                """, f"{key}: expected an email address without line breaks or control characters, got")
+
     def test_email_alert_needs_recipients_somewhere(self):
         self.assertConfigError("""
             [alerting.email]
@@ -916,11 +960,54 @@ class ConfigTest(unittest.TestCase):
             job = "1h"
         """, "alerts.job:", "a table")
 
-    def test_alerts_section_is_required(self):
-        self.assertConfigError("""
+    def test_a_config_without_alerts_loads_and_watches_nothing(self):
+        for text in ["""
             [config]
             secret_key = "x"
-        """, "alerts: missing")
+        """, """
+            [alerts]
+            default_channels = ["console"]
+        """, ""]:
+            with self.subTest(text=text):
+                self.assertEqual(dict(config_from(self, text).checks), {})
+
+    def test_main_warns_when_no_alerts_are_configured(self):
+        directory = temp_dir(self)
+        path = write_config(self, """
+            [alerts]
+            default_channels = ["console"]
+        """, directory)
+        # A taken port makes main return right after the config is read.
+        with socket.create_server(("127.0.0.1", 0)) as taken, \
+                contextlib.redirect_stderr(io.StringIO()), self.assertLogs("caduceus", "WARNING") as logs:
+            caduceus.main(["-c", path, "-b", os.path.join(directory, "db.sqlite3"),
+                           "-i", "127.0.0.1", "-p", str(taken.getsockname()[1])])
+        self.assertIn(f"no alerts configured in {path}; nothing is watched", "\n".join(logs.output))
+
+    def write_bytes(self, data: bytes) -> str:
+        path = os.path.join(temp_dir(self), "caduceus.toml")
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def test_a_file_that_is_not_utf8_is_one_clear_error(self):
+        text = '[alerts.caf\u00e9]\nevery = "1h"\nchannels = ["console"]\n'
+        for kind, data, line in [("UTF-16", text.encode("utf-16"), 1),
+                                 ("Latin-1", text.encode("latin-1"), 1),
+                                 ("binary", b"[alerts]\n\x89PNG\r\n\x1a\n\x00\x00\xff\xd8", 2)]:
+            with self.subTest(kind=kind):
+                path = self.write_bytes(data)
+                with self.assertRaises(caduceus.ConfigError) as caught:
+                    caduceus.load_config(path)
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(f"{path}: expected a UTF-8 text file, got byte 0x"), message)
+                self.assertIn(f"on line {line}", message)
+                self.assertNotIn("\n", message)
+
+    def test_a_utf8_byte_order_mark_is_accepted(self):
+        text = '[alerts."caf\u00e9"]\nevery = "1h"\nchannels = ["console"]\n'
+        config = caduceus.load_config(self.write_bytes(text.encode("utf-8-sig")))
+        self.assertEqual(list(config.checks), ["caf\u00e9"])
 
     def test_malformed_toml_gives_the_line(self):
         self.assertConfigError("""
@@ -1927,21 +2014,21 @@ class HTTPTest(unittest.TestCase):
     def test_an_odd_secret_is_masked_whole_and_requests_cannot_forge_log_lines(self):
         self.start("""
             [config]
-            secret_key = "s3c ret&x"
+            secret_key = "s3c!ret$x"
             [alerts]
             default_channels = ["console"]
             [alerts.job]
             every = "1h"
         """)
         with self.assertLogs("caduceus", "DEBUG") as logs:
-            self.assertEqual(self.request("GET", "/reset/job/?key=s3c%20ret%26x")[0], 200)
-            self.assertEqual(self.request("GET", "/ping/s3c%20ret%26x/job")[0], 200)
+            self.assertEqual(self.request("GET", "/reset/job/?key=s3c%21ret%24x")[0], 200)
+            self.assertEqual(self.request("GET", "/ping/s3c%21ret%24x/job")[0], 200)
             self.request("GET", "/ping//s3c-rex/job")
             with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
                 sock.sendall(b"GET /x%0A2026-11-24 WARNING job: down: forged HTTP/1.1\r\n\r\n")
                 sock.recv(1024)
         text = "\n".join(logs.output)
-        for fragment in ("s3c", "ret&x", "ret%26x", "rex"):
+        for fragment in ("s3c", "ret$x", "ret%24x", "rex"):
             self.assertNotIn(fragment, text)
         self.assertFalse([line for line in text.splitlines() if line.startswith("2026-11-24")])
         self.assertIn("\\x0a2026-11-24 WARNING", text)
