@@ -33,7 +33,7 @@ Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
                                       # schedule = "0 3 * * *" with timezone = "Europe/Athens"
     grace = "30m"                     # default 0
     max_runtime = "2h"                # a started run must finish within this
-    notify_every = "6h"               # reminder cadence while down; default: every
+    notify_every = "6h"               # reminder cadence while down; default: every (10s at least)
     channels = ["email", "console"]   # default: default_channels
 
 HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
@@ -58,6 +58,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import decimal
 import difflib
 import email.message
 import email.utils
@@ -158,21 +159,58 @@ class NotifyError(CaduceusError):
 # Durations and schedules #####################################################
 ###############################################################################
 
-_UNIT_SECONDS = {}
-for _names, _seconds in (
-    (("w", "wk", "wks", "week", "weeks"), 7 * 86400),
-    (("d", "day", "days"), 86400),
-    (("h", "hr", "hrs", "hour", "hours"), 3600),
-    (("m", "min", "mins", "minute", "minutes"), 60),
-    (("s", "sec", "secs", "second", "seconds"), 1),
-):
-    for _name in _names:
-        _UNIT_SECONDS[_name] = _seconds
-del _names, _seconds, _name
+#: Seconds per unit, in the order 0.0.11 (pytimeparse 1.1.10) added them up.
+_UNIT_SECONDS = {"weeks": 7 * 86400, "days": 86400, "hours": 3600, "mins": 60, "secs": 1}
 
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_TERM = re.compile(rf"\s*({_NUMBER})\s*([a-z]+)\s*(?:,|and\b)?")
-_CLOCK = re.compile(rf"(?:(\d+)\s*d(?:ays?)?\s*,?\s*)?(\d+(?::\d+){{1,3}}(?:\.\d+)?)")
+#: How each unit may be written: pytimeparse 1.1.10's spellings, any case.
+_UNIT_WORDS = {
+    "weeks": "weeks?|wks?|w",
+    "days": "days?|dys?|d",
+    "hours": "hours?|hrs?|h",
+    "mins": "minutes?|mins?|m",
+    "secs": "seconds?|secs?|s",
+}
+
+
+def _unit_term(unit: str) -> str:
+    """An optional ``"<number> <unit>"`` with an optional "," or "/" after it, as 0.0.11 read it."""
+    return rf"(?:(?P<{unit}>[\d.]+)\s*(?:{_UNIT_WORDS[unit]})\s*(?:[,/]\s*)?)?"
+
+
+_CLOCK_SECONDS = r"(?P<secs>\d{2}(?:\.\d+)?)"
+
+#: The forms Caduceus 0.0.11 read (through pytimeparse 1.1.10), each matched
+#: whole, after an optional sign.  ``[\d.]+`` is its number: one such as
+#: "1.2.3" matches here and is then refused when it is converted.
+_DURATION_FORMS = tuple(re.compile(rf"\s*{form}\s*", re.IGNORECASE) for form in (
+    # "1w 3d 2h 32m 5s", "5 hours, 34 minutes", "1.5h": units in this order.
+    rf"{_unit_term('weeks')}\s*{_unit_term('days')}\s*{_unit_term('hours')}\s*"
+    rf"{_unit_term('mins')}\s*(?:(?P<secs>[\d.]+)\s*(?:{_UNIT_WORDS['secs']}))?",
+    rf"(?P<mins>\d{{1,2}}):{_CLOCK_SECONDS}",  # "4:13", minutes and seconds
+    # "4:13:02", "2 days, 4:13:02", "1w 1:00:00"
+    rf"{_unit_term('weeks')}\s*{_unit_term('days')}\s*"
+    rf"(?P<hours>\d+):(?P<mins>\d{{2}}):{_CLOCK_SECONDS}",
+    # "2:04:13:02", "1-04:18:35"
+    rf"(?P<days>\d+)[:-](?P<hours>\d{{2}}):(?P<mins>\d{{2}}):{_CLOCK_SECONDS}",
+    rf":{_CLOCK_SECONDS}",  # ":13"
+))
+
+#: Forms 0.0.11 refused that Caduceus also reads, none of them ambiguous: a bare
+#: number of seconds ("90"), and clocks with fields of any width ("1:2",
+#: "123:45", "1:2:3", "2 days, 4:1:2", "1:2:3:4").
+_EXTRA_DURATION_FORMS = tuple(re.compile(rf"\s*{form}\s*", re.IGNORECASE) for form in (
+    r"(?P<secs>[\d.]+)",
+    r"(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+    rf"(?:(?P<days>\d+)\s*(?:{_UNIT_WORDS['days']})\s*,?\s*)?"
+    r"(?P<hours>\d+):(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+    r"(?P<days>\d+):(?P<hours>\d+):(?P<mins>\d+):(?P<secs>\d+(?:\.\d+)?)",
+))
+
+#: Also read: unit terms in any order, and "and" between them ("30m and 1h").
+_ANY_ORDER_TERM = re.compile(
+    r"\s*([\d.]+)\s*(?:%s)(?![^\W\d_])\s*(?:(?:[,/]|and\b)\s*)?"
+    % "|".join(f"(?P<{unit}>{words})" for unit, words in _UNIT_WORDS.items()),
+    re.IGNORECASE)
 
 #: Longer durations are surely typos (and would overflow dates).
 MAX_DURATION_S = 3650 * 86400.0
@@ -182,53 +220,73 @@ DURATION_HINT = 'a duration such as "90s", "1h30m", "2 days" or "1:30:00"'
 
 
 def parse_duration(text: str) -> float:
-    """Return the seconds in a duration written as Caduceus 0.0.11 accepted it.
+    """Return the seconds in a duration, read as Caduceus 0.0.11 read it.
 
-    Accepts unit terms in any combination (``"1h30m"``, ``"1.5h"``,
-    ``"2 days, 4 hours"``, ``"90 minutes"``; units w, d, h, m, s and their
-    long forms), clock forms (``"4:13"`` is m:s, ``"1:30:00"`` h:m:s,
-    ``"2:04:13:02"`` d:h:m:s, optionally after ``"2 days,"``), and a bare
-    number of seconds (``"90"``).  Raises ``ValueError`` for anything else and
-    for durations that are not positive.
+    0.0.11 used pytimeparse 1.1.10, and every duration it read gives the same
+    seconds here: unit terms in the order weeks, days, hours, minutes, seconds
+    (``"1h30m"``, ``"1.5h"``, ``"2 days, 4 hours"``, ``"1w 3d 2h 32m"``; units
+    w/wk/week, d/dy/day, h/hr/hour, m/min/minute, s/sec/second and their
+    plurals; "," or "/" between terms), clocks (``"4:13"`` is m:ss,
+    ``"1:30:00"`` h:mm:ss, ``"2:04:13:02"`` and ``"1-04:18:35"`` d:hh:mm:ss,
+    ``":13"`` seconds, ``"2 days, 4:13:02"``, ``"1w 1:00:00"``), each after an
+    optional ``+``.  As there, fractional units with whole seconds drop the
+    fraction of a second (``"1.33333h"`` is 4799 s).  Also read: a bare number
+    of seconds (``"90"``), unit terms in any order or joined by "and", and
+    clock fields of any width.  Raises ``ValueError`` for anything else and for
+    durations that are not positive (a leading ``-``) or longer than 10 years.
     """
-    cleaned = text.strip().lower()
-    seconds = _parse_duration(cleaned)
+    seconds = _parse_duration(text)
     if seconds is None:
         raise ValueError(f"expected {DURATION_HINT}, got {json.dumps(text)}")
     if seconds <= 0:
         raise ValueError(f"expected a positive duration, got {json.dumps(text)}")
     if seconds > MAX_DURATION_S:
         raise ValueError(f"expected a duration of at most 10 years, got {json.dumps(text)}")
-    return seconds
+    return float(seconds)
 
 
-def _parse_duration(text: str) -> float | None:
-    if re.fullmatch(_NUMBER, text):
-        return float(text)
-    clock = _CLOCK.fullmatch(text)
-    if clock:
-        days = int(clock.group(1) or 0)
-        fields = [float(part) for part in clock.group(2).split(":")]
-        if days and len(fields) == 4:
-            return None
-        total = 0.0
-        for value, unit in zip(reversed(fields), (1, 60, 3600, 86400)):
-            total += value * unit
-        return total + days * 86400
-    total = 0.0
-    seen = set()
+def _parse_duration(text: str) -> int | float | None:
+    """The signed seconds in ``text`` (an int when 0.0.11 gave one), or None."""
+    signed = re.fullmatch(r"\s*([+-]?)(.*)", text, re.DOTALL)
+    sign = -1 if signed.group(1) == "-" else 1
+    body = signed.group(2)
+    for form in _DURATION_FORMS + _EXTRA_DURATION_FORMS:
+        found = form.fullmatch(body)
+        if found and found.group().strip():
+            seconds = _add_up(found.groupdict())
+            if seconds is not None:
+                return sign * seconds
+    fields: dict[str, str] = {}
     position = 0
-    while position < len(text):
-        term = _DURATION_TERM.match(text, position)
-        if not term or term.group(2) not in _UNIT_SECONDS:
+    while position < len(body):
+        term = _ANY_ORDER_TERM.match(body, position)
+        if not term or term.lastgroup in fields:
             return None
-        unit = _UNIT_SECONDS[term.group(2)]
-        if unit in seen:
-            return None
-        seen.add(unit)
-        total += float(term.group(1)) * unit
+        fields[term.lastgroup] = term.group(1)
         position = term.end()
-    return total if seen else None
+    seconds = _add_up({unit: fields.get(unit) for unit in _UNIT_SECONDS}) if fields else None
+    return None if seconds is None else sign * seconds
+
+
+def _add_up(fields: dict[str, str | None]) -> int | float | None:
+    """Add up matched fields exactly as pytimeparse 1.1.10 did; None if a number is malformed.
+
+    All whole numbers: an int.  Whole (or no) seconds: the other units summed
+    in decimal and truncated to whole seconds, plus the seconds.  Fractional
+    seconds: a float sum, in unit order.
+    """
+    present = [(unit, number) for unit, number in fields.items() if number is not None]
+    try:
+        if all(number.isdigit() for _, number in present):
+            return sum(_UNIT_SECONDS[unit] * int(number, 10) for unit, number in present)
+        secs = fields.get("secs")
+        if secs is None or secs.isdigit():
+            whole = int(sum(_UNIT_SECONDS[unit] * decimal.Decimal(number)
+                            for unit, number in present if unit != "secs"))
+            return whole + (int(secs, 10) if secs else 0)
+        return sum(_UNIT_SECONDS[unit] * float(number) for unit, number in present)
+    except (ValueError, decimal.InvalidOperation):
+        return None
 
 
 def format_duration(seconds: float, parts: int = 4) -> str:
@@ -304,12 +362,18 @@ class CronSchedule:
     otherwise a day must match both (``0 0 */2 * mon`` runs on Mondays that fall
     on an odd day of the month).
 
-    Daylight saving time: each matching wall-clock time fires once.  A time the
-    clock skips when it springs forward fires at the instant of the jump (02:30
-    in New York on 2026-03-08 fires at 03:00 EDT), and skipped times that fall
-    in the same gap collapse into that one instant.  A time the clock shows
-    twice when it falls back fires at its first occurrence only, so
-    ``*/15 * * * *`` pauses for the repeated hour.
+    Daylight saving time, as Vixie cron, cronie and healthchecks.io's cronsim
+    treat it.  A *wildcard* schedule, one whose minute or hour field begins
+    with ``*`` (``*/15 * * * *``, ``45 * * * *``, ``0 */3 * * *``, ``@hourly``),
+    follows the clock as it is: a time the clock skips when it springs forward
+    does not fire at all (``45 * * * *`` in New York on 2026-03-08 fires at
+    01:45 EST and next at 03:45 EDT), and a time the clock shows twice when it
+    falls back fires both times, so the job keeps its real-time rhythm.  A
+    *fixed-time* schedule, any other (``30 2 * * *``, ``0 0-23/3 * * *``),
+    fires each matching wall-clock time once: a skipped time fires at the
+    instant of the jump (02:30 in New York on 2026-03-08 fires at 03:00 EDT),
+    skipped times in the same gap collapse into that one instant, and a
+    repeated time fires at its first occurrence only.
     """
 
     expression: str
@@ -320,6 +384,7 @@ class CronSchedule:
     weekdays: frozenset[int]  #: 0 is Sunday, 6 Saturday
     day_restricted: bool
     weekday_restricted: bool
+    wildcard: bool = False  #: minute or hour field begins with "*": see DST above
 
     @classmethod
     def parse(cls, expression: str) -> CronSchedule:
@@ -353,18 +418,43 @@ class CronSchedule:
             raise ValueError(f'cron expression "{expression}" never fires: '
                              f'no month in "{fields[3]}" has day '
                              f"{_join([str(day) for day in sorted(days)], 'or')}")
+        # cron's own test (MIN_STAR, HR_STAR): on the text, so "0-59 * * * *" is
+        # wildcard and "0 0-23 * * *" is not, though both run every hour.
+        wildcard = fields[0].startswith("*") or fields[1].startswith("*")
         return cls(expression, minutes, hours, days, months, weekdays,
-                   day_restricted, weekday_restricted)
+                   day_restricted, weekday_restricted, wildcard)
 
     def next_after(self, at: float, tz: datetime.tzinfo) -> float:
         """Return the first scheduled instant strictly after epoch seconds ``at``.
 
         Fields are read as wall-clock time in ``tz`` (a ``zoneinfo.ZoneInfo`` or
-        a fixed ``datetime.timezone``), with the daylight saving rule in the
+        a fixed ``datetime.timezone``), with the daylight saving rules in the
         class docstring.  Raises ``ValueError`` if nothing matches within 400
         years, which ``parse`` rules out.
         """
-        start = datetime.datetime.fromtimestamp(at, tz)
+        start_at = at
+        if self.wildcard:
+            # Inside the first run of a repeated hour the clock will show times
+            # before its current one again, and a wildcard job runs then too.
+            moment = datetime.datetime.fromtimestamp(at, tz)
+            start_at -= (moment.utcoffset() - moment.replace(fold=1).utcoffset()).total_seconds()
+        # Wall times up to start's own minute map to instants at or before `at`
+        # (the first instant of a wall time never runs backwards), so skip them.
+        best = None
+        for wall in self._walls_after(datetime.datetime.fromtimestamp(start_at, tz)):
+            instants = _wall_instants(wall) if self.wildcard else (_wall_to_epoch(wall),)
+            for fire_at in instants:
+                if fire_at > at and (best is None or fire_at < best):
+                    best = fire_at
+            # First instants rise with the wall time: no later wall time fires sooner.
+            if best is not None and instants and instants[0] >= best:
+                return best
+        if best is not None:
+            return best
+        raise ValueError(f'cron expression "{self.expression}" never fires')
+
+    def _walls_after(self, start: datetime.datetime) -> Iterator[datetime.datetime]:
+        """Yield matching wall times after ``start``'s minute, in order, for 400 years."""
         first_ordinal = start.toordinal()
         hours = sorted(self.hours)
         minutes = sorted(self.minutes)
@@ -375,21 +465,14 @@ class CronSchedule:
                 ordinal = datetime.date(day.year + day.month // 12, day.month % 12 + 1,
                                         1).toordinal()
                 continue
-            # Wall times up to start's own minute map to instants at or before
-            # `at` (the mapping never runs backwards), so the first day skips them.
             done = (start.hour, start.minute) if ordinal == first_ordinal else (-1, -1)
             if self._day_matches(day):
                 for hour in (hour for hour in hours if hour >= done[0]):
                     for minute in minutes:
-                        if (hour, minute) <= done:
-                            continue
-                        fire_at = _wall_to_epoch(datetime.datetime(
-                            day.year, day.month, day.day, hour, minute, tzinfo=tz))
-                        # Not yet after `at` only in the rest of a repeated hour.
-                        if fire_at > at:
-                            return fire_at
+                        if (hour, minute) > done:
+                            yield datetime.datetime(day.year, day.month, day.day, hour,
+                                                    minute, tzinfo=start.tzinfo)
             ordinal += 1
-        raise ValueError(f'cron expression "{self.expression}" never fires')
 
     def describe(self) -> str:
         """Return short English for the schedule, or ``"cron: <expression>"``.
@@ -502,8 +585,20 @@ def _parse_cron_value(text: str, field_text: str, index: int) -> int:
     return value
 
 
+def _wall_instants(wall: datetime.datetime) -> tuple[float, ...]:
+    """Every instant at which the clock in ``wall.tzinfo`` shows ``wall``, in order:
+    none for a time it skips, two for a time it repeats (the wildcard rule)."""
+    first = wall.replace(fold=0)
+    second = wall.replace(fold=1)
+    if first.utcoffset() == second.utcoffset():
+        return (first.timestamp(),)
+    if first.utcoffset() > second.utcoffset():
+        return (first.timestamp(), second.timestamp())
+    return ()
+
+
 def _wall_to_epoch(wall: datetime.datetime) -> float:
-    """Return when the clock in ``wall.tzinfo`` shows ``wall``, by CronSchedule's DST rule."""
+    """Return when the clock in ``wall.tzinfo`` shows ``wall``, by the fixed-time DST rule."""
     first = wall.replace(fold=0)
     second = wall.replace(fold=1)
     if first.utcoffset() >= second.utcoffset():
@@ -574,6 +669,14 @@ SCHEDULE_GRACE_S = 3600.0
 #: A success this long before a scheduled time (or a tenth of the gap between
 #: runs, if shorter) counts for that run: the job's clock may be a little ahead.
 SCHEDULE_EARLY_S = 60.0
+
+#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
+#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
+MIN_CADENCE_S = 1.0
+
+#: Without ``notify_every``, reminders come every ``every`` but at most this
+#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
+DEFAULT_NOTIFY_FLOOR_S = 10.0
 
 _REQUIRED = object()
 
@@ -739,10 +842,18 @@ def _duration(value: Any) -> float:
     return parse_duration(value)
 
 
+#: Characters that cannot go into an email header (nor into a log line).
+_CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
 def _address(value: Any) -> str:
     """An email address, plain or with a display name; it must contain an @."""
     if not isinstance(value, str):
         raise TypeError
+    if _CONTROL_CHARACTERS.search(value):
+        # A line break here would fail every email, or add a header to it.
+        raise ValueError(f"expected an email address without line breaks or control characters, "
+                         f"got {_show(value)}")
     addr = email.utils.parseaddr(value)[1]
     local, at, domain = addr.rpartition("@")
     if not (local and at and domain) or any(c.isspace() for c in addr):
@@ -756,8 +867,11 @@ def _address_list(value: Any) -> tuple[str, ...]:
     for item in value:
         try:
             _address(item)
-        except (TypeError, ValueError):
-            raise ValueError(f"expected email addresses containing @, got {_show(item)}") from None
+        except (TypeError, ValueError) as exc:
+            detail = str(exc)  # keep _address's own "expected ..." when it has one
+            if not detail.startswith("expected "):
+                detail = f"expected email addresses containing @, got {_show(item)}"
+            raise ValueError(detail) from None
     return tuple(value)
 
 
@@ -803,10 +917,35 @@ def _cron(value: Any) -> CronSchedule:
                          f"got {json.dumps(value)}: {exc}") from None
 
 
+def _cadence(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds < MIN_CADENCE_S:
+        raise ValueError(f"expected a duration of at least {MIN_CADENCE_S:g}s, got {_show(value)}")
+    return seconds
+
+
 def _non_negative_duration(value: Any) -> float:
-    if isinstance(value, str) and re.fullmatch(r"\s*0+\s*[a-z]*\s*", value.lower()):
+    if isinstance(value, str) and _parse_duration(value) == 0:
         return 0.0
     return _duration(value)
+
+
+#: What a secret_key may hold: characters that pass unencoded through both a
+#: path segment (/ping/KEY/name) and a query value (?key=KEY).  Not / ? # % & +
+#: (+ reads as a space in a query), spaces, quotes, brackets or non-ASCII.
+_SECRET_KEY_CHARACTERS = "-._~!$'()*,;:@="
+_SECRET_KEY = re.compile(rf"[A-Za-z0-9{re.escape(_SECRET_KEY_CHARACTERS)}]*")
+
+
+def _secret_key(value: Any) -> str:
+    key = _string(value)
+    if not _SECRET_KEY.fullmatch(key):
+        # Name the characters, never the key: this message is printed.
+        bad = sorted({c for c in key if not _SECRET_KEY.fullmatch(c)})
+        raise ValueError(f"expected letters, digits and {' '.join(_SECRET_KEY_CHARACTERS)} only, "
+                         f"as the key goes into URLs (/ping/KEY/name and ?key=KEY); got a key "
+                         f"containing {', '.join(json.dumps(c) for c in bad)}")
+    return key
 
 
 def _alert_name(file: str, name: str) -> str:
@@ -820,24 +959,22 @@ def load_config(path: str) -> Config:
     """Read and validate a Caduceus TOML file; raise ``ConfigError`` on any mistake.
 
     Everything is checked here, so a config that loads cannot fail later:
-    unknown keys, durations, channel names, channels used but not configured,
-    email addresses and recipients, ports.  Messages look like
+    the encoding (UTF-8, a byte order mark allowed), unknown keys, durations
+    (``every``, ``notify_every`` and ``max_runtime`` at least 1 s), channel
+    names, channels used but not configured, email addresses (no line breaks
+    or control characters) and recipients, ports, and a ``secret_key`` that
+    fits unencoded in a URL.  A config without alerts loads, watching nothing.
+    Messages look like
     ``caduceus.toml: alerts.backups.every: expected a duration ..., got "soon"``.
     """
     if tomllib is None:
         raise ConfigError("reading the config needs Python 3.11+, or the tomli package "
                           "on older Pythons: pip install tomli")
-    try:
-        with open(path, "rb") as file:
-            data = tomllib.load(file)
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    data = _read_toml(path)
 
     top = _Table(path, "", data)
     settings = _Table(path, "config", top.take("config", "a table", _table, {}))
-    secret_key = settings.take("secret_key", "a string", _string, "")
+    secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     settings.finish()
 
@@ -865,7 +1002,8 @@ def load_config(path: str) -> Config:
         section.finish()
     alerting.finish(extra_known=("email", "telegram"))
 
-    alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table))
+    # No alerts is a valid, if idle, config (main warns): a new install starts so.
+    alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table, {}))
     default_channels = alerts.take("default_channels", "a list of channel names", _channel_list, ("email",))
     checks = {}
     for name, table in alerts.data.items():
@@ -882,6 +1020,27 @@ def load_config(path: str) -> Config:
                   telegram=telegram_conf, path=path)
 
 
+def _read_toml(path: str) -> dict:
+    """The parsed TOML file: UTF-8, with or without a byte order mark."""
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    # Windows editors save a byte order mark, which TOML does not allow.
+    raw = raw[3:] if raw.startswith(b"\xef\xbb\xbf") else raw
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path}: expected a UTF-8 text file, got byte 0x{raw[exc.start]:02x} on line "
+                          f"{line} (save the config as UTF-8)") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
 def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, ...],
                 default_tz: datetime.tzinfo) -> CheckSpec:
     section = _Table(path, f"alerts.{name}", table)
@@ -892,7 +1051,7 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         schedule = section.take("schedule", "a cron schedule", _cron)
         section.known.append("every")
     else:
-        every_s = section.take("every", f'{DURATION_HINT} (or a cron schedule = "0 3 * * *")', _duration)
+        every_s = section.take("every", f'{DURATION_HINT} (or a cron schedule = "0 3 * * *")', _cadence)
         schedule = None
         section.known.append("schedule")
     tz = section.take("timezone", "an IANA time zone", _zone, default_tz)
@@ -916,8 +1075,9 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
         tz=tz,
         grace_s=section.take("grace", DURATION_HINT, _non_negative_duration, default_grace_s),
         early_s=early_s,
-        max_runtime_s=section.take("max_runtime", DURATION_HINT, _duration, None),
-        notify_every_s=section.take("notify_every", DURATION_HINT, _duration, period_s),
+        max_runtime_s=section.take("max_runtime", DURATION_HINT, _cadence, None),
+        notify_every_s=section.take("notify_every", DURATION_HINT, _cadence,
+                                    max(period_s, DEFAULT_NOTIFY_FLOOR_S)),
         channels=section.take("channels", "a list of channel names", _channel_list, default_channels),
         recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
     )
@@ -2502,6 +2662,8 @@ def main(argv: list[str] | None = None) -> int:
     config = _load_config_or_say(args.config)
     if config is None:
         return 2
+    if not config.checks:
+        log.warning("no alerts configured in %s; nothing is watched", args.config)
     try:
         lock = _lock_instance(args.db)
     except CaduceusError as exc:

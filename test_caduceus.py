@@ -138,17 +138,55 @@ CONSOLE_CONFIG = """
 
 
 class DurationParsingTest(unittest.TestCase):
-    def test_accepts_what_caduceus_0_0_11_accepted(self):
+    #: Every form in pytimeparse 1.1.10's README and tests (what Caduceus 0.0.11
+    #: read durations with), and the seconds it gave for each.
+    PYTIMEPARSE_FORMS = {
+        # README
+        "32m": 1920, "2h32m": 9120, "3d2h32m": 268320, "1w3d2h32m": 873120,
+        "1w 3d 2h 32m": 873120, "1 w 3 d 2 h 32 m": 873120, "4:13": 253, "4:13:02": 15182,
+        "4:13:02.266": 15182.266, "2:04:13:02.266": 187982.266, "1-04:18:35": 101915,
+        "1-04:18:35.25": 101915.25, "2 days,  4:13:02": 187982, "2 days,  4:13:02.266": 187982.266,
+        "5hr34m56s": 20096, "5 hours, 34 minutes, 56 seconds": 20096,
+        "5 hrs, 34 mins, 56 secs": 20096, "2 days, 5 hours, 34 minutes, 56 seconds": 192896,
+        "1.2 m": 72, "1.2 min": 72, "1.2 mins": 72, "1.2 minute": 72, "1.2 minutes": 72,
+        "172 hours": 619200, "172 hr": 619200, "172 h": 619200, "172 hrs": 619200,
+        "172 hour": 619200, "1.24 days": 107136, "5 d": 432000, "5 day": 432000,
+        "5 days": 432000, "5.6 wk": 3386880, "5.6 week": 3386880, "5.6 weeks": 3386880,
+        # its tests
+        "32min": 1920, "32mins": 1920, "32minute": 1920, "32minutes": 1920,
+        "32h": 115200, "32hr": 115200, "32hrs": 115200, "32hour": 115200, "32 h": 115200,
+        "32 min": 1920, "1 min": 60, "1 hours": 3600, "1 day": 86400, "1 sec": 1,
+        "16h32m64s": 16 * 3600 + 32 * 60 + 64, ":13": 13, "12-04:18:35": 1052315,
+        "1:04:18:35": 101915, "12:25:02": 44702, "04:18": 258, "0:02": 2, "7:02.223": 422.223,
+        "1.75 s": 1.75, "1.75 sec": 1.75, "1.75 secs": 1.75, "1.75 second": 1.75,
+        "1.75 seconds": 1.75, "32 m 1 s": 1921,
+        "1 hour\n2 minutes": 3720, "1 day\n 2:03:04": 93784, "\n1 minute\n\n": 60,
+        # fractional units with whole seconds: summed exactly, then whole seconds
+        "1.5m30s": 120, "0.5h10s": 1810, "0.5d1s": 43201, "0.5w1s": 302401, "4.1m": 246,
+        "4.1h": 14760, "8.2h": 29520, "1.13h": 4068, "0.7d": 60480, "2.3d": 198720,
+        "0.41w": 247968, "4.1 minutes": 246, "4.1h30s": 14790, "1.33333h": 4799,
+        "1.0001m": 60, "0.001h": 3,
+        # the rest of its grammar: dy/dys, weeks before a clock, "/" between terms
+        "1 dy": 86400, "2 dys": 172800, "1w 1:00:00": 608400, "1 day 2:03:04": 93784,
+        "1d/1:00:00": 90000, "1h/30m": 5400, "1h,": 3600, "1H": 3600, "5 MINUTES": 300,
+    }
+
+    def test_reads_every_duration_as_caduceus_0_0_11_did(self):
+        for text, seconds in self.PYTIMEPARSE_FORMS.items():
+            for sign in ("", "+", "+ ", " + "):
+                with self.subTest(text=sign + text):
+                    parsed = caduceus.parse_duration(sign + text)
+                    if isinstance(seconds, int):
+                        self.assertEqual(parsed, seconds)
+                    else:
+                        self.assertAlmostEqual(parsed, seconds, places=9)
+
+    def test_also_reads_forms_that_0_0_11_refused(self):
+        # Kept from Caduceus 1.0: none of them can mean anything else.
         table = {
-            "1s": 1, "90s": 90, "1m": 60, "1h": 3600, "1d": 86400, "1w": 604800,
-            "1h30m": 5400, "1.5h": 5400, "2 days": 172800, "90 minutes": 5400,
-            "1:30:00": 5400, "4:13": 253, "2:04:13:02": 2 * 86400 + 4 * 3600 + 13 * 60 + 2,
-            "2 days, 4:13:02": 2 * 86400 + 4 * 3600 + 13 * 60 + 2,
-            "5hr34m56s": 5 * 3600 + 34 * 60 + 56,
-            "5 hours, 34 minutes, 56 seconds": 5 * 3600 + 34 * 60 + 56,
-            "1w 3d 2h 32m": 7 * 86400 + 3 * 86400 + 2 * 3600 + 32 * 60,
-            "1.2 mins": 72, "172 hrs": 172 * 3600, "5.5 weeks": 5.5 * 604800,
-            " 10m ": 600, "1H": 3600, "90": 90, "0.5s": 0.5,
+            "90": 90, "0.5": 0.5, " 10m ": 600, "1h and 30m": 5400, "30m 1h": 5400,
+            "2 days and 4 hours": 187200, "1:2": 62, "123:45": 7425, "1:30:0": 5400,
+            "2 days, 4:1:2": 2 * 86400 + 4 * 3600 + 62, "1:2:3:4": 86400 + 7200 + 184, "5s,": 5,
         }
         for text, seconds in table.items():
             with self.subTest(text=text):
@@ -156,10 +194,24 @@ class DurationParsingTest(unittest.TestCase):
 
     def test_rejects_nonsense_and_non_positive_durations(self):
         for text in ["", "soon", "1 fortnight", "h", "1h1h", "1h 2x", "-5m", "0s", "0", "1::2", "1.2.3h",
-                     "100000000w"]:
-            with self.subTest(text=text), self.assertRaises(ValueError) as caught:
-                caduceus.parse_duration(text)
-            self.assertIn(json.dumps(text), str(caught.exception))
+                     "100000000w",
+                     # refused by 0.0.11 too
+                     "1--04:18:35", "1-4:18:35", "1-04:18", "1-04:18:35 extra", "1.5-04:18:35",
+                     "1-04-18:35", "1-04:18-35", "32 m - 1 s", "32 m + 1 s", "|5m", "| 5m", "|1:24",
+                     "invalid\ninput", "1 hour\ninvalid", "1\n2h", "++5m", "+", ":5", "1:2:3:4:5",
+                     "1 hand 2m", "2 minsand 3s",
+                     # negative or zero in 0.0.11: a duration here must be positive
+                     "-32m", "- 32 m 1 s", "-1-04:18:35", "-:13", "0-00:00:00", "0.0001h",
+                     # "uptime" writes h:mm after days: m:ss here would mislead
+                     "2 days, 4:13"]:
+            with self.subTest(text=text):
+                with self.assertRaises(ValueError) as caught:
+                    caduceus.parse_duration(text)
+                self.assertIn(json.dumps(text), str(caught.exception))
+
+    def test_a_leading_minus_is_not_positive(self):
+        with self.assertRaisesRegex(ValueError, 'expected a positive duration, got "-5m"'):
+            caduceus.parse_duration("-5m")
 
     def test_formats_durations_for_people(self):
         table = [(5400, 4, "1h 30m"), (93784, 4, "1d 2h 3m 4s"), (93784, 2, "1d 2h"),
@@ -222,14 +274,23 @@ def wall_clock(tz: datetime.tzinfo, start: float, end: float) -> list[tuple[int,
     return minutes
 
 
+def is_wildcard(expression: str) -> bool:
+    """cron's MIN_STAR/HR_STAR test, written out again: minute or hour begins with "*"."""
+    if expression.startswith("@"):
+        return expression.lower() == "@hourly"  # "0 * * * *"; the others are fixed times
+    fields = expression.split()
+    return fields[0].startswith("*") or fields[1].startswith("*")
+
+
 def brute_force_fires(schedule: CronSchedule, clock: list[tuple[int, int]]) -> list[float]:
     """An independent reference: the instants in ``clock`` at which the schedule fires.
 
-    Walks real minutes, keeping the latest wall time the clock has shown.  A
-    minute fires if the clock has just shown a newer wall time that matches:
-    after a fall-back it shows nothing new, after a spring-forward the whole
-    skipped stretch at once.  Start ``clock`` a few hours early: its first hours
-    cannot see a repeated hour that began before it.
+    A wildcard schedule fires at each real minute whose wall time matches.  A
+    fixed-time one walks real minutes, keeping the latest wall time the clock
+    has shown, and fires if the clock has just shown a newer wall time that
+    matches: after a fall-back it shows nothing new, after a spring-forward the
+    whole skipped stretch at once.  Start ``clock`` a few hours early: its first
+    hours cannot see a repeated hour that began before it.
     """
     day_ok_cache: dict[int, bool] = {}
 
@@ -250,6 +311,8 @@ def brute_force_fires(schedule: CronSchedule, clock: list[tuple[int, int]]) -> l
                 and wall_minute // 60 % 24 in schedule.hours
                 and day_ok(wall_minute // 1440))
 
+    if is_wildcard(schedule.expression):
+        return [float(now) for now, wall in clock[1:] if matches(wall)]
     fires = []
     newest = clock[0][1]
     for now, wall in clock[1:]:
@@ -330,8 +393,16 @@ class CronNextTest(unittest.TestCase):
         # New York spring forward: 02:00-02:59 is skipped and fires at the jump, 07:00Z.
         ("30 2 * * *", NEW_YORK, "2026-03-07T12:00:00Z", "2026-03-08T07:00:00Z"),
         ("30 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:30:00Z"),
-        ("*/15 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),
-        ("*/15 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:00:00Z"),  # once only
+        ("15,45 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),
+        ("15,45 2 * * *", NEW_YORK, "2026-03-08T07:00:00Z", "2026-03-09T06:15:00Z"),  # once only
+        # Wildcard schedules (minute or hour begins with "*") follow the clock as
+        # it is, as cron runs them: a skipped time does not fire at all...
+        ("*/15 2 * * *", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-09T06:00:00Z"),
+        ("45 * * * *", NEW_YORK, "2026-03-08T06:45:00Z", "2026-03-08T07:45:00Z"),  # 01:45 -> 03:45
+        ("0 */3 * * *", "Europe/Riga", "2026-03-28T22:00:00Z", "2026-03-29T03:00:00Z"),  # 00 -> 06
+        ("@hourly", NEW_YORK, "2026-03-08T06:00:00Z", "2026-03-08T07:00:00Z"),  # 01:00 -> 03:00
+        # ...while a step on a fixed start is a fixed time: 03:00 fires at the jump.
+        ("0 0-23/3 * * *", "Europe/Riga", "2026-03-28T22:00:00Z", "2026-03-29T01:00:00Z"),
         ("0 3 * * *", NEW_YORK, "2026-03-07T00:00:00Z", "2026-03-07T08:00:00Z"),  # -05
         ("0 3 * * *", NEW_YORK, "2026-03-07T08:00:00Z", "2026-03-08T07:00:00Z"),  # -04
         # New York fall back: 01:00-01:59 repeats; first occurrence (-04) only.
@@ -340,6 +411,14 @@ class CronNextTest(unittest.TestCase):
         ("30 1 * * *", NEW_YORK, "2026-11-01T06:10:00Z", "2026-11-02T06:30:00Z"),  # inside the repeat
         ("0 3 * * *", NEW_YORK, "2026-10-31T00:00:00Z", "2026-10-31T07:00:00Z"),  # -04
         ("0 3 * * *", NEW_YORK, "2026-10-31T07:00:00Z", "2026-11-01T08:00:00Z"),  # -05
+        # Wildcard schedules fire in both runs of the repeated hour.
+        ("*/15 * * * *", NEW_YORK, "2026-11-01T05:45:00Z", "2026-11-01T06:00:00Z"),  # 01:45 -> 01:00
+        ("10 * * * *", NEW_YORK, "2026-11-01T05:10:00Z", "2026-11-01T06:10:00Z"),  # 01:10 twice
+        ("10 * * * *", NEW_YORK, "2026-11-01T05:20:00Z", "2026-11-01T06:10:00Z"),
+        ("10 * * * *", NEW_YORK, "2026-11-01T06:10:00Z", "2026-11-01T07:10:00Z"),
+        ("*/20 1 * * *", NEW_YORK, "2026-11-01T05:40:00Z", "2026-11-01T06:00:00Z"),
+        ("*/20 1 * * *", NEW_YORK, "2026-11-01T06:40:00Z", "2026-11-02T06:00:00Z"),
+        ("30 * * * *", "America/Santiago", "2026-04-05T02:30:00Z", "2026-04-05T03:30:00Z"),  # 23:30 x2
         # Lord Howe moves by half an hour: 02:00-02:29 is skipped (jump at 15:30Z).
         ("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", "2026-10-03T15:30:00Z"),
         # Santiago moves at midnight: Sunday 00:00-00:59 is skipped, the jump is at 04:00Z.
@@ -404,18 +483,32 @@ class CronNextTest(unittest.TestCase):
         self.assertEqual(autumn, ["2026-10-31 03:00 -0400", "2026-11-01 03:00 -0500",
                                   "2026-11-02 03:00 -0500"])
 
-    def test_half_hourly_walk_across_fall_back_repeats_no_wall_time(self) -> None:
-        for tz_name, start, expected in [
-            (NEW_YORK, "2026-11-01T04:00:00Z",
-             ["04:30", "05:00", "05:30", "07:00", "07:30"]),   # 06:00Z and 06:30Z would repeat 01:xx
-            (ATHENS, "2026-10-25T00:00:00Z",
-             ["00:30", "02:00", "02:30", "03:00"]),              # 01:00Z, 01:30Z would repeat 03:xx
+    def test_fall_back_wildcard_keeps_real_time_and_fixed_time_fires_once(self) -> None:
+        for expression, tz_name, start, expected in [
+            ("*/30 * * * *", NEW_YORK, "2026-11-01T04:00:00Z",   # 01:00 and 01:30 twice
+             ["04:30", "05:00", "05:30", "06:00", "06:30", "07:00"]),
+            ("*/30 * * * *", ATHENS, "2026-10-25T00:00:00Z",     # 03:00 and 03:30 twice
+             ["00:30", "01:00", "01:30", "02:00"]),
+            ("0,30 1 * * *", NEW_YORK, "2026-11-01T04:00:00Z",   # first 01:00, 01:30 only
+             ["05:00", "05:30", "06:00"]),                        # then 2026-11-02 01:00 EST
         ]:
-            with self.subTest(tz=tz_name):
-                fires = walk("*/30 * * * *", tz_name, start, len(expected))
+            with self.subTest(expression=expression, tz=tz_name):
+                fires = walk(expression, tz_name, start, len(expected))
                 self.assertEqual([iso(t)[11:16] for t in fires], expected)
                 walls = [local(t, tz_name)[:16] for t in fires]
-                self.assertEqual(len(walls), len(set(walls)), walls)
+                self.assertEqual(len(set(walls)) < len(walls), is_wildcard(expression), walls)
+
+    def test_wildcard_job_is_not_late_after_spring_forward(self) -> None:
+        config = config_from(self, """
+            [alerts.riga]
+            schedule = "0 */3 * * *"
+            timezone = "Europe/Riga"
+            channels = ["console"]
+        """)
+        # Checked in at 00:00 EET; cron next runs it at 06:00 EEST (03:00 is skipped),
+        # so with the default hour of grace it is due at 07:00 EEST, not 05:00.
+        due = config.checks["riga"].due_after(at("2026-03-28T22:00:00Z"))
+        self.assertEqual(local(due, "Europe/Riga"), "2026-03-29 07:00 +0300")
 
     def test_every_minute_through_spring_forward_keeps_real_minutes(self) -> None:
         fires = walk("* * * * *", NEW_YORK, "2026-03-08T06:57:00Z", 4)
@@ -450,6 +543,16 @@ class CronParseTest(unittest.TestCase):
         self.assertEqual(schedule.weekdays, {5, 6, 0})
         self.assertFalse(schedule.day_restricted)
         self.assertTrue(schedule.weekday_restricted)
+
+    def test_wildcard_is_a_minute_or_hour_field_beginning_with_a_star(self) -> None:
+        for expression, wildcard in [("* * * * *", True), ("*/15 2 * * *", True),
+                                     ("30 * * * *", True), ("0 */3 * * *", True),
+                                     ("@hourly", True), ("30 2 * * *", False),
+                                     ("0 0-23/3 * * *", False), ("0-59 0-23 * * *", False),
+                                     ("5/20 9 * * *", False), ("@daily", False)]:
+            with self.subTest(expression=expression):
+                self.assertIs(CronSchedule.parse(expression).wildcard, wildcard)
+                self.assertIs(is_wildcard(expression), wildcard)
 
     def test_aliases_expand(self) -> None:
         for alias, expansion in [("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"),
@@ -543,7 +646,8 @@ class CronDescribeTest(unittest.TestCase):
 def dataclass_fields(schedule: CronSchedule) -> tuple:
     """Every field but the expression as written."""
     return (schedule.minutes, schedule.hours, schedule.days, schedule.months,
-            schedule.weekdays, schedule.day_restricted, schedule.weekday_restricted)
+            schedule.weekdays, schedule.day_restricted, schedule.weekday_restricted,
+            schedule.wildcard)
 
 
 def _transitions(tz: datetime.tzinfo, year: int) -> list[float]:
@@ -657,6 +761,28 @@ class ConfigTest(unittest.TestCase):
         config = config_from(self, CONSOLE_CONFIG)
         self.assertNotIn("default_channels", config.checks)
 
+    def test_secret_key_must_fit_unencoded_in_a_url(self):
+        for key, shown in [("Sekr3t/x", '"/"'), ("Sekr3t?x", '"?"'), ("Sekr3t#x", '"#"'),
+                           ("Sekr3t x", '" "'), ("Sekr3t%41", '"%"'), ("Sekr3t&x", '"&"'),
+                           ("Sekr3t+x", '"+"'), ("Sekr3t\\nx", '"\\n"'), ("Sekr3t\\tx", '"\\t"'),
+                           ("p\u00e4ssSekr3t", '"\\u00e4"'), ('Sekr3t\\"x', '"\\""'),
+                           ("Sekr3t<x>", '"<", ">"')]:
+            with self.subTest(key=key):
+                message = self.assertConfigError(f"""
+                    [config]
+                    secret_key = "{key}"
+                    [alerts.job]
+                    every = "1h"
+                    channels = ["console"]
+                """, "config.secret_key: expected letters, digits and - . _ ~ ! $ ' ( ) * , ; : @ = only",
+                    "/ping/KEY/name and ?key=KEY", f"got a key containing {shown}")
+                self.assertNotIn("Sekr3t", message)
+        config = config_from(self, """
+            [config]
+            secret_key = "Az09-._~!$'()*,;:@="
+        """)
+        self.assertEqual(config.secret_key, "Az09-._~!$'()*,;:@=")
+
     def test_secrets_do_not_show_in_the_config_repr(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
         for secret in ("somelongkey", "mypassword", "123456:ABCDEF"):
@@ -687,6 +813,64 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
             notify_every = "0s"
         """, "alerts.backups.notify_every:", "positive")
+
+    def test_cadence_below_one_second_is_refused(self):
+        for key, value in [("every", "0.0001s"), ("notify_every", "0.5s"), ("max_runtime", "0.999")]:
+            with self.subTest(key=key):
+                every = "" if key == "every" else 'every = "1h"'
+                self.assertConfigError(f"""
+                    [alerts.job]
+                    {every}
+                    {key} = "{value}"
+                    channels = ["console"]
+                """, f"alerts.job.{key}: expected a duration of at least 1s, got \"{value}\"")
+        config = config_from(self, """
+            [alerts.job]
+            every = "1s"
+            notify_every = "1s"
+            max_runtime = "1s"
+            channels = ["console"]
+        """)
+        job = config.checks["job"]
+        self.assertEqual((job.every_s, job.notify_every_s, job.max_runtime_s), (1, 1, 1))
+
+    def test_reminders_default_to_every_but_not_more_often_than_every_10s(self):
+        config = config_from(self, """
+            [alerts]
+            default_channels = ["console"]
+            [alerts.second]
+            every = "1s"
+            [alerts.five]
+            every = "5s"
+            [alerts.ten]
+            every = "10s"
+            [alerts.minute]
+            every = "1m"
+            [alerts.chosen]
+            every = "1s"
+            notify_every = "2s"
+            [alerts.cron]
+            schedule = "* * * * *"
+        """)
+        self.assertEqual({name: spec.notify_every_s for name, spec in config.checks.items()},
+                         {"second": 10, "five": 10, "ten": 10, "minute": 60, "chosen": 2, "cron": 60})
+
+    def test_grace_may_be_zero_in_any_form_but_not_junk(self):
+        for text in ["0", "0s", "0 minutes", "0:00", "+0h"]:
+            with self.subTest(grace=text):
+                config = config_from(self, f"""
+                    [alerts.job]
+                    every = "1h"
+                    grace = "{text}"
+                    channels = ["console"]
+                """)
+                self.assertEqual(config.checks["job"].grace_s, 0)
+        self.assertConfigError("""
+            [alerts.job]
+            every = "1h"
+            grace = "0xyz"
+            channels = ["console"]
+        """, "alerts.job.grace:", "expected a duration", '"0xyz"')
 
     def test_unknown_channel_is_refused(self):
         self.assertConfigError("""
@@ -724,6 +908,28 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
         """, "alerting.email.from_addr:", "email address", '"caduceus"')
 
+    def test_email_addresses_with_line_breaks_or_control_characters_are_refused(self):
+        # Each would pass as an address and then fail every email (or add a header).
+        for key, line in [
+            ("alerting.email.recipient_emails", 'recipient_emails = ["ops@example.com\\n"]'),
+            ("alerting.email.recipient_emails", 'recipient_emails = ["Ops\\u0007 <ops@example.com>"]'),
+            ("alerting.email.from_addr", 'from_addr = "Caduceus <c@example.com>\\r\\nBcc: x@example.com"'),
+            ("alerting.email.from_addr", 'from_addr = "c@example.com\\u2028"'),
+            ("alerts.job.recipient_emails", 'recipient_emails = ["\\tdev@example.com"]'),
+        ]:
+            with self.subTest(line=line):
+                section, _, _ = key.rpartition(".")
+                settings = {"alerting.email": "", "alerts.job": ""}
+                settings[section] = line
+                self.assertConfigError(f"""
+                    [alerting.email]
+                    {settings["alerting.email"] or 'recipient_emails = ["ops@example.com"]'}
+                    {'from_addr = "c@example.com"' if "from_addr" not in line else ""}
+                    [alerts.job]
+                    every = "1h"
+                    {settings["alerts.job"]}
+                """, f"{key}: expected an email address without line breaks or control characters, got")
+
     def test_email_alert_needs_recipients_somewhere(self):
         self.assertConfigError("""
             [alerting.email]
@@ -754,11 +960,54 @@ class ConfigTest(unittest.TestCase):
             job = "1h"
         """, "alerts.job:", "a table")
 
-    def test_alerts_section_is_required(self):
-        self.assertConfigError("""
+    def test_a_config_without_alerts_loads_and_watches_nothing(self):
+        for text in ["""
             [config]
             secret_key = "x"
-        """, "alerts: missing")
+        """, """
+            [alerts]
+            default_channels = ["console"]
+        """, ""]:
+            with self.subTest(text=text):
+                self.assertEqual(dict(config_from(self, text).checks), {})
+
+    def test_main_warns_when_no_alerts_are_configured(self):
+        directory = temp_dir(self)
+        path = write_config(self, """
+            [alerts]
+            default_channels = ["console"]
+        """, directory)
+        # A taken port makes main return right after the config is read.
+        with socket.create_server(("127.0.0.1", 0)) as taken, \
+                contextlib.redirect_stderr(io.StringIO()), self.assertLogs("caduceus", "WARNING") as logs:
+            caduceus.main(["-c", path, "-b", os.path.join(directory, "db.sqlite3"),
+                           "-i", "127.0.0.1", "-p", str(taken.getsockname()[1])])
+        self.assertIn(f"no alerts configured in {path}; nothing is watched", "\n".join(logs.output))
+
+    def write_bytes(self, data: bytes) -> str:
+        path = os.path.join(temp_dir(self), "caduceus.toml")
+        with open(path, "wb") as file:
+            file.write(data)
+        return path
+
+    def test_a_file_that_is_not_utf8_is_one_clear_error(self):
+        text = '[alerts.caf\u00e9]\nevery = "1h"\nchannels = ["console"]\n'
+        for kind, data, line in [("UTF-16", text.encode("utf-16"), 1),
+                                 ("Latin-1", text.encode("latin-1"), 1),
+                                 ("binary", b"[alerts]\n\x89PNG\r\n\x1a\n\x00\x00\xff\xd8", 2)]:
+            with self.subTest(kind=kind):
+                path = self.write_bytes(data)
+                with self.assertRaises(caduceus.ConfigError) as caught:
+                    caduceus.load_config(path)
+                message = str(caught.exception)
+                self.assertTrue(message.startswith(f"{path}: expected a UTF-8 text file, got byte 0x"), message)
+                self.assertIn(f"on line {line}", message)
+                self.assertNotIn("\n", message)
+
+    def test_a_utf8_byte_order_mark_is_accepted(self):
+        text = '[alerts."caf\u00e9"]\nevery = "1h"\nchannels = ["console"]\n'
+        config = caduceus.load_config(self.write_bytes(text.encode("utf-8-sig")))
+        self.assertEqual(list(config.checks), ["caf\u00e9"])
 
     def test_malformed_toml_gives_the_line(self):
         self.assertConfigError("""
@@ -2062,21 +2311,21 @@ class HTTPTest(unittest.TestCase):
     def test_an_odd_secret_is_masked_whole_and_requests_cannot_forge_log_lines(self):
         self.start("""
             [config]
-            secret_key = "s3c ret&x"
+            secret_key = "s3c!ret$x"
             [alerts]
             default_channels = ["console"]
             [alerts.job]
             every = "1h"
         """)
         with self.assertLogs("caduceus", "DEBUG") as logs:
-            self.assertEqual(self.request("GET", "/reset/job/?key=s3c%20ret%26x")[0], 200)
-            self.assertEqual(self.request("GET", "/ping/s3c%20ret%26x/job")[0], 200)
+            self.assertEqual(self.request("GET", "/reset/job/?key=s3c%21ret%24x")[0], 200)
+            self.assertEqual(self.request("GET", "/ping/s3c%21ret%24x/job")[0], 200)
             self.request("GET", "/ping//s3c-rex/job")
             with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
                 sock.sendall(b"GET /x%0A2026-11-24 WARNING job: down: forged HTTP/1.1\r\n\r\n")
                 sock.recv(1024)
         text = "\n".join(logs.output)
-        for fragment in ("s3c", "ret&x", "ret%26x", "rex"):
+        for fragment in ("s3c", "ret$x", "ret%24x", "rex"):
             self.assertNotIn(fragment, text)
         self.assertFalse([line for line in text.splitlines() if line.startswith("2026-11-24")])
         self.assertIn("\\x0a2026-11-24 WARNING", text)
@@ -2165,8 +2414,10 @@ class SweeperTest(unittest.TestCase):
             [alerts]
             default_channels = ["console"]
             [alerts.quick]
-            every = "0.2s"
+            every = "1s"
         """)
+        quick = dataclasses.replace(config.checks["quick"], every_s=0.2)  # below a config's floor: quick
+        config = dataclasses.replace(config, checks={"quick": quick})
         delivered = threading.Event()
         store = open_store(self, os.path.join(directory, "db.sqlite3"))
         monitor = caduceus.Monitor(store, config, {"console": lambda c, n: delivered.set()})
