@@ -2090,8 +2090,10 @@ class Sweeper:
 
 # The run wrapper ---------------------------------------------------------------
 
-#: How long one signal from ``run`` may take, and the first wait between its tries.
+#: How long one attempt of a signal from ``run`` may take, and the first wait between attempts.
 RUN_TIMEOUT_S, RUN_BACKOFF_S = 10.0, 1.0
+#: The largest --retries and --timeout the wrapper accepts.
+RUN_MAX_RETRIES, RUN_MAX_TIMEOUT_S = 100, 3600.0
 
 
 def _signal_url(url: str, signal_text: str) -> str:
@@ -2101,31 +2103,110 @@ def _signal_url(url: str, signal_text: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{signal_text}"))
 
 
-def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
-    """POST a signal, trying again on network errors and 5xx with doubling waits.
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a check-in URL, or None if it can."""
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "it contains a space or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number 0-65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "expected an http:// or https:// URL"
+    if not parts.hostname:
+        return "it has no host"
+    return None
 
-    Problems are reported on stderr, never raised: the job matters more than
-    its monitoring.
+
+def _post(url: str, body: bytes, timeout_s: float) -> tuple[str | None, bool]:
+    """POST once; return (None, _) on success, else (the problem, whether it is final:
+    an answer other than 5xx, or a request that cannot be made)."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+        return None, True
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code} {exc.reason}", exc.code < 500
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # Some of these messages quote the URL: mask the keys in them too.
+        return mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
+
+
+def _send_signal(url: str, body: bytes, retries: int, timeout_s: float, sleep: Callable[[float], Any],
+                 clock: Callable[[], float], may_try: Callable[[float], bool] = lambda ends_at: True) -> bool:
+    """POST a signal, trying again on network errors and 5xx after waits of 1 s, 2 s, 4 s...
+
+    All of it, waits included, ends within ``timeout_s * (retries + 1)``
+    seconds: an attempt gets what is left of that (at most ``timeout_s``), and
+    a retry whose wait would reach past it is not made.  ``may_try(ends_at)``
+    is asked before each attempt, with the time the attempt will end at the
+    latest; False ends the signal quietly.  Problems are reported on stderr,
+    never raised: the job matters more than its monitoring.
     """
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(RUN_BACKOFF_S * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data=body, method="POST", headers={
-            "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
+    give_up_at = clock() + timeout_s * (retries + 1)
+    attempts = 0
+    while attempts <= retries:
+        if attempts:
+            wait_s = RUN_BACKOFF_S * 2 ** (attempts - 1)
+            if clock() + wait_s >= give_up_at:
+                break
+            sleep(wait_s)
+        attempt_s = min(timeout_s, give_up_at - clock())
+        if attempt_s <= 0:
+            break
+        if not may_try(clock() + attempt_s):
+            return False
+        attempts += 1
+        problem, final = _post(url, body, attempt_s)
+        if problem is None:
             return True
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            problem, final = f"HTTP {exc.code} {exc.reason}", exc.code < 500
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            # Some of these messages quote the URL: mask the keys in them too.
-            problem, final = mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
         print(f"caduceus run: {mask_keys(url)}: {problem}", file=sys.stderr)
         if final:
             return False
+    print(f"caduceus run: {mask_keys(url)}: gave up after {_count(attempts, 'attempt')}", file=sys.stderr)
     return False
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 alert``, ``2 alerts``: the plural only when needed."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+class _StartSignal(threading.Thread):
+    """The start signal, sent in the background so a slow server never delays the job.
+
+    ``abandon()``, when the job has ended, stops it: no new attempt begins (a
+    wait between attempts ends at once), and the one in flight is waited for
+    only until its own timeout, so the start still arrives before the end
+    whenever it can.
+    """
+
+    def __init__(self, url: str, retries: int, timeout_s: float, clock: Callable[[], float]) -> None:
+        super().__init__(name="start signal", daemon=True)
+        self._args = (_signal_url(url, START), b"", retries, timeout_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._attempt_ends_at = -math.inf
+
+    def run(self) -> None:
+        _send_signal(*self._args, sleep=self._ended.wait, clock=self._clock, may_try=self._may_try)
+
+    def _may_try(self, ends_at: float) -> bool:
+        with self._lock:  # an attempt begins before abandon() looks, or not at all
+            if not self._ended.is_set():
+                self._attempt_ends_at = ends_at
+            return not self._ended.is_set()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._ended.set()
+            wait_s = self._attempt_ends_at - self._clock()
+        self.join(max(wait_s, 0.0))
 
 
 def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None:
@@ -2148,19 +2229,31 @@ def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None
                 return
 
 
-def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S) -> int:
+def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S,
+                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> int:
     """Run ``command`` between a start signal and its exit status; return that status.
 
     The command runs without a shell, with its output passed through as it
     comes; the last 10 KB of it go with the exit status.  A command killed by
     signal N counts as exit status 128+N, one that cannot be started as 127
-    (not found) or 126.  Monitoring trouble never changes what the command does.
+    (not found) or 126.  Monitoring trouble never changes what the command
+    does, and delays the wrapper's exit by at most ``timeout_s`` for the start
+    signal plus ``timeout_s * (retries + 1)`` for the exit status (see
+    _send_signal).  ``clock`` times the signals and ``sleep`` is the wait
+    between attempts of the exit status.
     """
-    # The start signal goes in the background: a slow server must not delay the job.
-    starting = threading.Thread(target=_send_signal, args=(_signal_url(url, START), b"", retries, timeout_s),
-                                daemon=True)
+    starting = _StartSignal(url, retries, timeout_s, clock)
     starting.start()
-    tail, lock = bytearray(), threading.Lock()
+    tail = bytearray()
+    status = _run_child(command, tail)
+    starting.abandon()  # the job has ended: its exit status is the news now
+    _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s, sleep, clock)
+    return status
+
+
+def _run_child(command: list[str], tail: bytearray) -> int:
+    """Run the command to its end, passing its output through and keeping its tail."""
+    lock = threading.Lock()
     # Ctrl-C reaches the whole process group, so the wrapper lets the command
     # decide and reports what it did.  SIGTERM (cron, timeout, systemd) is passed
     # on, also one that arrives before the command has started.  Both are Python
@@ -2185,48 +2278,86 @@ def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float
             message = f"caduceus run: cannot run {command[0]}: {exc.strerror or exc}\n"
             sys.stderr.write(message)
             tail += message.encode()
-            status = 127 if isinstance(exc, FileNotFoundError) else 126
-        else:
-            with process:
-                children.append(process)
-                for signum in terms:
-                    process.send_signal(signum)
-                # sys.stdout is None when the wrapper was started with fd 1 closed.
-                pumps = [threading.Thread(target=_pump, args=(process.stdout, getattr(sys.stdout, "buffer", None),
-                                                              tail, lock)),
-                         threading.Thread(target=_pump, args=(process.stderr, getattr(sys.stderr, "buffer", None),
-                                                              tail, lock))]
-                for pump in pumps:
-                    pump.start()
-                status = process.wait()
-                for pump in pumps:
-                    pump.join()
-            if status < 0:
-                status = 128 - status
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        with process:
+            children.append(process)
+            for signum in terms:
+                process.send_signal(signum)
+            # sys.stdout is None when the wrapper was started with fd 1 closed.
+            pumps = [threading.Thread(target=_pump, args=(process.stdout, getattr(sys.stdout, "buffer", None),
+                                                          tail, lock)),
+                     threading.Thread(target=_pump, args=(process.stderr, getattr(sys.stderr, "buffer", None),
+                                                          tail, lock))]
+            for pump in pumps:
+                pump.start()
+            status = process.wait()
+            for pump in pumps:
+                pump.join()
+        return 128 - status if status < 0 else status
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    starting.join()  # the start must arrive before the end
-    _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s)
-    return status
+
+
+class _RunArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one line, before anything runs."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"caduceus run: {message} (see --help)\n")
+
+
+def _retries_arg(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,3}", text) or int(text) > RUN_MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0-{RUN_MAX_RETRIES}, got {text!r}")
+    return int(text)
+
+
+def _timeout_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= RUN_MAX_TIMEOUT_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0 and at most {RUN_MAX_TIMEOUT_S:g}, got {text!r}")
+    return seconds
+
+
+def _run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Options and URL, then the command: everything after the first ``--``.
+
+    Without ``--``, the command starts after the URL, and an option there is an
+    error rather than the start of the command.
+    """
+    parser = _RunArgumentParser(
+        prog="caduceus.py run", usage="%(prog)s [--retries N] [--timeout SECONDS] URL -- COMMAND [ARGS...]",
+        description="Run a command and report its start, exit status and output.")
+    parser.add_argument("--retries", type=_retries_arg, default=3, metavar="N",
+                        help="tries again on network errors and 5xx, with doubling waits from 1s (default: 3)")
+    parser.add_argument("--timeout", type=_timeout_arg, default=RUN_TIMEOUT_S, metavar="SECONDS",
+                        help="for each attempt; all attempts of the exit status, waits included, "
+                             "end within SECONDS x (N + 1) (default: 10)")
+    parser.add_argument("url", help="the check-in URL, e.g. http://host:5000/reset/backups/?key=K")
+    if "--" in argv:
+        split = argv.index("--")
+        return parser.parse_args(argv[:split]), argv[split + 1:]
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args(argv)
+    if args.command[:1] and args.command[0].startswith("-"):
+        parser.error(f"got {args.command[0]!r} where the command should be: options go before the URL")
+    return args, args.command
 
 
 def _run_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="caduceus.py run", description="Run a command and report its start, exit status and output.")
-    parser.add_argument("--retries", type=int, default=3, metavar="N",
-                        help="tries again on network errors, with doubling waits from 1s (default: 3)")
-    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S, metavar="SECONDS",
-                        help="for each signal (default: 10)")
-    parser.add_argument("url", help="the check-in URL, e.g. http://host:5000/reset/backups/?key=K")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if urllib.parse.urlsplit(args.url).scheme not in ("http", "https"):
-        parser.error(f"expected an http(s) URL, got {json.dumps(mask_keys(args.url))}")
+    args, command = _run_args(argv)
+    problem = _url_problem(args.url)
+    if problem is not None:
+        print(f"caduceus run: bad URL {json.dumps(mask_keys(args.url))}: {problem}", file=sys.stderr)
+        return 2
     if not command:
-        parser.error("no command: run URL -- COMMAND [ARGS...]")
-    return run_command(args.url, command, max(args.retries, 0), args.timeout)
+        print("caduceus run: no command: run URL -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    return run_command(args.url, command, args.retries, args.timeout)
 
 
 # The check command -------------------------------------------------------------

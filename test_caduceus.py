@@ -2260,6 +2260,48 @@ class ScheduledAlertTest(unittest.TestCase):
 ###############################################################################
 
 
+class SignalStandIn(http.server.ThreadingHTTPServer):
+    """A Caduceus stand-in for the run wrapper: answers each signal ("start", "0", ...)
+    with the statuses in ``answers[signal]`` in turn, then 200; never answers those
+    in ``hanging``.  ``on_start`` runs when a start arrives, before the answer."""
+
+    daemon_threads = False  # server_close() waits for every handler
+
+    def __init__(self, answers: dict[str, list[int]] | None = None, hanging: tuple[str, ...] = ()) -> None:
+        super().__init__(("127.0.0.1", 0), SignalStandInHandler)
+        self.answers = answers or {}
+        self.hanging = hanging
+        self.on_start = lambda: None
+        self.released = threading.Event()  # ends a hanging request, at cleanup
+        self.signals: list[str] = []
+        self.lock = threading.Lock()
+
+    def url(self, key: str = "s3cret") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/reset/nightly/?key={key}"
+
+
+class SignalStandInHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        signal_text = self.path.split("?")[0].rsplit("/", 1)[1]
+        with self.server.lock:
+            self.server.signals.append(signal_text)
+            script = self.server.answers.get(signal_text)
+            status = script.pop(0) if script else 200
+        if signal_text == "start":
+            self.server.on_start()
+        if signal_text in self.server.hanging:
+            self.server.released.wait(WAIT_S)
+            self.close_connection = True
+            return
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format, *args):
+        pass
+
+
 class RunWrapperTest(unittest.TestCase):
     """``caduceus.py run URL -- COMMAND`` as a real process against a real server."""
 
@@ -2335,7 +2377,10 @@ class RunWrapperTest(unittest.TestCase):
         self.assertEqual(self.kinds()[-1], ("fail", 7))
 
     def test_the_command_still_answers_ctrl_c(self):
-        # Python leaves SIGINT ignored at start-up only if its parent ignored it.
+        # Python leaves SIGINT ignored at start-up only if its parent ignored it,
+        # as a suite started in the background does: spawn the wrapper from a
+        # handled SIGINT, which exec resets to the default, however we were started.
+        self.addCleanup(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, signal.default_int_handler))
         result = self.run_wrapper(self.url, sys.executable, "-c",
                                   "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
         self.assertEqual(result.stdout, b"False\n")
@@ -2372,6 +2417,100 @@ class RunWrapperTest(unittest.TestCase):
         self.assertEqual(caduceus._signal_url("http://h:5000/reset/backups/?key=K", "start"),
                          "http://h:5000/reset/backups/start?key=K")
         self.assertEqual(caduceus._signal_url("https://h/ping/K/backups", "3"), "https://h/ping/K/backups/3")
+
+    def test_options_after_the_url_are_options(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "run", self.url,
+                                 "--retries", "0", "--timeout", "5", "--", sys.executable, "-c", "pass"],
+                                capture_output=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(self.kinds(), [("start", None), ("success", 0)])
+
+    def test_usage_errors_are_one_line_and_nothing_runs(self):
+        marker = os.path.join(temp_dir(self), "ran")
+        command = [sys.executable, "-c", f"open({marker!r}, 'w').close()"]
+        for argv in (["http://[::1/x", "--", *command],
+                     ["http://127.0.0.1:99999/reset/nightly/?key=s3cret", "--", *command],
+                     ["ftp://127.0.0.1/reset/nightly/?key=s3cret", "--", *command],
+                     ["http:///reset/nightly/?key=s3cret", "--", *command],
+                     ["--timeout", "0", self.url, "--", *command],
+                     ["--timeout", "nan", self.url, "--", *command],
+                     ["--retries", "-1", self.url, "--", *command],
+                     ["--retries", "x", self.url, "--", *command],
+                     [self.url, "--retries", "0", *command],
+                     ["--bogus", self.url, "--", *command],
+                     [self.url, "--"]):
+            with self.subTest(argv=argv):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    try:
+                        code = caduceus.main(["run", *argv])
+                    except SystemExit as exc:
+                        code = exc.code
+                self.assertEqual(code, 2)
+                self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+                self.assertTrue(err.getvalue().startswith("caduceus run: "), err.getvalue())
+                self.assertNotIn("s3cret", err.getvalue())
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(self.kinds(), [])
+
+    def run_in_process(self, standin: SignalStandIn, *command: str, **options) -> tuple[int, str, list[float]]:
+        """run_command against ``standin``, its waits recorded on a fake clock, not slept."""
+        clock, waits = FakeClock(), []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            clock.advance(seconds)
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = caduceus.run_command(standin.url(), list(command or (sys.executable, "-c", "pass")),
+                                          sleep=sleep, clock=clock, **options)
+        return status, err.getvalue(), waits
+
+    def test_a_5xx_answer_is_tried_again_after_doubling_waits(self):
+        standin = serve(self, SignalStandIn({"0": [503, 503]}))
+        status, err, waits = self.run_in_process(standin, retries=3, timeout_s=5)
+        self.assertEqual(status, 0)
+        self.assertEqual(standin.signals, ["start", "0", "0", "0"])
+        self.assertEqual(waits, [1.0, 2.0])
+        self.assertEqual(err.count("HTTP 503"), 2, err)
+        self.assertNotIn("s3cret", err)
+        self.assertNotIn("gave up", err)
+
+    def test_a_4xx_answer_is_not_tried_again(self):
+        standin = serve(self, SignalStandIn({"0": [404]}))
+        status, err, waits = self.run_in_process(standin, retries=3, timeout_s=5)
+        self.assertEqual(status, 0)
+        self.assertEqual(standin.signals, ["start", "0"])
+        self.assertEqual(waits, [])
+        self.assertIn("HTTP 404", err)
+
+    def test_the_exit_status_gives_up_within_timeout_times_tries(self):
+        standin = serve(self, SignalStandIn({"5": [503] * 10}))
+        status, err, waits = self.run_in_process(standin, sys.executable, "-c", "raise SystemExit(5)",
+                                                 retries=3, timeout_s=1)
+        self.assertEqual(status, 5)
+        # 4 s in all: tries at 0 s, 1 s and 3 s; the next, after a wait of 4 s, would start too late.
+        self.assertEqual(waits, [1.0, 2.0])
+        self.assertEqual(standin.signals, ["start", "5", "5", "5"])
+        self.assertIn("caduceus run: http://127.0.0.1:", err)
+        self.assertIn("/reset/nightly/5?key=***: gave up after 3 attempts\n", err)
+
+    def test_a_start_without_an_answer_is_abandoned_when_the_job_ends(self):
+        standin = serve(self, SignalStandIn(hanging=("start",)))
+        self.addCleanup(standin.released.set)
+        # The job ends as soon as the start has arrived: the stand-in then lets it go.
+        with socket.create_server(("127.0.0.1", 0)) as gate:
+            gate.settimeout(WAIT_S)
+            standin.on_start = lambda: gate.accept()[0].close()
+            job = (f"import socket\nwith socket.create_connection(('127.0.0.1', {gate.getsockname()[1]}), "
+                   f"timeout={WAIT_S}) as s: s.recv(1)")
+            status, err, _ = self.run_in_process(standin, sys.executable, "-c", job, retries=3, timeout_s=0.5)
+        self.assertEqual(status, 0)
+        for thread in threading.enumerate():
+            if thread.name == "start signal":
+                thread.join(WAIT_S)
+        self.assertEqual(standin.signals, ["start", "0"], "no start is tried again once the job has ended")
 
 
 class CheckCommandTest(unittest.TestCase):
