@@ -1248,22 +1248,10 @@ class Store:
     # Caduceus 0.0.11 -------------------------------------------------------
 
     def legacy_state(self) -> dict[str, tuple[float | None, float | None]]:
-        """Read a Caduceus 0.0.11 database in the same file, without changing it.
-
-        Returns ``{alert: (last check-in, last failure notice)}`` as epoch
-        seconds; 0.0.11 wrote naive local times, read here in the local zone.
-        Empty when the file has no 0.0.11 tables.
-        """
-        tables = {row[0] for row in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        state: dict[str, tuple[float | None, float | None]] = {}
-        if "alert" in tables:
-            for row in self._all("SELECT alert_id, MAX(timestamp) AS at FROM alert GROUP BY alert_id"):
-                state[row["alert_id"]] = (_legacy_time(row["at"]), None)
-        if "notification" in tables:
-            for row in self._all("SELECT alert_id, timestamp FROM notification"):
-                last_ping_at = state.get(row["alert_id"], (None, None))[0]
-                state[row["alert_id"]] = (last_ping_at, _legacy_time(row["timestamp"]))
-        return state
+        """Read a Caduceus 0.0.11 database in the same file, without changing it
+        (see read_legacy_state)."""
+        with self._lock:
+            return read_legacy_state(self._conn)
 
     def import_legacy(self, name: str, status: str, last_ping_at: float | None,
                       down_at: float | None, notified_at: float | None) -> None:
@@ -1275,13 +1263,49 @@ class Store:
                           REASON_MISSED if status == DOWN else "", name))
 
 
-def _legacy_time(text: str | None) -> float | None:
+def read_legacy_state(conn: sqlite3.Connection) -> dict[str, tuple[float | None, float | None]]:
+    """Read the tables of Caduceus 0.0.11 through ``conn``, without changing them.
+
+    Returns ``{alert: (last check-in, last failure notice)}`` as epoch seconds
+    (None for none); 0.0.11 wrote naive local times, read here in the local
+    zone.  A row whose time cannot be read is skipped, so one bad row hides
+    no good one.  Empty when the file has no 0.0.11 tables.  The server (at
+    its first start) and ``check`` (before it) both read the file this way.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    latest: dict[str, dict[str, float]] = {"alert": {}, "notification": {}}
+    for table, times in latest.items():
+        if table not in tables:
+            continue
+        for alert_id, text in conn.execute(f"SELECT alert_id, timestamp FROM {table}"):
+            at = _legacy_time(text)
+            if at is not None and at > times.get(alert_id, -math.inf):
+                times[alert_id] = at
+    checked_in, notified = latest["alert"], latest["notification"]
+    return {name: (checked_in.get(name), notified.get(name)) for name in checked_in.keys() | notified.keys()}
+
+
+def _legacy_time(text: Any) -> float | None:
     if not text:
         return None
     try:
         return datetime.datetime.fromisoformat(str(text)).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # not a time, or one the platform cannot place
         return None
+
+
+def legacy_check_state(spec: CheckSpec, last_ping_at: float | None, notified_at: float | None
+                       ) -> tuple[str, float | None, float | None, float | None] | None:
+    """What an alert's 0.0.11 state means here: ``(status, last_ping_at, down_at,
+    notified_at)``, or None when there is nothing to take over.
+
+    A failure notice means down since its deadline (or the notice, if that
+    is earlier or there was no check-in); a check-in alone means up.
+    """
+    if notified_at is None:
+        return None if last_ping_at is None else (UP, last_ping_at, None, None)
+    down_at = spec.due_after(last_ping_at) if last_ping_at is not None else notified_at
+    return DOWN, last_ping_at, min(down_at, notified_at), notified_at
 
 
 ###############################################################################
@@ -1451,18 +1475,15 @@ class Monitor:
     def _import_legacy(self) -> None:
         for name, (last_ping_at, notified_at) in self.store.legacy_state().items():
             spec = self.config.checks.get(name)
-            if spec is None:
+            state = legacy_check_state(spec, last_ping_at, notified_at) if spec is not None else None
+            if state is None:
                 continue
-            if notified_at is None:
-                if last_ping_at is not None:
-                    self.store.import_legacy(name, UP, last_ping_at, None, None)
-                    log.info("%s: imported last check-in %s from Caduceus 0.0.11", name,
-                             format_time(last_ping_at))
-                continue
-            down_at = spec.due_after(last_ping_at) if last_ping_at is not None else notified_at
-            self.store.import_legacy(name, DOWN, last_ping_at, min(down_at, notified_at), notified_at)
-            log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
-                     format_time(notified_at))
+            self.store.import_legacy(name, *state)
+            if state[0] == UP:
+                log.info("%s: imported last check-in %s from Caduceus 0.0.11", name, format_time(last_ping_at))
+            else:
+                log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
+                         format_time(notified_at))
 
     # Signals ---------------------------------------------------------------
 
@@ -2363,11 +2384,12 @@ def _run_main(argv: list[str]) -> int:
 # The check command -------------------------------------------------------------
 
 
-def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
-    """The check rows of a database, read-only; {} when there is no such file, or
-    it has no Caduceus tables yet.  Raises sqlite3.Error if it cannot be read."""
+def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
+    """The check rows of a database, and the Caduceus 0.0.11 state the server
+    would import at its next start (see read_legacy_state), read-only; both {}
+    when there is no such file.  Raises sqlite3.Error if it cannot be read."""
     if not os.path.exists(db):
-        return {}
+        return {}, {}
     uri = f"file:{urllib.parse.quote(os.path.abspath(db))}"
     try:
         return _read_checks(f"{uri}?mode=ro")
@@ -2377,26 +2399,30 @@ def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
         return _read_checks(f"{uri}?immutable=1")
 
 
-def _read_checks(uri: str) -> dict[str, Mapping[str, Any]]:
+def _read_checks(uri: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "checks" not in tables:
-            return {}
-        return {row["name"]: row for row in conn.execute("SELECT * FROM checks")}
+        checks = {row["name"]: row for row in conn.execute("SELECT * FROM checks")} if "checks" in tables else {}
+        # The server imports 0.0.11's state while no alert is recorded (Monitor.start).
+        return checks, ({} if checks else read_legacy_state(conn))
 
 
-def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float) -> list[dict]:
-    """What ``check`` prints, per alert: schedule, channels, status and next deadline.
+def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
+                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[dict]:
+    """What ``check`` prints, per alert: schedule, channels, status (with the
+    reason, when down) and next deadline.
 
-    Alerts missing from ``rows`` are reported as if first seen at ``now``.
+    Alerts missing from ``rows`` are reported as the server would start them
+    at ``now``: with their Caduceus 0.0.11 state from ``legacy``, if any, or
+    as first seen.
     """
     report = []
     for spec in config.checks.values():
-        row = rows.get(spec.name) or {"status": NEW, "first_seen_at": now, "last_ping_at": None,
-                                      "started_at": None, "notified_at": None}
+        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
         event_at = next_event_at(spec, row)
-        due, reminder = (None, event_at) if row["status"] == DOWN else (event_at, None)
+        down = row["status"] == DOWN
+        due, reminder = (None, event_at) if down else (event_at, None)
         report.append({
             "name": spec.name,
             "schedule": spec.schedule.expression if spec.schedule else None,
@@ -2408,12 +2434,25 @@ def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: flo
             "notify_every": spec.notify_every_s,
             "channels": list(spec.channels),
             "status": row["status"],
+            "reason": (row["down_reason"] or REASON_MISSED) if down else None,
             "last_success": format_time(row["last_ping_at"]) if row["last_ping_at"] is not None else None,
             "next_due": format_time(due) if due is not None else None,
             "next_due_local": _local_time(due, spec.tz) if due is not None else None,
             "next_reminder": format_time(reminder) if reminder is not None else None,
         })
     return report
+
+
+def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
+    """The row the server would give an alert at its first start at ``now``."""
+    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
+           "down_at": None, "down_reason": ""}
+    state = legacy_check_state(spec, *legacy)
+    if state is not None:
+        status, last_ping_at, down_at, notified_at = state
+        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
+                   down_reason=REASON_MISSED if status == DOWN else "")
+    return row
 
 
 def _local_time(at: float, tz: datetime.tzinfo) -> str:
@@ -2447,24 +2486,39 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     if config is None:
         return 2
     try:
-        state = _read_state(args.db)
+        state, legacy = _read_state(args.db)
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return 2
-    report = check_report(config, state, clock())
-    if args.json:
+    report = check_report(config, state, clock(), legacy)
+    try:
+        _print_report(args.config, report, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As the Python docs advise (signal module, "Note on SIGPIPE"), for
+        # check | head: no traceback, and no second error when Python flushes
+        # stdout on its way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return 0
+
+
+def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"alerts": report}, indent=2))
-        return 0
-    print(f"{args.config}: OK, {len(report)} alerts")
+        return
+    print(f"{config_path}: OK, {_count(len(report), 'alert')}")
     for alert in report:
+        status = f"{alert['status']} ({alert['reason']})" if alert["reason"] else alert["status"]
         print(f"\n{alert['name']}: {alert['description']}")
         print(f"  channels:      {', '.join(alert['channels'])}")
-        print(f"  status:        {alert['status']}, last success {alert['last_success'] or 'never'}")
+        print(f"  status:        {status}, last success {alert['last_success'] or 'never'}")
         if alert["next_due"]:
             print(f"  next deadline: {alert['next_due_local']} ({alert['next_due']})")
         else:
             print(f"  next reminder: {alert['next_reminder']}")
-    return 0
 
 
 # The service -------------------------------------------------------------------

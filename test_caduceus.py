@@ -1083,6 +1083,14 @@ def make_legacy_db(path: str, checkins: dict, notifications: dict) -> None:
             conn.execute('INSERT INTO notification (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
 
 
+def add_bad_legacy_rows(path: str) -> None:
+    """Add rows whose times cannot be read, sorting after the good ones as text."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for table, name, value in (("alert", "hourly", "garbage"), ("alert", "hourly", "9999-99-99 99:99:99"),
+                                   ("alert", "hourly", 12345), ("notification", "backups", "yesterday")):
+            conn.execute(f"INSERT INTO {table} (alert_id, timestamp) VALUES (?, ?)", (name, value))
+
+
 class LegacyImportTest(unittest.TestCase):
     """Switching over from a Caduceus 0.0.11 database.sqlite3 in place."""
 
@@ -1129,6 +1137,19 @@ class LegacyImportTest(unittest.TestCase):
         store = open_store(self, db)
         caduceus.Monitor(store, config, {}, clock).start()
         self.assertEqual(store.check("hourly")["last_ping_at"], clock.now)
+
+    def test_a_row_with_a_bad_time_is_skipped_and_the_good_ones_imported(self):
+        clock = FakeClock()
+        db = os.path.join(temp_dir(self), "database.sqlite3")
+        make_legacy_db(db, {"hourly": [clock.now - 600, clock.now - 7000]}, {"backups": clock.now - 3600})
+        add_bad_legacy_rows(db)
+        store = open_store(self, db)
+        caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {}, clock).start()
+        hourly, backups = store.check("hourly"), store.check("backups")
+        self.assertEqual(hourly["status"], UP)
+        self.assertAlmostEqual(hourly["last_ping_at"], clock.now - 600, places=3)
+        self.assertEqual(backups["status"], DOWN)
+        self.assertAlmostEqual(backups["notified_at"], clock.now - 3600, places=3)
 
 
 ###############################################################################
@@ -2558,6 +2579,58 @@ class CheckCommandTest(unittest.TestCase):
         code, _, err = self.run_check("-c", path)
         self.assertEqual(code, 2)
         self.assertIn("alerts.job: give either every or schedule, not both", err)
+
+    def test_before_the_first_start_a_0_0_11_database_is_read_as_the_server_will_import_it(self):
+        directory = temp_dir(self)
+        config = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        now = float(int(time.time()))
+        make_legacy_db(db, {"hourly": [now - 7000, now - 600]}, {"backups": now - 3600})
+        add_bad_legacy_rows(db)
+        code, out, err = self.run_check("-c", config, "-b", db, "--json")
+        self.assertEqual((code, err), (0, ""))
+        alerts = {alert["name"]: alert for alert in json.loads(out)["alerts"]}
+        self.assertEqual(alerts["hourly"]["status"], "up")
+        self.assertEqual(alerts["hourly"]["last_success"], caduceus.format_time(now - 600))
+        self.assertEqual(alerts["hourly"]["next_due"], caduceus.format_time(now - 600 + 3600))
+        self.assertEqual((alerts["backups"]["status"], alerts["backups"]["reason"]), ("down", "missed deadline"))
+        self.assertEqual(alerts["backups"]["next_reminder"], caduceus.format_time(now - 3600 + 6 * 3600))
+        code, text, _ = self.run_check("-c", config, "-b", db)
+        self.assertIn("status:        down (missed deadline), last success never", text)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertEqual(tables, {"alert", "notification"}, "check changes nothing")
+
+    def test_shows_why_an_alert_is_down_and_counts_alerts_in_words(self):
+        directory = temp_dir(self)
+        config = write_config(self, """
+            [alerts.backups]
+            every = "1d"
+            channels = ["console"]
+        """, directory)
+        db = os.path.join(directory, "db.sqlite3")
+        with contextlib.closing(caduceus.Store(db)) as store:
+            monitor = caduceus.Monitor(store, caduceus.load_config(config), {}, FakeClock(time.time()))
+            monitor.start()
+            monitor.ping("backups", caduceus.Ping(caduceus.FAIL, 3))
+        code, text, _ = self.run_check("-c", config, "-b", db)
+        self.assertEqual(code, 0)
+        self.assertEqual(text.splitlines()[0], f"{config}: OK, 1 alert")
+        self.assertIn("status:        down (exit status 3), last success never", text)
+        code, out, _ = self.run_check("-c", config, "-b", db, "--json")
+        self.assertEqual(json.loads(out)["alerts"][0]["reason"], "exit status 3")
+
+    def test_a_closed_output_ends_check_quietly(self):
+        # caduceus.py check --json | head -1, with head gone before check writes.
+        directory = temp_dir(self)
+        config = write_config(self, LIFECYCLE_CONFIG, directory)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with open(write_end, "wb") as stdout:
+            result = subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "check", "-c", config,
+                                     "-b", os.path.join(directory, "db.sqlite3"), "--json"],
+                                    stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
 
 
 ###############################################################################
