@@ -1026,6 +1026,19 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 """
 
 
+def _create_private(path: str) -> None:
+    """Create an empty database file readable by its owner only, unless there is one.
+
+    It holds job output and client addresses, and SQLite gives the -wal and
+    -shm files the database file's permissions.  An existing file keeps its
+    own.  Any other problem is left for SQLite to report as it opens the file.
+    """
+    try:
+        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # FileExistsError is the usual case
+        pass
+
+
 class Store:
     """The SQLite file that holds all state.
 
@@ -1040,6 +1053,8 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self._depth = 0
+        if path not in ("", ":memory:"):
+            _create_private(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         try:
             self._conn.row_factory = sqlite3.Row
@@ -2467,6 +2482,15 @@ def _add_file_args(parser: argparse.ArgumentParser) -> None:
                         help="the SQLite database file (default: database.sqlite3)")
 
 
+def _usable_db_name(db: str) -> bool:
+    """False, after saying so on stderr, for a -b that SQLite would take as a
+    throwaway database rather than a file."""
+    if db in ("", ":memory:"):
+        print(f"caduceus: -b/--db: expected a database file name, got {json.dumps(db)}", file=sys.stderr)
+        return False
+    return True
+
+
 def _load_config_or_say(path: str) -> Config | None:
     """The config, or None after printing its one-line error on stderr."""
     try:
@@ -2482,6 +2506,8 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
+    if not _usable_db_name(args.db):
+        return 2
     config = _load_config_or_say(args.config)
     if config is None:
         return 2
@@ -2548,21 +2574,65 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 SHUTDOWN_WAIT_S = 10.0
 
 
-def _lock_instance(db: str) -> Any:
-    """Hold ``DB.lock`` for as long as the returned file is open.
+class _InstanceLock:
+    """Hold ``DB.lock`` until closed.
 
     Two services on one database would each forget the other's alerts and
-    send every notice twice; the second one is refused instead.  Where fcntl
-    is missing (Windows) nothing is locked.
+    send every notice twice; the second one is refused instead
+    (CaduceusError; OSError if the file cannot be opened).  The lock file
+    sits beside the database's real path, so a symlink to the database is
+    the same database, and is created readable by its owner only.  Closed
+    before ``keep()``, the lock removes the file if it created it: a failed
+    start changes nothing.  Where fcntl is missing (Windows) nothing is
+    locked or removed.
     """
-    lock = open(f"{db}.lock", "a")
-    if fcntl is not None:
+
+    def __init__(self, db: str) -> None:
+        self.path = os.path.realpath(db) + ".lock"
+        self._keep = False
+        while True:
+            self._created = False
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                self._created = True
+            except FileExistsError:
+                try:
+                    self._fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # removed by a failed start just now: try again
+                    continue
+            if fcntl is None or self._locked(db):
+                return
+
+    def _locked(self, db: str) -> bool:
+        """Take the lock on the open file: True, or False to start over because a
+        failed start removed the file meanwhile (its lock protects nothing)."""
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.close()
+            os.close(self._fd)
             raise CaduceusError(f"{db}: another Caduceus is already using this database") from None
-    return lock
+        try:
+            same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+        return same
+
+    def keep(self) -> None:
+        """The service has started: the lock file stays after close()."""
+        self._keep = True
+
+    def close(self) -> None:
+        if self._created and not self._keep and fcntl is not None:
+            os.unlink(self.path)  # still locked, so no one else is using it
+        os.close(self._fd)
+
+    def __enter__(self) -> _InstanceLock:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2578,13 +2648,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         return _check_main(argv[1:])
     args = _parse_args(argv)
+    if not _usable_db_name(args.db):
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     config = _load_config_or_say(args.config)
     if config is None:
         return 2
     try:
-        lock = _lock_instance(args.db)
+        lock = _InstanceLock(args.db)
     except CaduceusError as exc:
         print(f"caduceus: {exc}", file=sys.stderr)
         return 2
@@ -2605,6 +2677,7 @@ def main(argv: list[str] | None = None) -> int:
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
+            lock.keep()
             with contextlib.closing(store):
                 server.monitor = monitor = Monitor(store, config, NOTIFIERS)
                 monitor.start()

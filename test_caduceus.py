@@ -2699,6 +2699,67 @@ class MainTest(unittest.TestCase):
         self.assertEqual(caught.exception.code, 0)
         self.assertEqual(out.getvalue().strip(), f"caduceus {caduceus.__version__}")
 
+    def test_database_and_lock_files_are_readable_by_the_owner_only(self):
+        directory = temp_dir(self)
+        self.addCleanup(os.umask, os.umask(0o022))
+        db = os.path.join(directory, "database.sqlite3")
+        with caduceus._InstanceLock(db), contextlib.closing(caduceus.Store(db)):
+            for path in (db, f"{db}-wal", f"{db}-shm", f"{db}.lock"):
+                with self.subTest(path=os.path.basename(path)):
+                    self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        existing = os.path.join(directory, "shared.sqlite3")
+        open(existing, "w").close()
+        os.chmod(existing, 0o640)
+        with contextlib.closing(caduceus.Store(existing)):
+            self.assertEqual(os.stat(existing).st_mode & 0o777, 0o640, "an existing file keeps its mode")
+
+    def test_a_symlink_to_the_database_is_the_same_database(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        link = os.path.join(temp_dir(self), "link.sqlite3")
+        os.symlink(db, link)
+        with caduceus._InstanceLock(db), socket.create_server(("127.0.0.1", 0)) as taken:
+            code, err = self.run_main("-c", path, "-b", link, "-i", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+        self.assertEqual(code, 2)
+        self.assertIn("another Caduceus is already using this database", err)
+
+    def test_a_failed_start_leaves_no_lock_file_and_never_removes_one_in_use(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = str(taken.getsockname()[1])
+            code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+            self.assertEqual(code, 2)
+            self.assertEqual(os.listdir(directory), ["caduceus.toml"])
+            with caduceus._InstanceLock(db):  # a service that is running
+                code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+                self.assertEqual(code, 2)
+                self.assertTrue(os.path.exists(f"{db}.lock"))
+                with self.assertRaises(caduceus.CaduceusError):
+                    caduceus._InstanceLock(db)
+            open(f"{db}.lock", "w").close()  # left by a service that has ended
+            code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+            self.assertEqual(code, 2)
+            self.assertTrue(os.path.exists(f"{db}.lock"), "a failed start changes nothing")
+
+    def test_a_database_name_that_is_no_file_is_refused(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = str(taken.getsockname()[1])
+            for argv in (["-b", "", "-i", "127.0.0.1", "-p", port], ["-b", ":memory:", "-i", "127.0.0.1", "-p", port],
+                         ["check", "-b", ""]):
+                with self.subTest(argv=argv), contextlib.redirect_stdout(io.StringIO()):
+                    code, err = self.run_main(*argv, "-c", path)
+                    self.assertEqual(code, 2)
+                    self.assertEqual(err.count("\n"), 1, err)
+                    self.assertIn("-b/--db: expected a database file name", err)
+        self.assertEqual(os.listdir(directory), ["caduceus.toml"])
+
 
 class ProcessTest(unittest.TestCase):
     """caduceus.py as a real process: start, check in, SIGTERM, kill -9, restart."""
