@@ -1192,6 +1192,19 @@ ADDED_COLUMNS = (
 )
 
 
+def _create_private(path: str) -> None:
+    """Create an empty database file readable by its owner only, unless there is one.
+
+    It holds job output and client addresses, and SQLite gives the -wal and
+    -shm files the database file's permissions.  An existing file keeps its
+    own.  Any other problem is left for SQLite to report as it opens the file.
+    """
+    try:
+        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # FileExistsError is the usual case
+        pass
+
+
 class Store:
     """The SQLite file that holds all state.
 
@@ -1206,6 +1219,8 @@ class Store:
         self.path = path
         self._lock = threading.RLock()
         self._depth = 0
+        if path not in ("", ":memory:"):
+            _create_private(path)
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         try:
             self._conn.row_factory = sqlite3.Row
@@ -1440,22 +1455,10 @@ class Store:
     # Caduceus 0.0.11 -------------------------------------------------------
 
     def legacy_state(self) -> dict[str, tuple[float | None, float | None]]:
-        """Read a Caduceus 0.0.11 database in the same file, without changing it.
-
-        Returns ``{alert: (last check-in, last failure notice)}`` as epoch
-        seconds; 0.0.11 wrote naive local times, read here in the local zone.
-        Empty when the file has no 0.0.11 tables.
-        """
-        tables = {row[0] for row in self._all("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        state: dict[str, tuple[float | None, float | None]] = {}
-        if "alert" in tables:
-            for row in self._all("SELECT alert_id, MAX(timestamp) AS at FROM alert GROUP BY alert_id"):
-                state[row["alert_id"]] = (_legacy_time(row["at"]), None)
-        if "notification" in tables:
-            for row in self._all("SELECT alert_id, timestamp FROM notification"):
-                last_ping_at = state.get(row["alert_id"], (None, None))[0]
-                state[row["alert_id"]] = (last_ping_at, _legacy_time(row["timestamp"]))
-        return state
+        """Read a Caduceus 0.0.11 database in the same file, without changing it
+        (see read_legacy_state)."""
+        with self._lock:
+            return read_legacy_state(self._conn)
 
     def import_legacy(self, name: str, status: str, last_ping_at: float | None,
                       down_at: float | None, notified_at: float | None) -> None:
@@ -1467,13 +1470,49 @@ class Store:
                           REASON_MISSED if status == DOWN else "", name))
 
 
-def _legacy_time(text: str | None) -> float | None:
+def read_legacy_state(conn: sqlite3.Connection) -> dict[str, tuple[float | None, float | None]]:
+    """Read the tables of Caduceus 0.0.11 through ``conn``, without changing them.
+
+    Returns ``{alert: (last check-in, last failure notice)}`` as epoch seconds
+    (None for none); 0.0.11 wrote naive local times, read here in the local
+    zone.  A row whose time cannot be read is skipped, so one bad row hides
+    no good one.  Empty when the file has no 0.0.11 tables.  The server (at
+    its first start) and ``check`` (before it) both read the file this way.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    latest: dict[str, dict[str, float]] = {"alert": {}, "notification": {}}
+    for table, times in latest.items():
+        if table not in tables:
+            continue
+        for alert_id, text in conn.execute(f"SELECT alert_id, timestamp FROM {table}"):
+            at = _legacy_time(text)
+            if at is not None and at > times.get(alert_id, -math.inf):
+                times[alert_id] = at
+    checked_in, notified = latest["alert"], latest["notification"]
+    return {name: (checked_in.get(name), notified.get(name)) for name in checked_in.keys() | notified.keys()}
+
+
+def _legacy_time(text: Any) -> float | None:
     if not text:
         return None
     try:
         return datetime.datetime.fromisoformat(str(text)).timestamp()
-    except ValueError:
+    except (ValueError, OverflowError, OSError):  # not a time, or one the platform cannot place
         return None
+
+
+def legacy_check_state(spec: CheckSpec, last_ping_at: float | None, notified_at: float | None
+                       ) -> tuple[str, float | None, float | None, float | None] | None:
+    """What an alert's 0.0.11 state means here: ``(status, last_ping_at, down_at,
+    notified_at)``, or None when there is nothing to take over.
+
+    A failure notice means down since its deadline (or the notice, if that
+    is earlier or there was no check-in); a check-in alone means up.
+    """
+    if notified_at is None:
+        return None if last_ping_at is None else (UP, last_ping_at, None, None)
+    down_at = spec.due_after(last_ping_at) if last_ping_at is not None else notified_at
+    return DOWN, last_ping_at, min(down_at, notified_at), notified_at
 
 
 ###############################################################################
@@ -1693,18 +1732,15 @@ class Monitor:
     def _import_legacy(self) -> None:
         for name, (last_ping_at, notified_at) in self.store.legacy_state().items():
             spec = self.config.checks.get(name)
-            if spec is None:
+            state = legacy_check_state(spec, last_ping_at, notified_at) if spec is not None else None
+            if state is None:
                 continue
-            if notified_at is None:
-                if last_ping_at is not None:
-                    self.store.import_legacy(name, UP, last_ping_at, None, None)
-                    log.info("%s: imported last check-in %s from Caduceus 0.0.11", name,
-                             format_time(last_ping_at))
-                continue
-            down_at = spec.due_after(last_ping_at) if last_ping_at is not None else notified_at
-            self.store.import_legacy(name, DOWN, last_ping_at, min(down_at, notified_at), notified_at)
-            log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
-                     format_time(notified_at))
+            self.store.import_legacy(name, *state)
+            if state[0] == UP:
+                log.info("%s: imported last check-in %s from Caduceus 0.0.11", name, format_time(last_ping_at))
+            else:
+                log.info("%s: imported failing state (notified %s) from Caduceus 0.0.11", name,
+                         format_time(notified_at))
 
     # Signals ---------------------------------------------------------------
 
@@ -2354,8 +2390,10 @@ class Sweeper:
 
 # The run wrapper ---------------------------------------------------------------
 
-#: How long one signal from ``run`` may take, and the first wait between its tries.
+#: How long one attempt of a signal from ``run`` may take, and the first wait between attempts.
 RUN_TIMEOUT_S, RUN_BACKOFF_S = 10.0, 1.0
+#: The largest --retries and --timeout the wrapper accepts.
+RUN_MAX_RETRIES, RUN_MAX_TIMEOUT_S = 100, 3600.0
 
 
 def _signal_url(url: str, signal_text: str) -> str:
@@ -2365,31 +2403,110 @@ def _signal_url(url: str, signal_text: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path=f"{parts.path.rstrip('/')}/{signal_text}"))
 
 
-def _send_signal(url: str, body: bytes, retries: int, timeout_s: float) -> bool:
-    """POST a signal, trying again on network errors and 5xx with doubling waits.
+def _url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be a check-in URL, or None if it can."""
+    if re.search(r"[\x00-\x20\x7f]", url):
+        return "it contains a space or a control character"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # raises ValueError for a port that is not a number 0-65535
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https"):
+        return "expected an http:// or https:// URL"
+    if not parts.hostname:
+        return "it has no host"
+    return None
 
-    Problems are reported on stderr, never raised: the job matters more than
-    its monitoring.
+
+def _post(url: str, body: bytes, timeout_s: float) -> tuple[str | None, bool]:
+    """POST once; return (None, _) on success, else (the problem, whether it is final:
+    an answer other than 5xx, or a request that cannot be made)."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
+        return None, True
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code} {exc.reason}", exc.code < 500
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # Some of these messages quote the URL: mask the keys in them too.
+        return mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
+
+
+def _send_signal(url: str, body: bytes, retries: int, timeout_s: float, sleep: Callable[[float], Any],
+                 clock: Callable[[], float], may_try: Callable[[float], bool] = lambda ends_at: True) -> bool:
+    """POST a signal, trying again on network errors and 5xx after waits of 1 s, 2 s, 4 s...
+
+    All of it, waits included, ends within ``timeout_s * (retries + 1)``
+    seconds: an attempt gets what is left of that (at most ``timeout_s``), and
+    a retry whose wait would reach past it is not made.  ``may_try(ends_at)``
+    is asked before each attempt, with the time the attempt will end at the
+    latest; False ends the signal quietly.  Problems are reported on stderr,
+    never raised: the job matters more than its monitoring.
     """
-    for attempt in range(retries + 1):
-        if attempt:
-            time.sleep(RUN_BACKOFF_S * 2 ** (attempt - 1))
-        request = urllib.request.Request(url, data=body, method="POST", headers={
-            "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout_s) as response:
-                response.read()
+    give_up_at = clock() + timeout_s * (retries + 1)
+    attempts = 0
+    while attempts <= retries:
+        if attempts:
+            wait_s = RUN_BACKOFF_S * 2 ** (attempts - 1)
+            if clock() + wait_s >= give_up_at:
+                break
+            sleep(wait_s)
+        attempt_s = min(timeout_s, give_up_at - clock())
+        if attempt_s <= 0:
+            break
+        if not may_try(clock() + attempt_s):
+            return False
+        attempts += 1
+        problem, final = _post(url, body, attempt_s)
+        if problem is None:
             return True
-        except urllib.error.HTTPError as exc:
-            exc.close()
-            problem, final = f"HTTP {exc.code} {exc.reason}", exc.code < 500
-        except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
-            # Some of these messages quote the URL: mask the keys in them too.
-            problem, final = mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
         print(f"caduceus run: {mask_keys(url)}: {problem}", file=sys.stderr)
         if final:
             return False
+    print(f"caduceus run: {mask_keys(url)}: gave up after {_count(attempts, 'attempt')}", file=sys.stderr)
     return False
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 alert``, ``2 alerts``: the plural only when needed."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+class _StartSignal(threading.Thread):
+    """The start signal, sent in the background so a slow server never delays the job.
+
+    ``abandon()``, when the job has ended, stops it: no new attempt begins (a
+    wait between attempts ends at once), and the one in flight is waited for
+    only until its own timeout, so the start still arrives before the end
+    whenever it can.
+    """
+
+    def __init__(self, url: str, retries: int, timeout_s: float, clock: Callable[[], float]) -> None:
+        super().__init__(name="start signal", daemon=True)
+        self._args = (_signal_url(url, START), b"", retries, timeout_s)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._ended = threading.Event()
+        self._attempt_ends_at = -math.inf
+
+    def run(self) -> None:
+        _send_signal(*self._args, sleep=self._ended.wait, clock=self._clock, may_try=self._may_try)
+
+    def _may_try(self, ends_at: float) -> bool:
+        with self._lock:  # an attempt begins before abandon() looks, or not at all
+            if not self._ended.is_set():
+                self._attempt_ends_at = ends_at
+            return not self._ended.is_set()
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._ended.set()
+            wait_s = self._attempt_ends_at - self._clock()
+        self.join(max(wait_s, 0.0))
 
 
 def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None:
@@ -2412,19 +2529,31 @@ def _pump(source: Any, sink: Any, tail: bytearray, lock: threading.Lock) -> None
                 return
 
 
-def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S) -> int:
+def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float = RUN_TIMEOUT_S,
+                sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> int:
     """Run ``command`` between a start signal and its exit status; return that status.
 
     The command runs without a shell, with its output passed through as it
     comes; the last 10 KB of it go with the exit status.  A command killed by
     signal N counts as exit status 128+N, one that cannot be started as 127
-    (not found) or 126.  Monitoring trouble never changes what the command does.
+    (not found) or 126.  Monitoring trouble never changes what the command
+    does, and delays the wrapper's exit by at most ``timeout_s`` for the start
+    signal plus ``timeout_s * (retries + 1)`` for the exit status (see
+    _send_signal).  ``clock`` times the signals and ``sleep`` is the wait
+    between attempts of the exit status.
     """
-    # The start signal goes in the background: a slow server must not delay the job.
-    starting = threading.Thread(target=_send_signal, args=(_signal_url(url, START), b"", retries, timeout_s),
-                                daemon=True)
+    starting = _StartSignal(url, retries, timeout_s, clock)
     starting.start()
-    tail, lock = bytearray(), threading.Lock()
+    tail = bytearray()
+    status = _run_child(command, tail)
+    starting.abandon()  # the job has ended: its exit status is the news now
+    _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s, sleep, clock)
+    return status
+
+
+def _run_child(command: list[str], tail: bytearray) -> int:
+    """Run the command to its end, passing its output through and keeping its tail."""
+    lock = threading.Lock()
     # Ctrl-C reaches the whole process group, so the wrapper lets the command
     # decide and reports what it did.  SIGTERM (cron, timeout, systemd) is passed
     # on, also one that arrives before the command has started.  Both are Python
@@ -2449,58 +2578,97 @@ def run_command(url: str, command: list[str], retries: int = 3, timeout_s: float
             message = f"caduceus run: cannot run {command[0]}: {exc.strerror or exc}\n"
             sys.stderr.write(message)
             tail += message.encode()
-            status = 127 if isinstance(exc, FileNotFoundError) else 126
-        else:
-            with process:
-                children.append(process)
-                for signum in terms:
-                    process.send_signal(signum)
-                # sys.stdout is None when the wrapper was started with fd 1 closed.
-                pumps = [threading.Thread(target=_pump, args=(process.stdout, getattr(sys.stdout, "buffer", None),
-                                                              tail, lock)),
-                         threading.Thread(target=_pump, args=(process.stderr, getattr(sys.stderr, "buffer", None),
-                                                              tail, lock))]
-                for pump in pumps:
-                    pump.start()
-                status = process.wait()
-                for pump in pumps:
-                    pump.join()
-            if status < 0:
-                status = 128 - status
+            return 127 if isinstance(exc, FileNotFoundError) else 126
+        with process:
+            children.append(process)
+            for signum in terms:
+                process.send_signal(signum)
+            # sys.stdout is None when the wrapper was started with fd 1 closed.
+            pumps = [threading.Thread(target=_pump, args=(process.stdout, getattr(sys.stdout, "buffer", None),
+                                                          tail, lock)),
+                     threading.Thread(target=_pump, args=(process.stderr, getattr(sys.stderr, "buffer", None),
+                                                          tail, lock))]
+            for pump in pumps:
+                pump.start()
+            status = process.wait()
+            for pump in pumps:
+                pump.join()
+        return 128 - status if status < 0 else status
     finally:
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
-    starting.join()  # the start must arrive before the end
-    _send_signal(_signal_url(url, str(status)), bytes(tail), retries, timeout_s)
-    return status
+
+
+class _RunArgumentParser(argparse.ArgumentParser):
+    """Usage errors in one line, before anything runs."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"caduceus run: {message} (see --help)\n")
+
+
+def _retries_arg(text: str) -> int:
+    if not re.fullmatch(r"[0-9]{1,3}", text) or int(text) > RUN_MAX_RETRIES:
+        raise argparse.ArgumentTypeError(f"expected a whole number 0-{RUN_MAX_RETRIES}, got {text!r}")
+    return int(text)
+
+
+def _timeout_arg(text: str) -> float:
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = math.nan
+    if not 0 < seconds <= RUN_MAX_TIMEOUT_S:  # also refuses nan
+        raise argparse.ArgumentTypeError(
+            f"expected seconds, more than 0 and at most {RUN_MAX_TIMEOUT_S:g}, got {text!r}")
+    return seconds
+
+
+def _run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """Options and URL, then the command: everything after the first ``--``.
+
+    Without ``--``, the command starts after the URL, and an option there is an
+    error rather than the start of the command.
+    """
+    parser = _RunArgumentParser(
+        prog="caduceus.py run", usage="%(prog)s [--retries N] [--timeout SECONDS] URL -- COMMAND [ARGS...]",
+        description="Run a command and report its start, exit status and output.")
+    parser.add_argument("--retries", type=_retries_arg, default=3, metavar="N",
+                        help="tries again on network errors and 5xx, with doubling waits from 1s (default: 3)")
+    parser.add_argument("--timeout", type=_timeout_arg, default=RUN_TIMEOUT_S, metavar="SECONDS",
+                        help="for each attempt; all attempts of the exit status, waits included, "
+                             "end within SECONDS x (N + 1) (default: 10)")
+    parser.add_argument("url", help="the check-in URL, e.g. http://host:5000/reset/backups/?key=K")
+    if "--" in argv:
+        split = argv.index("--")
+        return parser.parse_args(argv[:split]), argv[split + 1:]
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
+    args = parser.parse_args(argv)
+    if args.command[:1] and args.command[0].startswith("-"):
+        parser.error(f"got {args.command[0]!r} where the command should be: options go before the URL")
+    return args, args.command
 
 
 def _run_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        prog="caduceus.py run", description="Run a command and report its start, exit status and output.")
-    parser.add_argument("--retries", type=int, default=3, metavar="N",
-                        help="tries again on network errors, with doubling waits from 1s (default: 3)")
-    parser.add_argument("--timeout", type=float, default=RUN_TIMEOUT_S, metavar="SECONDS",
-                        help="for each signal (default: 10)")
-    parser.add_argument("url", help="the check-in URL, e.g. http://host:5000/reset/backups/?key=K")
-    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- COMMAND [ARGS...]")
-    args = parser.parse_args(argv)
-    command = args.command[1:] if args.command[:1] == ["--"] else args.command
-    if urllib.parse.urlsplit(args.url).scheme not in ("http", "https"):
-        parser.error(f"expected an http(s) URL, got {json.dumps(mask_keys(args.url))}")
+    args, command = _run_args(argv)
+    problem = _url_problem(args.url)
+    if problem is not None:
+        print(f"caduceus run: bad URL {json.dumps(mask_keys(args.url))}: {problem}", file=sys.stderr)
+        return 2
     if not command:
-        parser.error("no command: run URL -- COMMAND [ARGS...]")
-    return run_command(args.url, command, max(args.retries, 0), args.timeout)
+        print("caduceus run: no command: run URL -- COMMAND [ARGS...]", file=sys.stderr)
+        return 2
+    return run_command(args.url, command, args.retries, args.timeout)
 
 
 # The check command -------------------------------------------------------------
 
 
-def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
-    """The check rows of a database, read-only; {} when there is no such file, or
-    it has no Caduceus tables yet.  Raises sqlite3.Error if it cannot be read."""
+def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
+    """The check rows of a database, and the Caduceus 0.0.11 state the server
+    would import at its next start (see read_legacy_state), read-only; both {}
+    when there is no such file.  Raises sqlite3.Error if it cannot be read."""
     if not os.path.exists(db):
-        return {}
+        return {}, {}
     uri = f"file:{urllib.parse.quote(os.path.abspath(db))}"
     try:
         return _read_checks(f"{uri}?mode=ro")
@@ -2510,26 +2678,30 @@ def _read_state(db: str) -> dict[str, Mapping[str, Any]]:
         return _read_checks(f"{uri}?immutable=1")
 
 
-def _read_checks(uri: str) -> dict[str, Mapping[str, Any]]:
+def _read_checks(uri: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        if "checks" not in tables:
-            return {}
-        return {row["name"]: row for row in conn.execute("SELECT * FROM checks")}
+        checks = {row["name"]: row for row in conn.execute("SELECT * FROM checks")} if "checks" in tables else {}
+        # The server imports 0.0.11's state while no alert is recorded (Monitor.start).
+        return checks, ({} if checks else read_legacy_state(conn))
 
 
-def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float) -> list[dict]:
-    """What ``check`` prints, per alert: schedule, channels, status and next deadline.
+def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
+                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[dict]:
+    """What ``check`` prints, per alert: schedule, channels, status (with the
+    reason, when down) and next deadline.
 
-    Alerts missing from ``rows`` are reported as if first seen at ``now``.
+    Alerts missing from ``rows`` are reported as the server would start them
+    at ``now``: with their Caduceus 0.0.11 state from ``legacy``, if any, or
+    as first seen.
     """
     report = []
     for spec in config.checks.values():
-        row = rows.get(spec.name) or {"status": NEW, "first_seen_at": now, "last_ping_at": None,
-                                      "started_at": None, "notified_at": None}
+        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
         event_at = next_event_at(spec, row)
-        due, reminder = (None, event_at) if row["status"] == DOWN else (event_at, None)
+        down = row["status"] == DOWN
+        due, reminder = (None, event_at) if down else (event_at, None)
         report.append({
             "name": spec.name,
             "schedule": spec.schedule.expression if spec.schedule else None,
@@ -2541,12 +2713,25 @@ def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: flo
             "notify_every": spec.notify_every_s,
             "channels": list(spec.channels),
             "status": row["status"],
+            "reason": (row["down_reason"] or REASON_MISSED) if down else None,
             "last_success": format_time(row["last_ping_at"]) if row["last_ping_at"] is not None else None,
             "next_due": format_time(due) if due is not None else None,
             "next_due_local": _local_time(due, spec.tz) if due is not None else None,
             "next_reminder": format_time(reminder) if reminder is not None else None,
         })
     return report
+
+
+def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
+    """The row the server would give an alert at its first start at ``now``."""
+    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
+           "down_at": None, "down_reason": ""}
+    state = legacy_check_state(spec, *legacy)
+    if state is not None:
+        status, last_ping_at, down_at, notified_at = state
+        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
+                   down_reason=REASON_MISSED if status == DOWN else "")
+    return row
 
 
 def _local_time(at: float, tz: datetime.tzinfo) -> str:
@@ -2559,6 +2744,15 @@ def _add_file_args(parser: argparse.ArgumentParser) -> None:
                         help="the configuration file (default: caduceus.toml)")
     parser.add_argument("-b", "--db", metavar="DATABASE", default="database.sqlite3",
                         help="the SQLite database file (default: database.sqlite3)")
+
+
+def _usable_db_name(db: str) -> bool:
+    """False, after saying so on stderr, for a -b that SQLite would take as a
+    throwaway database rather than a file."""
+    if db in ("", ":memory:"):
+        print(f"caduceus: -b/--db: expected a database file name, got {json.dumps(db)}", file=sys.stderr)
+        return False
+    return True
 
 
 def _load_config_or_say(path: str) -> Config | None:
@@ -2576,28 +2770,45 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
+    if not _usable_db_name(args.db):
+        return 2
     config = _load_config_or_say(args.config)
     if config is None:
         return 2
     try:
-        state = _read_state(args.db)
+        state, legacy = _read_state(args.db)
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return 2
-    report = check_report(config, state, clock())
-    if args.json:
+    report = check_report(config, state, clock(), legacy)
+    try:
+        _print_report(args.config, report, args.json)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # As the Python docs advise (signal module, "Note on SIGPIPE"), for
+        # check | head: no traceback, and no second error when Python flushes
+        # stdout on its way out.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return 0
+
+
+def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
+    if as_json:
         print(json.dumps({"alerts": report}, indent=2))
-        return 0
-    print(f"{args.config}: OK, {len(report)} alerts")
+        return
+    print(f"{config_path}: OK, {_count(len(report), 'alert')}")
     for alert in report:
+        status = f"{alert['status']} ({alert['reason']})" if alert["reason"] else alert["status"]
         print(f"\n{alert['name']}: {alert['description']}")
         print(f"  channels:      {', '.join(alert['channels'])}")
-        print(f"  status:        {alert['status']}, last success {alert['last_success'] or 'never'}")
+        print(f"  status:        {status}, last success {alert['last_success'] or 'never'}")
         if alert["next_due"]:
             print(f"  next deadline: {alert['next_due_local']} ({alert['next_due']})")
         else:
             print(f"  next reminder: {alert['next_reminder']}")
-    return 0
 
 
 # The service -------------------------------------------------------------------
@@ -2627,21 +2838,65 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
 SHUTDOWN_WAIT_S = 10.0
 
 
-def _lock_instance(db: str) -> Any:
-    """Hold ``DB.lock`` for as long as the returned file is open.
+class _InstanceLock:
+    """Hold ``DB.lock`` until closed.
 
     Two services on one database would each forget the other's alerts and
-    send every notice twice; the second one is refused instead.  Where fcntl
-    is missing (Windows) nothing is locked.
+    send every notice twice; the second one is refused instead
+    (CaduceusError; OSError if the file cannot be opened).  The lock file
+    sits beside the database's real path, so a symlink to the database is
+    the same database, and is created readable by its owner only.  Closed
+    before ``keep()``, the lock removes the file if it created it: a failed
+    start changes nothing.  Where fcntl is missing (Windows) nothing is
+    locked or removed.
     """
-    lock = open(f"{db}.lock", "a")
-    if fcntl is not None:
+
+    def __init__(self, db: str) -> None:
+        self.path = os.path.realpath(db) + ".lock"
+        self._keep = False
+        while True:
+            self._created = False
+            try:
+                self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                self._created = True
+            except FileExistsError:
+                try:
+                    self._fd = os.open(self.path, os.O_RDWR)
+                except FileNotFoundError:  # removed by a failed start just now: try again
+                    continue
+            if fcntl is None or self._locked(db):
+                return
+
+    def _locked(self, db: str) -> bool:
+        """Take the lock on the open file: True, or False to start over because a
+        failed start removed the file meanwhile (its lock protects nothing)."""
         try:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            lock.close()
+            os.close(self._fd)
             raise CaduceusError(f"{db}: another Caduceus is already using this database") from None
-    return lock
+        try:
+            same = os.path.samestat(os.fstat(self._fd), os.stat(self.path))
+        except FileNotFoundError:
+            same = False
+        if not same:
+            os.close(self._fd)
+        return same
+
+    def keep(self) -> None:
+        """The service has started: the lock file stays after close()."""
+        self._keep = True
+
+    def close(self) -> None:
+        if self._created and not self._keep and fcntl is not None:
+            os.unlink(self.path)  # still locked, so no one else is using it
+        os.close(self._fd)
+
+    def __enter__(self) -> _InstanceLock:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -2657,6 +2912,8 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["check"]:
         return _check_main(argv[1:])
     args = _parse_args(argv)
+    if not _usable_db_name(args.db):
+        return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(message)s")
     config = _load_config_or_say(args.config)
@@ -2665,7 +2922,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.checks:
         log.warning("no alerts configured in %s; nothing is watched", args.config)
     try:
-        lock = _lock_instance(args.db)
+        lock = _InstanceLock(args.db)
     except CaduceusError as exc:
         print(f"caduceus: {exc}", file=sys.stderr)
         return 2
@@ -2686,6 +2943,7 @@ def main(argv: list[str] | None = None) -> int:
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
+            lock.keep()
             with contextlib.closing(store):
                 server.monitor = monitor = Monitor(store, config, NOTIFIERS)
                 monitor.start()

@@ -1629,6 +1629,14 @@ def make_legacy_db(path: str, checkins: dict, notifications: dict) -> None:
             conn.execute('INSERT INTO notification (alert_id, timestamp) VALUES (?, ?)', (name, local(at)))
 
 
+def add_bad_legacy_rows(path: str) -> None:
+    """Add rows whose times cannot be read, sorting after the good ones as text."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        for table, name, value in (("alert", "hourly", "garbage"), ("alert", "hourly", "9999-99-99 99:99:99"),
+                                   ("alert", "hourly", 12345), ("notification", "backups", "yesterday")):
+            conn.execute(f"INSERT INTO {table} (alert_id, timestamp) VALUES (?, ?)", (name, value))
+
+
 class LegacyImportTest(unittest.TestCase):
     """Switching over from a Caduceus 0.0.11 database.sqlite3 in place."""
 
@@ -1675,6 +1683,19 @@ class LegacyImportTest(unittest.TestCase):
         store = open_store(self, db)
         caduceus.Monitor(store, config, {}, clock).start()
         self.assertEqual(store.check("hourly")["last_ping_at"], clock.now)
+
+    def test_a_row_with_a_bad_time_is_skipped_and_the_good_ones_imported(self):
+        clock = FakeClock()
+        db = os.path.join(temp_dir(self), "database.sqlite3")
+        make_legacy_db(db, {"hourly": [clock.now - 600, clock.now - 7000]}, {"backups": clock.now - 3600})
+        add_bad_legacy_rows(db)
+        store = open_store(self, db)
+        caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {}, clock).start()
+        hourly, backups = store.check("hourly"), store.check("backups")
+        self.assertEqual(hourly["status"], UP)
+        self.assertAlmostEqual(hourly["last_ping_at"], clock.now - 600, places=3)
+        self.assertEqual(backups["status"], DOWN)
+        self.assertAlmostEqual(backups["notified_at"], clock.now - 3600, places=3)
 
 
 ###############################################################################
@@ -2823,6 +2844,48 @@ class ScheduledAlertTest(unittest.TestCase):
 ###############################################################################
 
 
+class SignalStandIn(http.server.ThreadingHTTPServer):
+    """A Caduceus stand-in for the run wrapper: answers each signal ("start", "0", ...)
+    with the statuses in ``answers[signal]`` in turn, then 200; never answers those
+    in ``hanging``.  ``on_start`` runs when a start arrives, before the answer."""
+
+    daemon_threads = False  # server_close() waits for every handler
+
+    def __init__(self, answers: dict[str, list[int]] | None = None, hanging: tuple[str, ...] = ()) -> None:
+        super().__init__(("127.0.0.1", 0), SignalStandInHandler)
+        self.answers = answers or {}
+        self.hanging = hanging
+        self.on_start = lambda: None
+        self.released = threading.Event()  # ends a hanging request, at cleanup
+        self.signals: list[str] = []
+        self.lock = threading.Lock()
+
+    def url(self, key: str = "s3cret") -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}/reset/nightly/?key={key}"
+
+
+class SignalStandInHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        signal_text = self.path.split("?")[0].rsplit("/", 1)[1]
+        with self.server.lock:
+            self.server.signals.append(signal_text)
+            script = self.server.answers.get(signal_text)
+            status = script.pop(0) if script else 200
+        if signal_text == "start":
+            self.server.on_start()
+        if signal_text in self.server.hanging:
+            self.server.released.wait(WAIT_S)
+            self.close_connection = True
+            return
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, format, *args):
+        pass
+
+
 class RunWrapperTest(unittest.TestCase):
     """``caduceus.py run URL -- COMMAND`` as a real process against a real server."""
 
@@ -2898,7 +2961,10 @@ class RunWrapperTest(unittest.TestCase):
         self.assertEqual(self.kinds()[-1], ("fail", 7))
 
     def test_the_command_still_answers_ctrl_c(self):
-        # Python leaves SIGINT ignored at start-up only if its parent ignored it.
+        # Python leaves SIGINT ignored at start-up only if its parent ignored it,
+        # as a suite started in the background does: spawn the wrapper from a
+        # handled SIGINT, which exec resets to the default, however we were started.
+        self.addCleanup(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, signal.default_int_handler))
         result = self.run_wrapper(self.url, sys.executable, "-c",
                                   "import signal; print(signal.getsignal(signal.SIGINT) is signal.SIG_IGN)")
         self.assertEqual(result.stdout, b"False\n")
@@ -2935,6 +3001,100 @@ class RunWrapperTest(unittest.TestCase):
         self.assertEqual(caduceus._signal_url("http://h:5000/reset/backups/?key=K", "start"),
                          "http://h:5000/reset/backups/start?key=K")
         self.assertEqual(caduceus._signal_url("https://h/ping/K/backups", "3"), "https://h/ping/K/backups/3")
+
+    def test_options_after_the_url_are_options(self):
+        result = subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "run", self.url,
+                                 "--retries", "0", "--timeout", "5", "--", sys.executable, "-c", "pass"],
+                                capture_output=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (0, b""))
+        self.assertEqual(self.kinds(), [("start", None), ("success", 0)])
+
+    def test_usage_errors_are_one_line_and_nothing_runs(self):
+        marker = os.path.join(temp_dir(self), "ran")
+        command = [sys.executable, "-c", f"open({marker!r}, 'w').close()"]
+        for argv in (["http://[::1/x", "--", *command],
+                     ["http://127.0.0.1:99999/reset/nightly/?key=s3cret", "--", *command],
+                     ["ftp://127.0.0.1/reset/nightly/?key=s3cret", "--", *command],
+                     ["http:///reset/nightly/?key=s3cret", "--", *command],
+                     ["--timeout", "0", self.url, "--", *command],
+                     ["--timeout", "nan", self.url, "--", *command],
+                     ["--retries", "-1", self.url, "--", *command],
+                     ["--retries", "x", self.url, "--", *command],
+                     [self.url, "--retries", "0", *command],
+                     ["--bogus", self.url, "--", *command],
+                     [self.url, "--"]):
+            with self.subTest(argv=argv):
+                err = io.StringIO()
+                with contextlib.redirect_stderr(err):
+                    try:
+                        code = caduceus.main(["run", *argv])
+                    except SystemExit as exc:
+                        code = exc.code
+                self.assertEqual(code, 2)
+                self.assertEqual(err.getvalue().count("\n"), 1, err.getvalue())
+                self.assertTrue(err.getvalue().startswith("caduceus run: "), err.getvalue())
+                self.assertNotIn("s3cret", err.getvalue())
+        self.assertFalse(os.path.exists(marker))
+        self.assertEqual(self.kinds(), [])
+
+    def run_in_process(self, standin: SignalStandIn, *command: str, **options) -> tuple[int, str, list[float]]:
+        """run_command against ``standin``, its waits recorded on a fake clock, not slept."""
+        clock, waits = FakeClock(), []
+
+        def sleep(seconds: float) -> None:
+            waits.append(seconds)
+            clock.advance(seconds)
+
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            status = caduceus.run_command(standin.url(), list(command or (sys.executable, "-c", "pass")),
+                                          sleep=sleep, clock=clock, **options)
+        return status, err.getvalue(), waits
+
+    def test_a_5xx_answer_is_tried_again_after_doubling_waits(self):
+        standin = serve(self, SignalStandIn({"0": [503, 503]}))
+        status, err, waits = self.run_in_process(standin, retries=3, timeout_s=5)
+        self.assertEqual(status, 0)
+        self.assertEqual(standin.signals, ["start", "0", "0", "0"])
+        self.assertEqual(waits, [1.0, 2.0])
+        self.assertEqual(err.count("HTTP 503"), 2, err)
+        self.assertNotIn("s3cret", err)
+        self.assertNotIn("gave up", err)
+
+    def test_a_4xx_answer_is_not_tried_again(self):
+        standin = serve(self, SignalStandIn({"0": [404]}))
+        status, err, waits = self.run_in_process(standin, retries=3, timeout_s=5)
+        self.assertEqual(status, 0)
+        self.assertEqual(standin.signals, ["start", "0"])
+        self.assertEqual(waits, [])
+        self.assertIn("HTTP 404", err)
+
+    def test_the_exit_status_gives_up_within_timeout_times_tries(self):
+        standin = serve(self, SignalStandIn({"5": [503] * 10}))
+        status, err, waits = self.run_in_process(standin, sys.executable, "-c", "raise SystemExit(5)",
+                                                 retries=3, timeout_s=1)
+        self.assertEqual(status, 5)
+        # 4 s in all: tries at 0 s, 1 s and 3 s; the next, after a wait of 4 s, would start too late.
+        self.assertEqual(waits, [1.0, 2.0])
+        self.assertEqual(standin.signals, ["start", "5", "5", "5"])
+        self.assertIn("caduceus run: http://127.0.0.1:", err)
+        self.assertIn("/reset/nightly/5?key=***: gave up after 3 attempts\n", err)
+
+    def test_a_start_without_an_answer_is_abandoned_when_the_job_ends(self):
+        standin = serve(self, SignalStandIn(hanging=("start",)))
+        self.addCleanup(standin.released.set)
+        # The job ends as soon as the start has arrived: the stand-in then lets it go.
+        with socket.create_server(("127.0.0.1", 0)) as gate:
+            gate.settimeout(WAIT_S)
+            standin.on_start = lambda: gate.accept()[0].close()
+            job = (f"import socket\nwith socket.create_connection(('127.0.0.1', {gate.getsockname()[1]}), "
+                   f"timeout={WAIT_S}) as s: s.recv(1)")
+            status, err, _ = self.run_in_process(standin, sys.executable, "-c", job, retries=3, timeout_s=0.5)
+        self.assertEqual(status, 0)
+        for thread in threading.enumerate():
+            if thread.name == "start signal":
+                thread.join(WAIT_S)
+        self.assertEqual(standin.signals, ["start", "0"], "no start is tried again once the job has ended")
 
 
 class CheckCommandTest(unittest.TestCase):
@@ -2982,6 +3142,58 @@ class CheckCommandTest(unittest.TestCase):
         code, _, err = self.run_check("-c", path)
         self.assertEqual(code, 2)
         self.assertIn("alerts.job: give either every or schedule, not both", err)
+
+    def test_before_the_first_start_a_0_0_11_database_is_read_as_the_server_will_import_it(self):
+        directory = temp_dir(self)
+        config = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        now = float(int(time.time()))
+        make_legacy_db(db, {"hourly": [now - 7000, now - 600]}, {"backups": now - 3600})
+        add_bad_legacy_rows(db)
+        code, out, err = self.run_check("-c", config, "-b", db, "--json")
+        self.assertEqual((code, err), (0, ""))
+        alerts = {alert["name"]: alert for alert in json.loads(out)["alerts"]}
+        self.assertEqual(alerts["hourly"]["status"], "up")
+        self.assertEqual(alerts["hourly"]["last_success"], caduceus.format_time(now - 600))
+        self.assertEqual(alerts["hourly"]["next_due"], caduceus.format_time(now - 600 + 3600))
+        self.assertEqual((alerts["backups"]["status"], alerts["backups"]["reason"]), ("down", "missed deadline"))
+        self.assertEqual(alerts["backups"]["next_reminder"], caduceus.format_time(now - 3600 + 6 * 3600))
+        code, text, _ = self.run_check("-c", config, "-b", db)
+        self.assertIn("status:        down (missed deadline), last success never", text)
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        self.assertEqual(tables, {"alert", "notification"}, "check changes nothing")
+
+    def test_shows_why_an_alert_is_down_and_counts_alerts_in_words(self):
+        directory = temp_dir(self)
+        config = write_config(self, """
+            [alerts.backups]
+            every = "1d"
+            channels = ["console"]
+        """, directory)
+        db = os.path.join(directory, "db.sqlite3")
+        with contextlib.closing(caduceus.Store(db)) as store:
+            monitor = caduceus.Monitor(store, caduceus.load_config(config), {}, FakeClock(time.time()))
+            monitor.start()
+            monitor.ping("backups", caduceus.Ping(caduceus.FAIL, 3))
+        code, text, _ = self.run_check("-c", config, "-b", db)
+        self.assertEqual(code, 0)
+        self.assertEqual(text.splitlines()[0], f"{config}: OK, 1 alert")
+        self.assertIn("status:        down (exit status 3), last success never", text)
+        code, out, _ = self.run_check("-c", config, "-b", db, "--json")
+        self.assertEqual(json.loads(out)["alerts"][0]["reason"], "exit status 3")
+
+    def test_a_closed_output_ends_check_quietly(self):
+        # caduceus.py check --json | head -1, with head gone before check writes.
+        directory = temp_dir(self)
+        config = write_config(self, LIFECYCLE_CONFIG, directory)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        with open(write_end, "wb") as stdout:
+            result = subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), "check", "-c", config,
+                                     "-b", os.path.join(directory, "db.sqlite3"), "--json"],
+                                    stdout=stdout, stderr=subprocess.PIPE, text=True, timeout=60)
+        self.assertEqual((result.returncode, result.stderr), (1, ""))
 
 
 ###############################################################################
@@ -3049,6 +3261,67 @@ class MainTest(unittest.TestCase):
             caduceus.main(["--version"])
         self.assertEqual(caught.exception.code, 0)
         self.assertEqual(out.getvalue().strip(), f"caduceus {caduceus.__version__}")
+
+    def test_database_and_lock_files_are_readable_by_the_owner_only(self):
+        directory = temp_dir(self)
+        self.addCleanup(os.umask, os.umask(0o022))
+        db = os.path.join(directory, "database.sqlite3")
+        with caduceus._InstanceLock(db), contextlib.closing(caduceus.Store(db)):
+            for path in (db, f"{db}-wal", f"{db}-shm", f"{db}.lock"):
+                with self.subTest(path=os.path.basename(path)):
+                    self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        existing = os.path.join(directory, "shared.sqlite3")
+        open(existing, "w").close()
+        os.chmod(existing, 0o640)
+        with contextlib.closing(caduceus.Store(existing)):
+            self.assertEqual(os.stat(existing).st_mode & 0o777, 0o640, "an existing file keeps its mode")
+
+    def test_a_symlink_to_the_database_is_the_same_database(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        link = os.path.join(temp_dir(self), "link.sqlite3")
+        os.symlink(db, link)
+        with caduceus._InstanceLock(db), socket.create_server(("127.0.0.1", 0)) as taken:
+            code, err = self.run_main("-c", path, "-b", link, "-i", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+        self.assertEqual(code, 2)
+        self.assertIn("another Caduceus is already using this database", err)
+
+    def test_a_failed_start_leaves_no_lock_file_and_never_removes_one_in_use(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        db = os.path.join(directory, "database.sqlite3")
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = str(taken.getsockname()[1])
+            code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+            self.assertEqual(code, 2)
+            self.assertEqual(os.listdir(directory), ["caduceus.toml"])
+            with caduceus._InstanceLock(db):  # a service that is running
+                code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+                self.assertEqual(code, 2)
+                self.assertTrue(os.path.exists(f"{db}.lock"))
+                with self.assertRaises(caduceus.CaduceusError):
+                    caduceus._InstanceLock(db)
+            open(f"{db}.lock", "w").close()  # left by a service that has ended
+            code, _ = self.run_main("-c", path, "-b", db, "-i", "127.0.0.1", "-p", port)
+            self.assertEqual(code, 2)
+            self.assertTrue(os.path.exists(f"{db}.lock"), "a failed start changes nothing")
+
+    def test_a_database_name_that_is_no_file_is_refused(self):
+        directory = temp_dir(self)
+        path = write_config(self, CONSOLE_CONFIG, directory)
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(directory)
+        with socket.create_server(("127.0.0.1", 0)) as taken:
+            port = str(taken.getsockname()[1])
+            for argv in (["-b", "", "-i", "127.0.0.1", "-p", port], ["-b", ":memory:", "-i", "127.0.0.1", "-p", port],
+                         ["check", "-b", ""]):
+                with self.subTest(argv=argv), contextlib.redirect_stdout(io.StringIO()):
+                    code, err = self.run_main(*argv, "-c", path)
+                    self.assertEqual(code, 2)
+                    self.assertEqual(err.count("\n"), 1, err)
+                    self.assertIn("-b/--db: expected a database file name", err)
+        self.assertEqual(os.listdir(directory), ["caduceus.toml"])
 
 
 class ProcessTest(unittest.TestCase):
