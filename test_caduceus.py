@@ -1695,18 +1695,24 @@ class EmailTest(unittest.TestCase):
         self.assertEqual(len(sink.messages), 1)
 
 
+def localhost_certificate(test: unittest.TestCase) -> tuple[str, ssl.SSLContext]:
+    """A new self-signed certificate for localhost: its file, and a server context using it."""
+    directory = temp_dir(test)
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    return cert, server_tls
+
+
 @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
 class EmailTLSTest(unittest.TestCase):
     """encryption = "starttls" and "ssl" against a sink with a certificate for localhost."""
 
     def setUp(self):
-        directory = temp_dir(self)
-        self.cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-keyout", key, "-out", self.cert, "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-        self.server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_tls.load_cert_chain(self.cert, key)
+        self.cert, self.server_tls = localhost_certificate(self)
 
     def config(self, sink: SMTPSink, encryption: str) -> caduceus.Config:
         config = email_config(self, sink.server_address[1], encryption=encryption)
@@ -1835,6 +1841,39 @@ class TelegramTest(unittest.TestCase):
                     caduceus.send_telegram(config, NOTICE)
                 self.assertEqual(caught.exception.retry_after_s, expected)
                 self.assertFalse(caught.exception.permanent)
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+class TelegramTLSTest(unittest.TestCase):
+    """The Bot API over HTTPS, as it is always reached, with a certificate for localhost."""
+
+    def setUp(self):
+        self.cert, server_tls = localhost_certificate(self)
+        self.server = TelegramStandIn([(200, {"ok": True, "result": {}})])
+        self.server.socket = server_tls.wrap_socket(self.server.socket, server_side=True)
+        serve(self, self.server)
+        config = config_from(self, f"""
+            [alerting.telegram]
+            apikey = "{TelegramTest.TOKEN}"
+            chat_id = "1"
+            api_url = "https://localhost:{self.server.server_address[1]}"
+            [alerts.mail]
+            every = "5s"
+            channels = ["telegram"]
+        """)
+        self.config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=5))
+
+    def test_posts_over_https(self):
+        with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert}):
+            caduceus.send_telegram(self.config, NOTICE)
+        self.assertEqual(self.server.requests[0][0], f"/bot{TelegramTest.TOKEN}/sendMessage")
+
+    def test_an_untrusted_certificate_is_refused(self):
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_telegram(self.config, NOTICE)
+        self.assertIn("certificate", str(caught.exception).lower())
+        self.assertNotIn(TelegramTest.TOKEN, str(caught.exception))
+        self.assertEqual(self.server.requests, [])
 
 
 class ConsoleTest(unittest.TestCase):
