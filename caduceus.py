@@ -1247,8 +1247,8 @@ class Store:
                              "(SELECT id FROM outbox WHERE failed = 1 ORDER BY id DESC LIMIT ?)",
                              (FAILED_NOTICE_HISTORY,))
             else:
-                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? WHERE id = ?",
-                             (attempts, error, retry_at, notice_id))
+                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? "
+                             "WHERE id = ?", (attempts, error, retry_at, notice_id))
 
     # Caduceus 0.0.11 -------------------------------------------------------
 
@@ -1623,7 +1623,8 @@ class Monitor:
         """
         unrecorded = self._unrecorded.setdefault(channel, {})
         for outcome in list(unrecorded.values()):
-            self._record(outcome, unrecorded)
+            if not self._record(outcome, unrecorded):
+                break  # the next write would fail too (and a locked database makes each wait)
         while True:
             settled = [notice_id for notice_id, outcome in unrecorded.items() if outcome.settled]
             row = self.store.next_notice(channel, skip=settled)
@@ -1669,8 +1670,9 @@ class Monitor:
         log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
         return _Outcome(row["id"], attempt, sent=True)
 
-    def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> None:
-        """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again."""
+    def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
+        """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again
+        (and return False)."""
         try:
             outcome.record(self.store)
         except sqlite3.Error as exc:
@@ -1679,9 +1681,10 @@ class Monitor:
                           "keeping it in memory and trying again every %s", outcome.notice_id,
                           "sent" if outcome.sent else "attempted", exc, format_duration(RETRY_FIRST_S))
             unrecorded[outcome.notice_id] = outcome
-        else:
-            if unrecorded.pop(outcome.notice_id, None) is not None:
-                log.info("the database recorded notice %d after all", outcome.notice_id)
+            return False
+        if unrecorded.pop(outcome.notice_id, None) is not None:
+            log.info("the database recorded notice %d after all", outcome.notice_id)
+        return True
 
     @staticmethod
     def _come_back(unrecorded: dict[int, _Outcome], at: float | None, now: float) -> float | None:

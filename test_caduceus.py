@@ -1356,7 +1356,7 @@ class DeliveryTest(unittest.TestCase):
         self.read_only()
         with self.assertLogs("caduceus", "WARNING"):
             self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5)
-        self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5, "no new attempt before its time")
+        self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5, "no attempt before its time")
         self.assertEqual(self.telegram.attempts, 1)
         self.clock.advance(5)
         with self.assertLogs("caduceus", "WARNING") as logs:
