@@ -65,6 +65,7 @@ import email.utils
 import hmac
 import http.client
 import http.server
+import io
 import json
 import logging
 import math
@@ -84,7 +85,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zoneinfo
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 try:
     import fcntl
@@ -692,7 +693,8 @@ class EmailConf:
     username: str = ""
     password: str = dataclasses.field(default="", repr=False)
     encryption: str = "none"
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
+    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -702,7 +704,7 @@ class TelegramConf:
     apikey: str = dataclasses.field(repr=False)
     chat_id: str
     api_url: str = "https://api.telegram.org"
-    timeout_s: float = 30.0
+    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1420,11 +1422,12 @@ class Store:
                          " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                          (name, channel, kind, subject, body, now, now))
 
-    def next_notice(self, channel: str) -> sqlite3.Row | None:
-        """The oldest undelivered notice for a channel: notices leave in order."""
-        rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT 1",
-                         (channel,))
-        return rows[0] if rows else None
+    def next_notice(self, channel: str, skip: Collection[int] = ()) -> sqlite3.Row | None:
+        """The oldest undelivered notice for a channel whose id is not in ``skip``:
+        notices leave in order."""
+        rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT ?",
+                         (channel, len(skip) + 1))
+        return next((row for row in rows if row["id"] not in skip), None)
 
     def pending_notices(self) -> list[sqlite3.Row]:
         """Notices still to be delivered, all channels, in queue order."""
@@ -1439,18 +1442,20 @@ class Store:
         with self.transaction() as conn:
             conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
 
-    def notice_failed(self, notice_id: int, error: str, retry_at: float | None) -> None:
-        """Count a failed attempt: retry at ``retry_at``, or give up when it is None."""
+    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None) -> None:
+        """Record that the notice failed ``attempts`` times so far (a count, not an
+        increment, so recording it again changes nothing): retry at ``retry_at``,
+        or give up when it is None."""
         with self.transaction() as conn:
             if retry_at is None:
-                conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, failed = 1 "
-                             "WHERE id = ?", (error, notice_id))
+                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, failed = 1 WHERE id = ?",
+                             (attempts, error, notice_id))
                 conn.execute("DELETE FROM outbox WHERE failed = 1 AND id NOT IN "
                              "(SELECT id FROM outbox WHERE failed = 1 ORDER BY id DESC LIMIT ?)",
                              (FAILED_NOTICE_HISTORY,))
             else:
-                conn.execute("UPDATE outbox SET attempts = attempts + 1, last_error = ?, "
-                             "next_attempt_at = ? WHERE id = ?", (error, retry_at, notice_id))
+                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? "
+                             "WHERE id = ?", (attempts, error, retry_at, notice_id))
 
     # Caduceus 0.0.11 -------------------------------------------------------
 
@@ -1525,6 +1530,8 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 #: ... for at least this long before giving up.
 RETRY_FOR_S = 24 * 3600.0
+#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
+RETRY_AFTER_MAX_S = 3600.0
 #: Lines and characters of a job's output quoted in a notice.
 TAIL_LINES, TAIL_CHARS = 10, 2000
 #: A change of the wall clock against elapsed time larger than this is a step (NTP
@@ -1561,6 +1568,39 @@ class Notice:
     subject: str
     body: str
     at: float
+
+
+@dataclasses.dataclass(frozen=True)
+class _Outcome:
+    """How one delivery attempt ended, as the outbox is to record it."""
+
+    notice_id: int
+    attempts: int
+    sent: bool = False
+    error: str = ""
+    retry_at: float | None = None  #: None, when not sent: given up
+
+    @property
+    def settled(self) -> bool:
+        """Sent or given up: never to be attempted again."""
+        return self.sent or self.retry_at is None
+
+    def record(self, store: Store) -> None:
+        """Write the outcome to the outbox; raises sqlite3.Error when it cannot."""
+        if self.sent:
+            store.notice_sent(self.notice_id)
+        else:
+            store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at)
+
+
+def _retry_wait_s(value: object) -> float | None:
+    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
+    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 <= value < math.inf:  # False for NaN too
+        return None
+    return float(min(value, RETRY_AFTER_MAX_S))
 
 
 def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
@@ -1711,6 +1751,9 @@ class Monitor:
         self._clock_offset: float | None = None
         self._deadline_listeners: list[Callable[[float], None]] = []
         self._outbox_listeners: list[Callable[[float], None]] = []
+        #: Per channel, outcomes the database refused to record (disk full, read-only),
+        #: by notice id: kept until it takes them, so a sent notice is not sent again.
+        self._unrecorded: dict[str, dict[int, _Outcome]] = {}
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -1867,46 +1910,87 @@ class Monitor:
         """Send the channel's queued notices, oldest first; return when to call again.
 
         Stops at the first failure, so notices never overtake each other: the
-        failed one is retried after 5 s, doubling up to 5 minutes, and given up
-        (and logged as an error) after a day or at a permanent error.  Returns
-        None when nothing is queued.
+        failed one is retried after 5 s, doubling up to 5 minutes (or after the
+        wait the channel asked for, at most an hour), and given up (and logged
+        as an error) after a day or at a permanent error.  Returns None when
+        nothing is queued.
+
+        When the database cannot record an outcome (disk full, read-only), this
+        process keeps it and tries again every RETRY_FIRST_S: a notice that was
+        sent is not sent again, and a failure still counts.  Only one channel's
+        courier may call this for a given channel at a time.
         """
+        unrecorded = self._unrecorded.setdefault(channel, {})
+        for outcome in list(unrecorded.values()):
+            if not self._record(outcome, unrecorded):
+                break  # the next write would fail too (and a locked database makes each wait)
         while True:
-            row = self.store.next_notice(channel)
+            settled = [notice_id for notice_id, outcome in unrecorded.items() if outcome.settled]
+            row = self.store.next_notice(channel, skip=settled)
             now = self.clock()
             if row is None:
-                return None
-            if row["next_attempt_at"] > now:
-                return row["next_attempt_at"]
-            notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"])
-            attempt = row["attempts"] + 1
+                return self._come_back(unrecorded, None, now)
+            known = unrecorded.get(row["id"])
+            attempts = known.attempts if known else row["attempts"]
+            next_attempt_at = known.retry_at if known else row["next_attempt_at"]
+            if next_attempt_at > now:
+                return self._come_back(unrecorded, next_attempt_at, now)
+            outcome = self._attempt(channel, row, attempts + 1)
+            self._record(outcome, unrecorded)
+            if not outcome.settled:
+                return self._come_back(unrecorded, outcome.retry_at, self.clock())
+
+    def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
+        """Send one queued notice and log how it went."""
+        notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"])
+        try:
+            notifier = self.notifiers.get(channel)
+            if notifier is None:
+                raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
             try:
-                notifier = self.notifiers.get(channel)
-                if notifier is None:
-                    raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
-                try:
-                    notifier(self.config, notice)
-                except NotifyError:
-                    raise
-                except Exception as exc:
-                    # A notifier bug must cost an attempt, not block its channel forever.
-                    log.exception("%s: %s notifier failed unexpectedly", notice.check, channel)
-                    raise NotifyError(f"unexpected {type(exc).__name__}") from None
-            except NotifyError as exc:
-                now = self.clock()  # a send can take its whole timeout before failing
-                delay = min(RETRY_FIRST_S * 2 ** (attempt - 1), RETRY_MAX_S)
-                delay = max(delay, exc.retry_after_s or 0)
-                give_up = exc.permanent or now - row["created_at"] >= RETRY_FOR_S
-                self.store.notice_failed(row["id"], str(exc), None if give_up else now + delay)
-                if give_up:
-                    log.error("%s: gave up sending %r to %s after %d attempts: %s",
-                              notice.check, notice.subject, channel, attempt, exc)
-                    continue
-                log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
-                            notice.check, notice.subject, channel, attempt, exc, format_duration(delay))
-                return now + delay
-            self.store.notice_sent(row["id"])
-            log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
+                notifier(self.config, notice)
+            except NotifyError:
+                raise
+            except Exception as exc:
+                # A notifier bug must cost an attempt, not block its channel forever.
+                log.exception("%s: %s notifier failed unexpectedly", notice.check, channel)
+                raise NotifyError(f"unexpected {type(exc).__name__}") from None
+        except NotifyError as exc:
+            now = self.clock()  # a send can take its whole timeout before failing
+            delay = min(RETRY_FIRST_S * 2 ** min(attempt - 1, 32), RETRY_MAX_S)
+            delay = max(delay, _retry_wait_s(exc.retry_after_s) or 0.0)
+            if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
+                log.error("%s: gave up sending %r to %s after %d attempts: %s",
+                          notice.check, notice.subject, channel, attempt, exc)
+                return _Outcome(row["id"], attempt, error=str(exc))
+            log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
+                        notice.check, notice.subject, channel, attempt, exc, format_duration(delay))
+            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay)
+        log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
+        return _Outcome(row["id"], attempt, sent=True)
+
+    def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
+        """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again
+        (and return False)."""
+        try:
+            outcome.record(self.store)
+        except sqlite3.Error as exc:
+            if outcome.notice_id not in unrecorded:
+                log.error("the database cannot record that notice %d was %s (%s); "
+                          "keeping it in memory and trying again every %s", outcome.notice_id,
+                          "sent" if outcome.sent else "attempted", exc, format_duration(RETRY_FIRST_S))
+            unrecorded[outcome.notice_id] = outcome
+            return False
+        if unrecorded.pop(outcome.notice_id, None) is not None:
+            log.info("the database recorded notice %d after all", outcome.notice_id)
+        return True
+
+    @staticmethod
+    def _come_back(unrecorded: dict[int, _Outcome], at: float | None, now: float) -> float | None:
+        """``at``, or sooner when there are outcomes still to record."""
+        if not unrecorded:
+            return at
+        return now + RETRY_FIRST_S if at is None else min(at, now + RETRY_FIRST_S)
 
     @staticmethod
     def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
@@ -1920,6 +2004,8 @@ class Monitor:
 
 #: Telegram refuses messages longer than this.
 TELEGRAM_MAX_CHARS = 4096
+#: The most of an HTTP answer read: a channel needs its status and a short reason.
+HTTP_MAX_ANSWER_BYTES = 1 << 20
 
 
 def send_console(config: Config, notice: Notice) -> None:
@@ -1930,12 +2016,128 @@ def send_console(config: Config, notice: Notice) -> None:
         raise NotifyError(f"cannot write to standard output: {exc}") from None
 
 
+class _Deadline:
+    """One time limit for a whole network attempt.  Socket timeouts count per
+    read, so a server that drips a byte at a time would never trip them: every
+    socket operation is given only the time that is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises ``socket.timeout`` (an OSError) when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's input, each read waiting only for what is left of the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        """What smtplib and http.client.HTTPResponse read through (as socket.makefile)."""
+        return io.BufferedReader(self)
+
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+    """Open a TCP connection within the deadline, trying each address in turn
+    (socket.create_connection would give every address the whole timeout)."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(deadline.remaining())
+            sock.connect(address)
+            sock.settimeout(deadline.remaining())  # a TLS handshake comes next
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+class _MaybeDelivered(smtplib.SMTPException):
+    """The server took the whole message but did not say whether it accepted it."""
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP held to one deadline for the whole conversation, speaking TLS
+    from the start when given ``tls``.  Only the reply to the message itself
+    gets ``data_reply_s`` of its own: a server may take 10 minutes to accept a
+    message (RFC 5321 4.5.3.2.6), and giving up sooner sends it twice."""
+
+    def __init__(self, host: str, port: int, deadline: _Deadline, data_reply_s: float,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._deadline = deadline
+        self._data_reply_s = data_reply_s
+        self._tls = tls
+        self._data_replies: int | None = None
+        super().__init__(host, port)
+
+    def _get_socket(self, host: str, port: int, timeout: object) -> socket.socket:
+        sock = _connect(host, port, self._deadline)
+        if self._tls is None:
+            return sock
+        try:
+            return self._tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+
+    def send(self, s: bytes | str) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self._deadline.remaining())
+            except OSError as exc:  # as smtplib reports a failed send
+                self.close()
+                raise smtplib.SMTPServerDisconnected(str(exc)) from None
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _DeadlineReader(self.sock, self._deadline).makefile("rb")
+        if self._data_replies is not None:
+            self._data_replies += 1
+            if self._data_replies == 2:  # the reply to the message, not to DATA
+                self._deadline.at = time.monotonic() + self._data_reply_s
+        return super().getreply()
+
+    def data(self, msg: bytes | str) -> tuple[int, bytes]:
+        self._data_replies = 0
+        at = self._deadline.at
+        try:
+            return super().data(msg)
+        except smtplib.SMTPServerDisconnected as exc:
+            if self._data_replies < 2:
+                raise
+            raise _MaybeDelivered(f"no reply after the message was sent ({exc})") from None
+        finally:
+            self._data_replies = None
+            self._deadline.at = at
+
+
 def send_email(config: Config, notice: Notice) -> None:
     """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
 
     Recipients are the alert's ``recipient_emails``, else the global list, and
     the ``To`` header says the same.  Certificates are verified for ssl and
-    starttls.  Every socket operation has the configured timeout.
+    starttls.  The attempt, from connecting to QUIT, must end within
+    ``timeout_s``; only the server's reply to the message itself is given
+    ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
+    that times out there is retried with a note that it may have been delivered.
     """
     conf = config.email
     if conf is None:
@@ -1954,16 +2156,19 @@ def send_email(config: Config, notice: Notice) -> None:
     message.set_content(notice.body)
     context = ssl.create_default_context()
     try:
-        if conf.encryption == "ssl":
-            smtp = smtplib.SMTP_SSL(conf.hostname, conf.port, timeout=conf.timeout_s, context=context)
-        else:
-            smtp = smtplib.SMTP(conf.hostname, conf.port, timeout=conf.timeout_s)
-        with smtp:
+        smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
+                     tls=context if conf.encryption == "ssl" else None)
+        with contextlib.closing(smtp):
             if conf.encryption == "starttls":
                 smtp.starttls(context=context)
             if conf.username:
                 smtp.login(conf.username, conf.password)
             refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
+            # Accepted: a failed goodbye must not turn it into a failure, and a second copy.
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.quit()
+    except _MaybeDelivered as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc}; it may have been delivered") from None
     except smtplib.SMTPRecipientsRefused as exc:
         permanent = all(code >= 500 for code, _ in exc.recipients.values())
         raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
@@ -1991,51 +2196,78 @@ def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
     return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
 
 
+def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
+
+    Returns ``(status, headers, body)`` whatever the status, with at most
+    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified; redirects
+    are not followed and no proxy is used.  Raises OSError (``socket.timeout``
+    when time is up), ``http.client.HTTPException``, or ValueError for a URL
+    that is not http(s); the messages of the latter two may quote the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    deadline = _Deadline(timeout_s)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    connection = http.client.HTTPConnection(parts.hostname, port)
+    with contextlib.closing(connection):
+        sock = _connect(parts.hostname, port, deadline)
+        if parts.scheme == "https":
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            except BaseException:
+                sock.close()
+                raise
+        connection.sock = sock
+        sock.settimeout(deadline.remaining())
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request(method, target, body, {"Host": parts.netloc.rpartition("@")[2], **headers})
+        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
+            response.begin()
+            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
+
+
 def send_telegram(config: Config, notice: Notice) -> None:
     """Post the notice as plain text through the Bot API's ``sendMessage``.
 
-    A 429 answer raises with the ``retry_after`` Telegram asked for; other 4xx
-    answers are permanent.  The bot token is part of the URL, so it never
-    appears in an error message.
+    A 429 answer raises with the ``retry_after`` Telegram asked for (at most
+    an hour; None if it makes no sense); other 4xx answers are permanent.  The
+    attempt, from connecting to the end of the answer, must end within
+    ``timeout_s``.  The bot token is part of the URL, so it never appears in
+    an error message.
     """
     conf = config.telegram
     if conf is None:
         raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
     text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
-    # Quoted: a stray space or # in a pasted token must not bend the URL.
-    request = urllib.request.Request(
-        f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
-        data=json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
-        headers={"Content-Type": "application/json"},
-        method="POST",
-    )
+    where = urllib.parse.urlsplit(conf.api_url).netloc
     try:
-        with urllib.request.urlopen(request, timeout=conf.timeout_s) as response:
-            response.read()
-    except urllib.error.HTTPError as exc:
-        with exc:
-            try:
-                answer = json.loads(exc.read() or b"{}")
-            except ValueError:
-                answer = None
-        if not isinstance(answer, dict):
-            answer = {}
-        description = answer.get("description") or exc.reason
-        if exc.code == 429:
-            parameters = answer.get("parameters")
-            retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
-            if not isinstance(retry_after, (int, float)) or isinstance(retry_after, bool):
-                retry_after = None
-            raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=retry_after) from None
-        raise NotifyError(f"Telegram answered {exc.code}: {description}",
-                          permanent=400 <= exc.code < 500) from None
-    except urllib.error.URLError as exc:
-        raise NotifyError(f"cannot reach Telegram at {urllib.parse.urlsplit(conf.api_url).netloc}: "
-                          f"{exc.reason}") from None
-    except (http.client.HTTPException, OSError, ValueError) as exc:
+        # Quoted: a stray space or # in a pasted token must not bend the URL.
+        status, _, answer_bytes = _http_request(
+            "POST", f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
+            json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
+            {"Content-Type": "application/json"}, conf.timeout_s)
+    except OSError as exc:  # socket errors never quote the URL
+        raise NotifyError(f"talking to Telegram at {where} failed: {exc or type(exc).__name__}") from None
+    except (http.client.HTTPException, ValueError) as exc:
         # Only the type: these messages may quote the URL, and so the token.
-        raise NotifyError(f"talking to Telegram at {urllib.parse.urlsplit(conf.api_url).netloc} failed: "
-                          f"{type(exc).__name__}") from None
+        raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
+    if 200 <= status < 300:
+        return
+    try:
+        answer = json.loads(answer_bytes or b"{}")
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {}
+    description = answer.get("description") or http.client.responses.get(status, "")
+    if status == 429:
+        parameters = answer.get("parameters")
+        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+        raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=_retry_wait_s(retry_after))
+    raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
 
 
 #: Channel name -> ``fn(config, notice)``.  A notifier returns None once the

@@ -14,8 +14,10 @@ import email.policy
 import http.client
 import http.server
 import io
+import itertools
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -1729,9 +1731,16 @@ class DeliveryTest(unittest.TestCase):
     def start_monitor(self) -> caduceus.Monitor:
         store = open_store(self, self.db)
         monitor = caduceus.Monitor(store, self.config,
-                                   {"console": self.console, "telegram": self.telegram}, self.clock)
+                                   {"console": self.console, "telegram": self.send_telegram}, self.clock)
         monitor.start()
         return monitor
+
+    def send_telegram(self, config: caduceus.Config, notice: caduceus.Notice) -> None:
+        """self.telegram, failing after 10 notices: a deliver() that sends the same
+        notice for ever then fails these tests instead of hanging them."""
+        if len(self.telegram.notices) >= 10:
+            raise caduceus.NotifyError("10 notices sent: a runaway loop?")
+        self.telegram(config, notice)
 
     def go_down(self) -> None:
         self.clock.advance(60)
@@ -1840,6 +1849,104 @@ class DeliveryTest(unittest.TestCase):
         self.go_down()
         self.assertEqual(woken, [self.clock.now])
 
+    def test_one_call_sends_every_queued_notice_in_order_and_empties_the_outbox(self):
+        self.go_down()
+        self.clock.advance(1)
+        self.monitor.ping("job")
+        self.clock.advance(3600)
+        self.monitor.sweep()  # "other" goes down; "job" is late again
+        self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(self.telegram.subjects, ['Caduceus: Alert "job" is failing.',
+                                                  "Caduceus: Alert job is reporting again.",
+                                                  'Caduceus: Alert "job" is failing.',
+                                                  'Caduceus: Alert "other" is failing.'])
+        self.assertEqual([row["channel"] for row in self.monitor.store.pending_notices()], ["console"] * 4)
+        self.clock.advance(600)
+        self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(len(self.telegram.notices), 4, "nothing is sent twice")
+
+    def test_a_channel_without_a_notifier_gives_up_at_once(self):
+        monitor = caduceus.Monitor(self.monitor.store, self.config, {"console": self.console}, self.clock)
+        self.go_down()
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.assertIsNone(monitor.deliver("telegram"))
+        self.assertIn("no notifier", logs.output[0])
+        self.clock.advance(3600)
+        self.assertIsNone(monitor.deliver("telegram"))
+        failed = self.monitor.store.failed_notices()
+        self.assertEqual([(row["channel"], row["attempts"]) for row in failed], [("telegram", 1)])
+        self.assertEqual([row["channel"] for row in self.monitor.store.pending_notices()], ["console"])
+
+    def test_the_wait_a_channel_asks_for_is_capped_and_nonsense_is_ignored(self):
+        self.go_down()
+        # (retry_after the channel gave, the wait): the backoff doubles at each attempt.
+        table = [(1e9, 3600), (math.inf, 10), (math.nan, 20), (-3, 40), ("7", 80), (True, 160),
+                 (10 ** 400, 3600), (None, 300), (90.5, 300), (400, 400)]
+        for retry_after, wait in table:
+            with self.subTest(retry_after=str(retry_after)[:12]), self.assertLogs("caduceus", "WARNING"):
+                self.telegram.error = caduceus.NotifyError("429", retry_after_s=retry_after)
+                retry_at = self.monitor.deliver("telegram")
+                self.assertEqual(retry_at - self.clock.now, wait)
+                self.clock.now = retry_at
+
+    def read_only(self) -> None:
+        """Make the database refuse every write, as a full disk or a read-only mount does."""
+        self.monitor.store._conn.execute("PRAGMA query_only = ON")
+        self.addCleanup(self.writable)
+
+    def writable(self) -> None:
+        self.monitor.store._conn.execute("PRAGMA query_only = OFF")
+
+    def test_a_sent_notice_the_database_cannot_drop_is_not_sent_again(self):
+        self.go_down()
+        self.clock.advance(1)
+        self.monitor.ping("job")
+        self.read_only()
+        with self.assertLogs("caduceus", "INFO") as logs:
+            retry_at = self.monitor.deliver("telegram")
+        self.assertEqual(len([line for line in logs.output if "sent" in line and "INFO" in line]), 2)
+        self.assertEqual(retry_at, self.clock.now + caduceus.RETRY_FIRST_S, "comes back to record them")
+        for _ in range(5):
+            self.clock.now = retry_at
+            retry_at = self.monitor.deliver("telegram")
+            self.assertEqual(retry_at, self.clock.now + caduceus.RETRY_FIRST_S)
+        self.assertEqual(self.telegram.subjects, ['Caduceus: Alert "job" is failing.',
+                                                  "Caduceus: Alert job is reporting again."])
+        self.writable()
+        self.clock.now = retry_at
+        self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(len(self.telegram.notices), 2)
+        self.assertEqual([row["channel"] for row in self.monitor.store.pending_notices()], ["console"] * 2)
+
+    def test_a_failure_the_database_cannot_record_still_counts(self):
+        self.telegram.error = caduceus.NotifyError("down")
+        self.go_down()
+        self.read_only()
+        with self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5)
+        self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5, "no attempt before its time")
+        self.assertEqual(self.telegram.attempts, 1)
+        self.clock.advance(5)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.monitor.deliver("telegram")
+        self.assertIn("retrying in 10s", logs.output[0], "the backoff goes on")
+        self.clock.advance(5)
+        self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 5, "comes back to record it")
+        self.assertEqual(self.telegram.attempts, 2, "but not to send it")
+        self.telegram.error = caduceus.NotifyError("chat not found", permanent=True)
+        self.clock.advance(5)
+        with self.assertLogs("caduceus", "ERROR"):
+            self.monitor.deliver("telegram")
+        for _ in range(3):
+            self.clock.advance(5)
+            self.monitor.deliver("telegram")
+        self.assertEqual(self.telegram.attempts, 3, "given up, even though that could not be recorded")
+        self.writable()
+        self.clock.advance(5)
+        self.assertIsNone(self.monitor.deliver("telegram"))
+        failed = self.monitor.store.failed_notices()
+        self.assertEqual([(row["attempts"], row["last_error"]) for row in failed], [(3, "chat not found")])
+
 
 ###############################################################################
 # Notifiers ###################################################################
@@ -1852,19 +1959,51 @@ class SMTPSink(socketserver.ThreadingTCPServer):
     ``refuse_rcpt`` makes it answer RCPT TO with that reply line instead of 250.
     With ``tls`` (a server-side SSLContext) it offers STARTTLS, or with
     ``implicit_tls`` speaks TLS from the first byte (encryption = "ssl").
+    ``auth_reply`` makes it offer AUTH PLAIN and answer every AUTH with that line.
+    ``drip_s`` makes it greet with an endless reply, one byte every ``drip_s``
+    seconds (see drip).  ``accept_after_s`` makes it keep a message that long
+    before it answers 250 (None: it never answers), and ``quit_reply`` is its
+    answer to QUIT.
     """
 
     daemon_threads = True
     allow_reuse_address = True
 
     def __init__(self, refuse_rcpt: bytes = b"", tls: ssl.SSLContext | None = None,
-                 implicit_tls: bool = False) -> None:
+                 implicit_tls: bool = False, auth_reply: bytes = b"", drip_s: float = 0.0,
+                 accept_after_s: float | None = 0.0, quit_reply: bytes = b"221 bye") -> None:
         super().__init__(("127.0.0.1", 0), SMTPSinkHandler)
         self.refuse_rcpt = refuse_rcpt
         self.tls = tls
         self.implicit_tls = implicit_tls
+        self.auth_reply = auth_reply
+        self.drip_s = drip_s
+        self.accept_after_s = accept_after_s
+        self.quit_reply = quit_reply
         self.messages: list[tuple[str, list[str], email.message.Message, bool]] = []
         self.received = threading.Event()
+        self.stopping = threading.Event()
+
+    def shutdown(self) -> None:
+        self.stopping.set()  # a dripping or slow handler lets go
+        super().shutdown()
+
+
+#: How long a dripping stand-in drips before it hangs up: far longer than the deadlines under test.
+DRIP_FOR_S = 3.0
+
+
+def drip(server: SMTPSink | TelegramStandIn, out: io.RawIOBase, data: bytes) -> None:
+    """Write ``data`` over and over, one byte every ``server.drip_s`` seconds, for
+    DRIP_FOR_S or until the client hangs up: a peer that answers, but too slowly
+    to ever finish, and never trips a timeout per read."""
+    for byte in itertools.islice(itertools.cycle(data), int(DRIP_FOR_S / server.drip_s)):
+        try:
+            out.write(bytes([byte]))
+        except OSError:  # the client gave up, as it should
+            return
+        if server.stopping.wait(server.drip_s):
+            return
 
 
 class SMTPSinkHandler(socketserver.StreamRequestHandler):
@@ -1890,6 +2029,9 @@ class SMTPSinkHandler(socketserver.StreamRequestHandler):
                 self.wfile.write(b"220 sink ESMTP\r\n")
                 self.converse()
             return
+        if self.server.drip_s:
+            drip(self.server, self.wfile, b"220-sink, slowly\r\n")
+            return
         self.wfile.write(b"220 sink ESMTP\r\n")
         self.converse()
 
@@ -1905,6 +2047,12 @@ class SMTPSinkHandler(socketserver.StreamRequestHandler):
             verb = line[:4].upper()
             if verb == b"EHLO" and self.server.tls and not self.encrypted:
                 self.wfile.write(b"250-sink\r\n250 STARTTLS\r\n")
+                continue
+            if verb == b"EHLO" and self.server.auth_reply:
+                self.wfile.write(b"250-sink\r\n250 AUTH PLAIN\r\n")
+                continue
+            if verb == b"AUTH":
+                self.wfile.write(self.server.auth_reply + b"\r\n")
                 continue
             if line.strip().upper() == b"STARTTLS":
                 self.wfile.write(b"220 go ahead\r\n")
@@ -1929,21 +2077,33 @@ class SMTPSinkHandler(socketserver.StreamRequestHandler):
                 message = email.message_from_bytes(b"".join(lines), policy=email.policy.default)
                 self.server.messages.append((sender, recipients, message, self.encrypted))
                 self.server.received.set()
+                if self.server.stopping.wait(self.server.accept_after_s):
+                    return
             elif verb == b"QUIT":
-                self.wfile.write(b"221 bye\r\n")
+                self.wfile.write(self.server.quit_reply + b"\r\n")
                 return
             self.wfile.write(b"250 ok\r\n")
 
 
 class TelegramStandIn(http.server.ThreadingHTTPServer):
-    """A real HTTP server playing the Bot API: answers from ``self.answers`` in turn."""
+    """A real HTTP server playing the Bot API: answers from ``self.answers`` in turn.
+
+    With ``drip_s`` it sends the status and headers at once and then drips the
+    body, one byte every ``drip_s`` seconds (see drip).
+    """
 
     daemon_threads = True
 
-    def __init__(self, answers: list[tuple[int, dict]]) -> None:
+    def __init__(self, answers: list[tuple[int, dict]], drip_s: float = 0.0) -> None:
         super().__init__(("127.0.0.1", 0), TelegramHandler)
         self.answers = answers
+        self.drip_s = drip_s
         self.requests: list[tuple[str, dict]] = []
+        self.stopping = threading.Event()
+
+    def shutdown(self) -> None:
+        self.stopping.set()
+        super().shutdown()
 
 
 class TelegramHandler(http.server.BaseHTTPRequestHandler):
@@ -1954,8 +2114,13 @@ class TelegramHandler(http.server.BaseHTTPRequestHandler):
         payload = json.dumps(answer).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
+        self.send_header("Content-Length", str(len(payload) * 1000 if self.server.drip_s else len(payload)))
         self.end_headers()
+        if self.server.drip_s:
+            self.wfile.flush()
+            drip(self.server, self.wfile, b" ")
+            self.close_connection = True
+            return
         self.wfile.write(payload)
 
     def log_message(self, *args):
@@ -2052,19 +2217,70 @@ class EmailTest(unittest.TestCase):
         self.assertNotIn("pw", str(caught.exception).replace("SMTP", ""))
         self.assertEqual(sink.messages, [])
 
+    def test_a_refused_login_is_temporary_for_4xx_and_permanent_for_5xx(self):
+        for reply, permanent in ((b"454 4.7.0 Temporary authentication failure", False),
+                                 (b"535 5.7.8 Authentication credentials invalid", True)):
+            with self.subTest(reply=reply):
+                sink = serve(self, SMTPSink(auth_reply=reply))
+                config = email_config(self, sink.server_address[1], username="me", password="pw")
+                with self.assertRaises(caduceus.NotifyError) as caught:
+                    caduceus.send_email(config, NOTICE)
+                self.assertEqual(caught.exception.permanent, permanent)
+                self.assertIn(reply[:3].decode(), str(caught.exception))
+                self.assertEqual(sink.messages, [])
+
+    def test_a_dripping_server_is_cut_off_at_the_deadline(self):
+        # A reply dripped a byte at a time never trips a timeout per read (it held a channel 106 s).
+        sink = serve(self, SMTPSink(drip_s=0.05))
+        started = time.monotonic()
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_email(email_config(self, sink.server_address[1], timeout_s=0.5), NOTICE)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("timed out", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+
+    def test_a_server_slow_to_accept_the_message_is_waited_for(self):
+        # RFC 5321 4.5.3.2.6 gives it 10 minutes: giving up sooner sent the message twice.
+        sink = serve(self, SMTPSink(accept_after_s=0.6))
+        caduceus.send_email(email_config(self, sink.server_address[1], timeout_s=0.3), NOTICE)
+        self.assertEqual(len(sink.messages), 1)
+
+    def test_an_accepted_message_is_sent_even_if_the_goodbye_goes_wrong(self):
+        # Reporting it as failed would send it again.
+        sink = serve(self, SMTPSink(quit_reply=b"421 shutting down"))
+        caduceus.send_email(email_config(self, sink.server_address[1]), NOTICE)
+        self.assertEqual(len(sink.messages), 1)
+
+    def test_no_answer_to_the_message_is_retried_as_may_have_been_delivered(self):
+        sink = serve(self, SMTPSink(accept_after_s=None))
+        config = email_config(self, sink.server_address[1], timeout_s=2, data_reply_timeout_s=0.3)
+        started = time.monotonic()
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_email(config, NOTICE)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("may have been delivered", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+        self.assertEqual(len(sink.messages), 1)
+
+
+def localhost_certificate(test: unittest.TestCase) -> tuple[str, ssl.SSLContext]:
+    """A new self-signed certificate for localhost: its file, and a server context using it."""
+    directory = temp_dir(test)
+    cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-keyout", key, "-out", cert, "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
+    server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_tls.load_cert_chain(cert, key)
+    return cert, server_tls
+
 
 @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
 class EmailTLSTest(unittest.TestCase):
     """encryption = "starttls" and "ssl" against a sink with a certificate for localhost."""
 
     def setUp(self):
-        directory = temp_dir(self)
-        self.cert, key = os.path.join(directory, "cert.pem"), os.path.join(directory, "key.pem")
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                        "-keyout", key, "-out", self.cert, "-subj", "/CN=localhost",
-                        "-addext", "subjectAltName=DNS:localhost"], check=True, capture_output=True)
-        self.server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        self.server_tls.load_cert_chain(self.cert, key)
+        self.cert, self.server_tls = localhost_certificate(self)
 
     def config(self, sink: SMTPSink, encryption: str) -> caduceus.Config:
         config = email_config(self, sink.server_address[1], encryption=encryption)
@@ -2167,6 +2383,65 @@ class TelegramTest(unittest.TestCase):
             caduceus.send_telegram(config, NOTICE)
         self.assertNotIn(self.TOKEN, str(caught.exception))
         self.assertFalse(caught.exception.permanent)
+
+    def test_a_dripping_answer_is_cut_off_at_the_deadline(self):
+        # The body dripped a byte at a time never trips a timeout per read (it held a channel 80 s).
+        server = serve(self, TelegramStandIn([(200, {"ok": True, "result": {}})], drip_s=0.05))
+        config = self.config_for(server)
+        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=0.5))
+        started = time.monotonic()
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_telegram(config, NOTICE)
+        self.assertLess(time.monotonic() - started, 1.0)
+        self.assertIn("timed out", str(caught.exception))
+        self.assertNotIn(self.TOKEN, str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+
+    def test_a_huge_retry_after_is_capped_and_nonsense_dropped(self):
+        table = [(1e9, 3600), (10 ** 400, 3600), (math.inf, None), (math.nan, None), (-1, None),
+                 ("7", None), (True, None), (2.5, 2.5)]
+        server = serve(self, TelegramStandIn([(429, {"ok": False, "parameters": {"retry_after": retry_after}})
+                                              for retry_after, _ in table]))
+        config = self.config_for(server)
+        for retry_after, expected in table:
+            with self.subTest(retry_after=str(retry_after)[:12]):
+                with self.assertRaises(caduceus.NotifyError) as caught:
+                    caduceus.send_telegram(config, NOTICE)
+                self.assertEqual(caught.exception.retry_after_s, expected)
+                self.assertFalse(caught.exception.permanent)
+
+
+@unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+class TelegramTLSTest(unittest.TestCase):
+    """The Bot API over HTTPS, as it is always reached, with a certificate for localhost."""
+
+    def setUp(self):
+        self.cert, server_tls = localhost_certificate(self)
+        self.server = TelegramStandIn([(200, {"ok": True, "result": {}})])
+        self.server.socket = server_tls.wrap_socket(self.server.socket, server_side=True)
+        serve(self, self.server)
+        config = config_from(self, f"""
+            [alerting.telegram]
+            apikey = "{TelegramTest.TOKEN}"
+            chat_id = "1"
+            api_url = "https://localhost:{self.server.server_address[1]}"
+            [alerts.mail]
+            every = "5s"
+            channels = ["telegram"]
+        """)
+        self.config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=5))
+
+    def test_posts_over_https(self):
+        with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert}):
+            caduceus.send_telegram(self.config, NOTICE)
+        self.assertEqual(self.server.requests[0][0], f"/bot{TelegramTest.TOKEN}/sendMessage")
+
+    def test_an_untrusted_certificate_is_refused(self):
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_telegram(self.config, NOTICE)
+        self.assertIn("certificate", str(caught.exception).lower())
+        self.assertNotIn(TelegramTest.TOKEN, str(caught.exception))
+        self.assertEqual(self.server.requests, [])
 
 
 class ConsoleTest(unittest.TestCase):
