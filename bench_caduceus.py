@@ -679,7 +679,11 @@ class ClientPool:
         # Wait for the interpreters to be up: starting them costs CPU a measurement must not share.
         try:
             for process, pipe in self.workers:
-                if not pipe.poll(60) or pipe.recv() != "ready":
+                try:
+                    ready = pipe.poll(60) and pipe.recv() == "ready"
+                except EOFError:
+                    ready = False
+                if not ready:
                     raise BenchError(f"load worker {process.name} did not start")
         except BaseException:
             self.__exit__(None, None, None)
@@ -995,8 +999,9 @@ def measure_big(plan: Plan, pool: ClientPool, workdir: str, caduceus_path: str, 
                           dict.fromkeys(names, 3600.0)) as server:
         say(f"start-up: {plan.big_alerts:,} alerts (waiting at most {cap_s:g} s)")
         row = start_row(server, plan.big_alerts, names[0], cap_s)
-        if row["startup_s"] is None:
-            row["load"] = "none: start-up passed the cap"
+        if row["startup_s"] is None:  # still starting: its memory is not the idle figure
+            row["rss_at_cap_mb"], row["rss_idle_mb"] = row["rss_idle_mb"], None
+            row["load"] = f"none: still starting at the cap, RSS {_fmt(row['rss_at_cap_mb'])} MB"
             return row
         load = pool.run(server.port, [checkin_path(name) for name in names], plan.load_clients,
                         count=plan.big_checkins)
@@ -1076,7 +1081,7 @@ def evaluate_targets(result: Mapping[str, Any]) -> list[dict[str, Any]]:
         add(f"start-up, {alerts:,} alerts", row["cap_s"] if capped else (row or {}).get("startup_s"),
             limit, False, "s")
         if capped:
-            targets[-1].update(result=MISS, value_text=f"> {row['cap_s']:g} s")
+            targets[-1].update(result=MISS, value_text=f"> {_fmt(row['cap_s'])} s")
     row = startup.get(10_000, {})
     rss = [value for value in (row.get("rss_idle_mb"), row.get("rss_after_mb")) if value is not None]
     add("RSS (idle and after load), 10,000 alerts", max(rss, default=None), 35.0, False, "MB")
@@ -1150,7 +1155,7 @@ def format_report(result: Mapping[str, Any]) -> str:
               f"min {_fmt(late['min_ms'], 2)} ms", ""]
     lines += ["Start-up (spawn to the first 200 on a check-in) and resident memory (VmRSS):"]
     lines += _table(["alerts", "start-up s", "RSS idle MB", "RSS after MB", "after"],
-                    [[_fmt(row["alerts"]), f"> {row['cap_s']:g}" if row["startup_s"] is None
+                    [[_fmt(row["alerts"]), f"> {_fmt(row['cap_s'])}" if row["startup_s"] is None
                       else _fmt(row["startup_s"], 3), _fmt(row["rss_idle_mb"]), _fmt(row["rss_after_mb"]),
                       row["load"]] for row in result["startup"]]) + [""]
     db = result["database"]
@@ -1190,7 +1195,7 @@ def run(plan: Plan, caduceus_path: str, client_processes: int, cap_s: float,
         result["startup"] = [first_row, db_row]
         if plan.big_alerts:
             if plan.budget_s:  # what is left of the budget, less the load and the stop after it
-                cap_s = min(cap_s, max(5.0, plan.budget_s - (time.perf_counter() - began) - 10.0))
+                cap_s = round(min(cap_s, max(5.0, plan.budget_s - (time.perf_counter() - began) - 10.0)), 1)
             result["startup"].append(measure_big(plan, pool, workdir, caduceus_path, cap_s, tally, say))
     result["errors"], result["error_samples"] = tally.total, tally.samples
     result["elapsed_s"] = round(time.perf_counter() - began, 1)
