@@ -1211,7 +1211,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     size.add_argument("--quick", action="store_true", help="smaller loads, under 30 s")
     size.add_argument("--smoke", action="store_true", help="tiny loads, a few seconds (for the tests)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--caduceus", metavar="PATH", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "caduceus.py"),
+    beside = os.path.join(os.path.dirname(os.path.abspath(__file__)), "caduceus.py")
+    parser.add_argument("--caduceus", metavar="PATH", default=beside,
                         help="the caduceus.py to measure (default: the one beside this script)")
     parser.add_argument("--client-processes", metavar="N", type=int, default=max(2, min(4, os.cpu_count() or 2)),
                         help="load client processes (default: the cores, 2 to 4)")
