@@ -143,7 +143,7 @@ class Plan:
 
 PLANS = {
     "smoke": Plan("smoke", concurrency=(1, 2), rounds=2, phase_s=0.15, checkin_alerts=10,
-                  quiet_alerts=18, due_alerts=2, due_from_s=0.8, due_to_s=1.0,
+                  quiet_alerts=18, due_alerts=2, due_from_s=1.0, due_to_s=1.3,
                   db_alerts=20, db_checkins=200, body_bytes=1024, db_max_s=5.0, big_alerts=30, big_checkins=60,
                   load_clients=2),
     "quick": Plan("quick", concurrency=(1, 10, 50), rounds=2, phase_s=0.4, checkin_alerts=10,

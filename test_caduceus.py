@@ -3675,5 +3675,53 @@ class ProcessTest(unittest.TestCase):
         self.assertEqual(process.wait(WAIT_S), 0)
 
 
+class BenchmarkTest(unittest.TestCase):
+    """bench_caduceus.py must keep working: its --smoke mode runs every part on tiny loads."""
+
+    def test_benchmark_smoke_run_reports_every_figure_without_errors(self):
+        """``bench_caduceus.py --smoke --json`` runs every part of the benchmark on
+        tiny loads; it must finish, report every figure, and count no errors."""
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_caduceus.py")
+        # A session of its own, so a timeout also stops the servers it started.
+        with subprocess.Popen([sys.executable, script, "--smoke", "--json", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True) as process:
+            try:
+                out, err = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                self.fail("bench_caduceus.py --smoke took more than 120 s")
+        self.assertEqual(process.returncode, 0, (err + out[-2000:]).decode(errors="replace"))
+        result = json.loads(out)
+        self.assertEqual(result["errors"], 0, result["error_samples"])
+        for key in ("machine", "command", "plan", "checkins", "lateness", "startup", "database", "targets"):
+            self.assertIn(key, result)
+        self.assertEqual({(row["clients"], row["connection"]) for row in result["checkins"]},
+                         {(clients, connection) for clients in (1, 2) for connection in ("keep-alive", "new")})
+        for row in result["checkins"]:
+            for server in ("caduceus", "reference"):
+                figures = row[server]
+                for key in ("req_s", "p50_ms", "p99_ms", "max_ms", "client_cpu_cores"):
+                    self.assertIsNotNone(figures[key], f"{server} {key}")
+                self.assertGreater(figures["requests"], 0)
+                self.assertEqual(figures["errors"], 0)
+            self.assertIsNotNone(row["ratio"]["median"])
+        lateness = result["lateness"]
+        self.assertEqual(lateness["received"], lateness["due"])
+        self.assertIsNotNone(lateness["p99_ms"])
+        self.assertEqual([row["alerts"] for row in result["startup"]], [10, 20, 30])
+        for row in result["startup"]:
+            self.assertIsNotNone(row["startup_s"])
+            if os.path.exists("/proc/self/status"):  # memory and CPU figures come from /proc
+                self.assertIsNotNone(row["rss_idle_mb"])
+                self.assertIsNotNone(row["rss_after_mb"])
+        database = result["database"]
+        self.assertEqual(database["checkins"], database["planned_checkins"])
+        self.assertGreater(database["disk_bytes"], 0)
+        self.assertIsNotNone(database["disk_per_kept"])
+        self.assertTrue(all(target["result"] in ("PASS", "MISS", "n/a") for target in result["targets"]))
+
+
 if __name__ == "__main__":
     unittest.main()
