@@ -1862,6 +1862,7 @@ class HTTPTest(unittest.TestCase):
                 (b"BREW /reset/hourly/?key=s3cret HTTP/1.1\r\n\r\n", b"501"),
                 (b"GET /reset/hourly/?key=s3cret HTTP/2.0\r\n\r\n", b"505"),
                 (b"GET /reset/hourly/?key=s3cret HTTP/1.1 extra\r\n\r\n", b"400"),
+                (b"GET /reset/hourly/?key=s3cret extra HTTP/1.1\r\n\r\n", b"400"),
                 (b"POST /reset/hourly/?key=s3cret\r\n", b"400")]:
             with self.subTest(request=request[:60], status=status):
                 answer = self.exchange(request)
@@ -1887,14 +1888,16 @@ class HTTPTest(unittest.TestCase):
             self.exchange(b"GET /reset/hourly/?key=%s HTTP/1.1x\r\n\r\n" % secret.encode())
             self.exchange(b"GET /reset/hourly/?key=a bcdefghijklmnop HTTP/1.1\r\n\r\n")
             self.exchange(b"GET /reset/hourly/?key=abcdefghijkl%20mnop\r\n\r\n")
-            self.exchange(b"GET /x/" + b"z" * 400 + secret.encode() + b" HTTP/1.1 x\r\n\r\n")
+            self.exchange(b"GET /x/" + b"z" * 2000 + secret.encode() + b" HTTP/1.1 x\r\n\r\n")
             self.assertEqual(self.request("GET", "/ping/a/bcdefghijklmnop/x")[0], 404)
             self.assertEqual(self.request("GET", "/reset/hourly/bcdefghijklmnop")[0], 404)
             self.assertEqual(self.request("GET", "/reset/hourly/", headers={"X-Caduceus-Key": "ab cdefghijklmnop"})[0],
                              404)
         self.assertNoPieceOf(secret, "\n".join(logs.output))
+        self.assertLess(max(map(len, logs.output)), 2 * caduceus.LOG_QUOTE_MAX, "a 64 KB line is not logged whole")
         self.assertNoPieceOf(secret, caduceus.mask_keys(f"/x?y={secret[1:]}", secret))
         self.assertEqual(caduceus.mask_keys("/reset/backups/?key=bcd", "abcdefgh"), "/reset/backups/?key=***")
+        self.assertEqual(caduceus.mask_keys("/x/bcdefghijklmnop/y", secret), "/x/***/y", "the tail too")
 
     def test_refused_check_ins_are_logged_once_a_minute_per_client_and_alert(self):
         with self.assertLogs("caduceus", "WARNING") as logs:
@@ -2018,7 +2021,7 @@ class ConnectionLimitTest(unittest.TestCase):
         self.assertEqual(len(logs.output), 1, "logged at most every few seconds")
 
     def test_a_slow_request_is_cut_off_at_its_deadline_however_it_trickles(self):
-        self.start(request_timeout_s=0.3, idle_timeout_s=5)
+        self.start(request_timeout_s=0.3, idle_timeout_s=30)
         sock = self.connect()
         sock.settimeout(0.05)
         began = time.monotonic()
@@ -2069,6 +2072,20 @@ class ConnectionLimitTest(unittest.TestCase):
             self.assertEqual(read_to_end(reading), b"")
         newcomer.sendall(b"body")
         self.assertTrue(newcomer.recv(1024).startswith(b"HTTP/1.1 200 "))
+
+    @unittest.skipIf(resource is None, "needs the resource module")
+    def test_the_soft_open_files_limit_is_raised_to_the_hard_one(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            self.skipTest("no hard limit to raise to")
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(300, hard), hard))
+        self.assertEqual(caduceus.raise_open_files_limit(100), 100)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        with unittest.mock.patch.object(resource, "getrlimit", return_value=(300, 300)), \
+                unittest.mock.patch.object(resource, "setrlimit"), self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(caduceus.raise_open_files_limit(512), 300 - caduceus.RESERVED_FDS)
+        self.assertIn("LimitNOFILE=576", logs.output[0])
 
     @unittest.skipIf(resource is None, "needs the resource module")
     def test_a_real_service_under_a_low_open_files_limit_answers_check_ins(self):
