@@ -1765,11 +1765,8 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 
 
 ###############################################################################
-# HTTP ########################################################################
+# Connections #################################################################
 ###############################################################################
-
-#: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
-MAX_BODY_BYTES = 16 << 20
 
 #: Connections open at once (``[config] max_connections``); each holds a thread
 #: and a file descriptor.
@@ -1785,6 +1782,184 @@ SLOW_REQUEST_S = 2.0
 #: File descriptors kept for everything but connections: the database, the log,
 #: notifiers, and connections being closed or refused.
 RESERVED_FDS = 64
+
+#: States of a connection: waiting for a request, receiving one, answering it.
+IDLE, READING, HANDLING = "idle", "reading", "handling"
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard limit; return how many
+    connections fit under it: ``max_connections``, or fewer with a warning.
+
+    Each connection holds a file descriptor, and RESERVED_FDS are kept for the
+    rest.  systemd and most shells start services with a soft limit of 1024.
+    Without the ``resource`` module (Windows) nothing changes.
+    """
+    if resource is None:
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, max_connections + RESERVED_FDS)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX
+            pass
+    if soft == resource.RLIM_INFINITY or soft - RESERVED_FDS >= max_connections:
+        return max_connections
+    fit = max(soft - RESERVED_FDS, soft // 2)
+    log.warning("the limit on open files (%d) leaves room for %d connections, not max_connections = %d: "
+                "raise it (ulimit -n, or LimitNOFILE=%d under systemd)", soft, fit, max_connections,
+                max_connections + RESERVED_FDS)
+    return fit
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    """One open connection: IDLE, READING or HANDLING since ``since`` (monotonic seconds)."""
+
+    sock: socket.socket
+    state: str
+    since: float
+
+
+def _since(conn: _Connection) -> float:
+    return conn.since
+
+
+class _Connections:
+    """The open connections of a server and their states, under one lock.
+
+    ``admit()`` registers a new connection.  At ``max_connections`` it first
+    makes room by closing the connection idle the longest, else the one that
+    has been sending its request the longest, if for over ``slow_request_s``;
+    if there is none, it returns False and the caller refuses the newcomer.
+    Closing to make room and refusing are logged at most every ``log_every_s``.
+    """
+
+    log_every_s = 10.0
+
+    def __init__(self, max_connections: int, slow_request_s: float) -> None:
+        self.max_connections = max_connections
+        self.slow_request_s = slow_request_s
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, _Connection] = {}
+        self._closed = self._refused = 0
+        self._logged_at = -math.inf
+
+    def admit(self, sock: socket.socket, now: float) -> bool:
+        """Register ``sock`` as IDLE, making room if need be; False if there was none to make."""
+        with self._lock:
+            full = len(self._open) >= self.max_connections
+        if full and not self.make_room(now):
+            with self._lock:
+                self._refused += 1
+            self._log(now, "too many connections")
+            return False
+        if full:
+            self._log(now, "too many connections")
+        with self._lock:
+            self._open[sock] = _Connection(sock, IDLE, now)
+        return True
+
+    def make_room(self, now: float) -> bool:
+        """Close the connection idle the longest, else the oldest slow request; False if there is none."""
+        with self._lock:
+            conns = self._open.values()
+            victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
+            if victim is None:
+                victim = min((conn for conn in conns if conn.state == READING
+                              and now - conn.since > self.slow_request_s), key=_since, default=None)
+            if victim is None:
+                return False
+            del self._open[victim.sock]
+            self._closed += 1
+            # Its thread, blocked reading, wakes up to the end of the stream and closes it.
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+            return True
+
+    def out_of_files(self, now: float) -> None:
+        """Accepting failed for want of file descriptors: an idle connection gives one back."""
+        self.make_room(now)
+        self._log(now, "out of file descriptors")
+
+    def get(self, sock: socket.socket) -> _Connection:
+        """The state of an open connection (a detached one if it was closed to make room)."""
+        with self._lock:
+            return self._open.get(sock) or _Connection(sock, IDLE, time.monotonic())
+
+    def mark(self, conn: _Connection, state: str) -> None:
+        """Move a connection to ``state`` as of now."""
+        with self._lock:
+            conn.state = state
+            conn.since = time.monotonic()
+
+    def remove(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def states(self) -> dict[str, int]:
+        """How many connections are in each state now."""
+        with self._lock:
+            states = [conn.state for conn in self._open.values()]
+        return {state: states.count(state) for state in (IDLE, READING, HANDLING)}
+
+    def _log(self, now: float, what: str) -> None:
+        with self._lock:
+            if now - self._logged_at < self.log_every_s:
+                return
+            self._logged_at = now
+            closed, refused = self._closed, self._refused
+        log.warning("%s (max_connections = %d): %d idle or slow connections closed to make room and "
+                    "%d new ones refused so far", what, self.max_connections, closed, refused)
+
+
+class _TooSlow(ConnectionError):
+    """A connection missed its deadline; it is closed without an answer (and
+    without the INFO line http.server gives a socket timeout)."""
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A connection's socket reads, each given only the time left before the
+    connection's deadline: a client that sends a byte at a time still cannot
+    hold a connection open.  The first bytes of a request make an IDLE
+    connection READING, which starts the request's own deadline."""
+
+    def __init__(self, connections: _Connections, conn: _Connection, idle_timeout_s: float,
+                 request_timeout_s: float) -> None:
+        super().__init__()
+        self._connections = connections
+        self._conn = conn
+        self._idle_timeout_s = idle_timeout_s
+        self._request_timeout_s = request_timeout_s
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        conn = self._conn
+        limit_s = self._idle_timeout_s if conn.state == IDLE else self._request_timeout_s
+        left_s = conn.since + limit_s - time.monotonic()
+        if left_s <= 0:
+            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}")
+        conn.sock.settimeout(left_s)
+        try:
+            count = conn.sock.recv_into(buffer)
+        except socket.timeout:
+            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}") from None
+        if count and conn.state == IDLE:
+            self._connections.mark(conn, READING)
+        return count
+
+
+###############################################################################
+# HTTP ########################################################################
+###############################################################################
+
+#: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
+MAX_BODY_BYTES = 16 << 20
+
 #: Rejected check-ins are logged once a minute per client and alert; so are
 #: database faults.
 REJECTION_LOG_S = DATABASE_LOG_S = 60.0
@@ -1804,19 +1979,15 @@ _CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 _RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
                   LOG: "Message recorded."}
 
-#: sqlite3's words for why the database failed, and how a 503 answer says it.
-_DATABASE_PROBLEMS = (("database or disk is full", "disk full"),
-                      ("attempt to write a readonly database", "read-only"),
-                      ("database is locked", "busy"))
-
 #: What a connection that arrives when none can be closed to make room gets.
 _BUSY_TEXT = b"Too many connections; try again later.\n"
 _BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
 
-#: States of a connection: waiting for a request, receiving one, answering it.
-IDLE, READING, HANDLING = "idle", "reading", "handling"
-
+#: sqlite3's words for why the database failed, and how a 503 answer says it.
+_DATABASE_PROBLEMS = (("database or disk is full", "disk full"),
+                      ("attempt to write a readonly database", "read-only"),
+                      ("database is locked", "busy"))
 
 def mask_keys(text: str, secret: str = "", key_in_ping_path: bool = True) -> str:
     """Make a URL or request line safe to log or print.
@@ -1903,91 +2074,14 @@ class _RateLimit:
             return held
 
 
-def raise_open_files_limit(max_connections: int) -> int:
-    """Raise the soft limit on open files to the hard limit; return how many
-    connections fit under it: ``max_connections``, or fewer with a warning.
-
-    Each connection holds a file descriptor, and RESERVED_FDS are kept for the
-    rest.  systemd and most shells start services with a soft limit of 1024.
-    Without the ``resource`` module (Windows) nothing changes.
-    """
-    if resource is None:
-        return max_connections
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != resource.RLIM_INFINITY:
-        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, max_connections + RESERVED_FDS)
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
-            soft = wanted
-        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX
-            pass
-    if soft == resource.RLIM_INFINITY or soft - RESERVED_FDS >= max_connections:
-        return max_connections
-    fit = max(soft - RESERVED_FDS, soft // 2)
-    log.warning("the limit on open files (%d) leaves room for %d connections, not max_connections = %d: "
-                "raise it (ulimit -n, or LimitNOFILE=%d under systemd)", soft, fit, max_connections,
-                max_connections + RESERVED_FDS)
-    return fit
-
-
-@dataclasses.dataclass(eq=False)
-class _Connection:
-    """One open connection: IDLE, READING or HANDLING since ``since`` (monotonic seconds)."""
-
-    sock: socket.socket
-    state: str
-    since: float
-
-
-def _since(conn: _Connection) -> float:
-    return conn.since
-
-
-class _TooSlow(ConnectionError):
-    """A connection missed its deadline; it is closed without an answer (and
-    without the INFO line http.server gives a socket timeout)."""
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A connection's socket reads, each given only the time left before the
-    connection's deadline: a client that sends a byte at a time still cannot
-    hold a connection open.  The first bytes of a request make an IDLE
-    connection READING, which starts the request's own deadline."""
-
-    def __init__(self, server: Server, conn: _Connection) -> None:
-        super().__init__()
-        self._server = server
-        self._conn = conn
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        conn, server = self._conn, self._server
-        limit_s = server.idle_timeout_s if conn.state == IDLE else server.request_timeout_s
-        left_s = conn.since + limit_s - time.monotonic()
-        if left_s <= 0:
-            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}")
-        conn.sock.settimeout(left_s)
-        try:
-            count = conn.sock.recv_into(buffer)
-        except socket.timeout:
-            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}") from None
-        if count and conn.state == IDLE:
-            server.mark(conn, READING)
-        return count
-
-
 class Server(http.server.ThreadingHTTPServer):
     """The check-in server: a thread per connection, keep-alive, one ``Monitor``.
 
-    At most ``max_connections`` are open at once.  A connection must send the
-    first byte of a request within ``idle_timeout_s`` of connecting or of its
-    last answer, and all of the request within ``request_timeout_s`` of that.
-    A connection arriving at the limit makes room by closing the connection
-    idle the longest, else the one that has been sending its request for the
-    longest, if over ``slow_request_s``; if there is none, it gets a ``503`` at
-    once.  That is logged at most every ``limit_log_s``.  ``drain()`` waits for
+    At most ``max_connections`` are open at once (see ``_Connections`` for
+    what makes room; a connection that finds none gets a ``503`` at once).  A
+    connection must send the first byte of a request within
+    ``idle_timeout_s`` of connecting or of its last answer, and all of the
+    request within ``request_timeout_s`` of that.  ``drain()`` waits for
     requests being handled, for a clean shutdown.
     """
 
@@ -1995,24 +2089,18 @@ class Server(http.server.ThreadingHTTPServer):
     #: (and even 128) drops some under a burst, which then wait a second or more.
     request_queue_size = 1024
     daemon_threads = True
-    limit_log_s = 10.0
 
     def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
                  max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
                  idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
-        self.max_connections = max_connections
+        self.connections = _Connections(max_connections, slow_request_s)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
-        self.slow_request_s = slow_request_s
         self.rejections = _RateLimit(REJECTION_LOG_S)
         self._database_log = _RateLimit(DATABASE_LOG_S)
         self._database_failing = False
-        self._lock = threading.Lock()
-        self._connections: dict[socket.socket, _Connection] = {}
-        self._closed = self._refused = 0
-        self._limit_logged_at = -math.inf
         self._busy = 0
         self._idle = threading.Condition()
         host, port = address
@@ -2042,53 +2130,14 @@ class Server(http.server.ThreadingHTTPServer):
             return super().get_request()
         except OSError as exc:
             if exc.errno in (errno.EMFILE, errno.ENFILE):
-                # Out of file descriptors after all: an idle connection gives one back.
-                now = time.monotonic()
-                self._make_room(now)
-                self._log_limit(now, "out of file descriptors")
+                self.connections.out_of_files(time.monotonic())
             raise
 
     def process_request(self, request: socket.socket, client_address: Any) -> None:
-        now = time.monotonic()
-        with self._lock:
-            full = len(self._connections) >= self.max_connections
-        if full and not self._make_room(now):
-            with self._lock:
-                self._refused += 1
-            self._log_limit(now, "too many connections")
+        if self.connections.admit(request, time.monotonic()):
+            super().process_request(request, client_address)
+        else:
             self._refuse(request)
-            return
-        if full:
-            self._log_limit(now, "too many connections")
-        with self._lock:
-            self._connections[request] = _Connection(request, IDLE, now)
-        super().process_request(request, client_address)
-
-    def _make_room(self, now: float) -> bool:
-        """Close the connection idle the longest, else the oldest slow request; False if there is none."""
-        with self._lock:
-            conns = self._connections.values()
-            victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
-            if victim is None:
-                victim = min((conn for conn in conns if conn.state == READING
-                              and now - conn.since > self.slow_request_s), key=_since, default=None)
-            if victim is None:
-                return False
-            del self._connections[victim.sock]
-            self._closed += 1
-            # Its thread, blocked reading, wakes up to the end of the stream and closes it.
-            with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)
-            return True
-
-    def _log_limit(self, now: float, what: str) -> None:
-        with self._lock:
-            if now - self._limit_logged_at < self.limit_log_s:
-                return
-            self._limit_logged_at = now
-            closed, refused = self._closed, self._refused
-        log.warning("%s (max_connections = %d): %d idle or slow connections closed to make room and "
-                    "%d new ones refused so far", what, self.max_connections, closed, refused)
 
     def _refuse(self, sock: socket.socket) -> None:
         """Answer 503 and close, without a thread and without waiting."""
@@ -2102,26 +2151,8 @@ class Server(http.server.ThreadingHTTPServer):
         self.shutdown_request(sock)
 
     def close_request(self, request: socket.socket) -> None:
-        with self._lock:
-            self._connections.pop(request, None)
+        self.connections.remove(request)
         super().close_request(request)
-
-    def connection(self, sock: socket.socket) -> _Connection:
-        """The state of an open connection (a detached one if it was closed to make room)."""
-        with self._lock:
-            return self._connections.get(sock) or _Connection(sock, IDLE, time.monotonic())
-
-    def mark(self, conn: _Connection, state: str) -> None:
-        """Move a connection to ``state`` as of now."""
-        with self._lock:
-            conn.state = state
-            conn.since = time.monotonic()
-
-    def connection_states(self) -> dict[str, int]:
-        """How many connections are in each state now."""
-        with self._lock:
-            states = [conn.state for conn in self._connections.values()]
-        return {state: states.count(state) for state in (IDLE, READING, HANDLING)}
 
     # Faults and shutdown ---------------------------------------------------
 
@@ -2181,15 +2212,17 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self._conn = self.server.connection(self.connection)
+        server = self.server
+        self._conn = server.connections.get(self.connection)
         self.rfile.close()
-        self.rfile = io.BufferedReader(_DeadlineReader(self.server, self._conn))
+        self.rfile = io.BufferedReader(_DeadlineReader(server.connections, self._conn, server.idle_timeout_s,
+                                                       server.request_timeout_s))
 
     def handle(self) -> None:
         self.close_connection = True
         self.handle_one_request()
         while not self.close_connection:
-            self.server.mark(self._conn, IDLE)
+            self.server.connections.mark(self._conn, IDLE)
             self.handle_one_request()
 
     def parse_request(self) -> bool:
@@ -2228,7 +2261,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body = self._body()
                 if body is None:
                     return
-                self.server.mark(self._conn, HANDLING)
+                self.server.connections.mark(self._conn, HANDLING)
                 self._dispatch(body)
             except sqlite3.OperationalError as exc:
                 self._database_unavailable(exc, "")

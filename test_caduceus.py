@@ -2016,7 +2016,7 @@ class ConnectionLimitTest(unittest.TestCase):
         self.assertEqual(status, 200)
         self.assertLess(took_s, 1.0)
         self.assertEqual(read_to_end(sockets[0]), b"", "the oldest idle connection was closed")
-        self.assertLessEqual(sum(self.server.connection_states().values()), 8)
+        self.assertLessEqual(sum(self.server.connections.states().values()), 8)
         self.assertIn("too many connections (max_connections = 8)", logs.output[0])
         self.assertEqual(len(logs.output), 1, "logged at most every few seconds")
 
