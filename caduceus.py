@@ -1934,6 +1934,9 @@ class _DeadlineReader(io.RawIOBase):
         self._idle_timeout_s = idle_timeout_s
         self._request_timeout_s = request_timeout_s
 
+    #: The stream has ended (the client closed it, or it was closed to make room).
+    ended = False
+
     def readable(self) -> bool:
         return True
 
@@ -1950,6 +1953,7 @@ class _DeadlineReader(io.RawIOBase):
             raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}") from None
         if count and conn.state == IDLE:
             self._connections.mark(conn, READING)
+        self.ended = not count
         return count
 
 
@@ -1988,6 +1992,7 @@ _BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; c
 _DATABASE_PROBLEMS = (("database or disk is full", "disk full"),
                       ("attempt to write a readonly database", "read-only"),
                       ("database is locked", "busy"))
+
 
 def mask_keys(text: str, secret: str = "", key_in_ping_path: bool = True) -> str:
     """Make a URL or request line safe to log or print.
@@ -2214,9 +2219,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         server = self.server
         self._conn = server.connections.get(self.connection)
+        self._reader = _DeadlineReader(server.connections, self._conn, server.idle_timeout_s,
+                                       server.request_timeout_s)
         self.rfile.close()
-        self.rfile = io.BufferedReader(_DeadlineReader(server.connections, self._conn, server.idle_timeout_s,
-                                                       server.request_timeout_s))
+        self.rfile = io.BufferedReader(self._reader)
 
     def handle(self) -> None:
         self.close_connection = True
@@ -2226,12 +2232,24 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.handle_one_request()
 
     def parse_request(self) -> bool:
+        # http.server takes the end of the stream for the end of the request line
+        # or of the headers: a request cut short (the client went, or it was
+        # closed to make room) is dropped, never acted on or answered.
         line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if len(line.split()) == 2:  # HTTP/0.9, "GET /path": http.server would answer without a status line
+        if self._reader.ended:
+            return self._cut_short(line)
+        if len(line.split()) == 2:  # HTTP/0.9, "GET /path": no status line, no headers
             self.requestline, self.command, self.request_version = line, "", "HTTP/1.0"
             self.send_error(400, "Bad request line: expected METHOD PATH HTTP/1.1")
             return False
-        return super().parse_request()
+        if not super().parse_request():
+            return False
+        return self._cut_short(line) if self._reader.ended else True
+
+    def _cut_short(self, line: str) -> bool:
+        self.close_connection = True
+        log.debug("%s closed the connection during %s", self.client_address[0], self._mask(line))
+        return False
 
     def handle_expect_100(self) -> bool:
         super().handle_expect_100()

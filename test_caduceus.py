@@ -1853,6 +1853,16 @@ class HTTPTest(unittest.TestCase):
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
         self.assertEqual(self.pings("hourly"), 0)
 
+    def test_a_request_cut_short_is_neither_acted_on_nor_answered(self):
+        for cut in [b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n", b"GET /reset/hourly/?key=s3cret",
+                    b"GET /reset/hourly/?key=s3cret HTTP/1.1"]:
+            with self.subTest(cut=cut), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+                sock.sendall(cut)
+                sock.shutdown(socket.SHUT_WR)  # what the server sees of a client that went, or was cut off
+                self.assertEqual(read_to_end(sock), b"")
+        self.assertEqual(self.pings("hourly"), 0)
+
     def test_protocol_errors_are_short_plain_text_and_close(self):
         headers = b"".join(b"X-%d: y\r\n" % i for i in range(101))
         for request, status in [
@@ -2073,6 +2083,17 @@ class ConnectionLimitTest(unittest.TestCase):
         newcomer.sendall(b"body")
         self.assertTrue(newcomer.recv(1024).startswith(b"HTTP/1.1 200 "))
 
+    def test_max_connections_is_read_from_the_config(self):
+        def config(value: str) -> caduceus.Config:
+            return config_from(self, CONSOLE_CONFIG.replace("[config]", f"[config]\nmax_connections = {value}"))
+
+        self.assertEqual(config("3").max_connections, 3)
+        self.assertEqual(config_from(self, CONSOLE_CONFIG).max_connections, 512)
+        for value in ["0", '"many"', "2.5", "true"]:
+            with self.subTest(value=value), self.assertRaisesRegex(
+                    caduceus.ConfigError, "config.max_connections: expected a whole number, at least 1, got"):
+                config(value)
+
     @unittest.skipIf(resource is None, "needs the resource module")
     def test_the_soft_open_files_limit_is_raised_to_the_hard_one(self):
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -2090,7 +2111,7 @@ class ConnectionLimitTest(unittest.TestCase):
     @unittest.skipIf(resource is None, "needs the resource module")
     def test_a_real_service_under_a_low_open_files_limit_answers_check_ins(self):
         directory = temp_dir(self)
-        config = write_config(self, CONSOLE_CONFIG, directory)
+        config = write_config(self, CONSOLE_CONFIG.replace("[config]", "[config]\nmax_connections = 300"), directory)
         process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
              os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
@@ -2116,7 +2137,7 @@ class ConnectionLimitTest(unittest.TestCase):
         self.assertEqual(process.wait(WAIT_S), 0)
         while "shutting down" not in log_text:
             log_text += lines.get(timeout=WAIT_S)
-        self.assertIn("the limit on open files (256) leaves room for 192 connections, not max_connections = 512",
+        self.assertIn("the limit on open files (256) leaves room for 192 connections, not max_connections = 300",
                       log_text)
         self.assertIn("too many connections (max_connections = 192)", log_text)
 
