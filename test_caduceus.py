@@ -1901,8 +1901,8 @@ class HTTPTest(unittest.TestCase):
             self.exchange(b"GET /x/" + b"z" * 2000 + secret.encode() + b" HTTP/1.1 x\r\n\r\n")
             self.assertEqual(self.request("GET", "/ping/a/bcdefghijklmnop/x")[0], 404)
             self.assertEqual(self.request("GET", "/reset/hourly/bcdefghijklmnop")[0], 404)
-            self.assertEqual(self.request("GET", "/reset/hourly/", headers={"X-Caduceus-Key": "ab cdefghijklmnop"})[0],
-                             404)
+            split_key = {"X-Caduceus-Key": "ab cdefghijklmnop"}
+            self.assertEqual(self.request("GET", "/reset/hourly/", headers=split_key)[0], 404)
         self.assertNoPieceOf(secret, "\n".join(logs.output))
         self.assertLess(max(map(len, logs.output)), 2 * caduceus.LOG_QUOTE_MAX, "a 64 KB line is not logged whole")
         self.assertNoPieceOf(secret, caduceus.mask_keys(f"/x?y={secret[1:]}", secret))
@@ -2111,7 +2111,8 @@ class ConnectionLimitTest(unittest.TestCase):
     @unittest.skipIf(resource is None, "needs the resource module")
     def test_a_real_service_under_a_low_open_files_limit_answers_check_ins(self):
         directory = temp_dir(self)
-        config = write_config(self, CONSOLE_CONFIG.replace("[config]", "[config]\nmax_connections = 300"), directory)
+        config = write_config(self, CONSOLE_CONFIG.replace("[config]", "[config]\nmax_connections = 300"),
+                              directory)
         process = subprocess.Popen(
             [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
              os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
