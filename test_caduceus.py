@@ -37,6 +37,11 @@ import unittest.mock
 import urllib.request
 import zoneinfo
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 import caduceus
 from caduceus import DOWN, NEW, UP, CronSchedule
 
@@ -2633,6 +2638,353 @@ class HTTPTest(unittest.TestCase):
             self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[0], 500)
         self.assertEqual(self.request("GET", "/nosuch")[0], 404)
 
+    def exchange(self, data: bytes) -> bytes:
+        """Send raw bytes on a new connection; return what comes back until the
+        server closes it (a server that keeps it open fails the test)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # it may close before reading all
+                sock.sendall(data)
+            return read_to_end(sock)
+
+    def test_home_page_counts_failing_alerts(self):
+        self.assertEqual(self.request("GET", "/reset/hourly/fail?key=s3cret")[0], 200)
+        self.assertIn("watching 2 alerts, 1 failing", self.request("GET", "/")[1])
+
+    def test_drain_waits_for_a_request_in_progress(self):
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(at: float) -> None:  # runs inside the check-in's request, after the commit
+            inside.set()
+            release.wait(WAIT_S)
+
+        self.monitor.on_deadline(hold)
+        answers = queue.Queue()
+        client = threading.Thread(target=lambda: answers.put(self.request("GET", "/reset/hourly/?key=s3cret")))
+        client.start()
+        self.addCleanup(client.join)
+        self.addCleanup(release.set)
+        self.assertTrue(inside.wait(WAIT_S))
+        self.assertFalse(self.server.drain(0.2), "a request is still being handled")
+        release.set()
+        self.assertTrue(self.server.drain(WAIT_S))
+        self.assertEqual(answers.get(timeout=WAIT_S)[:2], (200, "Alert reset."))
+
+    def test_ambiguous_body_framing_is_a_400_that_closes_the_connection(self):
+        smuggled = b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+        start = b"POST /nosuch HTTP/1.1\r\nHost: x\r\n"
+        for headers, status in [
+                (b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(smuggled), b"400"),
+                (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(smuggled), b"400"),
+                (b"Content-Length: 1_0\r\n", b"400"), (b"Content-Length: +3\r\n", b"400"),
+                (b"Content-Length: 0x10\r\n", b"400"), (b"Content-Length: \xd9\xa3\r\n", b"400"),
+                (b"Content-Length: 3, 3\r\n", b"400"),
+                (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", b"400"),
+                (b"Content-Length: 0\r\nTransfer-Encoding: gzip\r\n", b"400"),
+                (b"Transfer-Encoding: chunked\r\n", b"411"), (b"Transfer-Encoding: gzip\r\n", b"411")]:
+            with self.subTest(headers=headers):
+                answer = self.exchange(start + headers + b"\r\n" + smuggled)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer)
+                self.assertEqual(answer.count(b"HTTP/1.1"), 1, "one answer, then the connection closed")
+                self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertEqual(self.pings("hourly"), 0, "no smuggled check-in counted")
+        status, _, _ = self.request("POST", "/reset/hourly/?key=s3cret", b"abc",
+                                    headers={"Content-Length": " 3"})
+        self.assertEqual(status, 200, "white space around a length is allowed")
+
+    def test_http_0_9_requests_are_refused(self):
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertEqual(self.pings("hourly"), 0)
+
+    def test_a_request_cut_short_is_neither_acted_on_nor_answered(self):
+        for cut in [b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n", b"GET /reset/hourly/?key=s3cret",
+                    b"GET /reset/hourly/?key=s3cret HTTP/1.1"]:
+            with self.subTest(cut=cut), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+                sock.sendall(cut)
+                sock.shutdown(socket.SHUT_WR)  # what the server sees of a client that went, or was cut off
+                self.assertEqual(read_to_end(sock), b"")
+        self.assertEqual(self.pings("hourly"), 0)
+
+    def test_protocol_errors_are_short_plain_text_and_close(self):
+        headers = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        for request, status in [
+                (b"GET /" + b"a" * 65532, b"414"),
+                (b"GET / HTTP/1.1\r\n" + headers + b"\r\n", b"431"),
+                (b"GET / HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n", b"431"),
+                (b"BREW /reset/hourly/?key=s3cret HTTP/1.1\r\n\r\n", b"501"),
+                (b"GET /reset/hourly/?key=s3cret HTTP/2.0\r\n\r\n", b"505"),
+                (b"GET /reset/hourly/?key=s3cret HTTP/1.1 extra\r\n\r\n", b"400"),
+                (b"GET /reset/hourly/?key=s3cret extra HTTP/1.1\r\n\r\n", b"400"),
+                (b"POST /reset/hourly/?key=s3cret\r\n", b"400")]:
+            with self.subTest(request=request[:60], status=status):
+                answer = self.exchange(request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 " + status), head)
+                self.assertIn(b"\r\nContent-Type: text/plain; charset=utf-8", head)
+                self.assertIn(b"\r\nConnection: close", head)
+                self.assertLess(len(body), 80)
+                self.assertTrue(body.endswith(b".\n"), body)
+                self.assertNotIn(b"s3cret", answer, "the request is not quoted back")
+
+    def assertNoPieceOf(self, secret: str, text: str) -> None:
+        for i in range(len(secret) - caduceus.SECRET_PIECE + 1):
+            self.assertNotIn(secret[i:i + caduceus.SECRET_PIECE], text)
+
+    def test_a_key_cut_or_split_in_a_bad_request_never_reaches_the_log(self):
+        secret = "abcdefghijklmnop"
+        self.start(CONSOLE_CONFIG.replace("s3cret", secret))
+        long_line = b"GET /reset/hourly/?x=" + b"y" * 65500
+        long_line += b"&key=" + secret.encode()[:65537 - len(long_line) - 5 + 8]  # cut after 8 characters
+        with self.assertLogs("caduceus", "DEBUG") as logs:
+            self.exchange(long_line + secret.encode()[8:] + b" HTTP/1.1\r\n\r\n")
+            self.exchange(b"GET /reset/hourly/?key=%s HTTP/1.1x\r\n\r\n" % secret.encode())
+            self.exchange(b"GET /reset/hourly/?key=a bcdefghijklmnop HTTP/1.1\r\n\r\n")
+            self.exchange(b"GET /reset/hourly/?key=abcdefghijkl%20mnop\r\n\r\n")
+            self.exchange(b"GET /x/" + b"z" * 2000 + secret.encode() + b" HTTP/1.1 x\r\n\r\n")
+            self.assertEqual(self.request("GET", "/ping/a/bcdefghijklmnop/x")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/hourly/bcdefghijklmnop")[0], 404)
+            split_key = {"X-Caduceus-Key": "ab cdefghijklmnop"}
+            self.assertEqual(self.request("GET", "/reset/hourly/", headers=split_key)[0], 404)
+        self.assertNoPieceOf(secret, "\n".join(logs.output))
+        self.assertLess(max(map(len, logs.output)), 2 * caduceus.LOG_QUOTE_MAX, "a 64 KB line is not logged whole")
+        self.assertNoPieceOf(secret, caduceus.mask_keys(f"/x?y={secret[1:]}", secret))
+        self.assertEqual(caduceus.mask_keys("/reset/backups/?key=bcd", "abcdefgh"), "/reset/backups/?key=***")
+        self.assertEqual(caduceus.mask_keys("/x/bcdefghijklmnop/y", secret), "/x/***/y", "the tail too")
+
+    def test_refused_check_ins_are_logged_once_a_minute_per_client_and_alert(self):
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=typo")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=typo")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/nosuch/?key=s3cret")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/backups/start?key=s3cret")[0], 200)
+            self.assertEqual(self.request("GET", "/reset/backups/started?key=s3cret")[0], 400)
+            self.clock.advance(60)
+            self.assertEqual(self.request("GET", "/ping/s3cret-typo/hourly")[0], 404)
+        self.assertEqual(logs.output, [
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/hourly/?key=***: wrong key",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/nosuch/?key=***: no such alert",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/backups/started?key=***: bad signal",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /ping/***/hourly: wrong key "
+            "(1 more since the last such line)"])
+
+    def test_the_rejection_log_remembers_a_bounded_number_of_clients_and_alerts(self):
+        limit = caduceus._RateLimit(60, max_keys=4)
+        let_through = [limit.allow(("10.0.0.1", f"name{i}"), 1000.0) for i in range(100)]
+        self.assertEqual(let_through[:5], [0, 0, 0, 0, 0], "four keys, then the overflow key")
+        self.assertEqual(let_through[5:], [None] * 95)
+        self.assertLessEqual(len(limit), 5)
+        self.assertEqual(limit.allow(("10.0.0.1", "new"), 1060.0), 0, "expired keys are forgotten")
+        self.assertLessEqual(len(limit), 5)
+
+    def test_a_database_fault_is_a_503_with_the_reason_logged_once_a_minute(self):
+        full = sqlite3.OperationalError("database or disk is full")
+        with unittest.mock.patch.object(self.monitor.store, "record_ping", side_effect=full):
+            with self.assertLogs("caduceus", "DEBUG") as logs:
+                for _ in range(3):
+                    self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[:2],
+                                     (503, "Database unavailable: disk full; the check-in was not recorded.\n"))
+                self.clock.advance(60)
+                self.assertEqual(self.request("GET", "/ping/s3cret/hourly")[0], 503)
+        warnings = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 2, logs.output)
+        self.assertIn("database unavailable: disk full", warnings[0])
+        self.assertIn("(2 more since the last such line)", warnings[1])
+        self.assertNotIn("Traceback", "\n".join(logs.output))
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[:2], (200, "Alert reset."))
+        self.assertIn("database available again", "\n".join(logs.output))
+        self.assertEqual(self.pings("hourly"), 1)
+
+    def test_database_errors_are_named_for_people(self):
+        for text, problem in [("database or disk is full", "disk full"),
+                              ("attempt to write a readonly database", "read-only"),
+                              ("database is locked", "busy"), ("disk I/O error", "disk I/O error")]:
+            with self.subTest(text=text):
+                self.assertEqual(caduceus._database_problem(sqlite3.OperationalError(text)), problem)
+        locked = sqlite3.OperationalError("database is locked")
+        with unittest.mock.patch.object(self.monitor.store, "checks", side_effect=locked), \
+                self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(self.request("GET", "/")[:2], (503, "Database unavailable: busy.\n"))
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything a socket receives until the other side closes it."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class ConnectionLimitTest(unittest.TestCase):
+    """Idle, slow and too many connections, with small limits and short deadlines."""
+
+    EXPECT = (b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+              b"Expect: 100-continue\r\n\r\n")
+
+    def setUp(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {"console": Recorder()})
+        self.monitor.start()
+
+    def start(self, **limits) -> caduceus.Server:
+        self.server = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor, **limits))
+        return self.server
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(self.server.server_address[:2], timeout=WAIT_S)
+        self.addCleanup(sock.close)
+        return sock
+
+    def mid_request(self) -> socket.socket:
+        """A connection whose request the server has begun reading (it said 100 Continue)."""
+        sock = self.connect()
+        sock.sendall(self.EXPECT)
+        self.assertEqual(sock.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+        return sock
+
+    def idle(self) -> socket.socket:
+        """A keep-alive connection that has had an answer and waits for its next request."""
+        sock = self.connect()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
+        return sock
+
+    def check_in(self) -> tuple[int, float]:
+        began = time.monotonic()
+        conn = http.client.HTTPConnection(*self.server.server_address[:2], timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request("GET", "/reset/hourly/?key=s3cret")
+            response = conn.getresponse()
+            response.read()
+        return response.status, time.monotonic() - began
+
+    def test_idle_connections_make_way_for_a_check_in(self):
+        self.start(max_connections=8)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            sockets = [self.connect() for _ in range(30)]
+            status, took_s = self.check_in()
+        self.assertEqual(status, 200)
+        self.assertLess(took_s, 1.0)
+        self.assertEqual(read_to_end(sockets[0]), b"", "the oldest idle connection was closed")
+        self.assertLessEqual(sum(self.server.connections.states().values()), 8)
+        self.assertIn("too many connections (max_connections = 8)", logs.output[0])
+        self.assertEqual(len(logs.output), 1, "logged at most every few seconds")
+
+    def test_a_slow_request_is_cut_off_at_its_deadline_however_it_trickles(self):
+        self.start(request_timeout_s=0.3, idle_timeout_s=30)
+        sock = self.connect()
+        sock.settimeout(0.05)
+        began = time.monotonic()
+        for byte in b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n" * 2:
+            sock.sendall(bytes([byte]))
+            try:
+                if sock.recv(1024) == b"":
+                    break
+            except socket.timeout:  # still open: go on, one byte every 0.05 s
+                continue
+        else:
+            self.fail("a request trickling in a byte at a time was never cut off")
+        self.assertGreaterEqual(time.monotonic() - began, 0.3)
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], 0)
+
+    def test_an_idle_connection_is_closed_after_the_idle_timeout(self):
+        self.start(idle_timeout_s=0.2)
+        for make in (self.connect, self.idle):  # new, and after an answer
+            sock, began = make(), time.monotonic()
+            self.assertEqual(read_to_end(sock), b"")
+            self.assertGreaterEqual(time.monotonic() - began, 0.15)
+
+    def test_at_the_limit_with_every_request_young_a_newcomer_gets_503_at_once(self):
+        self.start(max_connections=3)
+        busy = [self.mid_request() for _ in range(3)]
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            began = time.monotonic()
+            answer = read_to_end(self.connect())
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nToo many connections; try again later.\n"))
+        self.assertIn("0 idle or slow connections closed to make room and 1 new ones refused", logs.output[0])
+        for sock in busy:  # the requests in progress were not disturbed
+            sock.sendall(b"body")
+            self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
+
+    def test_the_longest_idle_goes_first_then_the_oldest_slow_request(self):
+        self.start(max_connections=2, slow_request_s=0)
+        # Connections are taken in order, so the idle one is known to the server
+        # before the next arrives (after an answer, it would be only once flushed).
+        reading, idle = self.mid_request(), self.connect()
+        with self.assertLogs("caduceus", "WARNING"):
+            newcomer = self.connect()
+            self.assertEqual(read_to_end(idle), b"", "idle is closed before a request in progress")
+            newcomer.sendall(self.EXPECT)  # now both are mid-request: the older one goes
+            self.assertEqual(newcomer.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.connect()
+            self.assertEqual(read_to_end(reading), b"")
+        newcomer.sendall(b"body")
+        self.assertTrue(newcomer.recv(1024).startswith(b"HTTP/1.1 200 "))
+
+    def test_max_connections_is_read_from_the_config(self):
+        def config(value: str) -> caduceus.Config:
+            return config_from(self, CONSOLE_CONFIG.replace("[config]", f"[config]\nmax_connections = {value}"))
+
+        self.assertEqual(config("3").max_connections, 3)
+        self.assertEqual(config_from(self, CONSOLE_CONFIG).max_connections, 512)
+        for value in ["0", '"many"', "2.5", "true"]:
+            with self.subTest(value=value), self.assertRaisesRegex(
+                    caduceus.ConfigError, "config.max_connections: expected a whole number, at least 1, got"):
+                config(value)
+
+    @unittest.skipIf(resource is None, "needs the resource module")
+    def test_the_soft_open_files_limit_is_raised_to_the_hard_one(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            self.skipTest("no hard limit to raise to")
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(300, hard), hard))
+        self.assertEqual(caduceus.raise_open_files_limit(100), 100)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        with unittest.mock.patch.object(resource, "getrlimit", return_value=(300, 300)), \
+                unittest.mock.patch.object(resource, "setrlimit"), self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(caduceus.raise_open_files_limit(512), 300 - caduceus.RESERVED_FDS)
+        self.assertIn("LimitNOFILE=576", logs.output[0])
+
+    @unittest.skipIf(resource is None, "needs the resource module")
+    def test_a_real_service_under_a_low_open_files_limit_answers_check_ins(self):
+        directory = temp_dir(self)
+        config = write_config(self, CONSOLE_CONFIG.replace("[config]", "[config]\nmax_connections = 300"),
+                              directory)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
+             os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        log_text = ""
+        while "listening on" not in log_text:
+            log_text += lines.get(timeout=WAIT_S)
+        port = int(log_text.split("http://127.0.0.1:")[1].split("/")[0])
+        self.server = unittest.mock.Mock(server_address=("127.0.0.1", port))
+        with contextlib.ExitStack() as stack:
+            for _ in range(400):  # more than the 256 files the service may open
+                stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=WAIT_S))
+            status, took_s = self.check_in()
+        self.assertEqual(status, 200)
+        self.assertLess(took_s, 1.0)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+        while "shutting down" not in log_text:
+            log_text += lines.get(timeout=WAIT_S)
+        self.assertIn("the limit on open files (256) leaves room for 192 connections, not max_connections = 300",
+                      log_text)
+        self.assertIn("too many connections (max_connections = 192)", log_text)
+
 
 ###############################################################################
 # Sweeper #####################################################################
@@ -2898,10 +3250,11 @@ class SignalHTTPTest(unittest.TestCase):
         self.monitor.start()
         self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         with contextlib.closing(conn):
-            conn.request(method, path, body=body, headers={"User-Agent": "test-agent"})
+            conn.request(method, path, body=body, headers={"User-Agent": "test-agent", **(headers or {})})
             response = conn.getresponse()
             return response.status, response.read().decode()
 
@@ -2981,6 +3334,23 @@ class SignalHTTPTest(unittest.TestCase):
             self.assertEqual(self.request("GET", "/ping/s3cret%2Fplain")[0], 200)
             self.request("GET", "/%70ing/s3cret/plain")
         self.assertNotIn("s3cret", "\n".join(logs.output))
+
+    def test_the_key_may_come_in_a_header_instead_of_the_url(self):
+        for header in [{"X-Caduceus-Key": "s3cret"}, {"Authorization": "Bearer s3cret"},
+                       {"Authorization": "bearer  s3cret "}]:
+            with self.subTest(header=header):
+                self.assertEqual(self.request("GET", "/reset/plain/", headers=header), (200, "Alert reset."))
+                self.assertEqual(self.request("POST", "/ping/plain/start", headers=header), (200, "OK"))
+                self.assertEqual(self.last_ping("plain")["kind"], "start")
+                self.assertEqual(self.request("GET", "/ping/plain", headers=header), (200, "OK"))
+        for header in [{"X-Caduceus-Key": "wrong"}, {"Authorization": "Bearer wrong"},
+                       {"Authorization": "Basic s3cret"}, {"X-Caduceus-Key": ""}]:
+            with self.subTest(header=header):
+                self.assertEqual(self.request("GET", "/reset/plain/", headers=header)[0], 404)
+                self.assertEqual(self.request("GET", "/ping/plain", headers=header)[0], 404)
+        self.assertEqual(self.request("GET", "/reset/plain/?key=s3cret", headers={"X-Caduceus-Key": "wrong"})[0],
+                         404, "the header is the key when there is one")
+        self.assertEqual(self.monitor.store.check("plain")["n_pings"], 9)
 
 
 class ScheduledAlertTest(unittest.TestCase):
