@@ -2450,7 +2450,7 @@ class _TooSlow(ConnectionError):
     without the INFO line http.server gives a socket timeout)."""
 
 
-class _DeadlineReader(io.RawIOBase):
+class _RequestReader(io.RawIOBase):
     """A connection's socket reads, each given only the time left before the
     connection's deadline: a client that sends a byte at a time still cannot
     hold a connection open.  The first bytes of a request make an IDLE
@@ -2749,7 +2749,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         super().setup()
         server = self.server
         self._conn = server.connections.get(self.connection)
-        self._reader = _DeadlineReader(server.connections, self._conn, server.idle_timeout_s,
+        self._reader = _RequestReader(server.connections, self._conn, server.idle_timeout_s,
                                        server.request_timeout_s)
         self.rfile.close()
         self.rfile = io.BufferedReader(self._reader)
