@@ -4071,8 +4071,9 @@ class LitestreamTest(unittest.TestCase):
     def state(self, path: str) -> tuple:
         """What must survive: the last check-in, the down alert, the notices to send."""
         with contextlib.closing(sqlite3.connect(path)) as conn:
-            return (conn.execute("SELECT name, status, last_ping_at, down_at FROM checks ORDER BY name").fetchall(),
-                    conn.execute("SELECT id, check_name, subject FROM outbox WHERE failed = 0").fetchall())
+            checks = conn.execute("SELECT name, status, last_ping_at, down_at FROM checks ORDER BY name")
+            pending = conn.execute("SELECT id, check_name, subject FROM outbox WHERE failed = 0")
+            return checks.fetchall(), pending.fetchall()
 
     def wait_for_replica(self, expected: tuple) -> None:
         """Restore the replica now and then until it holds ``expected`` (at most WAIT_S).
@@ -4088,7 +4089,8 @@ class LitestreamTest(unittest.TestCase):
                 return
             if time.monotonic() > deadline:
                 with open(self.ls_log, encoding="utf-8", errors="replace") as log_file:
-                    self.fail(f"the replica did not catch up in {WAIT_S}s; litestream said:\n{log_file.read()}")
+                    said = log_file.read()
+                self.fail(f"the replica did not catch up in {WAIT_S}s; litestream said:\n{said}")
             threading.Event().wait(0.05)  # a bounded poll of another program, not a sleep in a timing rule
 
     def get(self, port: int, path: str) -> str:
@@ -4098,7 +4100,8 @@ class LitestreamTest(unittest.TestCase):
     def test_the_shipped_litestream_yml_is_valid_for_this_litestream(self):
         environment = dict(os.environ, LITESTREAM_BUCKET="caduceus-backup", LITESTREAM_REGION="us-east-1",
                            LITESTREAM_ENDPOINT="")
-        result = subprocess.run([self.litestream, "databases", "-config", os.path.join(DEPLOY, "litestream.yml")],
+        config = os.path.join(DEPLOY, "litestream.yml")
+        result = subprocess.run([self.litestream, "databases", "-config", config],
                                 capture_output=True, text=True, timeout=WAIT_S, env=environment)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertRegex(result.stdout, r"/var/lib/caduceus/database\.sqlite3\s+s3")
