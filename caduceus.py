@@ -2473,6 +2473,23 @@ class _TooSlow(ConnectionError):
     without the INFO line http.server gives a socket timeout)."""
 
 
+class _HeaderBudget:
+    """Hands http.server's header parser the lines of ``rfile`` until
+    ``budget_bytes`` have been read, then raises ``http.client.LineTooLong``
+    (which http.server answers with 431)."""
+
+    def __init__(self, rfile: io.BufferedIOBase, budget_bytes: int) -> None:
+        self._rfile = rfile
+        self._left = budget_bytes
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._rfile.readline(limit)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("header section")
+        return line
+
+
 class _RequestReader(io.RawIOBase):
     """A connection's socket reads, each given only the time left before the
     connection's deadline: a client that sends a byte at a time still cannot
@@ -2516,6 +2533,10 @@ class _RequestReader(io.RawIOBase):
 
 #: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
 MAX_BODY_BYTES = 16 << 20
+#: Largest request line and headers together: http.server alone allows 100
+#: lines of 64 KiB each, 6.5 MB a request, which a few hundred connections
+#: could turn into gigabytes of memory.
+MAX_HEADER_BYTES = 64 << 10
 
 #: Rejected check-ins are logged once a minute per client and alert; so are
 #: database faults.
@@ -2795,9 +2816,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.requestline, self.command, self.request_version = line, "", "HTTP/1.0"
             self.send_error(400, "Bad request line: expected METHOD PATH HTTP/1.1")
             return False
-        if not super().parse_request():
+        rfile = self.rfile
+        self.rfile = _HeaderBudget(rfile, MAX_HEADER_BYTES - len(self.raw_requestline))
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        if self._reader.ended:
+            return self._cut_short(line)
+        # A line the parser cannot read ("Content-Length : 5", a first header
+        # that starts with a space) ends its headers early with only a "defect"
+        # noted: the framing headers after it would go unseen and the body be
+        # read as the next request.  RFC 9112 section 5.1 says 400.
+        if self.headers.defects or self.headers.get_payload():
+            self.send_error(400, "Malformed header line")
             return False
-        return self._cut_short(line) if self._reader.ended else True
+        return True
 
     def _cut_short(self, line: str) -> bool:
         self.close_connection = True

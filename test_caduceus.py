@@ -2694,6 +2694,33 @@ class HTTPTest(unittest.TestCase):
                                     headers={"Content-Length": " 3"})
         self.assertEqual(status, 200, "white space around a length is allowed")
 
+    def test_a_malformed_header_line_is_a_400_not_a_hidden_length(self):
+        # The stdlib parser stops at such a line and notes a "defect": the
+        # Content-Length after it went unseen and the body ran as a request.
+        smuggled = b"GET /reset/hourly/fail?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+        for bad in [b"Content-Length : %d\r\n" % len(smuggled), b"Content-Length\t: %d\r\n" % len(smuggled),
+                    b"Content-Length %d\r\n" % len(smuggled), b"Transfer-Encoding : chunked\r\n"]:
+            with self.subTest(bad=bad):
+                answer = self.exchange(b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n" + bad
+                                       + b"\r\n" + smuggled)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertEqual(answer.count(b"HTTP/1.1"), 1, "one answer, then the connection closed")
+        answer = self.exchange(b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\n Content-Length: %d\r\n\r\n"
+                               % len(smuggled) + smuggled)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertEqual(self.pings("hourly"), 0, "neither the request nor the smuggled one counted")
+
+    def test_the_header_section_has_a_byte_budget(self):
+        # 100 lines of 64 KiB each pass http.server's own checks: 6.5 MB a request.
+        lines = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 1000) for i in range(70))
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\n" + lines + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        self.assertEqual(self.pings("hourly"), 0)
+        lines = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 1000) for i in range(60))
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nConnection: close\r\n" + lines
+                               + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
+
     def test_http_0_9_requests_are_refused(self):
         answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
