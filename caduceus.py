@@ -656,105 +656,11 @@ def _join(words: list[str], conjunction: str = "and") -> str:
 
 
 ###############################################################################
-# Configuration ###############################################################
+# Reading settings ############################################################
 ###############################################################################
 
-#: Channels that can be named in ``channels``; console needs no [alerting] section.
-CHANNEL_NAMES = ("console", "email", "telegram")
-
-#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
-ENCRYPTIONS = ("none", "ssl", "starttls")
-
-#: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
-SCHEDULE_GRACE_S = 3600.0
-#: A success this long before a scheduled time (or a tenth of the gap between
-#: runs, if shorter) counts for that run: the job's clock may be a little ahead.
-SCHEDULE_EARLY_S = 60.0
-
-#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
-#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
-MIN_CADENCE_S = 1.0
-
-#: Without ``notify_every``, reminders come every ``every`` but at most this
-#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
-DEFAULT_NOTIFY_FLOOR_S = 10.0
 
 _REQUIRED = object()
-
-
-@dataclasses.dataclass(frozen=True)
-class EmailConf:
-    """``[alerting.email]``: the SMTP server and the default recipients."""
-
-    from_addr: str
-    recipient_emails: tuple[str, ...] = ()
-    hostname: str = "localhost"
-    port: int = 25
-    username: str = ""
-    password: str = dataclasses.field(default="", repr=False)
-    encryption: str = "none"
-    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
-    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
-
-
-@dataclasses.dataclass(frozen=True)
-class TelegramConf:
-    """``[alerting.telegram]``: the bot token and the chat to post in."""
-
-    apikey: str = dataclasses.field(repr=False)
-    chat_id: str
-    api_url: str = "https://api.telegram.org"
-    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckSpec:
-    """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
-    by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
-
-    name: str
-    every_s: float | None
-    notify_every_s: float
-    channels: tuple[str, ...]
-    recipient_emails: tuple[str, ...] = ()
-    schedule: CronSchedule | None = None
-    tz: datetime.tzinfo = datetime.timezone.utc
-    grace_s: float = 0.0
-    max_runtime_s: float | None = None
-    early_s: float = 0.0
-
-    def due_after(self, since: float) -> float:
-        """The deadline of a job whose last success (or first sighting) was at ``since``.
-
-        For a schedule, a success up to ``early_s`` before a scheduled time
-        counts for that run, so a job host whose clock runs ahead is not late.
-        """
-        if self.schedule is not None:
-            return self.schedule.next_after(since + self.early_s, self.tz) + self.grace_s
-        return since + self.every_s + self.grace_s
-
-    def describe(self) -> str:
-        """The schedule in words: ``"every 1h, 10m grace"``, ``"at 03:00 every day (Europe/Athens)"``."""
-        if self.schedule is not None:
-            words = f"{self.schedule.describe()} ({self.tz})"
-        else:
-            words = f"every {format_duration(self.every_s)}"
-        if self.grace_s:
-            words += f", {format_duration(self.grace_s)} grace"
-        if self.max_runtime_s is not None:
-            words += f", runs at most {format_duration(self.max_runtime_s)}"
-        return words
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A whole, validated configuration file.  Build it with ``load_config``."""
-
-    checks: Mapping[str, CheckSpec]
-    secret_key: str = dataclasses.field(default="", repr=False)
-    email: EmailConf | None = None
-    telegram: TelegramConf | None = None
-    path: str = ""
 
 
 class _Table:
@@ -898,6 +804,402 @@ def _http_url(value: Any) -> str:
     if not isinstance(value, str) or urllib.parse.urlsplit(value).scheme not in ("http", "https"):
         raise ValueError
     return value.rstrip("/")
+
+
+###############################################################################
+# Notices and channels ########################################################
+###############################################################################
+
+
+#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
+RETRY_AFTER_MAX_S = 3600.0
+
+def _retry_wait_s(value: object) -> float | None:
+    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
+    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 <= value < math.inf:  # False for NaN too
+        return None
+    return float(min(value, RETRY_AFTER_MAX_S))
+
+
+@dataclasses.dataclass(frozen=True)
+class EmailConf:
+    """``[alerting.email]``: the SMTP server and the default recipients."""
+
+    from_addr: str
+    recipient_emails: tuple[str, ...] = ()
+    hostname: str = "localhost"
+    port: int = 25
+    username: str = ""
+    password: str = dataclasses.field(default="", repr=False)
+    encryption: str = "none"
+    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
+    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class TelegramConf:
+    """``[alerting.telegram]``: the bot token and the chat to post in."""
+
+    apikey: str = dataclasses.field(repr=False)
+    chat_id: str
+    api_url: str = "https://api.telegram.org"
+    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
+
+
+#: Telegram refuses messages longer than this.
+TELEGRAM_MAX_CHARS = 4096
+#: The most of an HTTP answer read: a channel needs its status and a short reason.
+HTTP_MAX_ANSWER_BYTES = 1 << 20
+
+
+def send_console(config: Config, notice: Notice) -> None:
+    """Print the notice on standard output."""
+    try:
+        print(f"{notice.subject}\n{notice.body}", flush=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot write to standard output: {exc}") from None
+
+
+class _Deadline:
+    """One time limit for a whole network attempt.  Socket timeouts count per
+    read, so a server that drips a byte at a time would never trip them: every
+    socket operation is given only the time that is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises ``socket.timeout`` (an OSError) when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's input, each read waiting only for what is left of the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        """What smtplib and http.client.HTTPResponse read through (as socket.makefile)."""
+        return io.BufferedReader(self)
+
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+    """Open a TCP connection within the deadline, trying each address in turn
+    (socket.create_connection would give every address the whole timeout)."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(deadline.remaining())
+            sock.connect(address)
+            sock.settimeout(deadline.remaining())  # a TLS handshake comes next
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+class _MaybeDelivered(smtplib.SMTPException):
+    """The server took the whole message but did not say whether it accepted it."""
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP held to one deadline for the whole conversation, speaking TLS
+    from the start when given ``tls``.  Only the reply to the message itself
+    gets ``data_reply_s`` of its own: a server may take 10 minutes to accept a
+    message (RFC 5321 4.5.3.2.6), and giving up sooner sends it twice."""
+
+    def __init__(self, host: str, port: int, deadline: _Deadline, data_reply_s: float,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._deadline = deadline
+        self._data_reply_s = data_reply_s
+        self._tls = tls
+        self._data_replies: int | None = None
+        super().__init__(host, port)
+
+    def _get_socket(self, host: str, port: int, timeout: object) -> socket.socket:
+        sock = _connect(host, port, self._deadline)
+        if self._tls is None:
+            return sock
+        try:
+            return self._tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+
+    def send(self, s: bytes | str) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self._deadline.remaining())
+            except OSError as exc:  # as smtplib reports a failed send
+                self.close()
+                raise smtplib.SMTPServerDisconnected(str(exc)) from None
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _DeadlineReader(self.sock, self._deadline).makefile("rb")
+        if self._data_replies is not None:
+            self._data_replies += 1
+            if self._data_replies == 2:  # the reply to the message, not to DATA
+                self._deadline.at = time.monotonic() + self._data_reply_s
+        return super().getreply()
+
+    def data(self, msg: bytes | str) -> tuple[int, bytes]:
+        self._data_replies = 0
+        at = self._deadline.at
+        try:
+            return super().data(msg)
+        except smtplib.SMTPServerDisconnected as exc:
+            if self._data_replies < 2:
+                raise
+            raise _MaybeDelivered(f"no reply after the message was sent ({exc})") from None
+        finally:
+            self._data_replies = None
+            self._deadline.at = at
+
+
+def send_email(config: Config, notice: Notice) -> None:
+    """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
+
+    Recipients are the alert's ``recipient_emails``, else the global list, and
+    the ``To`` header says the same.  Certificates are verified for ssl and
+    starttls.  The attempt, from connecting to QUIT, must end within
+    ``timeout_s``; only the server's reply to the message itself is given
+    ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
+    that times out there is retried with a note that it may have been delivered.
+    """
+    conf = config.email
+    if conf is None:
+        raise NotifyError("email is not configured ([alerting.email])", permanent=True)
+    spec = config.checks.get(notice.check)
+    recipients = (spec.recipient_emails if spec else ()) or conf.recipient_emails
+    if not recipients:
+        raise NotifyError("no email recipients", permanent=True)
+    message = email.message.EmailMessage()
+    message["Subject"] = notice.subject
+    message["From"] = conf.from_addr
+    message["To"] = ", ".join(recipients)
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    sender = email.utils.parseaddr(conf.from_addr)[1]
+    message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
+    message.set_content(notice.body)
+    context = ssl.create_default_context()
+    try:
+        smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
+                     tls=context if conf.encryption == "ssl" else None)
+        with contextlib.closing(smtp):
+            if conf.encryption == "starttls":
+                smtp.starttls(context=context)
+            if conf.username:
+                smtp.login(conf.username, conf.password)
+            refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
+            # Accepted: a failed goodbye must not turn it into a failure, and a second copy.
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.quit()
+    except _MaybeDelivered as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc}; it may have been delivered") from None
+    except smtplib.SMTPRecipientsRefused as exc:
+        permanent = all(code >= 500 for code, _ in exc.recipients.values())
+        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
+                          permanent=permanent) from None
+    except smtplib.SMTPAuthenticationError as exc:
+        raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=exc.smtp_code >= 500) from None
+    except smtplib.SMTPResponseException as exc:
+        raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=exc.smtp_code >= 500) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
+    except ValueError as exc:  # e.g. a password smtplib cannot encode
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
+                          permanent=True) from None
+    if refused:
+        log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
+
+
+def _smtp_text(error: bytes | str) -> str:
+    return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+
+
+def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
+    return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
+
+
+def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
+
+    Returns ``(status, headers, body)`` whatever the status, with at most
+    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified; redirects
+    are not followed and no proxy is used.  Raises OSError (``socket.timeout``
+    when time is up), ``http.client.HTTPException``, or ValueError for a URL
+    that is not http(s); the messages of the latter two may quote the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    deadline = _Deadline(timeout_s)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    connection = http.client.HTTPConnection(parts.hostname, port)
+    with contextlib.closing(connection):
+        sock = _connect(parts.hostname, port, deadline)
+        if parts.scheme == "https":
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            except BaseException:
+                sock.close()
+                raise
+        connection.sock = sock
+        sock.settimeout(deadline.remaining())
+        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+        connection.request(method, target, body, {"Host": parts.netloc.rpartition("@")[2], **headers})
+        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
+            response.begin()
+            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
+
+
+def send_telegram(config: Config, notice: Notice) -> None:
+    """Post the notice as plain text through the Bot API's ``sendMessage``.
+
+    A 429 answer raises with the ``retry_after`` Telegram asked for (at most
+    an hour; None if it makes no sense); other 4xx answers are permanent.  The
+    attempt, from connecting to the end of the answer, must end within
+    ``timeout_s``.  The bot token is part of the URL, so it never appears in
+    an error message.
+    """
+    conf = config.telegram
+    if conf is None:
+        raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
+    text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
+    where = urllib.parse.urlsplit(conf.api_url).netloc
+    try:
+        # Quoted: a stray space or # in a pasted token must not bend the URL.
+        status, _, answer_bytes = _http_request(
+            "POST", f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
+            json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
+            {"Content-Type": "application/json"}, conf.timeout_s)
+    except OSError as exc:  # socket errors never quote the URL
+        raise NotifyError(f"talking to Telegram at {where} failed: {exc or type(exc).__name__}") from None
+    except (http.client.HTTPException, ValueError) as exc:
+        # Only the type: these messages may quote the URL, and so the token.
+        raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
+    if 200 <= status < 300:
+        return
+    try:
+        answer = json.loads(answer_bytes or b"{}")
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {}
+    description = answer.get("description") or http.client.responses.get(status, "")
+    if status == 429:
+        parameters = answer.get("parameters")
+        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+        raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=_retry_wait_s(retry_after))
+    raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
+
+
+#: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
+#: notice is handed over, and raises NotifyError (never anything else it can
+#: foresee) when it is not; it never logs or returns secrets.
+NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
+    "console": send_console,
+    "email": send_email,
+    "telegram": send_telegram,
+}
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Channels that can be named in ``channels``; console needs no [alerting] section.
+CHANNEL_NAMES = ("console", "email", "telegram")
+
+#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
+ENCRYPTIONS = ("none", "ssl", "starttls")
+
+#: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
+SCHEDULE_GRACE_S = 3600.0
+#: A success this long before a scheduled time (or a tenth of the gap between
+#: runs, if shorter) counts for that run: the job's clock may be a little ahead.
+SCHEDULE_EARLY_S = 60.0
+
+#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
+#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
+MIN_CADENCE_S = 1.0
+
+#: Without ``notify_every``, reminders come every ``every`` but at most this
+#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
+DEFAULT_NOTIFY_FLOOR_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
+    by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
+
+    name: str
+    every_s: float | None
+    notify_every_s: float
+    channels: tuple[str, ...]
+    recipient_emails: tuple[str, ...] = ()
+    schedule: CronSchedule | None = None
+    tz: datetime.tzinfo = datetime.timezone.utc
+    grace_s: float = 0.0
+    max_runtime_s: float | None = None
+    early_s: float = 0.0
+
+    def due_after(self, since: float) -> float:
+        """The deadline of a job whose last success (or first sighting) was at ``since``.
+
+        For a schedule, a success up to ``early_s`` before a scheduled time
+        counts for that run, so a job host whose clock runs ahead is not late.
+        """
+        if self.schedule is not None:
+            return self.schedule.next_after(since + self.early_s, self.tz) + self.grace_s
+        return since + self.every_s + self.grace_s
+
+    def describe(self) -> str:
+        """The schedule in words: ``"every 1h, 10m grace"``, ``"at 03:00 every day (Europe/Athens)"``."""
+        if self.schedule is not None:
+            words = f"{self.schedule.describe()} ({self.tz})"
+        else:
+            words = f"every {format_duration(self.every_s)}"
+        if self.grace_s:
+            words += f", {format_duration(self.grace_s)} grace"
+        if self.max_runtime_s is not None:
+            words += f", runs at most {format_duration(self.max_runtime_s)}"
+        return words
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration file.  Build it with ``load_config``."""
+
+    checks: Mapping[str, CheckSpec]
+    secret_key: str = dataclasses.field(default="", repr=False)
+    email: EmailConf | None = None
+    telegram: TelegramConf | None = None
+    path: str = ""
 
 
 def _zone(value: Any) -> datetime.tzinfo:
@@ -1530,8 +1832,6 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 #: ... for at least this long before giving up.
 RETRY_FOR_S = 24 * 3600.0
-#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
-RETRY_AFTER_MAX_S = 3600.0
 #: Lines and characters of a job's output quoted in a notice.
 TAIL_LINES, TAIL_CHARS = 10, 2000
 #: A change of the wall clock against elapsed time larger than this is a step (NTP
@@ -1591,16 +1891,6 @@ class _Outcome:
             store.notice_sent(self.notice_id)
         else:
             store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at)
-
-
-def _retry_wait_s(value: object) -> float | None:
-    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
-    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not 0 <= value < math.inf:  # False for NaN too
-        return None
-    return float(min(value, RETRY_AFTER_MAX_S))
 
 
 def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
@@ -1996,288 +2286,6 @@ class Monitor:
     def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
         for listener in listeners:
             listener(at)
-
-
-###############################################################################
-# Notifiers ###################################################################
-###############################################################################
-
-#: Telegram refuses messages longer than this.
-TELEGRAM_MAX_CHARS = 4096
-#: The most of an HTTP answer read: a channel needs its status and a short reason.
-HTTP_MAX_ANSWER_BYTES = 1 << 20
-
-
-def send_console(config: Config, notice: Notice) -> None:
-    """Print the notice on standard output."""
-    try:
-        print(f"{notice.subject}\n{notice.body}", flush=True)
-    except OSError as exc:
-        raise NotifyError(f"cannot write to standard output: {exc}") from None
-
-
-class _Deadline:
-    """One time limit for a whole network attempt.  Socket timeouts count per
-    read, so a server that drips a byte at a time would never trip them: every
-    socket operation is given only the time that is left."""
-
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        """Seconds left; raises ``socket.timeout`` (an OSError) when none are."""
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        return left
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's input, each read waiting only for what is left of the deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        self._sock.settimeout(self._deadline.remaining())
-        return self._sock.recv_into(buffer)
-
-    def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        """What smtplib and http.client.HTTPResponse read through (as socket.makefile)."""
-        return io.BufferedReader(self)
-
-
-def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
-    """Open a TCP connection within the deadline, trying each address in turn
-    (socket.create_connection would give every address the whole timeout)."""
-    error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(deadline.remaining())
-            sock.connect(address)
-            sock.settimeout(deadline.remaining())  # a TLS handshake comes next
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error
-
-
-class _MaybeDelivered(smtplib.SMTPException):
-    """The server took the whole message but did not say whether it accepted it."""
-
-
-class _SMTP(smtplib.SMTP):
-    """smtplib.SMTP held to one deadline for the whole conversation, speaking TLS
-    from the start when given ``tls``.  Only the reply to the message itself
-    gets ``data_reply_s`` of its own: a server may take 10 minutes to accept a
-    message (RFC 5321 4.5.3.2.6), and giving up sooner sends it twice."""
-
-    def __init__(self, host: str, port: int, deadline: _Deadline, data_reply_s: float,
-                 tls: ssl.SSLContext | None = None) -> None:
-        self._deadline = deadline
-        self._data_reply_s = data_reply_s
-        self._tls = tls
-        self._data_replies: int | None = None
-        super().__init__(host, port)
-
-    def _get_socket(self, host: str, port: int, timeout: object) -> socket.socket:
-        sock = _connect(host, port, self._deadline)
-        if self._tls is None:
-            return sock
-        try:
-            return self._tls.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-
-    def send(self, s: bytes | str) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.settimeout(self._deadline.remaining())
-            except OSError as exc:  # as smtplib reports a failed send
-                self.close()
-                raise smtplib.SMTPServerDisconnected(str(exc)) from None
-        super().send(s)
-
-    def getreply(self) -> tuple[int, bytes]:
-        if self.file is None and self.sock is not None:
-            self.file = _DeadlineReader(self.sock, self._deadline).makefile("rb")
-        if self._data_replies is not None:
-            self._data_replies += 1
-            if self._data_replies == 2:  # the reply to the message, not to DATA
-                self._deadline.at = time.monotonic() + self._data_reply_s
-        return super().getreply()
-
-    def data(self, msg: bytes | str) -> tuple[int, bytes]:
-        self._data_replies = 0
-        at = self._deadline.at
-        try:
-            return super().data(msg)
-        except smtplib.SMTPServerDisconnected as exc:
-            if self._data_replies < 2:
-                raise
-            raise _MaybeDelivered(f"no reply after the message was sent ({exc})") from None
-        finally:
-            self._data_replies = None
-            self._deadline.at = at
-
-
-def send_email(config: Config, notice: Notice) -> None:
-    """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
-
-    Recipients are the alert's ``recipient_emails``, else the global list, and
-    the ``To`` header says the same.  Certificates are verified for ssl and
-    starttls.  The attempt, from connecting to QUIT, must end within
-    ``timeout_s``; only the server's reply to the message itself is given
-    ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
-    that times out there is retried with a note that it may have been delivered.
-    """
-    conf = config.email
-    if conf is None:
-        raise NotifyError("email is not configured ([alerting.email])", permanent=True)
-    spec = config.checks.get(notice.check)
-    recipients = (spec.recipient_emails if spec else ()) or conf.recipient_emails
-    if not recipients:
-        raise NotifyError("no email recipients", permanent=True)
-    message = email.message.EmailMessage()
-    message["Subject"] = notice.subject
-    message["From"] = conf.from_addr
-    message["To"] = ", ".join(recipients)
-    message["Date"] = email.utils.formatdate(usegmt=True)
-    sender = email.utils.parseaddr(conf.from_addr)[1]
-    message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
-    message.set_content(notice.body)
-    context = ssl.create_default_context()
-    try:
-        smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
-                     tls=context if conf.encryption == "ssl" else None)
-        with contextlib.closing(smtp):
-            if conf.encryption == "starttls":
-                smtp.starttls(context=context)
-            if conf.username:
-                smtp.login(conf.username, conf.password)
-            refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
-            # Accepted: a failed goodbye must not turn it into a failure, and a second copy.
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.quit()
-    except _MaybeDelivered as exc:
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc}; it may have been delivered") from None
-    except smtplib.SMTPRecipientsRefused as exc:
-        permanent = all(code >= 500 for code, _ in exc.recipients.values())
-        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
-                          permanent=permanent) from None
-    except smtplib.SMTPAuthenticationError as exc:
-        raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
-                          permanent=exc.smtp_code >= 500) from None
-    except smtplib.SMTPResponseException as exc:
-        raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
-                          permanent=exc.smtp_code >= 500) from None
-    except (smtplib.SMTPException, OSError) as exc:
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
-    except ValueError as exc:  # e.g. a password smtplib cannot encode
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
-                          permanent=True) from None
-    if refused:
-        log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
-
-
-def _smtp_text(error: bytes | str) -> str:
-    return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
-
-
-def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
-    return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
-
-
-def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
-                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
-
-    Returns ``(status, headers, body)`` whatever the status, with at most
-    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified; redirects
-    are not followed and no proxy is used.  Raises OSError (``socket.timeout``
-    when time is up), ``http.client.HTTPException``, or ValueError for a URL
-    that is not http(s); the messages of the latter two may quote the URL.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http(s) URL")
-    deadline = _Deadline(timeout_s)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = http.client.HTTPConnection(parts.hostname, port)
-    with contextlib.closing(connection):
-        sock = _connect(parts.hostname, port, deadline)
-        if parts.scheme == "https":
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-            except BaseException:
-                sock.close()
-                raise
-        connection.sock = sock
-        sock.settimeout(deadline.remaining())
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        connection.request(method, target, body, {"Host": parts.netloc.rpartition("@")[2], **headers})
-        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
-            response.begin()
-            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
-
-
-def send_telegram(config: Config, notice: Notice) -> None:
-    """Post the notice as plain text through the Bot API's ``sendMessage``.
-
-    A 429 answer raises with the ``retry_after`` Telegram asked for (at most
-    an hour; None if it makes no sense); other 4xx answers are permanent.  The
-    attempt, from connecting to the end of the answer, must end within
-    ``timeout_s``.  The bot token is part of the URL, so it never appears in
-    an error message.
-    """
-    conf = config.telegram
-    if conf is None:
-        raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
-    text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
-    where = urllib.parse.urlsplit(conf.api_url).netloc
-    try:
-        # Quoted: a stray space or # in a pasted token must not bend the URL.
-        status, _, answer_bytes = _http_request(
-            "POST", f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
-            json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
-            {"Content-Type": "application/json"}, conf.timeout_s)
-    except OSError as exc:  # socket errors never quote the URL
-        raise NotifyError(f"talking to Telegram at {where} failed: {exc or type(exc).__name__}") from None
-    except (http.client.HTTPException, ValueError) as exc:
-        # Only the type: these messages may quote the URL, and so the token.
-        raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
-    if 200 <= status < 300:
-        return
-    try:
-        answer = json.loads(answer_bytes or b"{}")
-    except (ValueError, RecursionError):
-        answer = None
-    if not isinstance(answer, dict):
-        answer = {}
-    description = answer.get("description") or http.client.responses.get(status, "")
-    if status == 429:
-        parameters = answer.get("parameters")
-        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
-        raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=_retry_wait_s(retry_after))
-    raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
-
-
-#: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
-#: notice is handed over, and raises NotifyError (never anything else it can
-#: foresee) when it is not; it never logs or returns secrets.
-NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
-    "console": send_console,
-    "email": send_email,
-    "telegram": send_telegram,
-}
 
 
 ###############################################################################
