@@ -662,6 +662,9 @@ def _join(words: list[str], conjunction: str = "and") -> str:
 
 _REQUIRED = object()
 
+#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
+ENCRYPTIONS = ("none", "ssl", "starttls")
+
 
 class _Table:
     """One TOML table being read: every error names the file and the key path.
@@ -806,6 +809,35 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _setting(expected: str, check: Callable[[Any], Any], default: Any = dataclasses.MISSING,
+             key: str = "", secret: bool = False) -> Any:
+    """A field of a config dataclass that is read from its TOML table: ``check``
+    turns the value into the field's (raising ValueError or TypeError to refuse
+    it, see _Table.take), ``expected`` says what it must be, and ``key`` is the
+    TOML key when it is not the field's name.  Without a default the key is
+    required; a ``secret`` is left out of the dataclass's repr."""
+    return dataclasses.field(default=default, repr=not secret,
+                             metadata={"expected": expected, "check": check, "key": key or None})
+
+
+def _read_conf(table: _Table, conf_type: type) -> Any:
+    """Build ``conf_type`` from ``table``: every field made with _setting is taken
+    (fields without one keep their defaults: they are not settings).  A
+    ``__post_init__`` that raises ``ValueError(key, problem)`` refuses a
+    combination of settings.  The caller calls ``table.finish()``."""
+    values = {}
+    for field in dataclasses.fields(conf_type):
+        if "check" in field.metadata:
+            default = _REQUIRED if field.default is dataclasses.MISSING else field.default
+            values[field.name] = table.take(field.metadata["key"] or field.name, field.metadata["expected"],
+                                            field.metadata["check"], default)
+    try:
+        return conf_type(**values)
+    except ValueError as exc:
+        key, problem = exc.args
+        raise ConfigError(f"{table.file}: {table.path(key)}: {problem}") from None
+
+
 ###############################################################################
 # Notices and channels ########################################################
 ###############################################################################
@@ -828,13 +860,13 @@ def _retry_wait_s(value: object) -> float | None:
 class EmailConf:
     """``[alerting.email]``: the SMTP server and the default recipients."""
 
-    from_addr: str
-    recipient_emails: tuple[str, ...] = ()
-    hostname: str = "localhost"
-    port: int = 25
-    username: str = ""
-    password: str = dataclasses.field(default="", repr=False)
-    encryption: str = "none"
+    from_addr: str = _setting("an email address", _address)
+    recipient_emails: tuple[str, ...] = _setting("a list of email addresses", _address_list, ())
+    hostname: str = _setting("a host name", _string, "localhost")
+    port: int = _setting("a port number (1-65535)", _port, 25)
+    username: str = _setting("a string", _string, "")
+    password: str = _setting("a string", _string, "", secret=True)
+    encryption: str = _setting('one of "none", "ssl", "starttls"', _encryption, "none")
     timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
     data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
 
@@ -843,9 +875,9 @@ class EmailConf:
 class TelegramConf:
     """``[alerting.telegram]``: the bot token and the chat to post in."""
 
-    apikey: str = dataclasses.field(repr=False)
-    chat_id: str
-    api_url: str = "https://api.telegram.org"
+    apikey: str = _setting("the bot token, a string", _string, secret=True)
+    chat_id: str = _setting("a chat id", _chat_id)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://api.telegram.org")
     timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
 
 
@@ -1134,9 +1166,6 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
 #: Channels that can be named in ``channels``; console needs no [alerting] section.
 CHANNEL_NAMES = ("console", "email", "telegram")
 
-#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
-ENCRYPTIONS = ("none", "ssl", "starttls")
-
 #: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
 SCHEDULE_GRACE_S = 3600.0
 #: A success this long before a scheduled time (or a tenth of the gap between
@@ -1286,23 +1315,11 @@ def load_config(path: str) -> Config:
     email_conf = telegram_conf = None
     if "email" in alerting.data:
         section = _Table(path, "alerting.email", alerting.data["email"])
-        email_conf = EmailConf(
-            recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
-            from_addr=section.take("from_addr", "an email address", _address),
-            hostname=section.take("hostname", "a host name", _string, "localhost"),
-            port=section.take("port", "a port number (1-65535)", _port, 25),
-            username=section.take("username", "a string", _string, ""),
-            password=section.take("password", "a string", _string, ""),
-            encryption=section.take("encryption", 'one of "none", "ssl", "starttls"', _encryption, "none"),
-        )
+        email_conf = _read_conf(section, EmailConf)
         section.finish()
     if "telegram" in alerting.data:
         section = _Table(path, "alerting.telegram", alerting.data["telegram"])
-        telegram_conf = TelegramConf(
-            apikey=section.take("apikey", "the bot token, a string", _string),
-            chat_id=section.take("chat_id", "a chat id", _chat_id),
-            api_url=section.take("api_url", "an http(s) URL", _http_url, "https://api.telegram.org"),
-        )
+        telegram_conf = _read_conf(section, TelegramConf)
         section.finish()
     alerting.finish(extra_known=("email", "telegram"))
 

@@ -894,6 +894,19 @@ class ConfigTest(unittest.TestCase):
             channels = ["telegram"]
         """, "alerts.backups.channels:", "[alerting.telegram]")
 
+    def test_a_missing_required_channel_setting_is_named(self):
+        self.assertConfigError("""
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            [alerts.job]
+            every = "1h"
+        """, "alerting.email.from_addr: missing", "email address")
+        self.assertConfigError("""
+            [alerting.telegram]
+            apikey = "1:x"
+            chatid = 5
+        """, "alerting.telegram.chat_id: missing", 'found "chatid"')
+
     def test_email_address_without_at_is_refused(self):
         self.assertConfigError("""
             [alerting.email]
