@@ -102,11 +102,11 @@ except ImportError:  # Python < 3.11
 
 __version__ = "1.0.0"
 __all__ = [
+    "CHANNELS",
     "CaduceusError",
     "Config",
     "CronSchedule",
     "Monitor",
-    "NOTIFIERS",
     "Server",
     "Store",
     "load_config",
@@ -787,14 +787,12 @@ def _address_list(value: Any) -> tuple[str, ...]:
 
 
 def _channel_list(value: Any) -> tuple[str, ...]:
+    """Channel instance names, in lower case; whether they are configured is
+    checked with the alert (see _check_channels)."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise TypeError
     # Listed twice means the same as once; dict keeps the order.
-    channels = tuple(dict.fromkeys(item.strip().lower() for item in value))
-    for channel in channels:
-        if channel not in CHANNEL_NAMES:
-            raise ValueError(f"expected channels among {', '.join(CHANNEL_NAMES)}, got {json.dumps(channel)}")
-    return channels
+    return tuple(dict.fromkeys(item.strip().lower() for item in value))
 
 
 def _chat_id(value: Any) -> str:
@@ -881,13 +879,30 @@ class TelegramConf:
     timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
 
 
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """What a channel sends: one subject and one plain-text body about one check."""
+
+    check: str
+    kind: str
+    subject: str
+    body: str
+    at: float
+    recipients: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleConf:
+    """``[alerting.console]``: standard output, with nothing to set."""
+
+
 #: Telegram refuses messages longer than this.
 TELEGRAM_MAX_CHARS = 4096
 #: The most of an HTTP answer read: a channel needs its status and a short reason.
 HTTP_MAX_ANSWER_BYTES = 1 << 20
 
 
-def send_console(config: Config, notice: Notice) -> None:
+def send_console(conf: ConsoleConf, notice: Notice) -> None:
     """Print the notice on standard output."""
     try:
         print(f"{notice.subject}\n{notice.body}", flush=True)
@@ -1008,21 +1023,17 @@ class _SMTP(smtplib.SMTP):
             self._deadline.at = at
 
 
-def send_email(config: Config, notice: Notice) -> None:
+def send_email(conf: EmailConf, notice: Notice) -> None:
     """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
 
-    Recipients are the alert's ``recipient_emails``, else the global list, and
-    the ``To`` header says the same.  Certificates are verified for ssl and
+    Recipients are the notice's (the alert's ``recipient_emails``), else the
+    channel's, and the ``To`` header says the same.  Certificates are verified for ssl and
     starttls.  The attempt, from connecting to QUIT, must end within
     ``timeout_s``; only the server's reply to the message itself is given
     ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
     that times out there is retried with a note that it may have been delivered.
     """
-    conf = config.email
-    if conf is None:
-        raise NotifyError("email is not configured ([alerting.email])", permanent=True)
-    spec = config.checks.get(notice.check)
-    recipients = (spec.recipient_emails if spec else ()) or conf.recipient_emails
+    recipients = notice.recipients or conf.recipient_emails
     if not recipients:
         raise NotifyError("no email recipients", permanent=True)
     message = email.message.EmailMessage()
@@ -1108,7 +1119,7 @@ def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[st
             return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
 
 
-def send_telegram(config: Config, notice: Notice) -> None:
+def send_telegram(conf: TelegramConf, notice: Notice) -> None:
     """Post the notice as plain text through the Bot API's ``sendMessage``.
 
     A 429 answer raises with the ``retry_after`` Telegram asked for (at most
@@ -1117,9 +1128,6 @@ def send_telegram(config: Config, notice: Notice) -> None:
     ``timeout_s``.  The bot token is part of the URL, so it never appears in
     an error message.
     """
-    conf = config.telegram
-    if conf is None:
-        raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
     text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
     where = urllib.parse.urlsplit(conf.api_url).netloc
     try:
@@ -1149,22 +1157,31 @@ def send_telegram(config: Config, notice: Notice) -> None:
     raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
 
 
-#: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
-#: notice is handed over, and raises NotifyError (never anything else it can
-#: foresee) when it is not; it never logs or returns secrets.
-NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
-    "console": send_console,
-    "email": send_email,
-    "telegram": send_telegram,
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """A kind of channel: its settings, a frozen dataclass whose _setting fields
+    are read from ``[alerting.KIND]`` (and ``[alerting.KIND.NAME]``), and
+    ``send(conf, notice)``.  ``send`` returns None once the notice is handed
+    over and raises NotifyError (never anything else it can foresee) when it
+    is not, with ``permanent`` when retrying cannot help and ``retry_after_s``
+    when the other side asked for a wait; it never logs, raises or returns a
+    secret, and holds one deadline for the whole attempt."""
+
+    conf_type: type
+    send: Callable[[Any, Notice], None]
+
+
+#: Every kind of channel, by the name used in ``[alerting.KIND]``: the only list of them.
+CHANNELS: Mapping[str, Channel] = {
+    "console": Channel(ConsoleConf, send_console),
+    "email": Channel(EmailConf, send_email),
+    "telegram": Channel(TelegramConf, send_telegram),
 }
 
 
 ###############################################################################
 # Configuration ###############################################################
 ###############################################################################
-
-#: Channels that can be named in ``channels``; console needs no [alerting] section.
-CHANNEL_NAMES = ("console", "email", "telegram")
 
 #: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
 SCHEDULE_GRACE_S = 3600.0
@@ -1221,13 +1238,30 @@ class CheckSpec:
 
 
 @dataclasses.dataclass(frozen=True)
+class ChannelInstance:
+    """One configured destination: ``[alerting.KIND]`` is the instance named
+    KIND, ``[alerting.KIND.NAME]`` the instance KIND.NAME (names in lower case)."""
+
+    name: str
+    kind: str
+    conf: Any
+
+
+def _console_only() -> dict[str, ChannelInstance]:
+    return {"console": ChannelInstance("console", "console", ConsoleConf())}
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
-    """A whole, validated configuration file.  Build it with ``load_config``."""
+    """A whole, validated configuration file.  Build it with ``load_config``.
+
+    ``channels`` holds every configured channel instance by name; "console"
+    is always there.
+    """
 
     checks: Mapping[str, CheckSpec]
     secret_key: str = dataclasses.field(default="", repr=False)
-    email: EmailConf | None = None
-    telegram: TelegramConf | None = None
+    channels: Mapping[str, ChannelInstance] = dataclasses.field(default_factory=_console_only)
     path: str = ""
 
 
@@ -1311,17 +1345,7 @@ def load_config(path: str) -> Config:
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     settings.finish()
 
-    alerting = _Table(path, "alerting", top.take("alerting", "a table", _table, {}))
-    email_conf = telegram_conf = None
-    if "email" in alerting.data:
-        section = _Table(path, "alerting.email", alerting.data["email"])
-        email_conf = _read_conf(section, EmailConf)
-        section.finish()
-    if "telegram" in alerting.data:
-        section = _Table(path, "alerting.telegram", alerting.data["telegram"])
-        telegram_conf = _read_conf(section, TelegramConf)
-        section.finish()
-    alerting.finish(extra_known=("email", "telegram"))
+    channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
 
     # No alerts is a valid, if idle, config (main warns): a new install starts so.
     alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table, {}))
@@ -1333,12 +1357,45 @@ def load_config(path: str) -> Config:
         _alert_name(path, name)
         alerts.known.append(name)
         spec = _check_spec(path, name, table, default_channels, default_tz)
-        _check_channels(path, spec, email_conf, telegram_conf, "channels" in table)
+        _check_channels(path, spec, channels, "channels" in table)
         checks[name] = spec
     alerts.finish()
     top.finish()
-    return Config(checks=checks, secret_key=secret_key, email=email_conf,
-                  telegram=telegram_conf, path=path)
+    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path)
+
+
+def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
+    """Every channel instance of ``[alerting]``, by name.
+
+    In ``[alerting.KIND]``, a key holding a table that is not one of the
+    kind's settings is a named instance ``[alerting.KIND.NAME]``; the table's
+    own settings, if any, make the instance KIND.  Console always exists.
+    """
+    instances = _console_only()
+    for kind, data in alerting.data.items():
+        channel = CHANNELS.get(kind)
+        if channel is None:
+            close = difflib.get_close_matches(kind, list(CHANNELS), n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise ConfigError(f"{alerting.file}: {alerting.path(kind)}: unknown kind of channel; {hint}"
+                              f"known kinds: {', '.join(CHANNELS)}")
+        alerting.known.append(kind)
+        section = _Table(alerting.file, alerting.path(kind), data)
+        settings = {field.metadata["key"] or field.name for field in dataclasses.fields(channel.conf_type)
+                    if "check" in field.metadata}
+        named = [key for key, value in section.data.items() if isinstance(value, dict) and key not in settings]
+        if len(named) < len(section.data) or not named:
+            instances[kind] = ChannelInstance(kind, kind, _read_conf(section, channel.conf_type))
+        section.finish(extra_known=tuple(named))
+        for name in named:
+            table = _Table(alerting.file, section.path(name), section.data[name])
+            instance = f"{kind}.{name}".lower()
+            if instance in instances:
+                raise ConfigError(f"{alerting.file}: {section.path(name)}: a second channel named {instance}")
+            instances[instance] = ChannelInstance(instance, kind, _read_conf(table, channel.conf_type))
+            table.finish()
+    alerting.finish()
+    return instances
 
 
 def _read_toml(path: str) -> dict:
@@ -1406,16 +1463,26 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
     return spec
 
 
-def _check_channels(path: str, spec: CheckSpec, email_conf: EmailConf | None,
-                    telegram_conf: TelegramConf | None, own_channels: bool) -> None:
+def _check_channels(path: str, spec: CheckSpec, channels: Mapping[str, ChannelInstance],
+                    own_channels: bool) -> None:
+    """Every channel the alert uses is configured, and its email has recipients."""
     key = f"alerts.{spec.name}.channels" if own_channels else "alerts.default_channels"
-    for channel, conf in (("email", email_conf), ("telegram", telegram_conf)):
-        if channel in spec.channels and conf is None:
-            raise ConfigError(f"{path}: {key}: alert {json.dumps(spec.name)} uses the {channel} "
-                              f"channel, but there is no [alerting.{channel}] section")
-    if "email" in spec.channels and not (spec.recipient_emails or email_conf.recipient_emails):
-        raise ConfigError(f"{path}: alerts.{spec.name}.recipient_emails: alert {json.dumps(spec.name)} "
-                          "sends email but has no recipients here or in [alerting.email]")
+    for name in spec.channels:
+        if name in channels:
+            continue
+        close = difflib.get_close_matches(name, list(channels), n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        configured = f"configured channels: {', '.join(channels)}"
+        if name.partition(".")[0] in CHANNELS:
+            raise ConfigError(f"{path}: {key}: alert {json.dumps(spec.name)} uses the {name} channel, but "
+                              f"there is no [alerting.{name}] section; {hint}{configured}")
+        raise ConfigError(f"{path}: {key}: unknown channel {json.dumps(name)}; {hint}{configured}; "
+                          f"kinds of channel: {', '.join(CHANNELS)}")
+    for name in spec.channels:
+        instance = channels[name]
+        if instance.kind == "email" and not (spec.recipient_emails or instance.conf.recipient_emails):
+            raise ConfigError(f"{path}: alerts.{spec.name}.recipient_emails: alert {json.dumps(spec.name)} "
+                              f"sends email but has no recipients here or in [alerting.{name}]")
 
 
 ###############################################################################
@@ -1877,17 +1944,6 @@ class Flip:
 
 
 @dataclasses.dataclass(frozen=True)
-class Notice:
-    """What a channel sends: one subject and one plain-text body about one check."""
-
-    check: str
-    kind: str
-    subject: str
-    body: str
-    at: float
-
-
-@dataclasses.dataclass(frozen=True)
 class _Outcome:
     """How one delivery attempt ended, as the outbox is to record it."""
 
@@ -2019,9 +2075,10 @@ class Monitor:
 
     State changes and the notices they cause are committed in one
     transaction; notices go to the outbox and ``deliver()`` sends them later,
-    so no check-in waits on a channel.  ``notifiers`` maps a channel name to
-    ``fn(config, notice)`` (see NOTIFIERS); ``clock`` returns epoch seconds
-    and is read once per operation.
+    so no check-in waits on a channel.  ``senders`` maps a kind of channel to
+    its ``send(conf, notice)`` (see CHANNELS; each configured instance of the
+    kind is sent to with its own conf); ``clock`` returns epoch seconds and is
+    read once per operation.
 
     Wall clock steps.  Deadlines are kept in elapsed time: each operation
     compares ``clock`` with ``monotonic`` (an elapsed-time clock nobody can
@@ -2044,12 +2101,12 @@ class Monitor:
     """
 
     def __init__(self, store: Store, config: Config,
-                 notifiers: Mapping[str, Callable[[Config, Notice], None]],
+                 senders: Mapping[str, Callable[[Any, Notice], None]],
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] | None = None) -> None:
         self.store = store
         self.config = config
-        self.notifiers = notifiers
+        self.senders = senders
         self.clock = clock
         if monotonic is None:
             monotonic = elapsed_time if clock is time.time else clock
@@ -2214,7 +2271,8 @@ class Monitor:
             self.store.enqueue(spec.name, channel, kind, subject, body, now)
 
     def deliver(self, channel: str) -> float | None:
-        """Send the channel's queued notices, oldest first; return when to call again.
+        """Send the queued notices of a channel instance, oldest first; return when
+        to call again.
 
         Stops at the first failure, so notices never overtake each other: the
         failed one is retried after 5 s, doubling up to 5 minutes (or after the
@@ -2224,8 +2282,8 @@ class Monitor:
 
         When the database cannot record an outcome (disk full, read-only), this
         process keeps it and tries again every RETRY_FIRST_S: a notice that was
-        sent is not sent again, and a failure still counts.  Only one channel's
-        courier may call this for a given channel at a time.
+        sent is not sent again, and a failure still counts.  Only one courier
+        may call this for a given channel instance at a time.
         """
         unrecorded = self._unrecorded.setdefault(channel, {})
         for outcome in list(unrecorded.values()):
@@ -2249,13 +2307,18 @@ class Monitor:
 
     def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
         """Send one queued notice and log how it went."""
-        notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"])
+        spec = self.config.checks.get(row["check_name"])
+        notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"],
+                        spec.recipient_emails if spec else ())
         try:
-            notifier = self.notifiers.get(channel)
-            if notifier is None:
+            instance = self.config.channels.get(channel)
+            if instance is None:
+                raise NotifyError(f"channel {channel!r} is no longer configured", permanent=True)
+            send = self.senders.get(instance.kind)
+            if send is None:
                 raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
             try:
-                notifier(self.config, notice)
+                send(instance.conf, notice)
             except NotifyError:
                 raise
             except Exception as exc:
@@ -3202,7 +3265,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             lock.keep()
             with contextlib.closing(store):
-                server.monitor = monitor = Monitor(store, config, NOTIFIERS)
+                senders = {kind: channel.send for kind, channel in CHANNELS.items()}
+                server.monitor = monitor = Monitor(store, config, senders)
                 monitor.start()
                 return _serve(server, monitor)
 
@@ -3215,7 +3279,10 @@ def _serve(server: Server, monitor: Monitor) -> int:
     sweeper = Sweeper(sweep)
     monitor.on_deadline(sweeper.poke)
     couriers = []
-    for channel in NOTIFIERS:
+    # One per channel instance, so a dead destination delays no other; notices
+    # queued for an instance since removed from the config are given up.
+    pending = {row["channel"] for row in monitor.store.pending_notices()}
+    for channel in sorted(set(monitor.config.channels) | pending):
         courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
         monitor.on_outbox(courier.poke)
         couriers.append(courier)

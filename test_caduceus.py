@@ -732,11 +732,11 @@ class ConfigTest(unittest.TestCase):
     def test_reads_the_original_format_unchanged(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
         self.assertEqual(config.secret_key, "somelongkey")
-        self.assertEqual(config.email.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
-        self.assertEqual((config.email.hostname, config.email.port, config.email.encryption),
+        self.assertEqual(config.channels["email"].conf.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
+        self.assertEqual((config.channels["email"].conf.hostname, config.channels["email"].conf.port, config.channels["email"].conf.encryption),
                          ("example.com", 25, "starttls"))
-        self.assertEqual(config.telegram.chat_id, "99999999")
-        self.assertEqual(config.telegram.api_url, "https://api.telegram.org")
+        self.assertEqual(config.channels["telegram"].conf.chat_id, "99999999")
+        self.assertEqual(config.channels["telegram"].conf.api_url, "https://api.telegram.org")
         self.assertEqual(sorted(config.checks), ["alwaysfail", "backups", "cron"])
         cron, backups, alwaysfail = (config.checks[n] for n in ("cron", "backups", "alwaysfail"))
         self.assertEqual((cron.every_s, cron.notify_every_s, cron.channels), (3600, 3600, ("email",)))
@@ -754,10 +754,10 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
         """)
         self.assertEqual(config.secret_key, "")
-        self.assertEqual((config.email.hostname, config.email.port, config.email.username,
-                          config.email.encryption), ("localhost", 25, "", "none"))
+        self.assertEqual((config.channels["email"].conf.hostname, config.channels["email"].conf.port, config.channels["email"].conf.username,
+                          config.channels["email"].conf.encryption), ("localhost", 25, "", "none"))
         self.assertEqual(config.checks["job"].channels, ("email",))
-        self.assertIsNone(config.telegram)
+        self.assertNotIn("telegram", config.channels)
 
     def test_default_channels_is_a_setting_not_an_alert(self):
         config = config_from(self, CONSOLE_CONFIG)
@@ -906,6 +906,61 @@ class ConfigTest(unittest.TestCase):
             apikey = "1:x"
             chatid = 5
         """, "alerting.telegram.chat_id: missing", 'found "chatid"')
+
+    def test_named_channel_instances_sit_beside_the_plain_one(self):
+        config = config_from(self, """
+            [alerting.telegram]
+            apikey = "1:plain"
+            chat_id = 1
+            [alerting.telegram.Ops]
+            apikey = "2:ops"
+            chat_id = 2
+            [alerting.telegram.billing]
+            apikey = "3:billing"
+            chat_id = 3
+            api_url = "http://127.0.0.1:9/"
+            [alerts.job]
+            every = "1h"
+            channels = ["telegram.ops", "Telegram.Billing"]
+        """)
+        self.assertEqual(sorted(config.channels), ["console", "telegram", "telegram.billing", "telegram.ops"])
+        ops, billing = config.channels["telegram.ops"], config.channels["telegram.billing"]
+        self.assertEqual((ops.kind, ops.conf.apikey, ops.conf.chat_id), ("telegram", "2:ops", "2"))
+        self.assertEqual((billing.conf.chat_id, billing.conf.api_url), ("3", "http://127.0.0.1:9"))
+        self.assertEqual(config.checks["job"].channels, ("telegram.ops", "telegram.billing"))
+        only_named = config_from(self, """
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+        """)
+        self.assertEqual(sorted(only_named.channels), ["console", "telegram.ops"])
+
+    def test_an_unknown_channel_instance_is_refused_with_the_configured_ones(self):
+        message = self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+            [alerts.job]
+            every = "1h"
+            channels = ["telegram.opz"]
+        """, "alerts.job.channels:", "[alerting.telegram.opz]", 'did you mean "telegram.ops"?',
+            "configured channels: console, telegram.ops")
+        self.assertNotIn("2:ops", message)
+        self.assertConfigError("""
+            [alerting.telegramm]
+            apikey = "2:ops"
+        """, "alerting.telegramm:", "unknown kind of channel", 'did you mean "telegram"?')
+        self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chatid = 2
+        """, "alerting.telegram.ops.chat_id: missing", 'found "chatid"')
+        self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+            colour = "red"
+        """, "alerting.telegram.ops.colour: unknown key")
 
     def test_email_address_without_at_is_refused(self):
         self.assertConfigError("""
@@ -1845,6 +1900,44 @@ class DeliveryTest(unittest.TestCase):
         self.go_down()
         self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 42)
 
+    def test_named_instances_do_not_mix(self):
+        config = config_from(self, """
+            [alerting.telegram.ops]
+            apikey = "1:ops"
+            chat_id = 1
+            [alerting.telegram.billing]
+            apikey = "2:billing"
+            chat_id = 2
+            [alerts.job]
+            every = "1m"
+            channels = ["telegram.ops"]
+            [alerts.invoice]
+            every = "1h"
+            channels = ["telegram.billing", "telegram.ops"]
+        """)
+        sent = []
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config, {
+            "telegram": lambda conf, notice: sent.append((conf.chat_id, notice.check))}, self.clock)
+        monitor.start()
+        self.clock.advance(3600)
+        monitor.sweep()
+        self.assertIsNone(monitor.deliver("telegram.billing"))
+        self.assertEqual(sent, [("2", "invoice")])
+        self.assertIsNone(monitor.deliver("telegram.ops"))
+        self.assertEqual(sent, [("2", "invoice"), ("1", "invoice"), ("1", "job")])
+        self.assertIsNone(monitor.deliver("telegram"))
+        self.assertEqual(len(sent), 3)
+
+    def test_a_notice_for_a_channel_no_longer_configured_is_given_up(self):
+        self.go_down()
+        config = config_from(self, "[alerts.job]\nevery = \"1m\"\nchannels = [\"console\"]\n")
+        monitor = caduceus.Monitor(self.monitor.store, config, {"console": self.console}, self.clock)
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.assertIsNone(monitor.deliver("telegram"))
+        self.assertIn("no longer configured", logs.output[0])
+        self.assertEqual([row["channel"] for row in monitor.store.failed_notices()], ["telegram"])
+
     def test_an_undelivered_reminder_is_replaced_by_the_next(self):
         self.telegram.error = caduceus.NotifyError("down")
         self.go_down()
@@ -2140,7 +2233,7 @@ class TelegramHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.Config:
+def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.EmailConf:
     config = config_from(test, """
         [alerting.email]
         recipient_emails = ["ops@example.com", "dev@example.com"]
@@ -2151,8 +2244,7 @@ def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.Conf
         every = "5s"
         recipient_emails = ["third@example.com"]
     """)
-    conf = dataclasses.replace(config.email, hostname="127.0.0.1", port=port, **changes)
-    return dataclasses.replace(config, email=conf)
+    return dataclasses.replace(config.channels["email"].conf, hostname="127.0.0.1", port=port, **changes)
 
 
 NOTICE = caduceus.Notice("mail", caduceus.NOTICE_DOWN, 'Caduceus: Alert "mail" is failing.',
@@ -2176,7 +2268,7 @@ class EmailTest(unittest.TestCase):
 
     def test_alert_recipients_replace_the_global_list_in_envelope_and_header(self):
         sink = serve(self, SMTPSink())
-        notice = dataclasses.replace(NOTICE, check="mail2")
+        notice = dataclasses.replace(NOTICE, check="mail2", recipients=("third@example.com",))
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
         _, recipients, message, _ = sink.messages[0]
@@ -2295,9 +2387,9 @@ class EmailTLSTest(unittest.TestCase):
     def setUp(self):
         self.cert, self.server_tls = localhost_certificate(self)
 
-    def config(self, sink: SMTPSink, encryption: str) -> caduceus.Config:
-        config = email_config(self, sink.server_address[1], encryption=encryption)
-        return dataclasses.replace(config, email=dataclasses.replace(config.email, hostname="localhost"))
+    def config(self, sink: SMTPSink, encryption: str) -> caduceus.EmailConf:
+        conf = email_config(self, sink.server_address[1], encryption=encryption)
+        return dataclasses.replace(conf, hostname="localhost")
 
     def trusted(self):
         """Trust the test certificate as the system's CAs would be trusted."""
@@ -2328,7 +2420,7 @@ class EmailTLSTest(unittest.TestCase):
 class TelegramTest(unittest.TestCase):
     TOKEN = "123456:SECRET-TOKEN"
 
-    def config_for(self, server: TelegramStandIn) -> caduceus.Config:
+    def config_for(self, server: TelegramStandIn) -> caduceus.TelegramConf:
         config = config_from(self, f"""
             [alerting.telegram]
             apikey = "{self.TOKEN}"
@@ -2338,7 +2430,7 @@ class TelegramTest(unittest.TestCase):
             every = "5s"
             channels = ["telegram"]
         """)
-        return config
+        return config.channels["telegram"].conf
 
     def test_posts_plain_text_to_send_message(self):
         server = serve(self, TelegramStandIn([(200, {"ok": True, "result": {}})]))
@@ -2374,7 +2466,7 @@ class TelegramTest(unittest.TestCase):
     def test_a_mangled_token_does_not_leak(self):
         server = serve(self, TelegramStandIn([(404, {"ok": False, "description": "Not Found"})]))
         config = self.config_for(server)
-        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, apikey="12 3:x#y"))
+        config = dataclasses.replace(config, apikey="12 3:x#y")
         with self.assertRaises(caduceus.NotifyError) as caught:
             caduceus.send_telegram(config, NOTICE)
         self.assertEqual(server.requests[0][0], "/bot12%203:x%23y/sendMessage")
@@ -2393,7 +2485,7 @@ class TelegramTest(unittest.TestCase):
             channels = ["telegram"]
         """)
         with self.assertRaises(caduceus.NotifyError) as caught:
-            caduceus.send_telegram(config, NOTICE)
+            caduceus.send_telegram(config.channels["telegram"].conf, NOTICE)
         self.assertNotIn(self.TOKEN, str(caught.exception))
         self.assertFalse(caught.exception.permanent)
 
@@ -2401,7 +2493,7 @@ class TelegramTest(unittest.TestCase):
         # The body dripped a byte at a time never trips a timeout per read (it held a channel 80 s).
         server = serve(self, TelegramStandIn([(200, {"ok": True, "result": {}})], drip_s=0.05))
         config = self.config_for(server)
-        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=0.5))
+        config = dataclasses.replace(config, timeout_s=0.5)
         started = time.monotonic()
         with self.assertRaises(caduceus.NotifyError) as caught:
             caduceus.send_telegram(config, NOTICE)
@@ -2442,7 +2534,7 @@ class TelegramTLSTest(unittest.TestCase):
             every = "5s"
             channels = ["telegram"]
         """)
-        self.config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=5))
+        self.config = dataclasses.replace(config.channels["telegram"].conf, timeout_s=5)
 
     def test_posts_over_https(self):
         with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert}):
