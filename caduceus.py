@@ -879,16 +879,129 @@ class TelegramConf:
     timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
 
 
+#: What a notice tells: an alert went down, is still down (a reminder), is back, or a test.
+FAILING, STILL_FAILING, RECOVERED, TEST = "failing", "still failing", "recovered", "test"
+#: The outbox's kind of each event (the kinds of 0.0.11's subjects; a reminder replaces an older one).
+EVENT_KINDS = {FAILING: NOTICE_DOWN, STILL_FAILING: NOTICE_REMINDER, RECOVERED: NOTICE_UP, TEST: "test"}
+
+
 @dataclasses.dataclass(frozen=True)
 class Notice:
-    """What a channel sends: one subject and one plain-text body about one check."""
+    """The facts of one notice about one alert, decided when it is queued (and
+    kept in the outbox as JSON), so every attempt sends the same thing; each
+    channel renders them its own way when it sends.
 
-    check: str
-    kind: str
-    subject: str
-    body: str
+    Times are epoch seconds, None when unknown.  ``since`` is when the alert
+    went down (a recovery keeps it); ``due_at`` is the deadline a failure
+    notice reports missing (None when the job reported its failure itself);
+    ``incident`` is the same for every notice about one failure, and differs
+    between failures.  ``text`` is the finished subject and body of a notice
+    queued by an older Caduceus, which kept only those.
+    """
+
+    alert: str
+    event: str
     at: float
+    status: str = DOWN
+    reason: str = ""
+    since: float | None = None
+    watched_since: float | None = None
+    last_checkin: float | None = None
+    due_at: float | None = None
+    schedule: str = ""
+    interval_s: float | None = None
+    timezone: str = "UTC"
+    notify_every_s: float | None = None
+    last_duration_s: float | None = None
+    last_exit_status: int | None = None
+    body_tail: str = ""
+    url: str = ""
+    checkin_url: str = ""
     recipients: tuple[str, ...] = ()
+    incident: str = ""
+    text: tuple[str, str] | None = None
+
+    @property
+    def overdue_s(self) -> float | None:
+        """How late the job was when the notice was made, for a missed deadline."""
+        return None if self.due_at is None else max(self.at - self.due_at, 0.0)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Notice:
+        """The notice ``to_json`` wrote; fields it does not know are ignored."""
+        data = json.loads(text)
+        names = {field.name for field in dataclasses.fields(cls)}
+        data = {key: value for key, value in data.items() if key in names}
+        data["recipients"] = tuple(data.get("recipients") or ())
+        data["text"] = tuple(data["text"]) if data.get("text") else None
+        return cls(**data)
+
+
+def render_text(notice: Notice) -> tuple[str, str]:
+    """The subject and plain-text body of a notice, for email, console and chats.
+
+    The subjects are those of Caduceus 0.0.11, to the character: users filter on them.
+    """
+    if notice.text is not None:
+        return notice.text
+    subject, lines = _text_lines(notice)
+    return subject, "Hello,\n\n" + "\n".join(lines) + "\n\nThanks,\nCaduceus\n"
+
+
+def _text_lines(notice: Notice) -> tuple[str, list[str]]:
+    """The subject and the lines that say what happened (render_text's body without its greeting)."""
+    if notice.text is not None:
+        return notice.text[0], notice.text[1].strip().splitlines()
+    name, at = notice.alert, notice.at
+    lines = []
+    if notice.event == TEST:
+        subject = f"Caduceus: Test notice for alert \"{name}\"."
+        lines += [f"This is a test of the channels of your alert \"{name}\"; nothing has happened to it.",
+                  "If you read this, the channel works.", "",
+                  f"Schedule:      {notice.schedule}"]
+    elif notice.event == RECOVERED:
+        down_at = notice.since if notice.since is not None else at
+        subject = f"Caduceus: Alert {name} is reporting again."
+        lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
+                  f"Checked in:    {format_time(at)}",
+                  f"Was down for:  {format_duration(max(at - down_at, 0), 2)} (since {format_time(down_at)}, "
+                  f"{notice.reason})"]
+    else:
+        still = "still " if notice.event == STILL_FAILING else ""
+        subject = f"Caduceus: Alert \"{name}\" is {still}failing."
+        lines += [f"Your alert \"{name}\" is {still}failing: {notice.reason}.", "",
+                  f"Schedule:      {notice.schedule}",
+                  f"Last success:  {_last_success(notice)}"]
+        if notice.due_at is not None:
+            lines.append(f"Overdue by:    {format_duration(notice.overdue_s, 2)} (due at {format_time(notice.due_at)})")
+        elif notice.event == STILL_FAILING and notice.since is not None:
+            lines.append(f"Down for:      {format_duration(max(at - notice.since, 0), 2)} "
+                         f"(since {format_time(notice.since)})")
+    if notice.last_duration_s is not None:
+        lines.append(f"Last run took: {format_duration(notice.last_duration_s, 2)}")
+    if notice.body_tail:
+        lines += ["", "Last output:"] + [f"| {line}" for line in notice.body_tail.split("\n")]
+    if notice.url:
+        lines += ["", f"Alert page:    {notice.url}"]
+    if notice.checkin_url:
+        lines += [f"Check-in URL:  {notice.checkin_url}"]
+    if notice.event in (FAILING, STILL_FAILING) and notice.notify_every_s is not None:
+        lines += ["", f"You will be reminded every {format_duration(notice.notify_every_s)} while it "
+                      "stays down, and told when it reports again."]
+    return subject, lines
+
+
+def _last_success(notice: Notice) -> str:
+    if notice.last_checkin is not None:
+        ago = format_duration(max(notice.at - notice.last_checkin, 0), 2)
+        return f"{format_time(notice.last_checkin)} ({ago} ago)"
+    if notice.watched_since is None:
+        return "never"
+    return (f"never (watched since {format_time(notice.watched_since)}, "
+            f"{format_duration(max(notice.at - notice.watched_since, 0), 2)} ago)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -905,7 +1018,7 @@ HTTP_MAX_ANSWER_BYTES = 1 << 20
 def send_console(conf: ConsoleConf, notice: Notice) -> None:
     """Print the notice on standard output."""
     try:
-        print(f"{notice.subject}\n{notice.body}", flush=True)
+        print("\n".join(render_text(notice)), flush=True)
     except OSError as exc:
         raise NotifyError(f"cannot write to standard output: {exc}") from None
 
@@ -1037,13 +1150,14 @@ def send_email(conf: EmailConf, notice: Notice) -> None:
     if not recipients:
         raise NotifyError("no email recipients", permanent=True)
     message = email.message.EmailMessage()
-    message["Subject"] = notice.subject
+    subject, body = render_text(notice)
+    message["Subject"] = subject
     message["From"] = conf.from_addr
     message["To"] = ", ".join(recipients)
     message["Date"] = email.utils.formatdate(usegmt=True)
     sender = email.utils.parseaddr(conf.from_addr)[1]
     message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
-    message.set_content(notice.body)
+    message.set_content(body)
     context = ssl.create_default_context()
     try:
         smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
@@ -1075,7 +1189,7 @@ def send_email(conf: EmailConf, notice: Notice) -> None:
         raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
                           permanent=True) from None
     if refused:
-        log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
+        log.warning("%s: some recipients refused the email: %s", notice.alert, _smtp_refusals(refused))
 
 
 def _smtp_text(error: bytes | str) -> str:
@@ -1128,7 +1242,7 @@ def send_telegram(conf: TelegramConf, notice: Notice) -> None:
     ``timeout_s``.  The bot token is part of the URL, so it never appears in
     an error message.
     """
-    text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
+    text = "\n\n".join(render_text(notice))[:TELEGRAM_MAX_CHARS]
     where = urllib.parse.urlsplit(conf.api_url).netloc
     try:
         # Quoted: a stray space or # in a pasted token must not bend the URL.
@@ -1520,9 +1634,9 @@ def parse_signal(text: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
 
 
-#: Bumped, with a migration in Store.__init__, whenever SCHEMA changes.
-SCHEMA_VERSION = 2
-#: Caduceus's tables.  A 0.0.11 database's own tables (alert, notification) are left alone.
+#: Caduceus's tables as they are now: a new database file is made with them
+#: (an older one with MIGRATIONS).  A 0.0.11 database's own tables (alert,
+#: notification) are left alone.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checks (
     name          TEXT PRIMARY KEY,
@@ -1569,15 +1683,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT NOT NULL DEFAULT '',
-    failed          INTEGER NOT NULL DEFAULT 0
+    failed          INTEGER NOT NULL DEFAULT 0,
+    facts           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 """
-#: Columns added to SCHEMA since schema 1: (table, column, definition), added to older files.
-#: checks.clock_step_s (2): wall clock steps since the last success, see Monitor.
-ADDED_COLUMNS = (
-    ("checks", "clock_step_s", "REAL NOT NULL DEFAULT 0"),
+#: The steps from each schema to the next, ``(version, statements)`` in order: a
+#: file of schema N gets every step above N, in one transaction.  Schema 1 is
+#: the first release's.  Every change to SCHEMA adds a step here, and a test
+#: that a file of each earlier schema upgrades to the same tables.
+MIGRATIONS = (
+    # 2: wall clock steps since the last success, see Monitor.
+    (2, ["ALTER TABLE checks ADD COLUMN clock_step_s REAL NOT NULL DEFAULT 0"]),
+    # 3: notices are queued as facts (Notice.to_json), rendered by each channel
+    # as it sends; older rows keep only their text in subject and body.
+    (3, ["ALTER TABLE outbox ADD COLUMN facts TEXT NOT NULL DEFAULT ''"]),
 )
+#: The schema this release writes (PRAGMA user_version).
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 def _create_private(path: str) -> None:
@@ -1622,12 +1745,13 @@ class Store:
                                     "upgrade caduceus.py")
             with self.transaction() as conn:
                 # executescript() would commit on its own; run the statements inside ours.
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                for table, column, definition in ADDED_COLUMNS:
-                    if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if version == 0:  # a new file, or one of Caduceus 0.0.11
+                    statements = [statement for statement in SCHEMA.split(";") if statement.strip()]
+                else:
+                    statements = [statement for number, steps in MIGRATIONS if number > version
+                                  for statement in steps]
+                for statement in statements:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
         except BaseException:
             self._conn.close()
@@ -1739,13 +1863,18 @@ class Store:
                          "(SELECT COALESCE(MAX(n_pings), 0) FROM checks WHERE name = ?) % ?) % ?",
                          (name, PING_HISTORY, name, PING_HISTORY, PING_HISTORY))
 
-    def last_body(self, name: str) -> str:
-        """The body of the alert's latest-arrived signal ("" if none): an older
-        run's output would mislead a notice about this one."""
-        rows = self._all("SELECT body FROM pings WHERE check_name = ? AND slot = "
+    def last_ping(self, name: str) -> sqlite3.Row | None:
+        """The alert's latest-arrived signal, or None: an older run's output would
+        mislead a notice about this one."""
+        rows = self._all("SELECT * FROM pings WHERE check_name = ? AND slot = "
                          "(SELECT (n_pings + ? - 1) % ? FROM checks WHERE name = ? AND n_pings > 0)",
                          (name, PING_HISTORY, PING_HISTORY, name))
-        return rows[0]["body"] if rows else ""
+        return rows[0] if rows else None
+
+    def last_body(self, name: str) -> str:
+        """The body of the alert's latest-arrived signal ("" if none)."""
+        ping = self.last_ping(name)
+        return ping["body"] if ping is not None else ""
 
     def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
                    notified_at: float | None = None, down_reason: str | None = None) -> bool:
@@ -1776,6 +1905,11 @@ class Store:
                          "(SELECT id FROM flips WHERE check_name = ? ORDER BY id DESC LIMIT ?)",
                          (name, name, FLIP_HISTORY))
 
+    def last_down_flip(self, name: str) -> int | None:
+        """The id of the alert's latest change to down: it names the failure
+        (the same for its reminders and its recovery)."""
+        return self._all("SELECT MAX(id) AS id FROM flips WHERE check_name = ? AND new = ?", (name, DOWN))[0]["id"]
+
     def flips(self, name: str) -> list[sqlite3.Row]:
         """A check's recent state changes, oldest first."""
         return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
@@ -1798,15 +1932,16 @@ class Store:
 
     # Outbox ----------------------------------------------------------------
 
-    def enqueue(self, name: str, channel: str, kind: str, subject: str, body: str, now: float) -> None:
-        """Queue a notice for a channel.  A reminder replaces an undelivered older one."""
+    def enqueue(self, name: str, channel: str, kind: str, subject: str, facts: str, now: float) -> None:
+        """Queue a notice (its facts, as JSON) for a channel instance; ``subject``
+        is for people reading the outbox.  A reminder replaces an undelivered older one."""
         with self.transaction() as conn:
             if kind == NOTICE_REMINDER:
                 conn.execute("DELETE FROM outbox WHERE check_name = ? AND channel = ? AND kind = ? "
                              "AND failed = 0", (name, channel, NOTICE_REMINDER))
-            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, created_at,"
-                         " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (name, channel, kind, subject, body, now, now))
+            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, facts, created_at,"
+                         " next_attempt_at) VALUES (?, ?, ?, ?, '', ?, ?, ?)",
+                         (name, channel, kind, subject, facts, now, now))
 
     def next_notice(self, channel: str, skip: Collection[int] = ()) -> sqlite3.Row | None:
         """The oldest undelivered notice for a channel whose id is not in ``skip``:
@@ -2004,49 +2139,39 @@ def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
     return deadline(spec, row)[0]
 
 
-def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str, output: str,
-                  now: float) -> tuple[str, str]:
-    """Return the subject and body of a notice about ``row`` (the check as it is
-    after the change) at ``now``.  ``output`` is the job's latest output, if any.
+def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: str,
+                 last_ping: Mapping[str, Any] | None, now: float, config: Config,
+                 incident: str = "") -> Notice:
+    """The facts of a notice about ``row`` (the check as it is after the change)
+    at ``now``; ``last_ping`` is the latest signal (its output and exit status).
 
-    The subjects are those of Caduceus 0.0.11, to the character.
+    A recovery reports the reason the alert was down for; a failure that
+    missed its deadline (not one the job reported) says by how much.
+    Recipients (the alert's own; the channel adds its default) and links are
+    decided here, so every attempt sends the same notice.
     """
-    name = spec.name
-    lines = []
-    if kind == NOTICE_UP:
-        down_at = row["down_at"] if row["down_at"] is not None else now
-        subject = f"Caduceus: Alert {name} is reporting again."
-        lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
-                  f"Checked in:    {format_time(now)}",
-                  f"Was down for:  {format_duration(max(now - down_at, 0), 2)} (since {format_time(down_at)}, "
-                  f"{row['down_reason'] or REASON_MISSED})"]
-    else:
-        still = "still " if kind == NOTICE_REMINDER else ""
-        subject = f"Caduceus: Alert \"{name}\" is {still}failing."
-        if row["last_ping_at"] is None:
-            last = (f"never (watched since {format_time(row['first_seen_at'])}, "
-                    f"{format_duration(max(now - row['first_seen_at'], 0), 2)} ago)")
-        else:
-            ago = format_duration(max(now - row["last_ping_at"], 0), 2)
-            last = f"{format_time(row['last_ping_at'])} ({ago} ago)"
-        lines += [f"Your alert \"{name}\" is {still}failing: {reason}.", "",
-                  f"Schedule:      {spec.describe()}",
-                  f"Last success:  {last}"]
-        if kind == NOTICE_DOWN and not reason.startswith((REASON_FAILED, "exit status")):
-            due = deadline(spec, row)[0]
-            lines.append(f"Overdue by:    {format_duration(max(now - due, 0), 2)} (due at {format_time(due)})")
-        elif kind == NOTICE_REMINDER:
-            lines.append(f"Down for:      {format_duration(max(now - row['down_at'], 0), 2)} "
-                         f"(since {format_time(row['down_at'])})")
-    if row["last_duration_s"] is not None:
-        lines.append(f"Last run took: {format_duration(row['last_duration_s'], 2)}")
-    tail = _tail(output)
-    if tail:
-        lines += ["", "Last output:"] + [f"| {line}" for line in tail]
-    if kind != NOTICE_UP:
-        lines += ["", f"You will be reminded every {format_duration(spec.notify_every_s)} while it "
-                      "stays down, and told when it reports again."]
-    return subject, "Hello,\n\n" + "\n".join(lines) + "\n\nThanks,\nCaduceus\n"
+    due_at = None
+    if event == FAILING and not reason.startswith((REASON_FAILED, "exit status")):
+        due_at = deadline(spec, row)[0]
+    if event == RECOVERED:
+        reason = row["down_reason"] or REASON_MISSED
+    output = last_ping["body"] if last_ping is not None else ""
+    return Notice(
+        alert=spec.name, event=event, at=now, status=row["status"], reason=reason,
+        since=row["down_at"] if row["status"] == DOWN or event == RECOVERED else None,
+        watched_since=row["first_seen_at"], last_checkin=row["last_ping_at"], due_at=due_at,
+        schedule=spec.describe(), interval_s=spec.every_s, timezone=str(spec.tz),
+        notify_every_s=spec.notify_every_s, last_duration_s=row["last_duration_s"],
+        last_exit_status=last_ping["exit_status"] if last_ping is not None else None,
+        body_tail="\n".join(_tail(output)), recipients=spec.recipient_emails, incident=incident)
+
+
+def _for_channel(notice: Notice, config: Config, channel: str) -> Notice:
+    """The notice as queued for one channel instance: the alert's recipients, else
+    the instance's own (an email channel's ``recipient_emails``)."""
+    instance = config.channels.get(channel)
+    default = getattr(instance.conf, "recipient_emails", ()) if instance is not None else ()
+    return dataclasses.replace(notice, recipients=notice.recipients or default)
 
 
 def _tail(output: str) -> list[str]:
@@ -2266,9 +2391,13 @@ class Monitor:
         survive a recovery), and a run that just ended has its duration.
         """
         row = self.store.check(spec.name)
-        subject, body = render_notice(kind, spec, row, reason, self.store.last_body(spec.name), now)
+        event = {NOTICE_DOWN: FAILING, NOTICE_REMINDER: STILL_FAILING, NOTICE_UP: RECOVERED}[kind]
+        notice = notice_facts(event, spec, row, reason, self.store.last_ping(spec.name), now, self.config,
+                              incident=str(self.store.last_down_flip(spec.name) or ""))
+        subject = render_text(notice)[0]
         for channel in spec.channels:
-            self.store.enqueue(spec.name, channel, kind, subject, body, now)
+            self.store.enqueue(spec.name, channel, kind, subject, _for_channel(notice, self.config, channel).to_json(),
+                               now)
 
     def deliver(self, channel: str) -> float | None:
         """Send the queued notices of a channel instance, oldest first; return when
@@ -2307,9 +2436,8 @@ class Monitor:
 
     def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
         """Send one queued notice and log how it went."""
-        spec = self.config.checks.get(row["check_name"])
-        notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"],
-                        spec.recipient_emails if spec else ())
+        notice = self._queued_notice(row)
+        subject = render_text(notice)[0]
         try:
             instance = self.config.channels.get(channel)
             if instance is None:
@@ -2323,7 +2451,7 @@ class Monitor:
                 raise
             except Exception as exc:
                 # A notifier bug must cost an attempt, not block its channel forever.
-                log.exception("%s: %s notifier failed unexpectedly", notice.check, channel)
+                log.exception("%s: %s notifier failed unexpectedly", notice.alert, channel)
                 raise NotifyError(f"unexpected {type(exc).__name__}") from None
         except NotifyError as exc:
             now = self.clock()  # a send can take its whole timeout before failing
@@ -2331,13 +2459,25 @@ class Monitor:
             delay = max(delay, _retry_wait_s(exc.retry_after_s) or 0.0)
             if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
                 log.error("%s: gave up sending %r to %s after %d attempts: %s",
-                          notice.check, notice.subject, channel, attempt, exc)
+                          notice.alert, subject, channel, attempt, exc)
                 return _Outcome(row["id"], attempt, error=str(exc))
             log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
-                        notice.check, notice.subject, channel, attempt, exc, format_duration(delay))
+                        notice.alert, subject, channel, attempt, exc, format_duration(delay))
             return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay)
-        log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
+        log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
         return _Outcome(row["id"], attempt, sent=True)
+
+    def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
+        """The notice an outbox row holds.  One queued by schema 1 or 2 (before
+        facts were kept) has only its finished text: its recipients are the alert's."""
+        if row["facts"]:
+            return Notice.from_json(row["facts"])
+        spec = self.config.checks.get(row["check_name"])
+        events = {kind: event for event, kind in EVENT_KINDS.items()}
+        notice = Notice(alert=row["check_name"], event=events.get(row["kind"], FAILING), at=row["created_at"],
+                        status=UP if row["kind"] == NOTICE_UP else DOWN,
+                        recipients=spec.recipient_emails if spec else (), text=(row["subject"], row["body"]))
+        return _for_channel(notice, self.config, row["channel"])
 
     def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
         """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again

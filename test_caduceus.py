@@ -93,25 +93,38 @@ def open_store(test: unittest.TestCase, path: str) -> caduceus.Store:
     return store
 
 
+@dataclasses.dataclass
+class Sent:
+    """A notice a Recorder was given, with its text as email and console render it."""
+
+    notice: caduceus.Notice
+    subject: str
+    body: str
+
+    @property
+    def check(self) -> str:
+        return self.notice.alert
+
+
 class Recorder:
     """A channel that keeps what it is given, or fails with ``self.error`` when set."""
 
     def __init__(self) -> None:
-        self.notices: list[caduceus.Notice] = []
+        self.notices: list[Sent] = []
         self.error: Exception | None = None
         self.attempts = 0
 
-    def __call__(self, config: caduceus.Config, notice: caduceus.Notice) -> None:
+    def __call__(self, conf: object, notice: caduceus.Notice) -> None:
         self.attempts += 1
         if self.error is not None:
             raise self.error
-        self.notices.append(notice)
+        self.notices.append(Sent(notice, *caduceus.render_text(notice)))
 
     @property
     def subjects(self) -> list[str]:
         return [notice.subject for notice in self.notices]
 
-    def about(self, name: str) -> list[caduceus.Notice]:
+    def about(self, name: str) -> list[Sent]:
         return [notice for notice in self.notices if notice.check == name]
 
     def subjects_about(self, name: str) -> list[str]:
@@ -1111,6 +1124,82 @@ class ConfigTest(unittest.TestCase):
 ###############################################################################
 
 
+#: The tables of schema 1, the first release's, as it wrote them (a copy: caduceus.SCHEMA moves on).
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS checks (
+    name          TEXT PRIMARY KEY,
+    status        TEXT NOT NULL,
+    first_seen_at REAL NOT NULL,
+    last_ping_at  REAL,
+    down_at       REAL,
+    down_reason   TEXT NOT NULL DEFAULT '',
+    notified_at   REAL,
+    started_at    REAL,
+    last_duration_s REAL,
+    n_pings       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS pings (
+    check_name  TEXT NOT NULL,
+    slot        INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    kind        TEXT NOT NULL,
+    exit_status INTEGER,
+    duration_s  REAL,
+    body        TEXT NOT NULL,
+    remote_addr TEXT NOT NULL,
+    user_agent  TEXT NOT NULL,
+    PRIMARY KEY (check_name, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flips (
+    id         INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at         REAL NOT NULL,
+    old        TEXT NOT NULL,
+    new        TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flips_by_check ON flips (check_name, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    check_name      TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT NOT NULL DEFAULT '',
+    failed          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+"""
+#: Schema 2 added checks.clock_step_s.
+SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n",
+                            "    n_pings       INTEGER NOT NULL DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2}
+
+
+def make_old_db(path: str, version: int) -> None:
+    """A database as Caduceus wrote it at schema ``version``, with an alert down
+    since 3605 and its failure notice queued for email, as that version queued it."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(OLD_SCHEMAS[version])
+        conn.execute("INSERT INTO checks (name, status, first_seen_at, down_at, notified_at, down_reason) "
+                     "VALUES ('job', 'down', 5.0, 3605.0, 3605.0, 'missed deadline')")
+        conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, created_at, next_attempt_at)"
+                     " VALUES ('job', 'email', 'down', ?, ?, 3605.0, 3605.0)",
+                     ('Caduceus: Alert "job" is failing.', 'Hello,\n\nYour alert "job" is failing: old text.\n'))
+        conn.execute(f"PRAGMA user_version = {version:d}")
+
+
+def table_columns(path: str) -> dict[str, list[tuple]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                 "ORDER BY name")]
+        return {table: conn.execute(f"PRAGMA table_info({table})").fetchall() for table in tables}
+
+
 class StoreTest(unittest.TestCase):
     def setUp(self):
         self.path = os.path.join(temp_dir(self), "db.sqlite3")
@@ -1175,10 +1264,8 @@ class StoreTest(unittest.TestCase):
 
     def test_a_schema_1_database_gains_the_new_columns(self):
         path = os.path.join(temp_dir(self), "v1.sqlite3")
-        schema_1 = caduceus.SCHEMA.replace(",\n    clock_step_s  REAL NOT NULL DEFAULT 0", "")
-        self.assertNotIn("clock_step_s", schema_1)
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-            conn.executescript(schema_1)
+            conn.executescript(SCHEMA_1)
             conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
             conn.execute("PRAGMA user_version = 1")
         config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
@@ -1189,6 +1276,40 @@ class StoreTest(unittest.TestCase):
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
         with contextlib.closing(sqlite3.connect(path)) as conn:
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_every_earlier_schema_upgrades_to_the_tables_of_a_new_file(self):
+        fresh = os.path.join(temp_dir(self), "new.sqlite3")
+        open_store(self, fresh).close()
+        for version in OLD_SCHEMAS:
+            with self.subTest(schema=version):
+                path = os.path.join(temp_dir(self), "old.sqlite3")
+                make_old_db(path, version)
+                open_store(self, path).close()
+                self.assertEqual(table_columns(path), table_columns(fresh))
+                with contextlib.closing(sqlite3.connect(path)) as conn:
+                    self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_a_notice_queued_by_an_earlier_schema_is_delivered_after_the_upgrade(self):
+        config = config_from(self, """
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            from_addr = "caduceus@example.com"
+            [alerts.job]
+            every = "1h"
+            recipient_emails = ["job@example.com"]
+        """)
+        for version in OLD_SCHEMAS:
+            with self.subTest(schema=version):
+                path = os.path.join(temp_dir(self), "old.sqlite3")
+                make_old_db(path, version)
+                email = Recorder()
+                monitor = caduceus.Monitor(open_store(self, path), config, {"email": email}, FakeClock(4000.0))
+                monitor.start()
+                self.assertIsNone(monitor.deliver("email"))
+                self.assertEqual([(sent.subject, sent.body) for sent in email.notices], [(
+                    'Caduceus: Alert "job" is failing.', 'Hello,\n\nYour alert "job" is failing: old text.\n')])
+                self.assertEqual(email.notices[0].notice.recipients, ("job@example.com",))
+                self.assertEqual(monitor.store.pending_notices(), [])
 
     def test_status_change_is_compare_and_swap(self):
         self.store.sync_checks(["job"], 0.0)
@@ -1918,7 +2039,7 @@ class DeliveryTest(unittest.TestCase):
         sent = []
         store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
         monitor = caduceus.Monitor(store, config, {
-            "telegram": lambda conf, notice: sent.append((conf.chat_id, notice.check))}, self.clock)
+            "telegram": lambda conf, notice: sent.append((conf.chat_id, notice.alert))}, self.clock)
         monitor.start()
         self.clock.advance(3600)
         monitor.sweep()
@@ -2247,8 +2368,8 @@ def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.Emai
     return dataclasses.replace(config.channels["email"].conf, hostname="127.0.0.1", port=port, **changes)
 
 
-NOTICE = caduceus.Notice("mail", caduceus.NOTICE_DOWN, 'Caduceus: Alert "mail" is failing.',
-                         "Hello,\n\nYour alert \"mail\" is failing.\n", 1_700_000_000.0)
+NOTICE = caduceus.Notice("mail", caduceus.FAILING, 1_700_000_000.0, text=(
+    'Caduceus: Alert "mail" is failing.', "Hello,\n\nYour alert \"mail\" is failing.\n"))
 
 
 class EmailTest(unittest.TestCase):
@@ -2268,7 +2389,7 @@ class EmailTest(unittest.TestCase):
 
     def test_alert_recipients_replace_the_global_list_in_envelope_and_header(self):
         sink = serve(self, SMTPSink())
-        notice = dataclasses.replace(NOTICE, check="mail2", recipients=("third@example.com",))
+        notice = dataclasses.replace(NOTICE, alert="mail2", recipients=("third@example.com",))
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
         _, recipients, message, _ = sink.messages[0]
@@ -2277,8 +2398,8 @@ class EmailTest(unittest.TestCase):
 
     def test_non_ascii_alert_names_survive(self):
         sink = serve(self, SMTPSink())
-        notice = dataclasses.replace(NOTICE, subject='Caduceus: Alert "sauvegarde-été" is failing.',
-                                     body="Ça ne marche pas.\n")
+        notice = dataclasses.replace(NOTICE, text=('Caduceus: Alert "sauvegarde-été" is failing.',
+                                                   "Ça ne marche pas.\n"))
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
         message = sink.messages[0][2]
