@@ -1377,6 +1377,7 @@ class Config:
     secret_key: str = dataclasses.field(default="", repr=False)
     channels: Mapping[str, ChannelInstance] = dataclasses.field(default_factory=_console_only)
     path: str = ""
+    base_url: str = ""  #: where users reach this Caduceus, for links in notices; "" for none
 
 
 def _zone(value: Any) -> datetime.tzinfo:
@@ -1457,6 +1458,7 @@ def load_config(path: str) -> Config:
     settings = _Table(path, "config", top.take("config", "a table", _table, {}))
     secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
+    base_url = settings.take("base_url", "an http(s) URL", _http_url, "")
     settings.finish()
 
     channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
@@ -1475,7 +1477,7 @@ def load_config(path: str) -> Config:
         checks[name] = spec
     alerts.finish()
     top.finish()
-    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path)
+    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url)
 
 
 def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
@@ -2156,6 +2158,11 @@ def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
     if event == RECOVERED:
         reason = row["down_reason"] or REASON_MISSED
     output = last_ping["body"] if last_ping is not None else ""
+    url = checkin_url = ""
+    if config.base_url:
+        # The check-in URL without the key: notices travel further than the key may.
+        url = f"{config.base_url}/alerts/{urllib.parse.quote(spec.name, safe='')}"
+        checkin_url = f"{config.base_url}/reset/{urllib.parse.quote(spec.name, safe='')}/"
     return Notice(
         alert=spec.name, event=event, at=now, status=row["status"], reason=reason,
         since=row["down_at"] if row["status"] == DOWN or event == RECOVERED else None,
@@ -2163,7 +2170,8 @@ def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
         schedule=spec.describe(), interval_s=spec.every_s, timezone=str(spec.tz),
         notify_every_s=spec.notify_every_s, last_duration_s=row["last_duration_s"],
         last_exit_status=last_ping["exit_status"] if last_ping is not None else None,
-        body_tail="\n".join(_tail(output)), recipients=spec.recipient_emails, incident=incident)
+        body_tail="\n".join(_tail(output)), url=url, checkin_url=checkin_url,
+        recipients=spec.recipient_emails, incident=incident)
 
 
 def _for_channel(notice: Notice, config: Config, channel: str) -> Notice:

@@ -2059,6 +2059,31 @@ class DeliveryTest(unittest.TestCase):
         self.assertIn("no longer configured", logs.output[0])
         self.assertEqual([row["channel"] for row in monitor.store.failed_notices()], ["telegram"])
 
+    def test_with_a_base_url_notices_link_the_alert_page_and_name_the_check_in_url_without_the_key(self):
+        config = config_from(self, """
+            [config]
+            secret_key = "s3cret"
+            base_url = "https://caduceus.example.com/"
+            [alerts."nightly backup"]
+            every = "1h"
+            channels = ["console"]
+        """)
+        console = Recorder()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config, {"console": console}, self.clock)
+        monitor.start()
+        self.clock.advance(3600)
+        monitor.sweep()
+        monitor.deliver("console")
+        notice = console.notices[0].notice
+        self.assertEqual(notice.url, "https://caduceus.example.com/alerts/nightly%20backup")
+        self.assertEqual(notice.checkin_url, "https://caduceus.example.com/reset/nightly%20backup/")
+        self.assertIn("Alert page:    https://caduceus.example.com/alerts/nightly%20backup", console.notices[0].body)
+        self.assertNotIn("s3cret", notice.to_json() + console.notices[0].body)
+        with self.assertRaises(caduceus.ConfigError) as caught:
+            config_from(self, '[config]\nbase_url = "caduceus.example.com"\n')
+        self.assertIn("config.base_url: expected an http(s) URL", str(caught.exception))
+
     def test_an_undelivered_reminder_is_replaced_by_the_next(self):
         self.telegram.error = caduceus.NotifyError("down")
         self.go_down()
