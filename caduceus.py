@@ -55,6 +55,7 @@ Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -62,6 +63,7 @@ import decimal
 import difflib
 import email.message
 import email.utils
+import hashlib
 import hmac
 import http.client
 import http.server
@@ -807,6 +809,71 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _http_url_as_is(value: Any) -> str:
+    """An http(s) URL kept exactly as written (a webhook's path may end in /)."""
+    parts = urllib.parse.urlsplit(_string(value))
+    if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL_CHARACTERS.search(value) \
+            or " " in value:
+        raise ValueError
+    return value
+
+
+def _secret(value: Any) -> str:
+    """A token or key: a non-empty string without spaces or control characters
+    (it goes into a header or a URL); the message never shows it."""
+    if not isinstance(value, str) or not value or _CONTROL_CHARACTERS.search(value) or " " in value:
+        raise ValueError("expected a token: text without spaces or control characters (not shown here)")
+    return value
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError
+    return seconds
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value) \
+            or not value[0] or any("\0" in item for item in value):
+        raise ValueError
+    return tuple(value)
+
+
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """A table of HTTP headers: names are tokens, values single-line Latin-1 text."""
+    for name, text in _table(value).items():
+        if not _HEADER_NAME.fullmatch(name) or not isinstance(text, str) or _CONTROL_CHARACTERS.search(text):
+            raise ValueError(f"expected header names and single-line text values, got {json.dumps(name)}")
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"expected header values in Latin-1, got non-Latin-1 text in "
+                             f"{json.dumps(name)}") from None
+    return tuple(value.items())
+
+
+#: The methods a webhook may use.
+HTTP_METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
+
+
+def _http_method(value: Any) -> str:
+    method = _string(value).strip().upper()
+    if method not in HTTP_METHODS:
+        raise ValueError
+    return method
+
+
+def _room_id(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"![^\s:]+:\S+", value):
+        raise ValueError
+    return value
+
+
 def _setting(expected: str, check: Callable[[Any], Any], default: Any = dataclasses.MISSING,
              key: str = "", secret: bool = False) -> Any:
     """A field of a config dataclass that is read from its TOML table: ``check``
@@ -837,46 +904,8 @@ def _read_conf(table: _Table, conf_type: type) -> Any:
 
 
 ###############################################################################
-# Notices and channels ########################################################
+# Notices #####################################################################
 ###############################################################################
-
-
-#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
-RETRY_AFTER_MAX_S = 3600.0
-
-def _retry_wait_s(value: object) -> float | None:
-    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
-    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not 0 <= value < math.inf:  # False for NaN too
-        return None
-    return float(min(value, RETRY_AFTER_MAX_S))
-
-
-@dataclasses.dataclass(frozen=True)
-class EmailConf:
-    """``[alerting.email]``: the SMTP server and the default recipients."""
-
-    from_addr: str = _setting("an email address", _address)
-    recipient_emails: tuple[str, ...] = _setting("a list of email addresses", _address_list, ())
-    hostname: str = _setting("a host name", _string, "localhost")
-    port: int = _setting("a port number (1-65535)", _port, 25)
-    username: str = _setting("a string", _string, "")
-    password: str = _setting("a string", _string, "", secret=True)
-    encryption: str = _setting('one of "none", "ssl", "starttls"', _encryption, "none")
-    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
-    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
-
-
-@dataclasses.dataclass(frozen=True)
-class TelegramConf:
-    """``[alerting.telegram]``: the bot token and the chat to post in."""
-
-    apikey: str = _setting("the bot token, a string", _string, secret=True)
-    chat_id: str = _setting("a chat id", _chat_id)
-    api_url: str = _setting("an http(s) URL", _http_url, "https://api.telegram.org")
-    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
 
 
 #: What a notice tells: an alert went down, is still down (a reminder), is back, or a test.
@@ -1004,23 +1033,90 @@ def _last_success(notice: Notice) -> str:
             f"{format_duration(max(notice.at - notice.watched_since, 0), 2)} ago)")
 
 
-@dataclasses.dataclass(frozen=True)
-class ConsoleConf:
-    """``[alerting.console]``: standard output, with nothing to set."""
+#: The fields of a notice that a webhook template (``{name}``) or a command
+#: (``CADUCEUS_NAME``, and its JSON input) sees, all text, "" when unknown.
+NOTICE_FIELDS = ("name", "event", "status", "reason", "subject", "message", "at", "since", "last_checkin",
+                 "due_at", "overdue", "schedule", "interval", "timezone", "last_duration", "exit_status",
+                 "body_tail", "url", "checkin_url")
 
 
-#: Telegram refuses messages longer than this.
-TELEGRAM_MAX_CHARS = 4096
+def notice_fields(notice: Notice) -> dict[str, str]:
+    """The notice as NOTICE_FIELDS: times in UTC ISO 8601 (``2026-11-24T03:00:00Z``),
+    durations in words (``1h 30m``); ``subject`` and ``message`` are what
+    email would say, without the greeting."""
+    subject, lines = _text_lines(notice)
+
+    def when(at: float | None) -> str:
+        return format_time(at) if at is not None else ""
+
+    def took(seconds: float | None) -> str:
+        return format_duration(seconds, 2) if seconds is not None else ""
+
+    return {
+        "name": notice.alert, "event": notice.event, "status": notice.status, "reason": notice.reason,
+        "subject": subject, "message": "\n".join(lines),
+        "at": when(notice.at), "since": when(notice.since), "last_checkin": when(notice.last_checkin),
+        "due_at": when(notice.due_at), "overdue": took(notice.overdue_s), "schedule": notice.schedule,
+        "interval": format_duration(notice.interval_s) if notice.interval_s else "",
+        "timezone": notice.timezone, "last_duration": took(notice.last_duration_s),
+        "exit_status": "" if notice.last_exit_status is None else str(notice.last_exit_status),
+        "body_tail": notice.body_tail, "url": notice.url, "checkin_url": notice.checkin_url,
+    }
+
+
+#: A field in a template: ``{name}``.  Other braces (a JSON body's) are left as they are.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_template(template: str, fields: Mapping[str, str], escape: Callable[[str], str]) -> str:
+    """``template`` with each ``{field}`` replaced by ``escape(value)``: escaped for
+    where it lands, so no value can change the shape of what it lands in."""
+    return _PLACEHOLDER.sub(lambda match: escape(fields[match.group(1)]) if match.group(1) in fields
+                            else match.group(0), template)
+
+
+def _json_text(value: str) -> str:
+    """A value inside a JSON string: quotes, backslashes, control characters and
+    non-ASCII escaped."""
+    return json.dumps(value)[1:-1]
+
+
+def _url_part(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _template(value: Any) -> str:
+    """A template: text whose ``{field}``s are NOTICE_FIELDS."""
+    text = _string(value)
+    for field in _PLACEHOLDER.findall(text):
+        if field not in NOTICE_FIELDS:
+            close = difflib.get_close_matches(field, NOTICE_FIELDS, n=1)
+            hint = f' (did you mean "{{{close[0]}}}"?)' if close else ""
+            raise ValueError(f"expected a template over the fields {', '.join(NOTICE_FIELDS)}; "
+                             f"got {json.dumps('{' + field + '}')}{hint}")
+    return text
+
+
+###############################################################################
+# Transports ##################################################################
+###############################################################################
+
+
+#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
+RETRY_AFTER_MAX_S = 3600.0
+
+def _retry_wait_s(value: object) -> float | None:
+    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
+    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 <= value < math.inf:  # False for NaN too
+        return None
+    return float(min(value, RETRY_AFTER_MAX_S))
+
+
 #: The most of an HTTP answer read: a channel needs its status and a short reason.
 HTTP_MAX_ANSWER_BYTES = 1 << 20
-
-
-def send_console(conf: ConsoleConf, notice: Notice) -> None:
-    """Print the notice on standard output."""
-    try:
-        print("\n".join(render_text(notice)), flush=True)
-    except OSError as exc:
-        raise NotifyError(f"cannot write to standard output: {exc}") from None
 
 
 class _Deadline:
@@ -1136,6 +1232,210 @@ class _SMTP(smtplib.SMTP):
             self._deadline.at = at
 
 
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, str] | None:
+    """The proxy the environment names for a URL (``http_proxy``, ``https_proxy``
+    and ``no_proxy``, read as urllib reads them): ``(host, port,
+    Proxy-Authorization or "")``, or None to go direct.  Only http:// proxies
+    are spoken to; an https URL goes through them in a CONNECT tunnel."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme != "http" or not parts.hostname:
+        # The proxy URL may hold a password: say which variable, not what it says.
+        raise OSError(f"{scheme}_proxy is not an http:// proxy URL")
+    auth = ""
+    if parts.username is not None:
+        user_password = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(user_password.encode()).decode("ascii")
+    return parts.hostname, parts.port or 80, auth
+
+
+def _tunnel(sock: socket.socket, host: str, port: int, auth: str, deadline: _Deadline) -> None:
+    """Ask the proxy at the other end of ``sock`` for a tunnel to ``host:port``
+    (CONNECT); raises OSError unless it answers 2xx.  The answer is read a byte
+    at a time so that nothing of the tunnelled stream is read with it."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    if auth:
+        request += f"Proxy-Authorization: {auth}\r\n"
+    sock.settimeout(deadline.remaining())
+    sock.sendall((request + "\r\n").encode("ascii"))
+    answer = b""
+    while not answer.endswith(b"\r\n\r\n"):
+        if len(answer) > 65536:
+            raise OSError("the proxy's answer to CONNECT is too long")
+        sock.settimeout(deadline.remaining())
+        byte = sock.recv(1)
+        if not byte:
+            raise OSError("the proxy closed the connection instead of opening a tunnel")
+        answer += byte
+    status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    words = status_line.split(None, 2)
+    if len(words) < 2 or not words[1].startswith("2"):
+        raise OSError(f"the proxy refused the tunnel: {_CONTROL_CHARACTERS.sub(' ', status_line)[:200]}")
+
+
+def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
+
+    Returns ``(status, headers, body)`` whatever the status, with at most
+    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified and
+    redirects are not followed.  The proxy of ``http_proxy``/``https_proxy``
+    is used unless ``no_proxy`` names the host (see _proxy_for).  Raises
+    OSError (``socket.timeout`` when time is up), ``http.client.HTTPException``,
+    or ValueError for a URL that is not http(s); the messages of the latter
+    two may quote the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    deadline = _Deadline(timeout_s)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    authority = parts.netloc.rpartition("@")[2]
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    headers = {"Host": authority, **headers}
+    proxy = _proxy_for(parts.scheme, parts.hostname)
+    connection = http.client.HTTPConnection(parts.hostname, port)
+    with contextlib.closing(connection):
+        if proxy is None:
+            connection.sock = sock = _connect(parts.hostname, port, deadline)
+        else:
+            proxy_host, proxy_port, proxy_auth = proxy
+            connection.sock = sock = _connect(proxy_host, proxy_port, deadline)
+            if parts.scheme == "https":
+                _tunnel(sock, parts.hostname, port, proxy_auth, deadline)
+            else:  # a plain request goes to the proxy whole: the absolute URL as its target
+                target = urllib.parse.urlunsplit(("http", authority, parts.path or "/", parts.query, ""))
+                if proxy_auth:
+                    headers["Proxy-Authorization"] = proxy_auth
+        if parts.scheme == "https":
+            connection.sock = sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+        sock.settimeout(deadline.remaining())
+        connection.request(method, target, body, headers)
+        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
+            response.begin()
+            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
+
+
+def _http_send(service: str, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+               timeout_s: float, secrets: Collection[str] = ()) -> bytes:
+    """One attempt of an HTTP channel: the answer's body when the status is 2xx.
+
+    Otherwise raises NotifyError: a 429 with the wait the service asked for
+    (its Retry-After header, or ``retry_after`` seconds or ``retry_after_ms``
+    in a JSON answer; see _retry_wait_s), a 5xx or a network error to be
+    retried, any other status as permanent.  The message names the service,
+    the server (scheme, host and port: never the rest of the URL, which may
+    hold a token), the status and the start of the answer, with ``secrets``
+    (and any long part of the URL's path or query) blanked out of it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    where = f"{service} at {parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    # A webhook's URL is its secret: an answer quoting a long part of it is blanked there.
+    secrets = [*secrets, *(word for word in re.split(r"[/?&=;]", f"{parts.path}?{parts.query}") if len(word) >= 8)]
+    try:
+        status, answer_headers, answer = _http_request(
+            method, url, body, {"User-Agent": f"caduceus/{__version__}", **headers}, timeout_s)
+    except OSError as exc:  # socket and TLS errors never quote the URL
+        raise NotifyError(f"{where}: {_redact(str(exc) or type(exc).__name__, secrets)}") from None
+    except (http.client.HTTPException, ValueError) as exc:
+        # Only the type: these messages may quote the URL or a header, and so a token.
+        raise NotifyError(f"{where}: {type(exc).__name__}") from None
+    if 200 <= status < 300:
+        return answer
+    message = f"{where} answered {status} {http.client.responses.get(status, '')}".rstrip()
+    start = _redact(_CONTROL_CHARACTERS.sub(" ", answer[:400].decode("utf-8", "replace")).strip(), secrets)
+    if start:
+        message += f": {start[:200]}"
+    if status == 429:
+        raise NotifyError(message, retry_after_s=_retry_wait_s(_retry_after(answer_headers, answer)))
+    raise NotifyError(message, permanent=not 500 <= status < 600)
+
+
+def _redact(text: str, secrets: Collection[str]) -> str:
+    for secret in secrets:
+        if len(secret) >= 4:  # blanking a shorter one would blank common words, and hide little
+            text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
+
+
+def _retry_after(headers: http.client.HTTPMessage, answer: bytes) -> object:
+    """The wait a 429 answer asks for, in seconds, unchecked (None if it names none)."""
+    value = headers.get("Retry-After")
+    if value is not None:
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None  # an HTTP date: the backoff will do
+    try:
+        data = json.loads(answer or b"{}")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "retry_after_ms" in data:  # Matrix
+        wait = data["retry_after_ms"]
+        return wait / 1000 if isinstance(wait, (int, float)) and not isinstance(wait, bool) else None
+    return data.get("retry_after")  # Discord, in seconds
+
+
+def _header_text(value: str) -> str:
+    """Text for an HTTP header: as it is when printable ASCII, else an RFC 2047
+    encoded word (UTF-8, base64), so no character can break the request."""
+    if re.fullmatch(r"[\x20-\x7e]*", value):
+        return value
+    return f"=?UTF-8?B?{base64.b64encode(value.encode()).decode('ascii')}?="
+
+
+###############################################################################
+# Channels: console, email, Telegram, commands ################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """A kind of channel: its settings, a frozen dataclass whose _setting fields
+    are read from ``[alerting.KIND]`` (and ``[alerting.KIND.NAME]``), and
+    ``send(conf, notice)``.  ``send`` returns None once the notice is handed
+    over and raises NotifyError (never anything else it can foresee) when it
+    is not, with ``permanent`` when retrying cannot help and ``retry_after_s``
+    when the other side asked for a wait; it never logs, raises or returns a
+    secret, and holds one deadline for the whole attempt."""
+
+    conf_type: type
+    send: Callable[[Any, Notice], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleConf:
+    """``[alerting.console]``: standard output, with nothing to set."""
+
+
+def send_console(conf: ConsoleConf, notice: Notice) -> None:
+    """Print the notice on standard output."""
+    try:
+        print("\n".join(render_text(notice)), flush=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot write to standard output: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmailConf:
+    """``[alerting.email]``: the SMTP server and the default recipients."""
+
+    from_addr: str = _setting("an email address", _address)
+    recipient_emails: tuple[str, ...] = _setting("a list of email addresses", _address_list, ())
+    hostname: str = _setting("a host name", _string, "localhost")
+    port: int = _setting("a port number (1-65535)", _port, 25)
+    username: str = _setting("a string", _string, "")
+    password: str = _setting("a string", _string, "", secret=True)
+    encryption: str = _setting('one of "none", "ssl", "starttls"', _encryption, "none")
+    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
+    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
+
+
 def send_email(conf: EmailConf, notice: Notice) -> None:
     """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
 
@@ -1200,37 +1500,18 @@ def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
     return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
 
 
-def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
-                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
+@dataclasses.dataclass(frozen=True)
+class TelegramConf:
+    """``[alerting.telegram]``: the bot token and the chat to post in."""
 
-    Returns ``(status, headers, body)`` whatever the status, with at most
-    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified; redirects
-    are not followed and no proxy is used.  Raises OSError (``socket.timeout``
-    when time is up), ``http.client.HTTPException``, or ValueError for a URL
-    that is not http(s); the messages of the latter two may quote the URL.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http(s) URL")
-    deadline = _Deadline(timeout_s)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = http.client.HTTPConnection(parts.hostname, port)
-    with contextlib.closing(connection):
-        sock = _connect(parts.hostname, port, deadline)
-        if parts.scheme == "https":
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-            except BaseException:
-                sock.close()
-                raise
-        connection.sock = sock
-        sock.settimeout(deadline.remaining())
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        connection.request(method, target, body, {"Host": parts.netloc.rpartition("@")[2], **headers})
-        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
-            response.begin()
-            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
+    apikey: str = _setting("the bot token, a string", _string, secret=True)
+    chat_id: str = _setting("a chat id", _chat_id)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://api.telegram.org")
+    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
+
+
+#: Telegram refuses messages longer than this.
+TELEGRAM_MAX_CHARS = 4096
 
 
 def send_telegram(conf: TelegramConf, notice: Notice) -> None:
@@ -1272,17 +1553,340 @@ def send_telegram(conf: TelegramConf, notice: Notice) -> None:
 
 
 @dataclasses.dataclass(frozen=True)
-class Channel:
-    """A kind of channel: its settings, a frozen dataclass whose _setting fields
-    are read from ``[alerting.KIND]`` (and ``[alerting.KIND.NAME]``), and
-    ``send(conf, notice)``.  ``send`` returns None once the notice is handed
-    over and raises NotifyError (never anything else it can foresee) when it
-    is not, with ``permanent`` when retrying cannot help and ``retry_after_s``
-    when the other side asked for a wait; it never logs, raises or returns a
-    secret, and holds one deadline for the whole attempt."""
+class CommandConf:
+    """``[alerting.command]``: a program run for each notice, without a shell."""
 
-    conf_type: type
-    send: Callable[[Any, Notice], None]
+    argv: tuple[str, ...] = _setting('a command as a list of strings, e.g. ["/usr/local/bin/page-me", "--urgent"]',
+                                     _argv)
+    timeout_s: float = _setting(f"{DURATION_HINT}, more than 0", _positive_duration, 30.0, key="timeout")
+
+
+#: Characters of a command's standard error quoted when it fails.
+COMMAND_STDERR_CHARS = 500
+
+
+def send_command(conf: CommandConf, notice: Notice) -> None:
+    """Run ``argv`` with the notice as ``CADUCEUS_<FIELD>`` environment variables
+    (see NOTICE_FIELDS: ``CADUCEUS_NAME``, ``CADUCEUS_EVENT``, ...) and as one
+    JSON object of the same fields on standard input.
+
+    Exit status 0 means delivered; any other, or not finishing within
+    ``timeout_s`` (the command and everything it started are then killed),
+    is a failure to be retried, reported with the end of its standard error.
+    """
+    fields = notice_fields(notice)
+    env = dict(os.environ)
+    env.update({f"CADUCEUS_{key.upper()}": value.replace("\0", "") for key, value in fields.items()})
+    program = conf.argv[0]
+    try:
+        # Its own session: a timeout kills whatever it started too.
+        process = subprocess.Popen(conf.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot run {program}: {exc.strerror or exc}") from None
+    with process:
+        try:
+            _, errors = process.communicate(json.dumps(fields).encode(), timeout=conf.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_session(process)
+            raise NotifyError(f"{program} did not finish within {format_duration(conf.timeout_s)}; "
+                              "killed") from None
+    if process.returncode == 0:
+        return
+    status = process.returncode
+    how = f"exit status {status}" if status > 0 else f"signal {-status}"
+    tail = _CONTROL_CHARACTERS.sub(" ", errors.decode("utf-8", "replace")[-COMMAND_STDERR_CHARS:]).strip()
+    raise NotifyError(f"{program} failed with {how}" + (f": {tail}" if tail else ""))
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """Kill a command started in its own session, and all it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:  # Windows
+            process.kill()
+    process.wait()
+
+
+###############################################################################
+# Channels: webhooks and services #############################################
+###############################################################################
+
+
+#: Colours of chat attachments and embeds: down, up, test.
+COLOURS = {FAILING: 0xD92D20, STILL_FAILING: 0xD92D20, RECOVERED: 0x2E9E44, TEST: 0x1F6FEB}
+#: The most characters of a notice's details a chat message carries.
+CHAT_MAX_CHARS = 3500
+
+
+def _details(notice: Notice, limit: int = CHAT_MAX_CHARS) -> tuple[str, str]:
+    """The subject, and the lines that say what happened, cut to ``limit`` characters."""
+    subject, lines = _text_lines(notice)
+    text = "\n".join(lines)
+    return subject, text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+#: A body template that is JSON: an array, or an object (not a text starting with a {field}).
+_LOOKS_LIKE_JSON = re.compile(r'\s*(\[|\{\s*["}])')
+
+
+def _url_template(value: Any) -> str:
+    return _http_url_as_is(_template(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookConf:
+    """``[alerting.webhook]``: any HTTP endpoint, with the notice in a template.
+
+    Values go into ``url`` URL-encoded, and into ``body`` escaped for its
+    Content-Type: JSON-escaped for JSON (the default when the body is a JSON
+    object or array), form-encoded for a form, as they are for text.
+    Without ``body``, a JSON object of every field is sent.
+    """
+
+    url: str = _setting("an http(s) URL (a template)", _url_template)
+    method: str = _setting(f"one of {', '.join(HTTP_METHODS)}", _http_method, "POST")
+    headers: tuple[tuple[str, str], ...] = _setting("a table of headers", _headers, (), secret=True)
+    body: str | None = _setting("a template (text)", _template, None)
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.body_format() == "json":
+            # Filled in with the worst a name or an output can hold, it must still be JSON.
+            hostile = dict.fromkeys(NOTICE_FIELDS, '"}\\{x}\n\u2028é')
+            try:
+                json.loads(fill_template(self.body, hostile, _json_text))
+            except ValueError:
+                raise ValueError("body", "expected JSON once the fields are filled in, with each {field} "
+                                         "inside quotes; got " + _show(self.body)) from None
+
+    def content_type(self) -> str:
+        given = [value for name, value in self.headers if name.lower() == "content-type"]
+        if given:
+            return given[0]
+        if self.body is None or _LOOKS_LIKE_JSON.match(self.body):
+            return "application/json"
+        return "text/plain; charset=utf-8"
+
+    def body_format(self) -> str:
+        """How values are escaped in the body: "json", "form" or "text"."""
+        kind = self.content_type().lower()
+        return "json" if "json" in kind else "form" if "x-www-form-urlencoded" in kind else "text"
+
+
+def send_webhook(conf: WebhookConf, notice: Notice) -> None:
+    """Send the notice to ``conf.url`` (no body with GET)."""
+    fields = notice_fields(notice)
+    url = fill_template(conf.url, fields, _url_part)
+    if conf.method == "GET":
+        body = None
+    elif conf.body is None:
+        body = json.dumps(fields).encode()
+    else:
+        escape = {"json": _json_text, "form": urllib.parse.quote_plus, "text": str}[conf.body_format()]
+        body = fill_template(conf.body, fields, escape).encode()
+    headers = {"Content-Type": conf.content_type(), **dict(conf.headers)}
+    _http_send("webhook", conf.method, url, body, headers, conf.timeout_s, secrets=[v for _, v in conf.headers])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlackConf:
+    """``[alerting.slack]`` and ``[alerting.mattermost]``: an incoming webhook."""
+
+    url: str = _setting("the incoming webhook's http(s) URL", _http_url_as_is, secret=True)
+    timeout_s: float = 30.0
+
+
+def _slack_text(text: str) -> str:
+    """Text for Slack, which reads <...> as links and mentions (<!channel>)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def send_slack(conf: SlackConf, notice: Notice) -> None:
+    """Post the subject as ``text`` and the details in an attachment coloured for down or up."""
+    _post_attachment("Slack", conf, notice, _slack_text)
+
+
+def send_mattermost(conf: SlackConf, notice: Notice) -> None:
+    """As Slack: Mattermost takes Slack's attachments."""
+    _post_attachment("Mattermost", conf, notice, str)
+
+
+def _post_attachment(service: str, conf: SlackConf, notice: Notice, escape: Callable[[str], str]) -> None:
+    subject, details = _details(notice)
+    attachment = {"fallback": escape(subject), "color": f"#{COLOURS[notice.event]:06x}",
+                  "title": escape(subject), "text": escape(details)}
+    if notice.url:
+        attachment["title_link"] = notice.url
+    payload = {"text": escape(subject), "attachments": [attachment]}
+    _http_send(service, "POST", conf.url, json.dumps(payload).encode(), {"Content-Type": "application/json"},
+               conf.timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscordConf:
+    """``[alerting.discord]``: a channel's webhook."""
+
+    url: str = _setting("the webhook's http(s) URL", _http_url_as_is, secret=True)
+    timeout_s: float = 30.0
+
+
+def send_discord(conf: DiscordConf, notice: Notice) -> None:
+    """Post the subject as ``content`` and the details in an embed coloured for
+    down or up; no name or output can mention anyone (``allowed_mentions``)."""
+    subject, details = _details(notice)
+    embed = {"title": subject[:256], "description": details, "color": COLOURS[notice.event],
+             "timestamp": format_time(notice.at)}
+    if notice.url:
+        embed["url"] = notice.url
+    payload = {"content": subject[:2000], "embeds": [embed], "allowed_mentions": {"parse": []}}
+    _http_send("Discord", "POST", conf.url, json.dumps(payload).encode(), {"Content-Type": "application/json"},
+               conf.timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class NtfyConf:
+    """``[alerting.ntfy]``: a topic on an ntfy server, e.g. ``https://ntfy.sh/my-topic``."""
+
+    url: str = _setting("the topic's http(s) URL", _http_url_as_is)
+    token: str = _setting("an access token", _secret, "", secret=True)
+    timeout_s: float = 30.0
+
+
+#: ntfy's tags (shown as emoji) and priorities by event.
+NTFY_TAGS = {FAILING: "rotating_light", STILL_FAILING: "rotating_light", RECOVERED: "white_check_mark",
+             TEST: "test_tube"}
+NTFY_PRIORITIES = {FAILING: "high", STILL_FAILING: "high", RECOVERED: "default", TEST: "default"}
+
+
+def send_ntfy(conf: NtfyConf, notice: Notice) -> None:
+    """Publish the details with the subject as Title (RFC 2047 when not ASCII),
+    tags and priority by event, and the alert page as Click."""
+    subject, details = _details(notice)
+    headers = {"Title": _header_text(subject), "Tags": NTFY_TAGS[notice.event],
+               "Priority": NTFY_PRIORITIES[notice.event], "Content-Type": "text/plain; charset=utf-8"}
+    if notice.url:
+        headers["Click"] = notice.url
+    if conf.token:
+        headers["Authorization"] = f"Bearer {conf.token}"
+    _http_send("ntfy", "POST", conf.url, details.encode(), headers, conf.timeout_s, secrets=[conf.token])
+
+
+@dataclasses.dataclass(frozen=True)
+class GotifyConf:
+    """``[alerting.gotify]``: a Gotify server and an application token."""
+
+    url: str = _setting("the server's http(s) URL", _http_url)
+    token: str = _setting("the application token", _secret, secret=True)
+    timeout_s: float = 30.0
+
+
+#: Gotify's priorities (0-10; 8 and above ring) by event.
+GOTIFY_PRIORITIES = {FAILING: 8, STILL_FAILING: 8, RECOVERED: 5, TEST: 5}
+
+
+def send_gotify(conf: GotifyConf, notice: Notice) -> None:
+    """POST /message, the token in X-Gotify-Key (never in the URL)."""
+    subject, details = _details(notice)
+    payload: dict[str, Any] = {"title": subject, "message": details, "priority": GOTIFY_PRIORITIES[notice.event]}
+    if notice.url:
+        payload["extras"] = {"client::notification": {"click": {"url": notice.url}}}
+    _http_send("Gotify", "POST", f"{conf.url}/message", json.dumps(payload).encode(),
+               {"Content-Type": "application/json", "X-Gotify-Key": conf.token}, conf.timeout_s,
+               secrets=[conf.token])
+
+
+@dataclasses.dataclass(frozen=True)
+class PushoverConf:
+    """``[alerting.pushover]``: a user (or group) key and an application token."""
+
+    user_key: str = _setting("the user key", _secret, secret=True)
+    app_token: str = _setting("the application token", _secret, secret=True)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://api.pushover.net")
+    timeout_s: float = 30.0
+
+
+#: Pushover's priorities by event: 1 is high (it sounds in quiet hours), 0 normal.
+PUSHOVER_PRIORITIES = {FAILING: 1, STILL_FAILING: 1, RECOVERED: 0, TEST: 0}
+
+
+def send_pushover(conf: PushoverConf, notice: Notice) -> None:
+    """POST /1/messages.json, form-encoded (title at most 250 characters, message 1024)."""
+    subject, details = _details(notice, 1024)
+    form = {"token": conf.app_token, "user": conf.user_key, "title": subject[:250], "message": details,
+            "priority": str(PUSHOVER_PRIORITIES[notice.event]), "timestamp": str(int(notice.at))}
+    if notice.url:
+        form.update(url=notice.url, url_title="Alert page")
+    _http_send("Pushover", "POST", f"{conf.api_url}/1/messages.json", urllib.parse.urlencode(form).encode(),
+               {"Content-Type": "application/x-www-form-urlencoded"}, conf.timeout_s,
+               secrets=[conf.app_token, conf.user_key])
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixConf:
+    """``[alerting.matrix]``: a room, and the access token of an account in it."""
+
+    homeserver: str = _setting("the homeserver's http(s) URL", _http_url)
+    room_id: str = _setting('a room id such as "!abcdef:example.org"', _room_id)
+    access_token: str = _setting("an access token", _secret, secret=True)
+    timeout_s: float = 30.0
+
+
+def send_matrix(conf: MatrixConf, notice: Notice) -> None:
+    """Send an ``m.notice`` through the client-server API.  The transaction id
+    comes from the notice itself, so a retry after a lost answer is the same
+    event, not a second one."""
+    subject, details = _details(notice)
+    txn_id = "caduceus-" + hashlib.sha256(notice.to_json().encode()).hexdigest()[:32]
+    url = (f"{conf.homeserver}/_matrix/client/v3/rooms/{urllib.parse.quote(conf.room_id, safe='')}"
+           f"/send/m.room.message/{txn_id}")
+    payload = {"msgtype": "m.notice", "body": f"{subject}\n\n{details}"}
+    _http_send("Matrix", "PUT", url, json.dumps(payload).encode(),
+               {"Content-Type": "application/json", "Authorization": f"Bearer {conf.access_token}"},
+               conf.timeout_s, secrets=[conf.access_token])
+
+
+@dataclasses.dataclass(frozen=True)
+class PagerDutyConf:
+    """``[alerting.pagerduty]``: the routing (integration) key of an Events API v2 integration."""
+
+    routing_key: str = _setting("the routing key", _secret, secret=True)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://events.pagerduty.com")
+    source: str = _setting("a string", _string, "caduceus")
+    timeout_s: float = 30.0
+
+
+#: What PagerDuty is told for each event: a reminder would add nothing to the open incident.
+PAGERDUTY_ACTIONS = {FAILING: ("trigger",), STILL_FAILING: (), RECOVERED: ("resolve",), TEST: ("trigger", "resolve")}
+
+
+def send_pagerduty(conf: PagerDutyConf, notice: Notice) -> None:
+    """Trigger an incident when an alert fails and resolve it when it recovers,
+    with the same ``dedup_key`` (one per failure of one alert), so the
+    incident closes itself; reminders send nothing.  A test triggers an
+    "info" incident and resolves it at once."""
+    key = _dedup_key(notice)
+    for action in PAGERDUTY_ACTIONS[notice.event]:
+        event: dict[str, Any] = {"routing_key": conf.routing_key, "event_action": action, "dedup_key": key}
+        if action == "trigger":
+            subject, _ = _text_lines(notice)
+            details = {name: value for name, value in notice_fields(notice).items() if value}
+            event["payload"] = {"summary": subject[:1024], "source": conf.source,
+                                "severity": "info" if notice.event == TEST else "critical",
+                                "timestamp": format_time(notice.at), "custom_details": details}
+            event["client"] = "Caduceus"
+            if notice.url:
+                event.update(client_url=notice.url, links=[{"href": notice.url, "text": "Alert page"}])
+        _http_send("PagerDuty", "POST", f"{conf.api_url}/v2/enqueue", json.dumps(event).encode(),
+                   {"Content-Type": "application/json"}, conf.timeout_s, secrets=[conf.routing_key])
+
+
+def _dedup_key(notice: Notice) -> str:
+    """The same for every notice about one failure of one alert (at most 255 bytes)."""
+    incident = f"test-{notice.at:.0f}" if notice.event == TEST else notice.incident or "0"
+    key = f"caduceus/{notice.alert}/{incident}"
+    return key if len(key.encode()) <= 255 else "caduceus/" + hashlib.sha256(key.encode()).hexdigest()
 
 
 #: Every kind of channel, by the name used in ``[alerting.KIND]``: the only list of them.
@@ -1290,6 +1894,16 @@ CHANNELS: Mapping[str, Channel] = {
     "console": Channel(ConsoleConf, send_console),
     "email": Channel(EmailConf, send_email),
     "telegram": Channel(TelegramConf, send_telegram),
+    "webhook": Channel(WebhookConf, send_webhook),
+    "slack": Channel(SlackConf, send_slack),
+    "mattermost": Channel(SlackConf, send_mattermost),
+    "discord": Channel(DiscordConf, send_discord),
+    "ntfy": Channel(NtfyConf, send_ntfy),
+    "gotify": Channel(GotifyConf, send_gotify),
+    "pushover": Channel(PushoverConf, send_pushover),
+    "matrix": Channel(MatrixConf, send_matrix),
+    "pagerduty": Channel(PagerDutyConf, send_pagerduty),
+    "command": Channel(CommandConf, send_command),
 }
 
 

@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import datetime
 import email
+import email.header
 import email.policy
 import http.client
 import http.server
@@ -34,6 +35,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.parse
 import urllib.request
 import zoneinfo
 
@@ -2701,6 +2703,364 @@ class ConsoleTest(unittest.TestCase):
         with contextlib.redirect_stdout(out):
             caduceus.send_console(None, NOTICE)
         self.assertTrue(out.getvalue().startswith('Caduceus: Alert "mail" is failing.\nHello,'))
+
+
+@dataclasses.dataclass
+class Request:
+    """One request a ServiceStandIn received."""
+
+    method: str
+    path: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def form(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=True))
+
+
+class ServiceStandIn(http.server.ThreadingHTTPServer):
+    """A real HTTP server playing any service: it keeps every request and
+    answers with ``self.answers`` in turn (status, headers, body), then 200."""
+
+    daemon_threads = True
+
+    def __init__(self, answers: list[tuple[int, dict, bytes]] = ()) -> None:
+        super().__init__(("127.0.0.1", 0), ServiceHandler)
+        self.answers = list(answers)
+        self.requests: list[Request] = []
+        self.received = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ServiceHandler(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(Request(self.command, self.path, self.headers, body))
+        status, headers, payload = self.server.answers.pop(0) if self.server.answers else (200, {}, b"ok")
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.server.received.set()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+    def log_message(self, *args):
+        pass
+
+
+#: Everything that could break a template, a header or a JSON document.
+HOSTILE = 'a "quoted" \\back\\slash {name} }{ %s %41 a&b=c+d?#\nnew line\r\n\t<!channel> @everyone é ☃ \u2028'
+
+HOSTILE_NOTICE = caduceus.Notice(
+    alert=HOSTILE, event=caduceus.FAILING, at=1_700_000_000.0, reason="missed deadline", since=1_700_000_000.0,
+    watched_since=1_699_990_000.0, due_at=1_699_999_000.0, schedule="every 1h", interval_s=3600.0,
+    notify_every_s=3600.0, last_exit_status=2, body_tail=HOSTILE, url="https://c.example.com/alerts/x",
+    incident="7")
+
+
+def conf_for(test: unittest.TestCase, kind: str, text: str) -> Any:
+    """The conf of ``[alerting.KIND]`` read from ``text``, as load_config reads it."""
+    config = config_from(test, f"[alerting.{kind}]\n{textwrap.dedent(text)}")
+    return dataclasses.replace(config.channels[kind].conf, timeout_s=5)
+
+
+def decoded_header(value: str) -> str:
+    return str(email.header.make_header(email.header.decode_header(value)))
+
+
+class ChannelTest(unittest.TestCase):
+    """Every channel against a real stand-in: the request it makes, exactly."""
+
+    def stand_in(self, *answers) -> ServiceStandIn:
+        return serve(self, ServiceStandIn(list(answers)))
+
+    def test_webhook_sends_every_field_as_json_by_default(self):
+        server = self.stand_in()
+        conf = conf_for(self, "webhook", f'url = "{server.url}/hook/"')
+        caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/hook/"))
+        self.assertEqual(request.headers["Content-Type"], "application/json")
+        fields = request.json()
+        self.assertEqual(fields, caduceus.notice_fields(HOSTILE_NOTICE))
+        self.assertEqual(sorted(fields), sorted(caduceus.NOTICE_FIELDS))
+        self.assertEqual((fields["name"], fields["body_tail"], fields["event"]), (HOSTILE, HOSTILE, "failing"))
+        self.assertEqual((fields["overdue"], fields["exit_status"]), ("16m 40s", "2"))
+
+    def test_webhook_templates_escape_each_value_for_where_it_lands(self):
+        server = self.stand_in()
+        conf = conf_for(self, "webhook", f'''
+            url = "{server.url}/hook/{{name}}?event={{event}}&tail={{body_tail}}"
+            method = "put"
+            headers = {{ Authorization = "Bearer t0ken", X-Alert = "caduceus" }}
+            body = '{{"text": "{{name}} is {{event}}", "nested": {{"tail": "{{body_tail}}"}}, "n": [1, 2]}}'
+        ''')
+        caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        path, _, query = request.path.partition("?")
+        self.assertEqual(request.method, "PUT")
+        self.assertEqual(urllib.parse.unquote(path), f"/hook/{HOSTILE}")
+        self.assertEqual(urllib.parse.parse_qs(query), {"event": ["failing"], "tail": [HOSTILE]})
+        self.assertEqual((request.headers["Authorization"], request.headers["X-Alert"]), ("Bearer t0ken", "caduceus"))
+        self.assertEqual(request.json(), {"text": f"{HOSTILE} is failing", "nested": {"tail": HOSTILE}, "n": [1, 2]})
+
+    def test_webhook_form_and_text_bodies(self):
+        server = self.stand_in()
+        form = conf_for(self, "webhook", f'''
+            url = "{server.url}/form"
+            headers = {{ Content-Type = "application/x-www-form-urlencoded" }}
+            body = "alert={{name}}&what={{event}}&tail={{body_tail}}"
+        ''')
+        caduceus.send_webhook(form, HOSTILE_NOTICE)
+        self.assertEqual(server.requests[0].form(), {"alert": HOSTILE, "what": "failing", "tail": HOSTILE})
+        text = conf_for(self, "webhook", f'url = "{server.url}/text"\nbody = "{{subject}}: {{reason}}"')
+        caduceus.send_webhook(text, HOSTILE_NOTICE)
+        self.assertEqual(server.requests[1].headers["Content-Type"], "text/plain; charset=utf-8")
+        self.assertEqual(server.requests[1].body.decode(), f'Caduceus: Alert "{HOSTILE}" is failing.: missed deadline')
+        get = conf_for(self, "webhook", f'url = "{server.url}/get?n={{name}}"\nmethod = "GET"')
+        caduceus.send_webhook(get, HOSTILE_NOTICE)
+        self.assertEqual((server.requests[2].method, server.requests[2].body), ("GET", b""))
+
+    def test_webhook_templates_are_checked_when_the_config_loads(self):
+        for text, fragments in [
+            ('url = "http://h/{nme}"', ["alerting.webhook.url:", '"{nme}"', 'did you mean "{name}"?']),
+            ('url = "http://h/"\nbody = "{subjet}"', ["alerting.webhook.body:", 'did you mean "{subject}"?']),
+            ("url = \"http://h/\"\nbody = '{\"text\": {name}}'", ["alerting.webhook.body:", "inside quotes"]),
+            ('url = "ftp://h/"', ["alerting.webhook.url:", "http(s) URL"]),
+            ('url = "http://h/"\nmethod = "BREW"', ["alerting.webhook.method:", "POST"]),
+            ('url = "http://h/"\nheaders = { "X-A" = "one\\ntwo" }', ["alerting.webhook.headers:", "single-line"]),
+            ('url = "http://h/"\nheaders = { "X A" = "b" }', ["alerting.webhook.headers:"]),
+            ('url = "http://h/"\nbodi = "x"', ["alerting.webhook.bodi: unknown key", 'did you mean "body"?']),
+            ('method = "POST"', ["alerting.webhook.url: missing"]),
+        ]:
+            with self.subTest(text=text):
+                ConfigTest.assertConfigError(self, f"[alerting.webhook]\n{text}\n", *fragments)
+
+    def test_slack_posts_text_and_a_coloured_attachment_with_nothing_read_as_a_mention(self):
+        server = self.stand_in()
+        conf = conf_for(self, "slack", f'url = "{server.url}/services/T0/B0/XYZ"')
+        caduceus.send_slack(conf, HOSTILE_NOTICE)
+        caduceus.send_slack(conf, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED, status=UP))
+        first, second = server.requests
+        self.assertEqual((first.method, first.path), ("POST", "/services/T0/B0/XYZ"))
+        payload = first.json()
+        self.assertNotIn("<!channel>", json.dumps(payload))
+        self.assertIn("&lt;!channel&gt;", payload["text"])
+        attachment = payload["attachments"][0]
+        self.assertEqual((attachment["color"], attachment["title_link"]), ("#d92d20", HOSTILE_NOTICE.url))
+        self.assertIn("missed deadline", attachment["text"])
+        self.assertEqual(second.json()["attachments"][0]["color"], "#2e9e44")
+
+    def test_mattermost_takes_slack_attachments(self):
+        server = self.stand_in()
+        caduceus.send_mattermost(conf_for(self, "mattermost", f'url = "{server.url}/hooks/abc"'), HOSTILE_NOTICE)
+        payload = server.requests[0].json()
+        self.assertEqual(payload["text"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual(payload["attachments"][0]["color"], "#d92d20")
+
+    def test_discord_posts_content_and_an_embed_that_mentions_no_one(self):
+        server = self.stand_in((204, {}, b""))
+        caduceus.send_discord(conf_for(self, "discord", f'url = "{server.url}/api/webhooks/1/tok"'), HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/api/webhooks/1/tok"))
+        payload = request.json()
+        self.assertEqual(payload["content"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual(payload["allowed_mentions"], {"parse": []})
+        self.assertEqual((payload["embeds"][0]["color"], payload["embeds"][0]["url"]), (0xD92D20, HOSTILE_NOTICE.url))
+
+    def test_ntfy_publishes_with_title_tags_priority_and_token(self):
+        server = self.stand_in()
+        conf = conf_for(self, "ntfy", f'url = "{server.url}/backups"\ntoken = "tk_secret"')
+        caduceus.send_ntfy(conf, HOSTILE_NOTICE)
+        caduceus.send_ntfy(conf, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED, alert="plain"))
+        down, up = server.requests
+        self.assertEqual((down.method, down.path), ("POST", "/backups"))
+        self.assertEqual(decoded_header(down.headers["Title"]), f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual((down.headers["Tags"], down.headers["Priority"]), ("rotating_light", "high"))
+        self.assertEqual((down.headers["Authorization"], down.headers["Click"]), ("Bearer tk_secret", HOSTILE_NOTICE.url))
+        self.assertIn("missed deadline", down.body.decode())
+        self.assertEqual((up.headers["Title"], up.headers["Tags"], up.headers["Priority"]),
+                         ("Caduceus: Alert plain is reporting again.", "white_check_mark", "default"))
+
+    def test_gotify_posts_a_message_with_the_token_in_a_header(self):
+        server = self.stand_in()
+        caduceus.send_gotify(conf_for(self, "gotify", f'url = "{server.url}/"\ntoken = "AbCgotify"'), HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path, request.headers["X-Gotify-Key"]),
+                         ("POST", "/message", "AbCgotify"))
+        payload = request.json()
+        self.assertEqual((payload["title"], payload["priority"]), (f'Caduceus: Alert "{HOSTILE}" is failing.', 8))
+        self.assertEqual(payload["extras"]["client::notification"]["click"]["url"], HOSTILE_NOTICE.url)
+
+    def test_pushover_posts_a_form(self):
+        server = self.stand_in((200, {}, b'{"status":1}'))
+        conf = conf_for(self, "pushover", f'user_key = "uKEY"\napp_token = "aTOKEN"\napi_url = "{server.url}"')
+        caduceus.send_pushover(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/1/messages.json"))
+        form = request.form()
+        self.assertEqual((form["token"], form["user"], form["priority"], form["url"]),
+                         ("aTOKEN", "uKEY", "1", HOSTILE_NOTICE.url))
+        self.assertEqual(form["title"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertLessEqual(len(form["message"]), 1024)
+
+    def test_matrix_puts_a_notice_whose_transaction_id_is_the_same_on_retry(self):
+        server = self.stand_in()
+        conf = conf_for(self, "matrix", f'''
+            homeserver = "{server.url}"
+            room_id = "!room:example.org"
+            access_token = "syt_secret"
+        ''')
+        for notice in (HOSTILE_NOTICE, HOSTILE_NOTICE, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED)):
+            caduceus.send_matrix(conf, notice)
+        first, retry, other = server.requests
+        prefix = "/_matrix/client/v3/rooms/%21room%3Aexample.org/send/m.room.message/"
+        self.assertEqual(first.method, "PUT")
+        self.assertTrue(first.path.startswith(prefix), first.path)
+        self.assertEqual(first.path, retry.path)
+        self.assertNotEqual(first.path, other.path)
+        self.assertEqual(first.headers["Authorization"], "Bearer syt_secret")
+        self.assertEqual(first.json()["msgtype"], "m.notice")
+        self.assertTrue(first.json()["body"].startswith(f'Caduceus: Alert "{HOSTILE}" is failing.\n\n'))
+
+    def test_pagerduty_triggers_and_resolves_one_incident_per_failure_and_ignores_reminders(self):
+        server = self.stand_in(*[(202, {}, b'{"status":"success"}')] * 10)
+        config = config_from(self, f"""
+            [alerting.pagerduty]
+            routing_key = "R0UTING"
+            api_url = "{server.url}"
+            [alerts.job]
+            every = "1m"
+            channels = ["pagerduty"]
+        """)
+        clock = FakeClock()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {"pagerduty": caduceus.send_pagerduty}, clock)
+        monitor.start()
+        for step in ("down", "remind", "up", "down"):
+            clock.advance(120)
+            monitor.ping("job") if step == "up" else monitor.sweep()
+            self.assertIsNone(monitor.deliver("pagerduty"))
+        events = [request.json() for request in server.requests]
+        self.assertEqual([request.path for request in server.requests], ["/v2/enqueue"] * 3)
+        self.assertEqual([event["event_action"] for event in events], ["trigger", "resolve", "trigger"])
+        self.assertEqual(events[0]["dedup_key"], events[1]["dedup_key"])
+        self.assertNotEqual(events[0]["dedup_key"], events[2]["dedup_key"])
+        self.assertEqual((events[0]["routing_key"], events[0]["payload"]["severity"]), ("R0UTING", "critical"))
+        self.assertEqual(events[0]["payload"]["summary"], 'Caduceus: Alert "job" is failing.')
+
+    def write_script(self, text: str) -> str:
+        path = os.path.join(temp_dir(self), "notify.py")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(textwrap.dedent(text))
+        return path
+
+    def test_command_gets_the_notice_in_its_environment_and_on_stdin(self):
+        out = os.path.join(temp_dir(self), "out.json")
+        script = self.write_script(f"""
+            import json, os, sys
+            env = {{k: v for k, v in os.environ.items() if k.startswith("CADUCEUS_")}}
+            json.dump({{"argv": sys.argv[1:], "env": env, "stdin": json.load(sys.stdin)}}, open({out!r}, "w"))
+        """)
+        conf = caduceus.CommandConf(argv=(sys.executable, script, "--urgent", "{name}"))
+        caduceus.send_command(conf, HOSTILE_NOTICE)
+        with open(out, encoding="utf-8") as file:
+            seen = json.load(file)
+        self.assertEqual(seen["argv"], ["--urgent", "{name}"], "no shell, no templates in argv")
+        fields = caduceus.notice_fields(HOSTILE_NOTICE)
+        self.assertEqual(seen["stdin"], fields)
+        self.assertEqual(seen["env"], {f"CADUCEUS_{key.upper()}": value for key, value in fields.items()})
+
+    def test_command_failure_and_timeout_are_retried_with_what_went_wrong(self):
+        script = self.write_script("""
+            import sys, time
+            if sys.argv[1] == "sleep":
+                time.sleep(60)
+            print("no route to pager", file=sys.stderr)
+            sys.exit(3)
+        """)
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=(sys.executable, script, "fail")), HOSTILE_NOTICE)
+        self.assertIn("exit status 3: no route to pager", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+        started = time.monotonic()
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=(sys.executable, script, "sleep"), timeout_s=0.3),
+                                  HOSTILE_NOTICE)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("did not finish within 0.3s; killed", str(caught.exception))
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=("/nonexistent/page-me",)), HOSTILE_NOTICE)
+        self.assertIn("cannot run /nonexistent/page-me", str(caught.exception))
+        ConfigTest.assertConfigError(self, "[alerting.command]\nargv = []\n", "alerting.command.argv:")
+        ConfigTest.assertConfigError(self, '[alerting.command]\nargv = ["x"]\ntimeout = "0s"\n',
+                                     "alerting.command.timeout:")
+
+    #: Per HTTP channel: its config (SERVER is the stand-in's URL) and its secrets.
+    HTTP_CHANNELS = {
+        "webhook": ('url = "SERVER/hook?token=S3CRET-w"', "S3CRET-w"),
+        "slack": ('url = "SERVER/services/S3CRET-s"', "S3CRET-s"),
+        "mattermost": ('url = "SERVER/hooks/S3CRET-m"', "S3CRET-m"),
+        "discord": ('url = "SERVER/api/webhooks/1/S3CRET-d"', "S3CRET-d"),
+        "ntfy": ('url = "SERVER/topic"\ntoken = "S3CRET-n"', "S3CRET-n"),
+        "gotify": ('url = "SERVER"\ntoken = "S3CRET-g"', "S3CRET-g"),
+        "pushover": ('user_key = "u"\napp_token = "S3CRET-p"\napi_url = "SERVER"', "S3CRET-p"),
+        "matrix": ('homeserver = "SERVER"\nroom_id = "!r:x"\naccess_token = "S3CRET-x"', "S3CRET-x"),
+        "pagerduty": ('routing_key = "S3CRET-pd"\napi_url = "SERVER"', "S3CRET-pd"),
+        "telegram": ('apikey = "1:S3CRET-t"\nchat_id = 1\napi_url = "SERVER"', "S3CRET-t"),
+    }
+
+    def test_every_http_channel_retries_429_and_5xx_and_gives_up_on_other_4xx_without_leaking_secrets(self):
+        self.assertEqual(set(self.HTTP_CHANNELS) | {"console", "email", "command"}, set(caduceus.CHANNELS))
+        for kind, (text, secret) in self.HTTP_CHANNELS.items():
+            with self.subTest(kind=kind):
+                echo = f"bad request for {secret}: no".encode()
+                server = self.stand_in((429, {"Retry-After": "7"}, b"{}"), (503, {}, b"busy"), (400, {}, echo),
+                                       (500, {}, echo))
+                conf = conf_for(self, kind, text.replace("SERVER", server.url))
+                send = caduceus.CHANNELS[kind].send
+                outcomes, messages = [], []
+                for _ in range(4):
+                    with self.assertRaises(caduceus.NotifyError) as caught:
+                        send(conf, HOSTILE_NOTICE)
+                    outcomes.append((caught.exception.permanent, caught.exception.retry_after_s))
+                    messages.append(str(caught.exception))
+                self.assertNotIn(secret, "\n".join(messages))
+                expected_wait = 7 if kind != "telegram" else None  # Telegram's wait is in its JSON answer
+                self.assertEqual(outcomes, [(False, expected_wait), (False, None), (True, None), (False, None)])
+                if kind != "telegram":
+                    self.assertIn(" answered 400 Bad Request: bad request for ***: no", messages[2])
+                    self.assertIn(f"at {server.url} answered 503 Service Unavailable: busy", messages[1])
+
+    def test_a_rate_limit_wait_may_come_in_the_answer_and_is_bounded(self):
+        server = self.stand_in((429, {}, b'{"retry_after_ms": 2500}'), (429, {}, b'{"retry_after": 1.5}'),
+                               (429, {"Retry-After": "99999999"}, b""), (429, {"Retry-After": "soon"}, b""))
+        conf = conf_for(self, "webhook", f'url = "{server.url}/"')
+        waits = []
+        for _ in range(4):
+            with self.assertRaises(caduceus.NotifyError) as caught:
+                caduceus.send_webhook(conf, HOSTILE_NOTICE)
+            waits.append(caught.exception.retry_after_s)
+        self.assertEqual(waits, [2.5, 1.5, caduceus.RETRY_AFTER_MAX_S, None])
+
+    def test_a_network_error_is_retried_and_names_only_the_server(self):
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        conf = conf_for(self, "slack", f'url = "http://127.0.0.1:{port}/services/S3CRET"')
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_slack(conf, HOSTILE_NOTICE)
+        self.assertFalse(caught.exception.permanent)
+        self.assertIn(f"Slack at http://127.0.0.1:{port}:", str(caught.exception))
+        self.assertNotIn("S3CRET", str(caught.exception))
 
 
 ###############################################################################
