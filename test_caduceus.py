@@ -6,6 +6,7 @@ Telegram stand-in), a fake clock for every timing rule, and no sleeps.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -21,6 +22,7 @@ import logging
 import math
 import os
 import queue
+import selectors
 import shutil
 import signal
 import socket
@@ -38,6 +40,7 @@ import unittest.mock
 import urllib.parse
 import urllib.request
 import zoneinfo
+from typing import Any
 
 import caduceus
 from caduceus import DOWN, NEW, UP, CronSchedule
@@ -3061,6 +3064,115 @@ class ChannelTest(unittest.TestCase):
         self.assertFalse(caught.exception.permanent)
         self.assertIn(f"Slack at http://127.0.0.1:{port}:", str(caught.exception))
         self.assertNotIn("S3CRET", str(caught.exception))
+
+
+class ProxyStandIn(socketserver.ThreadingTCPServer):
+    """A real HTTP proxy on loopback that keeps each request line and its headers.
+
+    CONNECT opens a tunnel, relayed both ways, except to ``refuse.invalid``
+    (403); any other request is answered by the proxy itself: "via proxy".
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ProxyHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        request_line = self.rfile.readline().decode("latin-1").rstrip("\r\n")
+        headers = {}
+        for line in iter(lambda: self.rfile.readline().decode("latin-1").rstrip("\r\n"), ""):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.server.requests.append((request_line, headers))
+        method, target, _ = request_line.split(" ", 2)
+        if method != "CONNECT":
+            self.rfile.read(int(headers.get("content-length", 0)))
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nvia proxy")
+            return
+        host, _, port = target.rpartition(":")
+        if host == "refuse.invalid":
+            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        with socket.create_connection((host, int(port)), timeout=WAIT_S) as upstream:
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+            relay(self.connection, upstream)
+
+
+def relay(one: socket.socket, other: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(one, selectors.EVENT_READ, other)
+        selector.register(other, selectors.EVENT_READ, one)
+        while True:
+            events = selector.select(timeout=WAIT_S)
+            if not events:
+                return
+            for key, _ in events:
+                data = key.fileobj.recv(65536)
+                if not data:
+                    return
+                key.data.sendall(data)
+
+
+def proxy_environment(**values: str):
+    """os.environ with only these proxy variables."""
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
+    env.update(values)
+    return unittest.mock.patch.dict(os.environ, env, clear=True)
+
+
+class ProxyTest(unittest.TestCase):
+    """http_proxy, https_proxy and no_proxy, as 0.0.11's urllib honoured them."""
+
+    def test_a_plain_request_goes_to_the_proxy_in_absolute_form_with_its_credentials(self):
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "webhook", 'url = "http://hooks.example.invalid:8080/hook?x=1"')
+        with proxy_environment(http_proxy=f"http://user:p%40ss@127.0.0.1:{proxy.server_address[1]}"):
+            caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request_line, headers = proxy.requests[0]
+        self.assertEqual(request_line, "POST http://hooks.example.invalid:8080/hook?x=1 HTTP/1.1")
+        self.assertEqual(headers["host"], "hooks.example.invalid:8080")
+        self.assertEqual(headers["proxy-authorization"], "Basic " + base64.b64encode(b"user:p@ss").decode())
+
+    def test_no_proxy_goes_direct(self):
+        proxy, server = serve(self, ProxyStandIn()), serve(self, ServiceStandIn())
+        with proxy_environment(http_proxy=proxy.url, no_proxy="localhost,127.0.0.1"):
+            caduceus.send_webhook(conf_for(self, "webhook", f'url = "{server.url}/hook"'), HOSTILE_NOTICE)
+        self.assertEqual((len(server.requests), proxy.requests), (1, []))
+
+    def test_a_refused_tunnel_is_retried_and_says_so(self):
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "slack", 'url = "https://refuse.invalid/services/S3CRET"')
+        with proxy_environment(https_proxy=proxy.url), self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_slack(conf, HOSTILE_NOTICE)
+        self.assertEqual(proxy.requests[0][0], "CONNECT refuse.invalid:443 HTTP/1.1")
+        self.assertIn("the proxy refused the tunnel: HTTP/1.1 403 Forbidden", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+        self.assertNotIn("S3CRET", str(caught.exception))
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+    def test_https_goes_through_a_connect_tunnel(self):
+        cert, server_tls = localhost_certificate(self)
+        server = ServiceStandIn()
+        server.socket = server_tls.wrap_socket(server.socket, server_side=True)
+        serve(self, server)
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "webhook", f'url = "https://localhost:{server.server_address[1]}/hook"')
+        with proxy_environment(https_proxy=proxy.url, SSL_CERT_FILE=cert):
+            caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        self.assertEqual(proxy.requests[0][0], f"CONNECT localhost:{server.server_address[1]} HTTP/1.1")
+        self.assertEqual((server.requests[0].method, server.requests[0].path), ("POST", "/hook"))
+        self.assertEqual(server.requests[0].json()["name"], HOSTILE)
 
 
 ###############################################################################
