@@ -4033,6 +4033,19 @@ def main(argv: list[str] | None = None) -> int:
                 return _serve(server, monitor)
 
 
+def _couriers(monitor: Monitor) -> list[Sweeper]:
+    """One courier per channel instance, woken when notices are queued (not yet
+    started), so a dead destination delays no other.  Notices queued for an
+    instance since removed from the config get one too, which gives them up."""
+    couriers = []
+    pending = {row["channel"] for row in monitor.store.pending_notices()}
+    for channel in sorted(set(monitor.config.channels) | pending):
+        courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
+        monitor.on_outbox(courier.poke)
+        couriers.append(courier)
+    return couriers
+
+
 def _serve(server: Server, monitor: Monitor) -> int:
     def sweep() -> float | None:
         monitor.sweep()
@@ -4040,14 +4053,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
 
     sweeper = Sweeper(sweep)
     monitor.on_deadline(sweeper.poke)
-    couriers = []
-    # One per channel instance, so a dead destination delays no other; notices
-    # queued for an instance since removed from the config are given up.
-    pending = {row["channel"] for row in monitor.store.pending_notices()}
-    for channel in sorted(set(monitor.config.channels) | pending):
-        courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
-        monitor.on_outbox(courier.poke)
-        couriers.append(courier)
+    couriers = _couriers(monitor)
     thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
     # A signal handler must not take locks (Event.set() can deadlock against the
     # main thread's own wait), so the C handler writes the signal number to a

@@ -3066,6 +3066,44 @@ class ChannelTest(unittest.TestCase):
         self.assertNotIn("S3CRET", str(caught.exception))
 
 
+class CourierTest(unittest.TestCase):
+    """One courier per channel instance, as the service runs them."""
+
+    def test_a_dead_instance_does_not_delay_another(self):
+        live = serve(self, ServiceStandIn())
+        dead = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+        self.addCleanup(dead.close)
+        config = config_from(self, f"""
+            [alerting.webhook.dead]
+            url = "http://127.0.0.1:{dead.getsockname()[1]}/"
+            [alerting.webhook.live]
+            url = "{live.url}/"
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.dead", "webhook.live"]
+        """)
+        dead_timeout_s = 3.0
+        channels = dict(config.channels)
+        channels["webhook.dead"] = dataclasses.replace(
+            channels["webhook.dead"], conf=dataclasses.replace(channels["webhook.dead"].conf, timeout_s=dead_timeout_s))
+        config = dataclasses.replace(config, channels=channels)
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
+        monitor.start()
+        couriers = caduceus._couriers(monitor)
+        self.assertEqual(sorted(courier._name for courier in couriers),
+                         ["console courier", "webhook.dead courier", "webhook.live courier"])
+        for courier in couriers:
+            courier.start()
+            self.addCleanup(courier.stop, WAIT_S)
+        self.addCleanup(dead.close)  # before the couriers stop: the hung attempt ends at once
+        started = time.monotonic()
+        monitor.ping("job", caduceus.Ping(caduceus.FAIL))
+        self.assertTrue(live.received.wait(WAIT_S))
+        self.assertLess(time.monotonic() - started, dead_timeout_s, "the live webhook did not wait for the dead one")
+        self.assertEqual(live.requests[0].json()["event"], "failing")
+
+
 class ProxyStandIn(socketserver.ThreadingTCPServer):
     """A real HTTP proxy on loopback that keeps each request line and its headers.
 
