@@ -12,6 +12,7 @@ Run::
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
+    python3 caduceus.py test-notify [-c caduceus.toml] [ALERT | --channel NAME]
 
 Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
 
@@ -2772,11 +2773,7 @@ def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
     if event == RECOVERED:
         reason = row["down_reason"] or REASON_MISSED
     output = last_ping["body"] if last_ping is not None else ""
-    url = checkin_url = ""
-    if config.base_url:
-        # The check-in URL without the key: notices travel further than the key may.
-        url = f"{config.base_url}/alerts/{urllib.parse.quote(spec.name, safe='')}"
-        checkin_url = f"{config.base_url}/reset/{urllib.parse.quote(spec.name, safe='')}/"
+    url, checkin_url = _links(config, spec.name)
     return Notice(
         alert=spec.name, event=event, at=now, status=row["status"], reason=reason,
         since=row["down_at"] if row["status"] == DOWN or event == RECOVERED else None,
@@ -2786,6 +2783,27 @@ def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
         last_exit_status=last_ping["exit_status"] if last_ping is not None else None,
         body_tail="\n".join(_tail(output)), url=url, checkin_url=checkin_url,
         recipients=spec.recipient_emails, incident=incident)
+
+
+def test_notice(config: Config, spec: CheckSpec | None, now: float) -> Notice:
+    """A clearly marked test notice about ``spec`` (or about no alert), for
+    ``test-notify``: made from the config alone, as the alert's state is not read."""
+    if spec is None:
+        return Notice(alert="test-notify", event=TEST, at=now, status=TEST, reason="a test notice")
+    url, checkin_url = _links(config, spec.name)
+    return Notice(alert=spec.name, event=TEST, at=now, status=TEST, reason="a test notice",
+                  schedule=spec.describe(), interval_s=spec.every_s, timezone=str(spec.tz),
+                  notify_every_s=spec.notify_every_s, url=url, checkin_url=checkin_url,
+                  recipients=spec.recipient_emails)
+
+
+def _links(config: Config, name: str) -> tuple[str, str]:
+    """The alert's page and its check-in URL under ``base_url`` ("" without one).
+    The check-in URL is given without the key: notices travel further than the key may."""
+    if not config.base_url:
+        return "", ""
+    quoted = urllib.parse.quote(name, safe="")
+    return f"{config.base_url}/alerts/{quoted}", f"{config.base_url}/reset/{quoted}/"
 
 
 def _for_channel(notice: Notice, config: Config, channel: str) -> Notice:
@@ -3820,6 +3838,58 @@ def _local_time(at: float, tz: datetime.tzinfo) -> str:
     return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    """``test-notify``: send a test notice now through an alert's channels, one
+    channel, or every configured channel; print one line per channel.  Alert
+    state and the outbox are not touched (the database is not opened).
+    Returns 0 if every channel delivered, 1 if any failed, 2 for a usage or
+    config error."""
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py test-notify", description="Send a test notice through an alert's channels (or one "
+        "channel, or every channel) now, without touching alert state or the outbox.")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
+                        help="the configuration file (default: caduceus.toml)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("alert", nargs="?", help="test the channels of this alert")
+    which.add_argument("--channel", metavar="NAME", help="test this channel (e.g. email or webhook.ops)")
+    args = parser.parse_args(argv)
+    config = _load_config_or_say(args.config)
+    if config is None:
+        return 2
+    spec = config.checks.get(args.alert) if args.alert is not None else None
+    if args.alert is not None and spec is None:
+        print(f"caduceus: {args.config}: no alert named {json.dumps(args.alert)}; alerts: "
+              f"{', '.join(config.checks) or 'none'}", file=sys.stderr)
+        return 2
+    channels = spec.channels if spec is not None else tuple(config.channels)
+    if args.channel is not None:
+        channels = (args.channel.strip().lower(),)
+        if channels[0] not in config.channels:
+            print(f"caduceus: {args.config}: no channel named {json.dumps(args.channel)}; configured channels: "
+                  f"{', '.join(config.channels)}", file=sys.stderr)
+            return 2
+    notice = test_notice(config, spec, clock())
+    failed = 0
+    for name in channels:
+        problem = _try_channel(config, name, notice)
+        print(f"{name}: {'delivered' if problem is None else 'failed: ' + problem}", flush=True)
+        failed += problem is not None
+    return 1 if failed else 0
+
+
+def _try_channel(config: Config, name: str, notice: Notice) -> str | None:
+    """Send the notice through one channel instance now: None, or what went wrong."""
+    instance = config.channels[name]
+    try:
+        CHANNELS[instance.kind].send(instance.conf, _for_channel(notice, config, name))
+    except NotifyError as exc:
+        return f"{exc}{' (permanent)' if exc.permanent else ''}"
+    except Exception as exc:  # a channel's bug, reported as the courier reports it (Monitor._attempt)
+        log.exception("%s: the channel failed unexpectedly", name)
+        return f"unexpected {type(exc).__name__}"
+    return None
+
+
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
     """-c and -b, the same for the service and ``check``."""
     parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
@@ -3905,7 +3975,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="caduceus.py", description="A dead man's switch for cron jobs.",
         epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
-               "'caduceus.py check' validates the config and shows deadlines.")
+               "'caduceus.py check' validates the config and shows deadlines; "
+               "'caduceus.py test-notify [ALERT | --channel NAME]' sends a test notice.")
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
     _add_file_args(parser)
     parser.add_argument("-i", "--host", default="localhost",
@@ -3993,6 +4064,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_main(argv[1:])
     if argv[:1] == ["check"]:
         return _check_main(argv[1:])
+    if argv[:1] == ["test-notify"]:
+        return _test_notify_main(argv[1:])
     args = _parse_args(argv)
     if not _usable_db_name(args.db):
         return 2

@@ -3066,6 +3066,66 @@ class ChannelTest(unittest.TestCase):
         self.assertNotIn("S3CRET", str(caught.exception))
 
 
+class TestNotifyTest(unittest.TestCase):
+    """``caduceus.py test-notify``: one line per channel, exit 0 only if all delivered."""
+
+    def setUp(self):
+        self.good = serve(self, ServiceStandIn())
+        self.bad = serve(self, ServiceStandIn([(400, {}, b"no such hook\n")] * 3))
+        self.directory = temp_dir(self)
+        script = os.path.join(self.directory, "page.py")
+        with open(script, "w", encoding="utf-8") as file:
+            file.write("import sys\nsys.stdin.read()\nprint('pager offline', file=sys.stderr)\nsys.exit(4)\n")
+        self.config = write_config(self, f"""
+            [alerting.webhook.good]
+            url = "{self.good.url}/hook"
+            [alerting.webhook.bad]
+            url = "{self.bad.url}/hook"
+            [alerting.command.broken]
+            argv = [{json.dumps(sys.executable)}, {json.dumps(script)}]
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.good", "webhook.bad", "command.broken"]
+            [alerts.fine]
+            every = "1h"
+            channels = ["webhook.good"]
+        """, self.directory)
+
+    def run_test_notify(self, *args: str) -> tuple[int, list[str], str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = caduceus.main(["test-notify", "-c", self.config, *args])
+        return status, out.getvalue().splitlines(), err.getvalue()
+
+    def test_a_line_per_channel_with_the_exact_error_and_exit_1_when_one_fails(self):
+        before = sorted(os.listdir(self.directory))
+        status, lines, _ = self.run_test_notify("job")
+        self.assertEqual(lines, [
+            "webhook.good: delivered",
+            f"webhook.bad: failed: webhook at {self.bad.url} answered 400 Bad Request: no such hook (permanent)",
+            f"command.broken: failed: {sys.executable} failed with exit status 4: pager offline",
+        ])
+        self.assertEqual(status, 1)
+        fields = self.good.requests[0].json()
+        self.assertEqual((fields["name"], fields["event"], fields["status"]), ("job", "test", "test"))
+        self.assertIn("test", fields["subject"].lower())
+        self.assertEqual(sorted(os.listdir(self.directory)), before, "no database, no outbox")
+
+    def test_all_delivered_is_exit_0(self):
+        self.assertEqual(self.run_test_notify("fine"), (0, ["webhook.good: delivered"], ""))
+        self.assertEqual(self.run_test_notify("--channel", "Webhook.Good"), (0, ["webhook.good: delivered"], ""))
+        self.assertEqual(len(self.good.requests), 2)
+
+    def test_an_unknown_alert_or_channel_is_a_usage_error(self):
+        status, lines, err = self.run_test_notify("nope")
+        self.assertEqual((status, lines), (2, []))
+        self.assertIn('no alert named "nope"; alerts: job, fine', err)
+        status, lines, err = self.run_test_notify("--channel", "webhook.gud")
+        self.assertEqual((status, lines), (2, []))
+        self.assertIn("configured channels: console, webhook.good, webhook.bad, command.broken", err)
+        self.assertEqual(self.good.requests, [])
+
+
 class CourierTest(unittest.TestCase):
     """One courier per channel instance, as the service runs them."""
 
