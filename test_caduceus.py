@@ -980,6 +980,43 @@ class ConfigTest(unittest.TestCase):
             colour = "red"
         """, "alerting.telegram.ops.colour: unknown key")
 
+    def test_every_channel_setting_is_checked(self):
+        cases = [
+            ("slack", 'url = "hooks.slack.com/services/x"', "alerting.slack.url:", "http(s) URL"),
+            ("slack", "", "alerting.slack.url: missing"),
+            ("mattermost", 'url = "ftp://chat.example.com/hooks/x"', "alerting.mattermost.url:", "http(s) URL"),
+            ("discord", 'url = "http://d.example.com/x"\nusername = "bot"', "alerting.discord.username: unknown key"),
+            ("ntfy", 'url = "http://ntfy.example.com/t"\ntoken = "tk secret"', "alerting.ntfy.token: expected a token"),
+            ("ntfy", 'url = "http://ntfy.example.com/t"\ntokn = "a"', "alerting.ntfy.tokn: unknown key",
+             'did you mean "token"?'),
+            ("gotify", 'url = "http://gotify.example.com"', "alerting.gotify.token: missing"),
+            ("gotify", 'url = "gotify.example.com"\ntoken = "t"', "alerting.gotify.url:", "http(s) URL"),
+            ("pushover", 'user_key = "u"', "alerting.pushover.app_token: missing"),
+            ("pushover", 'user_key = "u"\napp_token = "t"\napi_url = "api.pushover.net"', "alerting.pushover.api_url:"),
+            ("matrix", 'homeserver = "http://m"\nroom_id = "#alias:m"\naccess_token = "t"', "alerting.matrix.room_id:",
+             "!abcdef:example.org"),
+            ("matrix", 'homeserver = "matrix.org"\nroom_id = "!a:m"\naccess_token = "t"', "alerting.matrix.homeserver:"),
+            ("matrix", 'homeserver = "http://m"\nroom_id = "!a:m"', "alerting.matrix.access_token: missing"),
+            ("pagerduty", "", "alerting.pagerduty.routing_key: missing"),
+            ("pagerduty", 'routing_key = "k"\nseverity = "low"', "alerting.pagerduty.severity: unknown key"),
+            ("command", 'argv = "page-me --urgent"', "alerting.command.argv:", "list of strings"),
+            ("command", 'argv = ["", "--urgent"]', "alerting.command.argv:", "list of strings"),
+            ("command", 'argv = ["x"]\ntimeout = "soon"', "alerting.command.timeout:", "duration"),
+            ("command", 'argv = ["x"]\ntimout = "5s"', 'did you mean "timeout"?'),
+            ("webhook", 'url = "http://h/"\n[alerting.webhook.ops]\nurl = "h"', "alerting.webhook.ops.url:"),
+        ]
+        for kind, text, *fragments in cases:
+            with self.subTest(kind=kind, text=text):
+                message = self.assertConfigError(f"[alerting.{kind}]\n{text}\n", *fragments)
+                self.assertNotIn("secret", message)
+        for kind in ("slack", "pagerduty", "command"):
+            with self.subTest(used=kind):
+                self.assertConfigError(f"""
+                    [alerts.job]
+                    every = "1h"
+                    channels = ["{kind}"]
+                """, "alerts.job.channels:", f"uses the {kind} channel", f"[alerting.{kind}]")
+
     def test_email_address_without_at_is_refused(self):
         self.assertConfigError("""
             [alerting.email]
