@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import queue
+import re
 import selectors
 import shutil
 import signal
@@ -1159,6 +1160,21 @@ class ConfigTest(unittest.TestCase):
         self.assertTrue(config.checks)
         for spec in config.checks.values():
             self.assertEqual(spec.channels, ("console",), spec.name)
+
+    def test_each_commented_out_channel_of_the_example_loads_once_uncommented(self):
+        with open(os.path.join(HERE, "caduceus.toml.example"), encoding="utf-8") as file:
+            example = file.read()
+        sections = re.findall(r"^# (\[alerting\.[a-z.]+\])\n((?:# .*\n|#\n)*)", example, re.MULTILINE)
+        kinds = {header.strip("[]").split(".")[1] for header, _ in sections}
+        self.assertEqual(kinds, set(caduceus.CHANNELS) - {"console"})
+        for header, body in sections:
+            with self.subTest(header=header):
+                settings = "".join(line[2:] + "\n" for line in body.splitlines()
+                                   if line.startswith("# ") and not line.startswith("# #"))
+                name = header.strip("[]").partition(".")[2]
+                config = config_from(self, f"{header}\n{settings}\n[alerts.job]\nevery = \"1h\"\n"
+                                           f"channels = [\"{name}\"]\n")
+                self.assertIn(name, config.channels)
 
 
 ###############################################################################
