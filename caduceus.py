@@ -2,8 +2,10 @@
 """Caduceus: a dead man's switch for cron jobs.
 
 Each job checks in by fetching a URL when it succeeds; when a job does not
-check in on time, Caduceus notifies (email, Telegram, console), reminds every
-``notify_every`` while it stays down, and notifies again when it recovers.
+check in on time, Caduceus notifies (email, Telegram, Slack, Mattermost,
+Discord, ntfy, Gotify, Pushover, Matrix, PagerDuty, any webhook, a local
+command, the console), reminds every ``notify_every`` while it stays down,
+and notifies again when it recovers.
 One file, standard library only, Python 3.9+ (``tomli`` is needed below 3.11
 to read the config).
 
@@ -20,7 +22,8 @@ Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
     secret_key = "somelongkey"        # optional; check-ins must then carry it
     timezone = "UTC"                  # default for schedules
 
-    [alerting.email]                  # optional; also [alerting.telegram]
+    [alerting.email]                  # optional; also telegram, webhook, slack, ...
+                                      # ([alerting.KIND.NAME] is the channel "KIND.NAME")
     recipient_emails = ["ops@example.com"]
     from_addr = "caduceus@example.com"
     hostname = "localhost"            # port = 25, username, password,
@@ -1750,7 +1753,7 @@ def send_discord(conf: DiscordConf, notice: Notice) -> None:
 class NtfyConf:
     """``[alerting.ntfy]``: a topic on an ntfy server, e.g. ``https://ntfy.sh/my-topic``."""
 
-    url: str = _setting("the topic's http(s) URL", _http_url_as_is)
+    url: str = _setting("the topic's http(s) URL", _http_url_as_is, secret=True)  #: the topic is its password
     token: str = _setting("an access token", _secret, "", secret=True)
     timeout_s: float = 30.0
 
@@ -3109,9 +3112,16 @@ class Monitor:
 
     def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
         """The notice an outbox row holds.  One queued by schema 1 or 2 (before
-        facts were kept) has only its finished text: its recipients are the alert's."""
+        facts were kept) has only its finished text: its recipients are the
+        alert's.  Facts that cannot be read leave the subject: a notice with
+        too little said beats a channel blocked for ever."""
         if row["facts"]:
-            return Notice.from_json(row["facts"])
+            try:
+                return Notice.from_json(row["facts"])
+            except (ValueError, TypeError, RecursionError):  # the file was edited: send what is left
+                log.error("%s: notice %d's facts cannot be read; sending its subject alone",
+                          row["check_name"], row["id"])
+                row = {**dict(row), "body": "(The details of this notice could not be read.)\n"}
         spec = self.config.checks.get(row["check_name"])
         events = {kind: event for event, kind in EVENT_KINDS.items()}
         notice = Notice(alert=row["check_name"], event=events.get(row["kind"], FAILING), at=row["created_at"],

@@ -2079,6 +2079,15 @@ class DeliveryTest(unittest.TestCase):
         self.go_down()
         self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 42)
 
+    def test_a_notice_whose_facts_cannot_be_read_still_goes_out_with_its_subject(self):
+        self.go_down()
+        with self.monitor.store.transaction() as conn:
+            conn.execute("UPDATE outbox SET facts = '{\"alert\": ' WHERE channel = 'telegram'")
+        with self.assertLogs("caduceus", "ERROR"):
+            self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(self.telegram.subjects, ['Caduceus: Alert "job" is failing.'])
+        self.assertIn("could not be read", self.telegram.notices[0].body)
+
     def test_named_instances_do_not_mix(self):
         config = config_from(self, """
             [alerting.telegram.ops]
