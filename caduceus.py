@@ -1009,7 +1009,8 @@ def _text_lines(notice: Notice) -> tuple[str, list[str]]:
                   f"Schedule:      {notice.schedule}",
                   f"Last success:  {_last_success(notice)}"]
         if notice.due_at is not None:
-            lines.append(f"Overdue by:    {format_duration(notice.overdue_s, 2)} (due at {format_time(notice.due_at)})")
+            lines.append(f"Overdue by:    {format_duration(notice.overdue_s, 2)} "
+                         f"(due at {format_time(notice.due_at)})")
         elif notice.event == STILL_FAILING and notice.since is not None:
             lines.append(f"Down for:      {format_duration(max(at - notice.since, 0), 2)} "
                          f"(since {format_time(notice.since)})")
@@ -1315,7 +1316,8 @@ def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[st
                 if proxy_auth:
                     headers["Proxy-Authorization"] = proxy_auth
         if parts.scheme == "https":
-            connection.sock = sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
+            tls = ssl.create_default_context()
+            connection.sock = sock = tls.wrap_socket(sock, server_hostname=parts.hostname)
         sock.settimeout(deadline.remaining())
         connection.request(method, target, body, headers)
         with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
@@ -1338,7 +1340,8 @@ def _http_send(service: str, method: str, url: str, body: bytes | None, headers:
     parts = urllib.parse.urlsplit(url)
     where = f"{service} at {parts.scheme}://{parts.netloc.rpartition('@')[2]}"
     # A webhook's URL is its secret: an answer quoting a long part of it is blanked there.
-    secrets = [*secrets, *(word for word in re.split(r"[/?&=;]", f"{parts.path}?{parts.query}") if len(word) >= 8)]
+    url_words = re.split(r"[/?&=;]", f"{parts.path}?{parts.query}")
+    secrets = [*secrets, *(word for word in url_words if len(word) >= 8)]
     try:
         status, answer_headers, answer = _http_request(
             method, url, body, {"User-Agent": f"caduceus/{__version__}", **headers}, timeout_s)
@@ -1560,8 +1563,8 @@ def send_telegram(conf: TelegramConf, notice: Notice) -> None:
 class CommandConf:
     """``[alerting.command]``: a program run for each notice, without a shell."""
 
-    argv: tuple[str, ...] = _setting('a command as a list of strings, e.g. ["/usr/local/bin/page-me", "--urgent"]',
-                                     _argv)
+    argv: tuple[str, ...] = _setting(
+        'a command as a list of strings, e.g. ["/usr/local/bin/page-me", "--urgent"]', _argv)
     timeout_s: float = _setting(f"{DURATION_HINT}, more than 0", _positive_duration, 30.0, key="timeout")
 
 
@@ -1862,7 +1865,8 @@ class PagerDutyConf:
 
 
 #: What PagerDuty is told for each event: a reminder would add nothing to the open incident.
-PAGERDUTY_ACTIONS = {FAILING: ("trigger",), STILL_FAILING: (), RECOVERED: ("resolve",), TEST: ("trigger", "resolve")}
+PAGERDUTY_ACTIONS = {FAILING: ("trigger",), STILL_FAILING: (), RECOVERED: ("resolve",),
+                     TEST: ("trigger", "resolve")}
 
 
 def send_pagerduty(conf: PagerDutyConf, notice: Notice) -> None:
@@ -2528,7 +2532,8 @@ class Store:
     def last_down_flip(self, name: str) -> int | None:
         """The id of the alert's latest change to down: it names the failure
         (the same for its reminders and its recovery)."""
-        return self._all("SELECT MAX(id) AS id FROM flips WHERE check_name = ? AND new = ?", (name, DOWN))[0]["id"]
+        rows = self._all("SELECT MAX(id) AS id FROM flips WHERE check_name = ? AND new = ?", (name, DOWN))
+        return rows[0]["id"]
 
     def flips(self, name: str) -> list[sqlite3.Row]:
         """A check's recent state changes, oldest first."""
@@ -3039,8 +3044,8 @@ class Monitor:
                               incident=str(self.store.last_down_flip(spec.name) or ""))
         subject = render_text(notice)[0]
         for channel in spec.channels:
-            self.store.enqueue(spec.name, channel, kind, subject, _for_channel(notice, self.config, channel).to_json(),
-                               now)
+            facts = _for_channel(notice, self.config, channel).to_json()
+            self.store.enqueue(spec.name, channel, kind, subject, facts, now)
 
     def deliver(self, channel: str) -> float | None:
         """Send the queued notices of a channel instance, oldest first; return when

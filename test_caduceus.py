@@ -751,8 +751,9 @@ class ConfigTest(unittest.TestCase):
     def test_reads_the_original_format_unchanged(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
         self.assertEqual(config.secret_key, "somelongkey")
-        self.assertEqual(config.channels["email"].conf.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
-        self.assertEqual((config.channels["email"].conf.hostname, config.channels["email"].conf.port, config.channels["email"].conf.encryption),
+        email_conf = config.channels["email"].conf
+        self.assertEqual(email_conf.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
+        self.assertEqual((email_conf.hostname, email_conf.port, email_conf.encryption),
                          ("example.com", 25, "starttls"))
         self.assertEqual(config.channels["telegram"].conf.chat_id, "99999999")
         self.assertEqual(config.channels["telegram"].conf.api_url, "https://api.telegram.org")
@@ -773,8 +774,9 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
         """)
         self.assertEqual(config.secret_key, "")
-        self.assertEqual((config.channels["email"].conf.hostname, config.channels["email"].conf.port, config.channels["email"].conf.username,
-                          config.channels["email"].conf.encryption), ("localhost", 25, "", "none"))
+        email_conf = config.channels["email"].conf
+        self.assertEqual((email_conf.hostname, email_conf.port, email_conf.username, email_conf.encryption),
+                         ("localhost", 25, "", "none"))
         self.assertEqual(config.checks["job"].channels, ("email",))
         self.assertNotIn("telegram", config.channels)
 
@@ -987,16 +989,19 @@ class ConfigTest(unittest.TestCase):
             ("slack", "", "alerting.slack.url: missing"),
             ("mattermost", 'url = "ftp://chat.example.com/hooks/x"', "alerting.mattermost.url:", "http(s) URL"),
             ("discord", 'url = "http://d.example.com/x"\nusername = "bot"', "alerting.discord.username: unknown key"),
-            ("ntfy", 'url = "http://ntfy.example.com/t"\ntoken = "tk secret"', "alerting.ntfy.token: expected a token"),
+            ("ntfy", 'url = "http://ntfy.example.com/t"\ntoken = "tk secret"',
+             "alerting.ntfy.token: expected a token"),
             ("ntfy", 'url = "http://ntfy.example.com/t"\ntokn = "a"', "alerting.ntfy.tokn: unknown key",
              'did you mean "token"?'),
             ("gotify", 'url = "http://gotify.example.com"', "alerting.gotify.token: missing"),
             ("gotify", 'url = "gotify.example.com"\ntoken = "t"', "alerting.gotify.url:", "http(s) URL"),
             ("pushover", 'user_key = "u"', "alerting.pushover.app_token: missing"),
-            ("pushover", 'user_key = "u"\napp_token = "t"\napi_url = "api.pushover.net"', "alerting.pushover.api_url:"),
-            ("matrix", 'homeserver = "http://m"\nroom_id = "#alias:m"\naccess_token = "t"', "alerting.matrix.room_id:",
-             "!abcdef:example.org"),
-            ("matrix", 'homeserver = "matrix.org"\nroom_id = "!a:m"\naccess_token = "t"', "alerting.matrix.homeserver:"),
+            ("pushover", 'user_key = "u"\napp_token = "t"\napi_url = "api.pushover.net"',
+             "alerting.pushover.api_url:"),
+            ("matrix", 'homeserver = "http://m"\nroom_id = "#alias:m"\naccess_token = "t"',
+             "alerting.matrix.room_id:", "!abcdef:example.org"),
+            ("matrix", 'homeserver = "matrix.org"\nroom_id = "!a:m"\naccess_token = "t"',
+             "alerting.matrix.homeserver:"),
             ("matrix", 'homeserver = "http://m"\nroom_id = "!a:m"', "alerting.matrix.access_token: missing"),
             ("pagerduty", "", "alerting.pagerduty.routing_key: missing"),
             ("pagerduty", 'routing_key = "k"\nseverity = "low"', "alerting.pagerduty.severity: unknown key"),
@@ -1233,8 +1238,8 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 """
 #: Schema 2 added checks.clock_step_s.
-SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n",
-                            "    n_pings       INTEGER NOT NULL DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
+SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n", "    n_pings       INTEGER NOT NULL"
+                            " DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
 OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2}
 
 
@@ -2890,7 +2895,8 @@ class ChannelTest(unittest.TestCase):
         text = conf_for(self, "webhook", f'url = "{server.url}/text"\nbody = "{{subject}}: {{reason}}"')
         caduceus.send_webhook(text, HOSTILE_NOTICE)
         self.assertEqual(server.requests[1].headers["Content-Type"], "text/plain; charset=utf-8")
-        self.assertEqual(server.requests[1].body.decode(), f'Caduceus: Alert "{HOSTILE}" is failing.: missed deadline')
+        self.assertEqual(server.requests[1].body.decode(),
+                         f'Caduceus: Alert "{HOSTILE}" is failing.: missed deadline')
         get = conf_for(self, "webhook", f'url = "{server.url}/get?n={{name}}"\nmethod = "GET"')
         caduceus.send_webhook(get, HOSTILE_NOTICE)
         self.assertEqual((server.requests[2].method, server.requests[2].body), ("GET", b""))
@@ -2951,7 +2957,8 @@ class ChannelTest(unittest.TestCase):
         self.assertEqual((down.method, down.path), ("POST", "/backups"))
         self.assertEqual(decoded_header(down.headers["Title"]), f'Caduceus: Alert "{HOSTILE}" is failing.')
         self.assertEqual((down.headers["Tags"], down.headers["Priority"]), ("rotating_light", "high"))
-        self.assertEqual((down.headers["Authorization"], down.headers["Click"]), ("Bearer tk_secret", HOSTILE_NOTICE.url))
+        self.assertEqual((down.headers["Authorization"], down.headers["Click"]),
+                         ("Bearer tk_secret", HOSTILE_NOTICE.url))
         self.assertIn("missed deadline", down.body.decode())
         self.assertEqual((up.headers["Title"], up.headers["Tags"], up.headers["Priority"]),
                          ("Caduceus: Alert plain is reporting again.", "white_check_mark", "default"))
@@ -3206,8 +3213,8 @@ class CourierTest(unittest.TestCase):
         """)
         dead_timeout_s = 3.0
         channels = dict(config.channels)
-        channels["webhook.dead"] = dataclasses.replace(
-            channels["webhook.dead"], conf=dataclasses.replace(channels["webhook.dead"].conf, timeout_s=dead_timeout_s))
+        dead_conf = dataclasses.replace(channels["webhook.dead"].conf, timeout_s=dead_timeout_s)
+        channels["webhook.dead"] = dataclasses.replace(channels["webhook.dead"], conf=dead_conf)
         config = dataclasses.replace(config, channels=channels)
         monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
                                    {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
