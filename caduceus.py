@@ -927,6 +927,7 @@ class Notice:
     Times are epoch seconds, None when unknown.  ``since`` is when the alert
     went down (a recovery keeps it); ``due_at`` is the deadline a failure
     notice reports missing (None when the job reported its failure itself);
+    ``status`` is the alert's (down, up), or "test" in a test notice.
     ``incident`` is the same for every notice about one failure, and differs
     between failures.  ``text`` is the finished subject and body of a notice
     queued by an older Caduceus, which kept only those.
@@ -1761,6 +1762,8 @@ class NtfyConf:
     timeout_s: float = 30.0
 
 
+#: Characters of an ntfy message: a body over 4096 bytes would arrive as an attachment.
+NTFY_MAX_CHARS = 1000
 #: ntfy's tags (shown as emoji) and priorities by event.
 NTFY_TAGS = {FAILING: "rotating_light", STILL_FAILING: "rotating_light", RECOVERED: "white_check_mark",
              TEST: "test_tube"}
@@ -1770,7 +1773,7 @@ NTFY_PRIORITIES = {FAILING: "high", STILL_FAILING: "high", RECOVERED: "default",
 def send_ntfy(conf: NtfyConf, notice: Notice) -> None:
     """Publish the details with the subject as Title (RFC 2047 when not ASCII),
     tags and priority by event, and the alert page as Click."""
-    subject, details = _details(notice)
+    subject, details = _details(notice, NTFY_MAX_CHARS)
     headers = {"Title": _header_text(subject), "Tags": NTFY_TAGS[notice.event],
                "Priority": NTFY_PRIORITIES[notice.event], "Content-Type": "text/plain; charset=utf-8"}
     if notice.url:
