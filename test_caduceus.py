@@ -3113,6 +3113,32 @@ class ChannelTest(unittest.TestCase):
                     self.assertIn(" answered 400 Bad Request: bad request for ***: no", messages[2])
                     self.assertIn(f"at {server.url} answered 503 Service Unavailable: busy", messages[1])
 
+    def test_through_the_outbox_a_5xx_is_retried_with_the_same_request_and_a_4xx_given_up(self):
+        server = self.stand_in((503, {}, b"busy"), (200, {}, b"ok"), (404, {}, b"no such hook"))
+        config = config_from(self, f"""
+            [alerting.webhook]
+            url = "{server.url}/hook"
+            [alerts.job]
+            every = "1m"
+            channels = ["webhook"]
+        """)
+        clock = FakeClock()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {"webhook": caduceus.send_webhook}, clock)
+        monitor.start()
+        clock.advance(60)
+        monitor.sweep()
+        with self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(monitor.deliver("webhook"), clock.now + caduceus.RETRY_FIRST_S)
+        clock.advance(caduceus.RETRY_FIRST_S)
+        self.assertIsNone(monitor.deliver("webhook"))
+        self.assertEqual(server.requests[0].body, server.requests[1].body, "the same notice, to the byte")
+        monitor.ping("job")
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.assertIsNone(monitor.deliver("webhook"))
+        self.assertIn("answered 404 Not Found: no such hook", logs.output[0])
+        self.assertEqual([row["attempts"] for row in monitor.store.failed_notices()], [1])
+
     def test_a_rate_limit_wait_may_come_in_the_answer_and_is_bounded(self):
         server = self.stand_in((429, {}, b'{"retry_after_ms": 2500}'), (429, {}, b'{"retry_after": 1.5}'),
                                (429, {"Retry-After": "99999999"}, b""), (429, {"Retry-After": "soon"}, b""))
