@@ -2616,6 +2616,10 @@ class Store:
                          (channel, len(skip) + 1))
         return next((row for row in rows if row["id"] not in skip), None)
 
+    def pending_channels(self) -> list[str]:
+        """The channel instances with notices still to be delivered."""
+        return [row["channel"] for row in self._all("SELECT DISTINCT channel FROM outbox WHERE failed = 0")]
+
     def pending_notices(self) -> list[sqlite3.Row]:
         """Notices still to be delivered, all channels, in queue order."""
         return self._all("SELECT * FROM outbox WHERE failed = 0 ORDER BY id")
@@ -3988,6 +3992,71 @@ class Sweeper:
             self._running.release()
 
 
+class Couriers:
+    """One courier (a Sweeper sending one channel instance's notices, see
+    Monitor.deliver) per channel instance, so a dead destination delays no
+    other.  Couriers are made as instances appear: those of the config, those
+    with notices still queued (an instance since removed gives them up), and
+    those of a config that replaced it (looked for whenever notices are
+    queued).  ``start`` and ``stop`` are a Sweeper's, for all of them.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+        self._lock = threading.Lock()
+        self._couriers: dict[str, Sweeper] = {}
+        self._running: set[str] = set()
+        self._started = self._stopped = False
+        monitor.on_outbox(self.poke)
+
+    def names(self) -> list[str]:
+        """The channel instances that have a courier."""
+        with self._lock:
+            return sorted(self._couriers)
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+        for courier in self._add_new():
+            courier.start()
+
+    def poke(self, at: float) -> None:
+        """Notices were queued: run each courier by ``at`` (a new one at once)."""
+        for courier in self._add_new():
+            courier.start()
+        with self._lock:
+            couriers = list(self._couriers.values())
+        for courier in couriers:
+            courier.poke(at)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop them all, and wait up to ``timeout_s`` in all for sends in progress."""
+        give_up_at = time.monotonic() + timeout_s
+        with self._lock:
+            self._stopped = True
+            couriers = list(self._couriers.values())
+        for courier in couriers:
+            courier.stop(timeout_s=0)
+        for courier in couriers:
+            courier.stop(timeout_s=max(give_up_at - time.monotonic(), 0.0))
+
+    def _add_new(self) -> list[Sweeper]:
+        """Make the couriers missing; return those to start now (none before start())."""
+        monitor = self._monitor
+        wanted = set(monitor.config.channels) | set(monitor.store.pending_channels())
+        with self._lock:
+            if self._stopped:
+                return []
+            for channel in sorted(wanted - set(self._couriers)):
+                self._couriers[channel] = Sweeper(lambda channel=channel: monitor.deliver(channel),
+                                                  name=f"{channel} courier")
+            if not self._started:
+                return []
+            fresh = [self._couriers[channel] for channel in sorted(set(self._couriers) - self._running)]
+            self._running.update(self._couriers)
+            return fresh
+
+
 ###############################################################################
 # Run wrapper #################################################################
 ###############################################################################
@@ -4614,19 +4683,6 @@ def main(argv: list[str] | None = None) -> int:
                 return _serve(server, monitor)
 
 
-def _couriers(monitor: Monitor) -> list[Sweeper]:
-    """One courier per channel instance, woken when notices are queued (not yet
-    started), so a dead destination delays no other.  Notices queued for an
-    instance since removed from the config get one too, which gives them up."""
-    couriers = []
-    pending = {row["channel"] for row in monitor.store.pending_notices()}
-    for channel in sorted(set(monitor.config.channels) | pending):
-        courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
-        monitor.on_outbox(courier.poke)
-        couriers.append(courier)
-    return couriers
-
-
 def _serve(server: Server, monitor: Monitor) -> int:
     def sweep() -> float | None:
         monitor.sweep()
@@ -4634,7 +4690,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
 
     sweeper = Sweeper(sweep)
     monitor.on_deadline(sweeper.poke)
-    couriers = _couriers(monitor)
+    couriers = Couriers(monitor)
     thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
     # A signal handler must not take locks (Event.set() can deadlock against the
     # main thread's own wait), so the C handler writes the signal number to a
@@ -4651,8 +4707,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
             log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
                      f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
             sweeper.start()
-            for courier in couriers:
-                courier.start()
+            couriers.start()
             while wake_r.recv(1)[0] not in previous:
                 pass
         finally:
@@ -4663,7 +4718,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
     server.shutdown()
     server.socket.close()  # refuse new connections now; requests in progress still finish
     thread.join()
-    workers = (sweeper, *couriers)
+    workers = (sweeper, couriers)
     for worker in workers:
         worker.stop(timeout_s=0)
     give_up_at = time.monotonic() + SHUTDOWN_WAIT_S

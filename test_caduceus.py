@@ -3229,6 +3229,23 @@ class TestNotifyTest(unittest.TestCase):
         self.assertEqual(self.good.requests, [])
 
 
+class LogEvent(logging.Handler):
+    """Keeps what Caduceus logs at ``level`` or above while the test runs, and
+    sets ``seen``: a test can wait for a worker thread's log line."""
+
+    def __init__(self, test: unittest.TestCase, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+        logger = logging.getLogger("caduceus")
+        logger.addHandler(self)
+        test.addCleanup(logger.removeHandler, self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.seen.set()
+
+
 class CourierTest(unittest.TestCase):
     """One courier per channel instance, as the service runs them."""
 
@@ -3253,18 +3270,58 @@ class CourierTest(unittest.TestCase):
         monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
                                    {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
         monitor.start()
-        couriers = caduceus._couriers(monitor)
-        self.assertEqual(sorted(courier._name for courier in couriers),
-                         ["console courier", "webhook.dead courier", "webhook.live courier"])
-        for courier in couriers:
-            courier.start()
-            self.addCleanup(courier.stop, WAIT_S)
+        couriers = caduceus.Couriers(monitor)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
         self.addCleanup(dead.close)  # before the couriers stop: the hung attempt ends at once
+        self.assertEqual(couriers.names(), ["console", "webhook.dead", "webhook.live"])
         started = time.monotonic()
         monitor.ping("job", caduceus.Ping(caduceus.FAIL))
         self.assertTrue(live.received.wait(WAIT_S))
         self.assertLess(time.monotonic() - started, dead_timeout_s, "the live webhook did not wait for the dead one")
         self.assertEqual(live.requests[0].json()["event"], "failing")
+
+
+    def test_a_channel_that_appears_in_a_new_config_gets_its_courier_when_it_has_notices(self):
+        first = serve(self, ServiceStandIn())
+        later = serve(self, ServiceStandIn())
+        text = f"""
+            [alerting.webhook.first]
+            url = "{first.url}/"
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.first"]
+        """
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config_from(self, text),
+                                   {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
+        monitor.start()
+        couriers = caduceus.Couriers(monitor)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
+        self.assertEqual(couriers.names(), ["console", "webhook.first"])
+        # What a reload does: a new config, here with a second webhook for the alert.
+        monitor.config = config_from(self, text.replace('channels = ["webhook.first"]',
+                                                        'channels = ["webhook.first", "webhook.later"]')
+                                     + f'[alerting.webhook.later]\nurl = "{later.url}/"\n')
+        monitor.ping("job", caduceus.Ping(caduceus.FAIL))
+        self.assertTrue(later.received.wait(WAIT_S))
+        self.assertTrue(first.received.wait(WAIT_S))
+        self.assertEqual(couriers.names(), ["console", "webhook.first", "webhook.later"])
+
+    def test_notices_left_for_a_removed_channel_get_a_courier_to_give_them_up(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        notice = caduceus.Notice("job", caduceus.FAILING, 1.0)
+        store.enqueue("job", "webhook.gone", caduceus.NOTICE_DOWN, "s", notice.to_json(), 1.0)
+        config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        couriers = caduceus.Couriers(caduceus.Monitor(store, config, {}))
+        self.assertEqual(couriers.names(), [], "none before start")
+        errors = LogEvent(self, logging.ERROR)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
+        self.assertTrue(errors.seen.wait(WAIT_S))
+        self.assertIn("no longer configured", errors.records[0].getMessage())
+        self.assertEqual(couriers.names(), ["console", "webhook.gone"])
 
 
 class ProxyStandIn(socketserver.ThreadingTCPServer):
