@@ -4729,6 +4729,31 @@ class RunWrapperTest(unittest.TestCase):
         self.assertIn("caduceus run: http://127.0.0.1:", err)
         self.assertIn("/reset/nightly/5?key=***: gave up after 3 attempts\n", err)
 
+    def test_an_answer_that_drips_is_cut_off_at_the_timeout(self):
+        # A per-read timeout never trips on a server that sends a byte every 0.1 s.
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            def drip():
+                conn = listener.accept()[0]
+                with conn:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    while not stop.wait(0.1):
+                        with contextlib.suppress(OSError):
+                            conn.sendall(b"X")
+            dripper = threading.Thread(target=drip)
+            dripper.start()
+            self.addCleanup(dripper.join)
+            url = f"http://127.0.0.1:{listener.getsockname()[1]}/reset/nightly/0?key=s3cret"
+            err = io.StringIO()
+            started = time.monotonic()
+            with contextlib.redirect_stderr(err):
+                delivered = caduceus._send_signal(url, b"", 0, 0.5, sleep=lambda s: None, clock=time.monotonic)
+            self.assertLess(time.monotonic() - started, 2.0)
+            stop.set()
+        self.assertFalse(delivered)
+        self.assertIn("gave up after 1 attempt", err.getvalue())
+
     def test_a_start_without_an_answer_is_abandoned_when_the_job_ends(self):
         standin = serve(self, SignalStandIn(hanging=("start",)))
         self.addCleanup(standin.released.set)
