@@ -4082,7 +4082,7 @@ new config was refused (the running one is kept).  Exit status 0: reloaded;
 examples:
   python3 caduceus.py reload --pid-file /run/caduceus.pid
   python3 caduceus.py reload --url http://127.0.0.1:5000/ -c /etc/caduceus/caduceus.toml
-  python3 caduceus.py reload --url http://monitor:5000/ --key "$CADUCEUS_KEY"
+  python3 caduceus.py reload --url http://monitor:5000/ --key "$CADUCEUS_KEY" --timeout 30
 """
 
 
@@ -4313,6 +4313,7 @@ def _start_workers(server: Server, monitor: Monitor, config_path: str) -> list[S
         monitor.on_outbox(courier.poke)
         couriers.append(courier)
     server.watchdog = watchdog = Watchdog(monitor, sweeper)
+    watchdog.record_alive()  # healthy from the first request on, if the database is writable
     alive = Sweeper(watchdog.record_alive, name="liveness recorder")
     heartbeat = Sweeper(watchdog.heartbeat, name="heartbeat")
     server.reloader = _Reloader(config_path, server, monitor, heartbeat.poke)

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -4456,6 +4457,124 @@ class ProcessTest(unittest.TestCase):
                              .fetchone()[0], first_seen)
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
+
+
+class OperationsProcessTest(unittest.TestCase):
+    """caduceus.py as a real process: socket activation, SIGHUP, the reload command, --help."""
+
+    def setUp(self):
+        self.dir = temp_dir(self)
+        self.config = write_config(self, CONSOLE_CONFIG, self.dir)
+        self.db = os.path.join(self.dir, "database.sqlite3")
+        self.pid_file = os.path.join(self.dir, "caduceus.pid")
+
+    def start_activated(self) -> tuple[subprocess.Popen, int, queue.Queue]:
+        """Start Caduceus as systemd would: a listening socket as fd 3, LISTEN_FDS and
+        LISTEN_PID set.  -p names the socket's own port, so binding it would fail."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        program = [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", self.config, "-b", self.db,
+                   "-i", "127.0.0.1", "-p", str(port), "--pid-file", self.pid_file]
+        # LISTEN_PID must be the pid of the process that serves: a shim sets it, moves
+        # the socket to fd 3 and execs Caduceus in the same process.
+        shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.executable, sys.argv[2:])")
+        process = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), *program],
+                                   pass_fds=(listener.fileno(),), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        return process, port, lines
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT_S) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def wait_for(self, lines: queue.Queue, words: str) -> str:
+        while True:
+            line = lines.get(timeout=WAIT_S)
+            if words in line:
+                return line
+
+    def command(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), *argv],
+                              capture_output=True, text=True, timeout=WAIT_S)
+
+    def test_socket_activation_serves_the_socket_systemd_passes(self):
+        process, port, lines = self.start_activated()
+        # The socket listens already: this waits in the kernel's queue until Caduceus accepts it.
+        self.assertEqual(self.get(port, "/reset/hourly/?key=s3cret"), (200, "Alert reset."))
+        self.assertEqual(self.get(port, "/healthz"), (200, "OK\n"))
+        self.wait_for(lines, "serving on the socket passed by systemd")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+
+    def test_sighup_and_the_reload_command_reload_a_running_service(self):
+        process, port, lines = self.start_activated()
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 404)
+        self.wait_for(lines, "listening on")
+        with open(self.pid_file, encoding="ascii") as file:
+            self.assertEqual(int(file.read()), process.pid)
+        write_config(self, CONSOLE_CONFIG + '\n    [alerts.fresh]\n    every = "1h"\n', self.dir)
+        sent = self.command("reload", "--pid-file", self.pid_file)
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertIn("added alert fresh (every 1h)", self.wait_for(lines, "reloaded"))
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret"), (200, "Alert reset."))
+        # Over HTTP, with the key from the config; a broken config is refused and the old one kept.
+        write_config(self, CONSOLE_CONFIG.replace('every = "1d"', 'every = "soon"'), self.dir)
+        refused = self.command("reload", "--url", f"http://127.0.0.1:{port}/", "--key", "s3cret")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("400: Reload refused, the running config is kept: ", refused.stderr)
+        self.assertIn('alerts.backups.every: expected a duration', refused.stderr)
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 200)
+        write_config(self, CONSOLE_CONFIG, self.dir)
+        done = self.command("reload", "--url", f"http://127.0.0.1:{port}", "-c", self.config)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("removed alert fresh", done.stdout)
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 404)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_reload_command_errors(self):
+        self.assertEqual(self.command("reload", "--pid-file", self.pid_file).returncode, 2)  # no such file
+        with open(self.pid_file, "w", encoding="ascii") as file:
+            file.write("not a pid\n")
+        failed = self.command("reload", "--pid-file", self.pid_file)
+        self.assertEqual(failed.returncode, 2)
+        self.assertIn("expected a process id", failed.stderr)
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        unreachable = self.command("reload", "--url", f"http://127.0.0.1:{port}/", "--key", "k")
+        self.assertEqual(unreachable.returncode, 1)
+        self.assertIn("cannot reach", unreachable.stderr)
+
+    def test_every_flag_is_explained_with_an_example(self):
+        for command in ([], ["check"], ["run"], ["reload"]):
+            with self.subTest(command=command):
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exit:
+                    caduceus.main([*command, "--help"])
+                self.assertEqual(exit.exception.code, 0)
+                text = out.getvalue()
+                options, _, examples = text.partition("\nexamples:\n")
+                self.assertTrue(examples.strip(), text)
+                flags = re.findall(r"^  (-[-\w]+(?: [A-Z]+)?(?:, --[-\w]+(?: [A-Z]+)?)?)", options, re.MULTILINE)
+                self.assertTrue(flags, text)
+                for flag in flags:
+                    names = [part.split()[0] for part in flag.split(", ")]
+                    if names[0] in ("-h", "--version"):
+                        continue
+                    self.assertTrue(any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", examples) for name in names),
+                                    f"{names} has no example in {command} --help")
 
 
 class BenchmarkTest(unittest.TestCase):
