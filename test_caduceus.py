@@ -3252,6 +3252,14 @@ class ReloadTest(unittest.TestCase):
         self.assertEqual(results, [(200, b"Alert reset.")] * threads * per_thread)
         self.assertEqual(self.monitor.store.check("hourly")["n_pings"], threads * per_thread)
 
+    def test_max_connections_applies_to_the_next_connection(self):
+        write_config(self, RELOAD_CONFIG.replace('secret_key = "s3cret"',
+                                                 'secret_key = "s3cret"\n    max_connections = 3'), self.dir)
+        done, text = self.server.reloader()
+        self.assertTrue(done)
+        self.assertIn("changed [config] max_connections", text)
+        self.assertEqual(self.server.connections.max_connections, 3)
+
     def test_config_changes_name_secrets_without_showing_them(self):
         old = self.monitor.config
         new = dataclasses.replace(old, secret_key="n3w-secret", heartbeat_url="http://hc.example/ping/uuid")
