@@ -12,12 +12,15 @@ Run::
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
+    python3 caduceus.py reload [--pid-file F | --url URL]  # re-read the config (as SIGHUP does)
 
 Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
 
     [config]
     secret_key = "somelongkey"        # optional; check-ins must then carry it
     timezone = "UTC"                  # default for schedules
+    heartbeat_url = "https://hc-ping.com/..."  # fetched every heartbeat_every (1m) while healthy
+    trusted_proxies = ["127.0.0.1"]   # whose X-Forwarded-For names the client
 
     [alerting.email]                  # optional; also [alerting.telegram]
     recipient_emails = ["ops@example.com"]
@@ -42,6 +45,8 @@ HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
     /reset/<name>/<signal>?key=K         signal: start, fail, log, or an exit status 0-255
     /ping/[<K>/]<name>[/<signal>]        the same, as healthchecks.io spells it: 200 "OK"
     GET /                                a short status page
+    GET /healthz                         200 "OK", or 503 with what is wrong
+    POST /api/v1/reload?key=K            re-read the config file, as SIGHUP does
 
 An unknown name or a wrong key answers 404, a bad signal 400.  A 200 means
 the signal is committed to SQLite.  All state (first seen, last success,
@@ -3238,7 +3243,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
-        log.info("%s %s", getattr(self, "client", self.client_address[0]), self._mask(format % args))
+        log.info("%s %s", self.client, self._mask(format % args))
 
 
 ###############################################################################
