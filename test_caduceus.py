@@ -4257,6 +4257,22 @@ class ReloadTest(unittest.TestCase):
         self.assertEqual(results, [(200, b"Alert reset.")] * threads * per_thread)
         self.assertEqual(self.monitor.store.check("hourly")["n_pings"], threads * per_thread)
 
+    def test_reload_starts_and_retires_couriers(self):
+        couriers = caduceus.Couriers(self.monitor)
+        self.addCleanup(couriers.stop)
+        couriers.start()
+        self.server.reloader = caduceus._Reloader(self.path, self.server, self.monitor,
+                                                  lambda now: couriers.sync())
+        self.assertEqual(couriers.names(), ["console", "email"])
+        without_email = RELOAD_CONFIG.split("[alerting.email]")[0] + "[alerts]" + RELOAD_CONFIG.split("[alerts]")[1]
+        write_config(self, without_email, self.dir)
+        done, text = self.server.reloader()
+        self.assertIn("removed channel email", text)
+        self.assertEqual(couriers.names(), ["console"])
+        write_config(self, RELOAD_CONFIG, self.dir)
+        self.assertIn("added channel email", self.server.reloader()[1])
+        self.assertEqual(couriers.names(), ["console", "email"])
+
     def test_max_connections_applies_to_the_next_connection(self):
         write_config(self, RELOAD_CONFIG.replace('secret_key = "s3cret"',
                                                  'secret_key = "s3cret"\n    max_connections = 3'), self.dir)
@@ -4429,6 +4445,8 @@ class DowntimeTest(unittest.TestCase):
         note = (f"Caduceus itself was not running from {caduceus.format_time(last_alive_at)} to "
                 f"{caduceus.format_time(self.clock.now)}, when this deadline passed")
         self.assertIn(note, console.notices[0].body)
+        facts = console.notices[0].notice  # the same, as facts for the channels that render their own
+        self.assertEqual((facts.monitor_down_from, facts.monitor_down_to), (last_alive_at, self.clock.now))
         # A failure after the restart is the job's alone.
         monitor.ping("hourly")
         self.clock.advance(3600)
