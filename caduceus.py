@@ -4866,6 +4866,18 @@ def _local_time(at: float, tz: datetime.tzinfo) -> str:
     return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+#: The end of ``test-notify --help``.
+TEST_NOTIFY_EPILOG = """\
+One line per channel says whether it delivered.  Exit status 0: every channel
+delivered; 1: one failed; 2: a usage or config error.
+
+examples:
+  python3 caduceus.py test-notify backups                  # the channels of alert "backups"
+  python3 caduceus.py test-notify --channel webhook.ops    # one channel instance
+  python3 caduceus.py test-notify -c /etc/caduceus/caduceus.toml   # every configured channel
+"""
+
+
 def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     """``test-notify``: send a test notice now through an alert's channels, one
     channel, or every configured channel; print one line per channel.  Alert
@@ -4874,7 +4886,8 @@ def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -
     config error."""
     parser = argparse.ArgumentParser(
         prog="caduceus.py test-notify", description="Send a test notice through an alert's channels (or one "
-        "channel, or every channel) now, without touching alert state or the outbox.")
+        "channel, or every\nchannel) now, without touching alert state or the outbox.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TEST_NOTIFY_EPILOG)
     parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
                         help="the configuration file (default: caduceus.toml)")
     which = parser.add_mutually_exclusive_group()
@@ -5016,6 +5029,7 @@ SERVICE_EPILOG = """\
 commands (each has its own --help):
   caduceus.py run URL -- COMMAND   run a job and report its start, exit status and output
   caduceus.py check                validate the config and show each alert's next deadline
+  caduceus.py test-notify          send a test notice through an alert's channels now
   caduceus.py reload               make the running service re-read its config
 
 signals: SIGTERM and SIGINT stop the service cleanly; SIGHUP re-reads the

@@ -5589,7 +5589,7 @@ class OperationsProcessTest(unittest.TestCase):
         self.assertIn("cannot reach", unreachable.stderr)
 
     def test_every_flag_is_explained_with_an_example(self):
-        for command in ([], ["check"], ["run"], ["reload"]):
+        for command in ([], ["check"], ["run"], ["reload"], ["test-notify"]):
             with self.subTest(command=command):
                 out = io.StringIO()
                 with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exit:
