@@ -2132,8 +2132,8 @@ def load_config(path: str) -> Config:
     max_connections = settings.take("max_connections", "a whole number, at least 1", _positive_int, 512)
     heartbeat_url = settings.take("heartbeat_url", "an http(s) URL", _http_url_as_is, "")
     heartbeat_every_s = settings.take("heartbeat_every", DURATION_HINT, _cadence, 60.0)
-    trusted_proxies = settings.take("trusted_proxies", 'a list of addresses or CIDR blocks, such as ["127.0.0.1"]',
-                                    _networks, ())
+    trusted_proxies = settings.take("trusted_proxies", "a list of addresses or CIDR blocks, "
+                                    'such as ["127.0.0.1"]', _networks, ())
     settings.finish()
 
     channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
@@ -4065,7 +4065,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         if not secret:
             self._reply(403, "Reloading over HTTP needs a secret_key in [config]; send SIGHUP instead.\n")
         elif not hmac.compare_digest(key.encode(), secret.encode()):
-            self._reject(403, "Wrong or missing key.\n", "", "reload with a wrong key" if key else "reload without key")
+            why = "reload with a wrong key" if key else "reload without a key"
+            self._reject(403, "Wrong or missing key.\n", "", why)
         elif self.server.reloader is None:
             self._reply(503, "Reloading is not available here.\n")
         else:
@@ -4424,7 +4425,8 @@ class Watchdog:
     """
 
     def __init__(self, monitor: Monitor, sweeper: Sweeper | None,
-                 fetch: Callable[[str, float], None] = _fetch, clock: Callable[[], float] = time.time) -> None:
+                 fetch: Callable[[str, float], None] = _fetch,
+                 clock: Callable[[], float] = time.time) -> None:
         self.monitor = monitor
         self.sweeper = sweeper
         self._fetch = fetch
@@ -5155,21 +5157,30 @@ def systemd_socket() -> socket.socket | None:
     return sock
 
 
-@contextlib.contextmanager
-def _pid_file(path: str | None) -> Iterator[None]:
-    """Hold the process id in ``path`` (if given) while the block runs."""
-    if not path:
-        yield
-        return
-    temporary = f"{path}.{os.getpid()}.tmp"
-    with open(temporary, "w", encoding="ascii") as file:
-        file.write(f"{os.getpid()}\n")
-    os.replace(temporary, path)  # never half-written for a reader
-    try:
-        yield
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+class _PidFile:
+    """The process id, written to ``path`` (if given) now and removed on leaving
+    the ``with`` block.  Raises OSError if it cannot be written."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        if path:
+            temporary = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(temporary, "w", encoding="ascii") as file:
+                    file.write(f"{os.getpid()}\n")
+                os.replace(temporary, path)  # never half-written for a reader
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+
+    def __enter__(self) -> _PidFile:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
 
 
 #: The end of ``reload --help``.
@@ -5224,8 +5235,8 @@ def _reload_main(argv: list[str]) -> int:
             return 0
     except urllib.error.HTTPError as exc:
         with exc:
-            print(f"caduceus: {exc.code}: {exc.read(HTTP_MAX_ANSWER_BYTES).decode('utf-8', 'replace').rstrip()}",
-                  file=sys.stderr)
+            answer = exc.read(HTTP_MAX_ANSWER_BYTES).decode("utf-8", "replace").rstrip()
+            print(f"caduceus: {exc.code}: {answer}", file=sys.stderr)
         return 1
     except (OSError, http.client.HTTPException) as exc:
         print(f"caduceus: cannot reach {mask_keys(args.url)}: {getattr(exc, 'reason', None) or exc}",
@@ -5294,8 +5305,8 @@ def main(argv: list[str] | None = None) -> int:
         # Listen before touching the database: a start that cannot serve changes nothing.
         activated = os.environ.get("LISTEN_PID") == str(os.getpid())
         try:
-            server = Server((args.host, args.port), max_connections=raise_open_files_limit(config.max_connections),
-                            listen_socket=systemd_socket())
+            server = Server((args.host, args.port), listen_socket=systemd_socket(),
+                            max_connections=raise_open_files_limit(config.max_connections))
         except (OSError, UnicodeError) as exc:
             where = "the socket passed by systemd (LISTEN_FDS)" if activated else f"{args.host}:{args.port}"
             print(f"caduceus: cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}",
@@ -5307,12 +5318,24 @@ def main(argv: list[str] | None = None) -> int:
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
-            lock.keep()
-            with contextlib.closing(store), _pid_file(args.pid_file):
-                senders = {kind: channel.send for kind, channel in CHANNELS.items()}
-                server.monitor = monitor = Monitor(store, config, senders)
-                monitor.start()
-                return _serve(server, monitor, args.config)
+            with contextlib.closing(store):
+                try:
+                    pid_file = _PidFile(args.pid_file)
+                except OSError as exc:
+                    print(f"caduceus: {args.pid_file}: cannot write the pid file: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    return 2
+                lock.keep()
+                with pid_file:
+                    return _run_service(server, store, config, args.config)
+
+
+def _run_service(server: Server, store: Store, config: Config, config_path: str) -> int:
+    """Watch ``config``'s alerts in ``store`` and serve until stopped."""
+    senders = {kind: channel.send for kind, channel in CHANNELS.items()}
+    server.monitor = monitor = Monitor(store, config, senders)
+    monitor.start()
+    return _serve(server, monitor, config_path)
 
 
 class _Reloader:

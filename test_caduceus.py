@@ -4264,7 +4264,8 @@ class ReloadTest(unittest.TestCase):
         self.server.reloader = caduceus._Reloader(self.path, self.server, self.monitor,
                                                   lambda now: couriers.sync())
         self.assertEqual(couriers.names(), ["console", "email"])
-        without_email = RELOAD_CONFIG.split("[alerting.email]")[0] + "[alerts]" + RELOAD_CONFIG.split("[alerts]")[1]
+        without_email = (RELOAD_CONFIG.split("[alerting.email]")[0] + "[alerts]"
+                         + RELOAD_CONFIG.split("[alerts]")[1])
         write_config(self, without_email, self.dir)
         done, text = self.server.reloader()
         self.assertIn("removed channel email", text)
@@ -4382,7 +4383,8 @@ class WatchdogTest(unittest.TestCase):
         self.watchdog.record_alive()
         with socket.create_server(("127.0.0.1", 0)) as sock:
             port = sock.getsockname()[1]
-        config = dataclasses.replace(self.monitor.config, heartbeat_url=f"http://127.0.0.1:{port}/ping/hidden-uuid")
+        config = dataclasses.replace(self.monitor.config,
+                                     heartbeat_url=f"http://127.0.0.1:{port}/ping/hidden-uuid")
         self.monitor.reload(config)
         with self.assertLogs("caduceus", "WARNING") as logs:
             self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
@@ -4471,7 +4473,8 @@ class TrustedProxyTest(unittest.TestCase):
     """X-Forwarded-For names the client only when the peer is a trusted proxy."""
 
     def start(self, trusted: str) -> None:
-        text = CONSOLE_CONFIG.replace('secret_key = "s3cret"', f'secret_key = "s3cret"\n    trusted_proxies = {trusted}')
+        text = CONSOLE_CONFIG.replace('secret_key = "s3cret"',
+                                      f'secret_key = "s3cret"\n    trusted_proxies = {trusted}')
         store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
         self.monitor = caduceus.Monitor(store, config_from(self, text), {"console": Recorder()}, FakeClock())
         self.monitor.start()
@@ -5575,6 +5578,15 @@ class OperationsProcessTest(unittest.TestCase):
         self.assertEqual(process.wait(WAIT_S), 0)
         self.assertFalse(os.path.exists(self.pid_file))
 
+    def test_an_unwritable_pid_file_is_one_line_and_exit_status_2(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = caduceus.main(["-c", self.config, "-b", self.db, "-i", "127.0.0.1", "-p", "0",
+                                  "--pid-file", os.path.join(self.dir, "missing", "caduceus.pid")])
+        self.assertEqual(code, 2)
+        self.assertRegex(err.getvalue(), r"^caduceus: .*caduceus.pid: cannot write the pid file: .*\n$")
+        self.assertFalse(os.path.exists(self.db + ".lock"))  # a failed start changes nothing
+
     def test_reload_command_errors(self):
         self.assertEqual(self.command("reload", "--pid-file", self.pid_file).returncode, 2)  # no such file
         with open(self.pid_file, "w", encoding="ascii") as file:
@@ -5598,14 +5610,15 @@ class OperationsProcessTest(unittest.TestCase):
                 text = out.getvalue()
                 options, _, examples = text.partition("\nexamples:\n")
                 self.assertTrue(examples.strip(), text)
-                flags = re.findall(r"^  (-[-\w]+(?: [A-Z]+)?(?:, --[-\w]+(?: [A-Z]+)?)?)", options, re.MULTILINE)
+                flag = r"-[-\w]+(?: [A-Z]+)?"
+                flags = re.findall(rf"^  ({flag}(?:, {flag})?)", options, re.MULTILINE)
                 self.assertTrue(flags, text)
                 for flag in flags:
                     names = [part.split()[0] for part in flag.split(", ")]
                     if names[0] in ("-h", "--version"):
                         continue
-                    self.assertTrue(any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", examples) for name in names),
-                                    f"{names} has no example in {command} --help")
+                    shown = any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", examples) for name in names)
+                    self.assertTrue(shown, f"{names} has no example in {command} --help")
 
 
 ###############################################################################
