@@ -5578,6 +5578,19 @@ class OperationsProcessTest(unittest.TestCase):
         self.assertEqual(process.wait(WAIT_S), 0)
         self.assertFalse(os.path.exists(self.pid_file))
 
+    def test_a_heartbeat_url_added_by_a_reload_is_fetched_at_once(self):
+        stand_in = serve(self, HeartbeatStandIn())
+        process, port, lines = self.start_activated()
+        self.wait_for(lines, "listening on")
+        url = f"http://127.0.0.1:{stand_in.server_address[1]}/ping/other-box"
+        write_config(self, CONSOLE_CONFIG.replace('secret_key = "s3cret"',
+                                                  f'secret_key = "s3cret"\n    heartbeat_url = "{url}"'), self.dir)
+        process.send_signal(signal.SIGHUP)
+        self.assertEqual(stand_in.paths.get(timeout=WAIT_S), "/ping/other-box")
+        self.assertIn("changed [config] heartbeat_url", self.wait_for(lines, "reloaded"))
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+
     def test_an_unwritable_pid_file_is_one_line_and_exit_status_2(self):
         err = io.StringIO()
         with contextlib.redirect_stderr(err):
