@@ -14,6 +14,7 @@ Run::
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
+    python3 caduceus.py reload [--pid-file F | --url URL]  # re-read the config (as SIGHUP does)
     python3 caduceus.py test-notify [-c caduceus.toml] [ALERT | --channel NAME]
 
 Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
@@ -21,6 +22,8 @@ Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
     [config]
     secret_key = "somelongkey"        # optional; check-ins must then carry it
     timezone = "UTC"                  # default for schedules
+    heartbeat_url = "https://hc-ping.com/..."  # fetched every heartbeat_every (1m) while healthy
+    trusted_proxies = ["127.0.0.1"]   # whose X-Forwarded-For names the client
 
     [alerting.email]                  # optional; also telegram, webhook, slack, ...
                                       # ([alerting.KIND.NAME] is the channel "KIND.NAME")
@@ -46,6 +49,8 @@ HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
     /reset/<name>/<signal>?key=K         signal: start, fail, log, or an exit status 0-255
     /ping/[<K>/]<name>[/<signal>]        the same, as healthchecks.io spells it: 200 "OK"
     GET /                                a short status page
+    GET /healthz                         200 "OK", or 503 with what is wrong
+    POST /api/v1/reload?key=K            re-read the config file, as SIGHUP does
 
 An unknown name or a wrong key answers 404, a bad signal 400.  A 200 means
 the signal is committed to SQLite.  All state (first seen, last success,
@@ -73,6 +78,7 @@ import hmac
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -825,6 +831,20 @@ def _http_url(value: Any) -> str:
     return value.rstrip("/")
 
 
+def _networks(value: Any) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """A list of addresses and CIDR blocks: ``["127.0.0.1", "10.0.0.0/8", "::1"]``."""
+    if not isinstance(value, list):
+        raise TypeError
+    networks = []
+    for item in value:
+        try:
+            networks.append(ipaddress.ip_network(_string(item).strip(), strict=False))
+        except (TypeError, ValueError):
+            raise ValueError(f'expected IP addresses or CIDR blocks such as "10.0.0.0/8", '
+                             f"got {_show(item)}") from None
+    return tuple(networks)
+
+
 def _http_url_as_is(value: Any) -> str:
     """An http(s) URL kept exactly as written (a webhook's path may end in /)."""
     parts = urllib.parse.urlsplit(_string(value))
@@ -966,6 +986,9 @@ class Notice:
     recipients: tuple[str, ...] = ()
     incident: str = ""
     text: tuple[str, str] | None = None
+    #: When Caduceus itself was not running, if the deadline passed then (see Monitor.downtime).
+    monitor_down_from: float | None = None
+    monitor_down_to: float | None = None
 
     @property
     def overdue_s(self) -> float | None:
@@ -1018,8 +1041,12 @@ def _text_lines(notice: Notice) -> tuple[str, list[str]]:
     else:
         still = "still " if notice.event == STILL_FAILING else ""
         subject = f"Caduceus: Alert \"{name}\" is {still}failing."
-        lines += [f"Your alert \"{name}\" is {still}failing: {notice.reason}.", "",
-                  f"Schedule:      {notice.schedule}",
+        lines += [f"Your alert \"{name}\" is {still}failing: {notice.reason}.", ""]
+        if notice.monitor_down_from is not None and notice.monitor_down_to is not None:
+            lines += [f"Caduceus itself was not running from {format_time(notice.monitor_down_from)} to "
+                      f"{format_time(notice.monitor_down_to)}, when this deadline passed: check-ins sent "
+                      "then were not received, so the job may have run.", ""]
+        lines += [f"Schedule:      {notice.schedule}",
                   f"Last success:  {_last_success(notice)}"]
         if notice.due_at is not None:
             lines.append(f"Overdue by:    {format_duration(notice.overdue_s, 2)} "
@@ -2016,6 +2043,11 @@ class Config:
     path: str = ""
     max_connections: int = 512
     base_url: str = ""  #: where users reach this Caduceus, for links in notices; "" for none
+    #: Fetched every ``heartbeat_every_s`` while Caduceus is healthy ("": none).
+    heartbeat_url: str = dataclasses.field(default="", repr=False)
+    heartbeat_every_s: float = 60.0
+    #: Proxies whose X-Forwarded-For is believed (see Handler._client_of).
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
 
 def _zone(value: Any) -> datetime.tzinfo:
@@ -2098,6 +2130,10 @@ def load_config(path: str) -> Config:
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     base_url = settings.take("base_url", "an http(s) URL", _http_url, "")
     max_connections = settings.take("max_connections", "a whole number, at least 1", _positive_int, 512)
+    heartbeat_url = settings.take("heartbeat_url", "an http(s) URL", _http_url_as_is, "")
+    heartbeat_every_s = settings.take("heartbeat_every", DURATION_HINT, _cadence, 60.0)
+    trusted_proxies = settings.take("trusted_proxies", "a list of addresses or CIDR blocks, "
+                                    'such as ["127.0.0.1"]', _networks, ())
     settings.finish()
 
     channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
@@ -2117,7 +2153,8 @@ def load_config(path: str) -> Config:
     alerts.finish()
     top.finish()
     return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url,
-                  max_connections=max_connections)
+                  max_connections=max_connections, heartbeat_url=heartbeat_url,
+                  heartbeat_every_s=heartbeat_every_s, trusted_proxies=trusted_proxies)
 
 
 def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
@@ -2241,6 +2278,48 @@ def _check_channels(path: str, spec: CheckSpec, channels: Mapping[str, ChannelIn
                               f"sends email but has no recipients here or in [alerting.{name}]")
 
 
+def config_changes(old: Config, new: Config) -> list[str]:
+    """What a reload from ``old`` to ``new`` changes, in words for the log:
+    ``["added alert backups (every 1d)", "changed alert hourly: every 1h -> every 2h"]``.
+
+    Secrets (``secret_key``, passwords, tokens, the heartbeat URL) are named,
+    never shown.
+    """
+    changes = [f"added alert {name} ({spec.describe()})" for name, spec in new.checks.items()
+               if name not in old.checks]
+    changes += [f"removed alert {name}" for name in old.checks if name not in new.checks]
+    for name, spec in new.checks.items():
+        before = old.checks.get(name)
+        if before is not None and before != spec:
+            changes.append(f"changed alert {name}: {_spec_changes(before, spec)}")
+    changes += [f"added channel {name}" for name in new.channels if name not in old.channels]
+    changes += [f"removed channel {name}" for name in old.channels if name not in new.channels]
+    changes += [f"changed channel {name}" for name, instance in new.channels.items()
+                if name in old.channels and old.channels[name] != instance]
+    for field, words in (("secret_key", "[config] secret_key"), ("base_url", "[config] base_url"),
+                         ("max_connections", "[config] max_connections"),
+                         ("heartbeat_url", "[config] heartbeat_url"),
+                         ("heartbeat_every_s", "[config] heartbeat_every"),
+                         ("trusted_proxies", "[config] trusted_proxies")):
+        if getattr(old, field) != getattr(new, field):
+            changes.append(f"changed {words}")
+    return changes
+
+
+def _spec_changes(old: CheckSpec, new: CheckSpec) -> str:
+    parts = []
+    if old.describe() != new.describe():
+        parts.append(f"{old.describe()} -> {new.describe()}")
+    if old.notify_every_s != new.notify_every_s:
+        parts.append(f"notify_every {format_duration(old.notify_every_s)} -> "
+                     f"{format_duration(new.notify_every_s)}")
+    if old.channels != new.channels:
+        parts.append(f"channels {', '.join(old.channels) or 'none'} -> {', '.join(new.channels) or 'none'}")
+    if old.recipient_emails != new.recipient_emails:
+        parts.append("recipient_emails changed")
+    return "; ".join(parts) or "changed"
+
+
 ###############################################################################
 # Storage #####################################################################
 ###############################################################################
@@ -2329,6 +2408,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     facts           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value
+);
 """
 #: The steps from each schema to the next, ``(version, statements)`` in order: a
 #: file of schema N gets every step above N, in one transaction.  Schema 1 is
@@ -2340,6 +2423,8 @@ MIGRATIONS = (
     # 3: notices are queued as facts (Notice.to_json), rendered by each channel
     # as it sends; older rows keep only their text in subject and body.
     (3, ["ALTER TABLE outbox ADD COLUMN facts TEXT NOT NULL DEFAULT ''"]),
+    # 4: small facts about Caduceus itself: last_alive_at, see Monitor.downtime.
+    (4, ["CREATE TABLE meta (key TEXT PRIMARY KEY, value)"]),
 )
 #: The schema this release writes (PRAGMA user_version).
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -2596,6 +2681,19 @@ class Store:
             conn.execute("UPDATE outbox SET created_at = created_at + ?1, "
                          "next_attempt_at = next_attempt_at + ?1 WHERE failed = 0", (step_s,))
 
+    # Liveness --------------------------------------------------------------
+
+    def record_alive(self, at: float) -> None:
+        """Record that Caduceus was running at ``at`` (written every ALIVE_EVERY_S,
+        so a restart knows when the previous run stopped)."""
+        with self.transaction() as conn:
+            conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_alive_at', ?)", (at,))
+
+    def last_alive_at(self) -> float | None:
+        """When Caduceus was last recorded running, or None if never."""
+        rows = self._all("SELECT value FROM meta WHERE key = 'last_alive_at'")
+        return float(rows[0]["value"]) if rows else None
+
     # Outbox ----------------------------------------------------------------
 
     def enqueue(self, name: str, channel: str, kind: str, subject: str, facts: str, now: float) -> None:
@@ -2811,9 +2909,10 @@ def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
 
 def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: str,
                  last_ping: Mapping[str, Any] | None, now: float, config: Config,
-                 incident: str = "") -> Notice:
+                 incident: str = "", monitor_down: tuple[float, float] | None = None) -> Notice:
     """The facts of a notice about ``row`` (the check as it is after the change)
-    at ``now``; ``last_ping`` is the latest signal (its output and exit status).
+    at ``now``; ``last_ping`` is the latest signal (its output and exit status);
+    ``monitor_down`` when Caduceus itself was not running as the deadline passed.
 
     A recovery reports the reason the alert was down for; a failure that
     missed its deadline (not one the job reported) says by how much.
@@ -2835,7 +2934,9 @@ def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: st
         notify_every_s=spec.notify_every_s, last_duration_s=row["last_duration_s"],
         last_exit_status=last_ping["exit_status"] if last_ping is not None else None,
         body_tail="\n".join(_tail(output)), url=url, checkin_url=checkin_url,
-        recipients=spec.recipient_emails, incident=incident)
+        recipients=spec.recipient_emails, incident=incident,
+        monitor_down_from=monitor_down[0] if monitor_down else None,
+        monitor_down_to=monitor_down[1] if monitor_down else None)
 
 
 def test_notice(config: Config, spec: CheckSpec | None, now: float) -> Notice:
@@ -2936,6 +3037,11 @@ class Monitor:
         #: Per channel, outcomes the database refused to record (disk full, read-only),
         #: by notice id: kept until it takes them, so a sent notice is not sent again.
         self._unrecorded: dict[str, dict[int, _Outcome]] = {}
+        #: When Caduceus itself last stopped and started again, (from, to), as
+        #: found by ``start()``; None at a first start.
+        self.downtime: tuple[float, float] | None = None
+        #: Per channel, when the send in progress began (``clock``): see Watchdog.
+        self.sending: dict[str, float] = {}
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -2953,6 +3059,45 @@ class Monitor:
             self.store.sync_checks(list(self.config.checks), now)
             if first_run:
                 self._import_legacy()
+            last_alive_at = self.store.last_alive_at()
+            if last_alive_at is not None and last_alive_at < now:
+                self.downtime = (last_alive_at, now)
+            self.store.record_alive(now)
+
+    def record_alive(self) -> float:
+        """Record that Caduceus is running now (a small write: it also proves the
+        database writable); return the time recorded.  Raises sqlite3.Error."""
+        with self._operation() as now:
+            self.store.record_alive(now)
+        return now
+
+    def reload(self, config: Config) -> tuple[list[str], list[str], list[str]]:
+        """Switch to ``config``; return the names of the alerts added, removed and changed.
+
+        Added alerts start as first seen now; removed ones are forgotten with
+        their history and queued notices; a changed ``every`` or ``schedule``
+        counts from the stored last check-in (the sweeper is told of the new
+        earliest deadline).  The switch happens inside one transaction, so a
+        check-in is recorded wholly under the old config or the new one.
+        Channels and recipients apply from the next notice sent.
+        """
+        with self._operation() as now:
+            old = self.config.checks
+            added = [name for name in config.checks if name not in old]
+            removed = [name for name in old if name not in config.checks]
+            changed = [name for name in config.checks if name in old and config.checks[name] != old[name]]
+            self.store.sync_checks(list(config.checks), now)
+            self.config = config
+        next_at = self.next_sweep_at()
+        if next_at is not None:
+            self._tell(self._deadline_listeners, next_at)
+        return added, removed, changed
+
+    def _down_while(self, due: float) -> tuple[float, float] | None:
+        """``downtime``, if the deadline ``due`` passed while Caduceus was not running."""
+        if self.downtime is None or not self.downtime[0] <= due <= self.downtime[1]:
+            return None
+        return self.downtime
 
     def _import_legacy(self) -> None:
         for name, (last_ping_at, notified_at) in self.store.legacy_state().items():
@@ -2972,12 +3117,13 @@ class Monitor:
     def ping(self, name: str, ping: Ping = Ping()) -> Flip | None:
         """Record a signal from a job; return the flip it caused, if any.
 
-        Raises ``KeyError`` for a name that is not configured.  When it
-        returns, the signal is committed and any notice it caused is queued.
+        Raises ``KeyError`` for a name that is not configured (read inside the
+        transaction, so a reload cannot remove it halfway).  When it returns,
+        the signal is committed and any notice it caused is queued.
         """
-        spec = self.config.checks[name]
         flip = None
         with self._operation() as now:
+            spec = self.config.checks[name]
             row = self.store.check(name)
             if row is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
@@ -3004,8 +3150,9 @@ class Monitor:
         flips = []
         reminded = False
         with self._operation() as now:
+            config = self.config  # once: a reload waits for the transaction
             for row in self.store.checks():
-                spec = self.config.checks.get(row["name"])
+                spec = config.checks.get(row["name"])
                 if spec is None:
                     continue
                 if row["status"] != DOWN:
@@ -3050,7 +3197,7 @@ class Monitor:
 
     def next_sweep_at(self) -> float | None:
         """When the next check goes overdue or is due a reminder; None with no checks."""
-        checks = self.config.checks
+        checks = self.config.checks  # once, as a reload may swap it
         return min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
                     if row["name"] in checks), default=None)
 
@@ -3067,7 +3214,9 @@ class Monitor:
             return None
         flip = Flip(spec.name, old, new, reason, at)
         self.store.add_flip(spec.name, at, old, new, reason)
-        self._enqueue(NOTICE_DOWN if new == DOWN else NOTICE_UP, spec, reason, now)
+        # A signal's flip happens now; only a deadline can pass while Caduceus was not running.
+        monitor_down = self._down_while(at) if new == DOWN and at < now else None
+        self._enqueue(NOTICE_DOWN if new == DOWN else NOTICE_UP, spec, reason, now, monitor_down)
         if new == DOWN:
             log.warning("%s: down: %s", spec.name, reason)
         else:
@@ -3077,7 +3226,8 @@ class Monitor:
 
     # Notices ---------------------------------------------------------------
 
-    def _enqueue(self, kind: str, spec: CheckSpec, reason: str, now: float) -> None:
+    def _enqueue(self, kind: str, spec: CheckSpec, reason: str, now: float,
+                 monitor_down: tuple[float, float] | None = None) -> None:
         """Queue a notice about the check as it is now (in the caller's transaction).
 
         The flip keeps what the notice needs (``down_at`` and ``down_reason``
@@ -3086,7 +3236,8 @@ class Monitor:
         row = self.store.check(spec.name)
         event = {NOTICE_DOWN: FAILING, NOTICE_REMINDER: STILL_FAILING, NOTICE_UP: RECOVERED}[kind]
         notice = notice_facts(event, spec, row, reason, self.store.last_ping(spec.name), now, self.config,
-                              incident=str(self.store.last_down_flip(spec.name) or ""))
+                              incident=str(self.store.last_down_flip(spec.name) or ""),
+                              monitor_down=monitor_down)
         subject = render_text(notice)[0]
         for channel in spec.channels:
             facts = _for_channel(notice, self.config, channel).to_json()
@@ -3138,6 +3289,7 @@ class Monitor:
             send = self.senders.get(instance.kind)
             if send is None:
                 raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
+            self.sending[channel] = self.clock()
             try:
                 send(instance.conf, notice)
             except NotifyError:
@@ -3146,6 +3298,8 @@ class Monitor:
                 # A notifier bug must cost an attempt, not block its channel forever.
                 log.exception("%s: %s notifier failed unexpectedly", notice.alert, channel)
                 raise NotifyError(f"unexpected {type(exc).__name__}") from None
+            finally:
+                self.sending.pop(channel, None)
         except NotifyError as exc:
             now = self.clock()  # a send can take its whole timeout before failing
             delay = min(RETRY_FIRST_S * 2 ** min(attempt - 1, 32), RETRY_MAX_S)
@@ -3511,6 +3665,21 @@ def _database_problem(exc: sqlite3.OperationalError) -> str:
     return text
 
 
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """An IP address (an IPv4 address mapped into IPv6 as IPv4), or None."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+             trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    return any(address in network for network in trusted)
+
+
 class _RateLimit:
     """Lets one event per key through every ``interval_s``, and counts the rest.
 
@@ -3562,9 +3731,14 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
                  max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S) -> None:
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S,
+                 listen_socket: socket.socket | None = None) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
+        #: What /healthz asks (None: healthy while it answers), and what
+        #: POST /api/v1/reload calls: ``reloader() -> (done, message)``.
+        self.watchdog: Watchdog | None = None
+        self.reloader: Callable[[], tuple[bool, str]] | None = None
         self.connections = _Connections(max_connections, slow_request_s)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -3573,12 +3747,24 @@ class Server(http.server.ThreadingHTTPServer):
         self._database_failing = False
         self._busy = 0
         self._idle = threading.Condition()
+        if listen_socket is not None:
+            self._adopt(listen_socket)
+            return
         host, port = address
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         # Prefer IPv4, as "localhost" may list ::1 first while cron jobs use 127.0.0.1.
         infos.sort(key=lambda info: info[0] != socket.AF_INET)
         self.address_family = infos[0][0]
         super().__init__(infos[0][4][:2], Handler)
+
+    def _adopt(self, sock: socket.socket) -> None:
+        """Serve on a socket that is already listening (socket activation)."""
+        self.address_family = sock.family
+        socketserver.BaseServer.__init__(self, sock.getsockname()[:2], Handler)
+        sock.setblocking(True)  # as socketserver expects, whatever systemd's NonBlocking=
+        self.socket = sock
+        self.server_address = sock.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
 
     def server_bind(self) -> None:
         # HTTPServer.server_bind does a reverse DNS lookup (getfqdn); skip it.
@@ -3678,6 +3864,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
         (re.compile(r"/"), ("GET", "HEAD"), "_home"),
         (re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), ("GET", "HEAD", "POST"), "_reset"),
         (re.compile(r"/ping/(?P<rest>.+)"), ("GET", "HEAD", "POST"), "_ping"),
+        (re.compile(r"/healthz"), ("GET", "HEAD"), "_healthz"),
+        (re.compile(r"/api/v1/reload"), ("POST",), "_api_reload"),
     )
 
     def setup(self) -> None:
@@ -3688,6 +3876,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
                                        server.request_timeout_s)
         self.rfile.close()
         self.rfile = io.BufferedReader(self._reader)
+        #: The client's address: the peer's, or from X-Forwarded-For (see _client_of).
+        self.client = self.client_address[0]
 
     def handle(self) -> None:
         self.close_connection = True
@@ -3727,7 +3917,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def _cut_short(self, line: str) -> bool:
         self.close_connection = True
-        log.debug("%s closed the connection during %s", self.client_address[0], self._mask(line))
+        log.debug("%s closed the connection during %s", self.client, self._mask(line))
         return False
 
     def handle_expect_100(self) -> bool:
@@ -3764,7 +3954,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self._database_unavailable(exc, "")
             except (ConnectionError, socket.timeout) as exc:  # _TooSlow included
                 self.close_connection = True
-                log.debug("%s went away during %s: %s", self.client_address[0], self._safe_request_line(), exc)
+                log.debug("%s went away during %s: %s", self.client, self._safe_request_line(), exc)
             except Exception:
                 log.exception("error handling %s", self._safe_request_line())
                 self.close_connection = True
@@ -3772,6 +3962,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                     self._reply(500, "Internal server error.\n")
 
     def _dispatch(self, body: tuple[bytes, int]) -> None:
+        # The config is read once per request: a reload swaps it whole.
+        self.config = self.server.monitor.config
+        self.client = self._client_of(self.config.trusted_proxies)
         split = urllib.parse.urlsplit(self.path)
         path = urllib.parse.unquote(split.path)
         for pattern, methods, handler in self._ROUTES:
@@ -3822,12 +4015,63 @@ class Handler(http.server.BaseHTTPRequestHandler):
             remaining -= len(chunk)
         return kept, length
 
+    def _client_of(self, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+        """The client's address: the peer's, unless the peer is a trusted proxy.
+
+        Then X-Forwarded-For is read from the right (each proxy appends the
+        address it got the request from), skipping trusted proxies: the first
+        address that is not one is the client's.  Everything left of it may be
+        forged by the client, so it is not believed.  An entry that is not an
+        IP address stops the walk at the last trusted hop.
+        """
+        peer = self.client_address[0]
+        hop = _ip(peer)
+        if not trusted or hop is None or not _trusted(hop, trusted):
+            return peer
+        entries = [entry.strip() for header in self.headers.get_all("X-Forwarded-For", [])
+                   for entry in header.split(",")]
+        for entry in reversed(entries):
+            address = _ip(entry)
+            if address is None:
+                break
+            hop = address
+            if not _trusted(hop, trusted):
+                break
+        return str(hop)
+
     def _home(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        monitor = self.server.monitor
+        monitor, config = self.server.monitor, self.config
         down = sum(row["status"] == DOWN for row in monitor.store.checks()
-                   if row["name"] in monitor.config.checks)
-        self._reply(200, f"Caduceus {__version__}: watching {len(monitor.config.checks)} alerts, "
+                   if row["name"] in config.checks)
+        self._reply(200, f"Caduceus {__version__}: watching {len(config.checks)} alerts, "
                          f"{down} failing.\n")
+
+    def _healthz(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
+        """200 "OK" while the sweeper, the database and the couriers work; else
+        503 with the reasons (see Watchdog).  For Docker's and Kubernetes' checks."""
+        watchdog = self.server.watchdog
+        problems = watchdog.problems() if watchdog is not None else []
+        if problems:
+            self._reply(503, f"Unhealthy: {'; '.join(problems)}.\n")
+        else:
+            self._reply(200, "OK\n")
+
+    def _api_reload(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
+        """Re-read the config file, as SIGHUP does; needs ``secret_key`` as the key."""
+        key = self._header_key()
+        if key is None:
+            key = query.get("key", [""])[0]
+        secret = self.config.secret_key
+        if not secret:
+            self._reply(403, "Reloading over HTTP needs a secret_key in [config]; send SIGHUP instead.\n")
+        elif not hmac.compare_digest(key.encode(), secret.encode()):
+            why = "reload with a wrong key" if key else "reload without a key"
+            self._reject(403, "Wrong or missing key.\n", "", why)
+        elif self.server.reloader is None:
+            self._reply(503, "Reloading is not available here.\n")
+        else:
+            done, message = self.server.reloader()
+            self._reply(200 if done else 400, message + "\n")
 
     def _header_key(self) -> str | None:
         """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
@@ -3845,7 +4089,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         recorded = self._signal(match["name"], key, match["signal"] or "", body)
         if recorded is not None:
             kind, note = recorded
-            if key and not self.server.monitor.config.secret_key:
+            if key and not self.config.secret_key:
                 note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
                          " the check-in counted.\n")
             self._reply(200, _RESET_ANSWERS[kind] + note)
@@ -3855,7 +4099,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
         key in a header, /ping/<name>[/<signal>]."""
         parts = match["rest"].split("/")
         key = self._header_key()
-        if key is None and self.server.monitor.config.secret_key:
+        if key is None and self.config.secret_key:
             key = parts.pop(0)
         if not 1 <= len(parts) <= 2:
             self._reject(404, "Not found.\n", "", "not a check-in URL")
@@ -3871,12 +4115,12 @@ class Handler(http.server.BaseHTTPRequestHandler):
         Returns its kind and a note for the answer ("" or that the body was
         truncated), or None after replying with an error.
         """
-        monitor = self.server.monitor
-        secret = monitor.config.secret_key
+        monitor, config = self.server.monitor, self.config
+        secret = config.secret_key
         # Compare even for unknown names, so timing does not tell which names exist.
         key_ok = hmac.compare_digest(key.encode(), secret.encode())
-        if name not in monitor.config.checks or (secret and not key_ok):
-            why = "no such alert" if name not in monitor.config.checks else "wrong key" if key else "no key"
+        if name not in config.checks or (secret and not key_ok):
+            why = "no such alert" if name not in config.checks else "wrong key" if key else "no key"
             self._reject(404, "Not found.\n", name, why)
             return None
         try:
@@ -3888,22 +4132,25 @@ class Handler(http.server.BaseHTTPRequestHandler):
         data, length = body
         note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
                 if length > len(data) else "")
-        ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client_address[0],
+        ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client,
                     self.headers.get("User-Agent", "")[:200])
         try:
             monitor.ping(name, ping)
         except sqlite3.OperationalError as exc:
             self._database_unavailable(exc, "; the check-in was not recorded")
             return None
+        except KeyError:  # removed by a reload since this request read the config
+            self._reject(404, "Not found.\n", name, "no such alert")
+            return None
         self.server.database_worked(monitor.clock())
         what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
-        log.info("%s: %s from %s", name, what, self.client_address[0])
+        log.info("%s: %s from %s", name, what, self.client)
         return kind, note
 
     def _reject(self, code: int, text: str, name: str, why: str) -> None:
         """Answer a refused check-in, and log it once a minute per client and alert."""
         self._reply(code, text)
-        client = self.client_address[0]
+        client = self.client
         held = self.server.rejections.allow((client, name[:LOG_QUOTE_MAX]), self.server.monitor.clock())
         if held is not None:
             more = f" ({held} more since the last such line)" if held else ""
@@ -3946,16 +4193,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
         if log.isEnabledFor(logging.DEBUG):  # masking is not free; skip it when unused
-            log.debug('%s "%s" %s', self.client_address[0], self._safe_request_line(), code)
+            log.debug('%s "%s" %s', self.client, self._safe_request_line(), code)
 
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
-        log.info("%s %s", self.client_address[0], self._mask(format % args))
+        log.info("%s %s", self.client, self._mask(format % args))
 
 
 ###############################################################################
 # Sweeper #####################################################################
 ###############################################################################
+
+#: Caduceus records that it is running this often (see Monitor.downtime); the
+#: write also proves the database writable.
+ALIVE_EVERY_S = 5.0
+#: The database counts as unwritable when no such write has worked for this long.
+WRITE_STALE_S = 3 * ALIVE_EVERY_S
+#: A loop counts as dead when it has not run for its longest wait plus this.
+HEALTH_SLACK_S = 30.0
+#: A sweep running longer than this is stuck.
+SWEEP_STUCK_S = 60.0
+#: A send in progress longer than this is wedged: every channel's whole attempt
+#: has a shorter deadline (email: 30 s, plus 600 s for the reply to the message).
+SEND_WEDGED_S = 15 * 60.0
+#: One heartbeat request must be answered within this.
+HEARTBEAT_TIMEOUT_S = 10.0
 
 
 class Sweeper:
@@ -3983,9 +4245,33 @@ class Sweeper:
         self._timer: threading.Timer | None = None
         self._timer_at = math.inf
         self._stopped = False
+        #: When ``work`` last started (``clock``), and since when it runs now (None: it does not).
+        self._ran_at: float | None = None
+        self._running_since: float | None = None
+
+    def problem(self, stuck_after_s: float) -> str | None:
+        """Why this loop is not alive, or None: it is, when it is not stopped, runs
+        ``work`` no longer than ``stuck_after_s``, and last ran within its longest
+        wait (``max_wait_s``) plus HEALTH_SLACK_S."""
+        now = self._clock()
+        with self._lock:
+            stopped, ran_at, running_since = self._stopped, self._ran_at, self._running_since
+        if stopped:
+            return f"the {self._name} is stopped"
+        if running_since is not None:
+            if now - running_since > stuck_after_s:
+                return f"the {self._name} has been running for {format_duration(now - running_since)}"
+            return None
+        if ran_at is None:
+            return f"the {self._name} has not started"
+        if now - ran_at > self._max_wait_s + HEALTH_SLACK_S:
+            return f"the {self._name} has not run for {format_duration(now - ran_at)}"
+        return None
 
     def start(self) -> None:
         """Run ``work`` now, and from then on when it asks."""
+        with self._lock:
+            self._ran_at = self._clock()  # the first run is due at once: alive
         self.poke(self._clock())
 
     def poke(self, at: float) -> None:
@@ -4010,11 +4296,16 @@ class Sweeper:
         with self._running:
             if self._stopped:
                 return
+            with self._lock:
+                self._ran_at = self._running_since = self._clock()
             try:
                 next_at = self._work()
             except Exception:
                 log.exception("%s failed; trying again in %s", self._name, format_duration(self._retry_s))
                 next_at = self._clock() + self._retry_s
+            finally:
+                with self._lock:
+                    self._running_since = None
         self.poke(self._clock() + self._max_wait_s if next_at is None else next_at)
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -4064,6 +4355,19 @@ class Couriers:
         for courier in couriers:
             courier.poke(at)
 
+    def sync(self) -> None:
+        """After a reload: start couriers for new channel instances, and stop those
+        of removed ones that have no notices left to send or give up."""
+        for courier in self._add_new():
+            courier.start()
+        monitor = self._monitor
+        keep = set(monitor.config.channels) | set(monitor.store.pending_channels())
+        with self._lock:
+            retired = [self._couriers.pop(name) for name in sorted(set(self._couriers) - keep)]
+            self._running &= set(self._couriers)
+        for courier in retired:
+            courier.stop(timeout_s=0)  # a send in progress finishes; nothing is queued after it
+
     def stop(self, timeout_s: float = 10.0) -> None:
         """Stop them all, and wait up to ``timeout_s`` in all for sends in progress."""
         give_up_at = time.monotonic() + timeout_s
@@ -4090,6 +4394,105 @@ class Couriers:
             fresh = [self._couriers[channel] for channel in sorted(set(self._couriers) - self._running)]
             self._running.update(self._couriers)
             return fresh
+
+
+def _fetch(url: str, timeout_s: float) -> None:
+    """GET ``url``; raise OSError (urllib's errors) or http.client.HTTPException
+    unless it answers 2xx."""
+    request = urllib.request.Request(url, headers={"User-Agent": f"caduceus/{__version__}"})
+    with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        response.read(HTTP_MAX_ANSWER_BYTES)
+
+
+def _origin(url: str) -> str:
+    """Scheme and host of a URL, for logs: a heartbeat URL's path is a secret (hc-ping.com/UUID)."""
+    parts = urllib.parse.urlsplit(url)
+    return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}/..."
+
+
+class Watchdog:
+    """Is this Caduceus working?  The answer ``GET /healthz`` gives, and the
+    condition for fetching ``[config] heartbeat_url``.
+
+    Healthy means: the sweeper is alive (it ran within its longest wait, or
+    has been running a sweep for under SWEEP_STUCK_S); the database is
+    writable (``record_alive()``, run every ALIVE_EVERY_S, wrote within
+    WRITE_STALE_S and its latest attempt worked); and no courier is wedged (no
+    send has been in progress for over SEND_WEDGED_S).  ``problems()`` lists
+    what is wrong, in words.  ``heartbeat()`` fetches the heartbeat URL every
+    ``heartbeat_every`` while healthy, and logs (never raises) when that fails.
+    Both are meant to run on their own ``Sweeper``.
+    """
+
+    def __init__(self, monitor: Monitor, sweeper: Sweeper | None,
+                 fetch: Callable[[str, float], None] = _fetch,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.monitor = monitor
+        self.sweeper = sweeper
+        self._fetch = fetch
+        self._clock = clock
+        self._written_at: float | None = None
+        self._write_error = ""
+        self._beat_due_at = -math.inf
+        self._beat_problem = ""
+
+    def record_alive(self) -> float:
+        """Record that Caduceus is running (Monitor.record_alive); return when to do it again."""
+        try:
+            self._written_at = self.monitor.record_alive()
+        except sqlite3.Error as exc:
+            problem = _database_problem(exc) if isinstance(exc, sqlite3.OperationalError) else str(exc)
+            if not self._write_error:
+                log.error("the database is not writable: %s", problem)
+            self._write_error = problem
+        else:
+            if self._write_error:
+                log.warning("the database is writable again")
+            self._write_error = ""
+        return self._clock() + ALIVE_EVERY_S
+
+    def problems(self) -> list[str]:
+        """What keeps this Caduceus from being healthy; [] when it is."""
+        now = self._clock()
+        problems = []
+        if self.sweeper is not None:
+            problem = self.sweeper.problem(SWEEP_STUCK_S)
+            if problem:
+                problems.append(problem)
+        if self._write_error:
+            problems.append(f"the database is not writable ({self._write_error})")
+        elif self._written_at is None or not 0 <= now - self._written_at <= WRITE_STALE_S:
+            problems.append(f"no database write has worked for over {format_duration(WRITE_STALE_S)}")
+        for channel, since in sorted(dict(self.monitor.sending).items()):
+            if now - since > SEND_WEDGED_S:
+                problems.append(f"the {channel} courier has been sending one notice for "
+                                f"{format_duration(now - since)}")
+        return problems
+
+    def heartbeat(self) -> float | None:
+        """Fetch the heartbeat URL if it is due and Caduceus is healthy; return
+        when to come back (None: no heartbeat configured)."""
+        config = self.monitor.config
+        if not config.heartbeat_url:
+            return None
+        now = self._clock()
+        # A due time further off than a whole period means the wall clock was set back.
+        if now < self._beat_due_at <= now + config.heartbeat_every_s:
+            return self._beat_due_at
+        self._beat_due_at = now + config.heartbeat_every_s
+        problem = "; ".join(self.problems())
+        if problem != self._beat_problem:
+            if problem:
+                log.error("unhealthy, so not sending the heartbeat: %s", problem)
+            else:
+                log.warning("healthy again: sending the heartbeat")
+            self._beat_problem = problem
+        if not problem:
+            try:
+                self._fetch(config.heartbeat_url, min(HEARTBEAT_TIMEOUT_S, config.heartbeat_every_s))
+            except (OSError, http.client.HTTPException, ValueError) as exc:
+                log.warning("heartbeat to %s failed: %s", _origin(config.heartbeat_url), exc)
+        return self._beat_due_at
 
 
 ###############################################################################
@@ -4330,6 +4733,20 @@ def _timeout_arg(text: str) -> float:
     return seconds
 
 
+#: The end of ``run --help``.
+RUN_EPILOG = """\
+Caduceus is told "start" before COMMAND runs, then its exit status (0 is
+success) with the last 10 KB of its output; the wrapper exits with COMMAND's
+own status.  A check-in that cannot be sent never stops the job.
+
+examples:
+  # in a crontab: the backup, reported to Caduceus
+  0 3 * * * python3 caduceus.py run http://monitor:5000/reset/backups/?key=K -- /usr/local/bin/backup
+  # more patience with a slow network: 5 tries, 30 s each
+  python3 caduceus.py run --retries 5 --timeout 30 http://monitor:5000/ping/K/backups -- ./backup.sh
+"""
+
+
 def _run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Options and URL, then the command: everything after the first ``--``.
 
@@ -4338,7 +4755,8 @@ def _run_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """
     parser = _RunArgumentParser(
         prog="caduceus.py run", usage="%(prog)s [--retries N] [--timeout SECONDS] URL -- COMMAND [ARGS...]",
-        description="Run a command and report its start, exit status and output.")
+        description="Run a command and report its start, exit status and output.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RUN_EPILOG)
     parser.add_argument("--retries", type=_retries_arg, default=3, metavar="N",
                         help="tries again on network errors and 5xx, with doubling waits from 1s (default: 3)")
     parser.add_argument("--timeout", type=_timeout_arg, default=RUN_TIMEOUT_S, metavar="SECONDS",
@@ -4450,6 +4868,18 @@ def _local_time(at: float, tz: datetime.tzinfo) -> str:
     return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+#: The end of ``test-notify --help``.
+TEST_NOTIFY_EPILOG = """\
+One line per channel says whether it delivered.  Exit status 0: every channel
+delivered; 1: one failed; 2: a usage or config error.
+
+examples:
+  python3 caduceus.py test-notify backups                  # the channels of alert "backups"
+  python3 caduceus.py test-notify --channel webhook.ops    # one channel instance
+  python3 caduceus.py test-notify -c /etc/caduceus/caduceus.toml   # every configured channel
+"""
+
+
 def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     """``test-notify``: send a test notice now through an alert's channels, one
     channel, or every configured channel; print one line per channel.  Alert
@@ -4458,7 +4888,8 @@ def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -
     config error."""
     parser = argparse.ArgumentParser(
         prog="caduceus.py test-notify", description="Send a test notice through an alert's channels (or one "
-        "channel, or every channel) now, without touching alert state or the outbox.")
+        "channel, or every\nchannel) now, without touching alert state or the outbox.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=TEST_NOTIFY_EPILOG)
     parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
                         help="the configuration file (default: caduceus.toml)")
     which = parser.add_mutually_exclusive_group()
@@ -4528,9 +4959,21 @@ def _load_config_or_say(path: str) -> Config | None:
         return None
 
 
+#: The end of ``check --help``.
+CHECK_EPILOG = """\
+The database is only read, so this is safe while the service runs.  Exit
+status 0: the config is valid; 2: it is not (one line on stderr says where).
+
+examples:
+  python3 caduceus.py check -c /etc/caduceus/caduceus.toml -b /var/lib/caduceus/database.sqlite3
+  python3 caduceus.py check --json | jq '.alerts[] | select(.status == "down")'
+"""
+
+
 def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     parser = argparse.ArgumentParser(
-        prog="caduceus.py check", description="Validate the config and show each alert's next deadline.")
+        prog="caduceus.py check", description="Validate the config and show each alert's next deadline.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EPILOG)
     _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
@@ -4583,18 +5026,41 @@ def _port_arg(text: str) -> int:
     return int(text)
 
 
+#: The end of ``caduceus.py --help``.
+SERVICE_EPILOG = """\
+commands (each has its own --help):
+  caduceus.py run URL -- COMMAND   run a job and report its start, exit status and output
+  caduceus.py check                validate the config and show each alert's next deadline
+  caduceus.py test-notify          send a test notice through an alert's channels now
+  caduceus.py reload               make the running service re-read its config
+
+signals: SIGTERM and SIGINT stop the service cleanly; SIGHUP re-reads the
+config (as does POST /api/v1/reload with the key).  Under systemd socket
+activation (LISTEN_FDS), the socket systemd passes is served and -i/-p are
+not used.
+
+examples:
+  python3 caduceus.py                                  # caduceus.toml, database.sqlite3, localhost:5000
+  python3 caduceus.py -c /etc/caduceus/caduceus.toml -b /var/lib/caduceus/database.sqlite3 \\
+      -i 0.0.0.0 -p 8080 --pid-file /run/caduceus.pid
+  python3 caduceus.py -d                               # with debug messages (every request)
+"""
+
+
 def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="caduceus.py", description="A dead man's switch for cron jobs.",
-        epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
-               "'caduceus.py check' validates the config and shows deadlines; "
-               "'caduceus.py test-notify [ALERT | --channel NAME]' sends a test notice.")
+        prog="caduceus.py", description="A dead man's switch for cron jobs: serves check-ins, and notifies\n"
+        "when a job does not check in on time.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SERVICE_EPILOG)
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
     _add_file_args(parser)
     parser.add_argument("-i", "--host", default="localhost",
-                        help="the address to listen on (default: localhost)")
+                        help="the address to listen on, e.g. 0.0.0.0 for all (default: localhost)")
     parser.add_argument("-p", "--port", type=_port_arg, default=5000,
                         help="the port to listen on (default: 5000; 0 picks a free one)")
+    parser.add_argument("--pid-file", metavar="FILE",
+                        help="write the process id here while running, for 'caduceus.py reload "
+                             "--pid-file FILE' (e.g. /run/caduceus.pid)")
     parser.add_argument("-d", "--debug", action="store_true", help="log debug messages")
     return parser.parse_args(argv)
 
@@ -4664,6 +5130,143 @@ class _InstanceLock:
         self.close()
 
 
+#: The first file descriptor systemd passes to a socket-activated service (sd_listen_fds(3)).
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_socket() -> socket.socket | None:
+    """The listening socket systemd passed to this process, or None.
+
+    systemd sets ``LISTEN_FDS`` (how many) and ``LISTEN_PID`` (for which
+    process) and passes the sockets from fd 3 on; the first is served.  The
+    variables are removed, as sd_listen_fds() does, so that no child takes
+    them for its own.  Raises OSError if fd 3 is not a socket.
+    """
+    count, pid = os.environ.get("LISTEN_FDS"), os.environ.get("LISTEN_PID")
+    for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)
+    if count is None or pid != str(os.getpid()) or not count.isdigit() or int(count) < 1:
+        return None
+    if int(count) > 1:
+        log.warning("systemd passed %s sockets; serving the first only", count)
+    sock = socket.socket(fileno=SD_LISTEN_FDS_START)
+    if sock.type != socket.SOCK_STREAM:
+        sock.detach()
+        raise OSError(errno.ENOTSOCK, "expected a listening TCP socket at fd 3")
+    log.info("serving on the socket passed by systemd")
+    return sock
+
+
+class _PidFile:
+    """The process id, written to ``path`` (if given) now and removed on leaving
+    the ``with`` block.  Raises OSError if it cannot be written."""
+
+    def __init__(self, path: str | None) -> None:
+        self.path = path
+        if path:
+            temporary = f"{path}.{os.getpid()}.tmp"
+            try:
+                with open(temporary, "w", encoding="ascii") as file:
+                    file.write(f"{os.getpid()}\n")
+                os.replace(temporary, path)  # never half-written for a reader
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+
+    def __enter__(self) -> _PidFile:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self.path:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+
+#: The end of ``reload --help``.
+RELOAD_EPILOG = """\
+With --pid-file, the service gets SIGHUP (as from "systemctl reload caduceus"
+or "kill -HUP PID") and its log says what changed.  Otherwise the request
+POST URL/api/v1/reload carries the key (--key, or the secret_key of the
+config given with -c) and this prints the answer: what changed, or why the
+new config was refused (the running one is kept).  Exit status 0: reloaded;
+1: refused or not reached; 2: a usage error.
+
+examples:
+  python3 caduceus.py reload --pid-file /run/caduceus.pid
+  python3 caduceus.py reload --url http://127.0.0.1:5000/ -c /etc/caduceus/caduceus.toml
+  python3 caduceus.py reload --url http://monitor:5000/ --key "$CADUCEUS_KEY" --timeout 30
+"""
+
+
+def _reload_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py reload", description="Make the running service re-read its config file.",
+        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=RELOAD_EPILOG)
+    parser.add_argument("--pid-file", metavar="FILE",
+                        help="send SIGHUP to the process whose id is in FILE (the service's --pid-file)")
+    parser.add_argument("--url", default="http://localhost:5000/",
+                        help="the service's address, without --pid-file (default: http://localhost:5000/)")
+    parser.add_argument("--key", help="the service's secret_key (default: read from -c CONFIG)")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
+                        help="the config file to take the key from when --key is not given "
+                             "(default: caduceus.toml)")
+    parser.add_argument("--timeout", type=_timeout_arg, default=RUN_TIMEOUT_S, metavar="SECONDS",
+                        help="for the request (default: 10)")
+    args = parser.parse_args(argv)
+    if args.pid_file:
+        return _send_hangup(args.pid_file)
+    key = args.key
+    if key is None:
+        config = _load_config_or_say(args.config)
+        if config is None:
+            return 2
+        key = config.secret_key
+    problem = _url_problem(args.url)
+    if problem:
+        print(f"caduceus: --url: {problem}", file=sys.stderr)
+        return 2
+    url = urllib.parse.urljoin(args.url if args.url.endswith("/") else args.url + "/", "api/v1/reload")
+    request = urllib.request.Request(url, data=b"", method="POST", headers={
+        "User-Agent": f"caduceus-reload/{__version__}", "X-Caduceus-Key": key})
+    try:
+        with urllib.request.urlopen(request, timeout=args.timeout) as response:
+            print(response.read(HTTP_MAX_ANSWER_BYTES).decode("utf-8", "replace").rstrip())
+            return 0
+    except urllib.error.HTTPError as exc:
+        with exc:
+            answer = exc.read(HTTP_MAX_ANSWER_BYTES).decode("utf-8", "replace").rstrip()
+            print(f"caduceus: {exc.code}: {answer}", file=sys.stderr)
+        return 1
+    except (OSError, http.client.HTTPException) as exc:
+        print(f"caduceus: cannot reach {mask_keys(args.url)}: {getattr(exc, 'reason', None) or exc}",
+              file=sys.stderr)
+        return 1
+
+
+def _send_hangup(pid_file: str) -> int:
+    try:
+        with open(pid_file, encoding="ascii") as file:
+            text = file.read().strip()
+    except (OSError, UnicodeError) as exc:
+        print(f"caduceus: {pid_file}: cannot read the pid file: {getattr(exc, 'strerror', None) or exc}",
+              file=sys.stderr)
+        return 2
+    if not text.isdigit() or int(text) < 2:
+        print(f"caduceus: {pid_file}: expected a process id, got {json.dumps(text[:40])}", file=sys.stderr)
+        return 2
+    try:
+        os.kill(int(text), signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"caduceus: {pid_file}: no process {text} (Caduceus is not running?)", file=sys.stderr)
+        return 1
+    except PermissionError:
+        print(f"caduceus: not allowed to signal process {text} (run as its user or root)", file=sys.stderr)
+        return 1
+    print(f"sent SIGHUP to process {text}; its log says what changed")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the service until SIGTERM or Ctrl-C (or the ``run``/``check``
     command); return the exit status.
@@ -4676,6 +5279,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_main(argv[1:])
     if argv[:1] == ["check"]:
         return _check_main(argv[1:])
+    if argv[:1] == ["reload"]:
+        return _reload_main(argv[1:])
     if argv[:1] == ["test-notify"]:
         return _test_notify_main(argv[1:])
     args = _parse_args(argv)
@@ -4698,10 +5303,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with lock:
         # Listen before touching the database: a start that cannot serve changes nothing.
+        activated = os.environ.get("LISTEN_PID") == str(os.getpid())
         try:
-            server = Server((args.host, args.port), max_connections=raise_open_files_limit(config.max_connections))
+            server = Server((args.host, args.port), listen_socket=systemd_socket(),
+                            max_connections=raise_open_files_limit(config.max_connections))
         except (OSError, UnicodeError) as exc:
-            print(f"caduceus: cannot listen on {args.host}:{args.port}: {getattr(exc, 'strerror', None) or exc}",
+            where = "the socket passed by systemd (LISTEN_FDS)" if activated else f"{args.host}:{args.port}"
+            print(f"caduceus: cannot listen on {where}: {getattr(exc, 'strerror', None) or exc}",
                   file=sys.stderr)
             return 2
         with server:
@@ -4710,41 +5318,95 @@ def main(argv: list[str] | None = None) -> int:
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
-            lock.keep()
             with contextlib.closing(store):
-                senders = {kind: channel.send for kind, channel in CHANNELS.items()}
-                server.monitor = monitor = Monitor(store, config, senders)
-                monitor.start()
-                return _serve(server, monitor)
+                try:
+                    pid_file = _PidFile(args.pid_file)
+                except OSError as exc:
+                    print(f"caduceus: {args.pid_file}: cannot write the pid file: {exc.strerror or exc}",
+                          file=sys.stderr)
+                    return 2
+                lock.keep()
+                with pid_file:
+                    return _run_service(server, store, config, args.config)
 
 
-def _serve(server: Server, monitor: Monitor) -> int:
-    def sweep() -> float | None:
-        monitor.sweep()
-        return monitor.next_sweep_at()
+def _run_service(server: Server, store: Store, config: Config, config_path: str) -> int:
+    """Watch ``config``'s alerts in ``store`` and serve until stopped."""
+    senders = {kind: channel.send for kind, channel in CHANNELS.items()}
+    server.monitor = monitor = Monitor(store, config, senders)
+    monitor.start()
+    return _serve(server, monitor, config_path)
 
-    sweeper = Sweeper(sweep)
-    monitor.on_deadline(sweeper.poke)
-    couriers = Couriers(monitor)
+
+class _Reloader:
+    """Re-reads the config file, for SIGHUP and POST /api/v1/reload, one reload at a time.
+
+    An invalid file is refused with the one-line error of a start, logged,
+    and the running config kept.  A valid one goes to ``Monitor.reload``; a
+    changed ``max_connections`` applies to the next connection, and the
+    heartbeat is told (``on_reload(now)``), in case it was just set.  The
+    config holds neither the listen address nor the database (they are
+    command-line flags), so a reload cannot change them: that takes a restart.
+    Returns ``(done, message)``; the log says what changed.
+    """
+
+    def __init__(self, path: str, server: Server, monitor: Monitor,
+                 on_reload: Callable[[float], None] = lambda now: None) -> None:
+        self.path = path
+        self.server = server
+        self.monitor = monitor
+        self.on_reload = on_reload
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[bool, str]:
+        with self._lock:
+            try:
+                config = load_config(self.path)
+            except ConfigError as exc:
+                log.error("reload refused, the running config is kept: %s", exc)
+                return False, f"Reload refused, the running config is kept: {exc}"
+            old = self.monitor.config
+            changes = config_changes(old, config)
+            try:
+                self.monitor.reload(config)
+            except sqlite3.Error as exc:
+                log.error("reload failed, the running config is kept: the database: %s", exc)
+                return False, f"Reload failed, the running config is kept: the database: {exc}"
+            if config.max_connections != old.max_connections:
+                self.server.connections.max_connections = raise_open_files_limit(config.max_connections)
+            self.on_reload(self.monitor.clock())
+            what = "; ".join(changes) or "nothing changed"
+            log.info("reloaded %s: %s", self.path, what)
+            return True, f"Reloaded {self.path}: {what}."
+
+
+def _serve(server: Server, monitor: Monitor, config_path: str = "") -> int:
+    """Serve until SIGTERM or SIGINT (SIGHUP reloads ``config_path``); return 0."""
+    workers = _start_workers(server, monitor, config_path)
     thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
     # A signal handler must not take locks (Event.set() can deadlock against the
     # main thread's own wait), so the C handler writes the signal number to a
     # socket and the main thread sleeps on reading it.
     wake_r, wake_w = socket.socketpair()
+    hangup = getattr(signal, "SIGHUP", None)  # not on Windows
     with wake_r, wake_w:
         wake_w.setblocking(False)
         previous_fd = signal.set_wakeup_fd(wake_w.fileno())
         previous = {signum: signal.signal(signum, lambda signum, frame: None)
-                    for signum in (signal.SIGTERM, signal.SIGINT)}
+                    for signum in (signal.SIGTERM, signal.SIGINT, hangup) if signum is not None}
         try:
             thread.start()
             host, port = server.server_address[:2]
             log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
                      f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
-            sweeper.start()
-            couriers.start()
-            while wake_r.recv(1)[0] not in previous:
-                pass
+            for worker in workers:
+                worker.start()
+            while True:
+                signum = wake_r.recv(1)[0]
+                if signum == hangup:
+                    server.reloader()
+                elif signum in previous:
+                    break
         finally:
             signal.set_wakeup_fd(previous_fd)
             for signum, handler in previous.items():
@@ -4753,7 +5415,6 @@ def _serve(server: Server, monitor: Monitor) -> int:
     server.shutdown()
     server.socket.close()  # refuse new connections now; requests in progress still finish
     thread.join()
-    workers = (sweeper, couriers)
     for worker in workers:
         worker.stop(timeout_s=0)
     give_up_at = time.monotonic() + SHUTDOWN_WAIT_S
@@ -4761,7 +5422,31 @@ def _serve(server: Server, monitor: Monitor) -> int:
         log.warning("gave up waiting for requests in progress")
     for worker in workers:  # a send in progress finishes, so it is not sent twice
         worker.stop(timeout_s=max(give_up_at - time.monotonic(), 0.0))
+    server.watchdog.record_alive()  # the downtime a restart reports starts now
     return 0
+
+
+def _start_workers(server: Server, monitor: Monitor, config_path: str) -> list[Sweeper]:
+    """The sweeper, the couriers, the liveness recorder and the heartbeat, wired
+    to ``monitor`` and ``server`` (health and reload), not yet started."""
+    def sweep() -> float | None:
+        monitor.sweep()
+        return monitor.next_sweep_at()
+
+    sweeper = Sweeper(sweep)
+    monitor.on_deadline(sweeper.poke)
+    couriers = Couriers(monitor)
+    server.watchdog = watchdog = Watchdog(monitor, sweeper)
+    watchdog.record_alive()  # healthy from the first request on, if the database is writable
+    alive = Sweeper(watchdog.record_alive, name="liveness recorder")
+    heartbeat = Sweeper(watchdog.heartbeat, name="heartbeat")
+
+    def reloaded(now: float) -> None:
+        couriers.sync()
+        heartbeat.poke(now)  # in case heartbeat_url was just set
+
+    server.reloader = _Reloader(config_path, server, monitor, reloaded)
+    return [sweeper, couriers, alive, heartbeat]
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.error
 import urllib.parse
 import urllib.request
 import zoneinfo
@@ -1248,7 +1249,10 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 #: Schema 2 added checks.clock_step_s.
 SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n", "    n_pings       INTEGER NOT NULL"
                             " DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
-OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2}
+#: Schema 3 added outbox.facts.
+SCHEMA_3 = SCHEMA_2.replace("    failed          INTEGER NOT NULL DEFAULT 0\n", "    failed          INTEGER NOT NULL"
+                            " DEFAULT 0,\n    facts           TEXT NOT NULL DEFAULT ''\n")
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3}
 
 
 def make_old_db(path: str, version: int) -> None:
@@ -4091,6 +4095,447 @@ class SweeperTest(unittest.TestCase):
         self.assertEqual(store.check("quick")["status"], DOWN)
 
 
+RELOAD_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerting.email]
+    from_addr = "caduceus@example.com"
+    recipient_emails = ["ops@example.com"]
+
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.hourly]
+    every = "1h"
+
+    [alerts.backups]
+    every = "1d"
+"""
+
+RELOADED_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerting.email]
+    from_addr = "caduceus@example.com"
+    recipient_emails = ["ops@example.com"]
+
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.hourly]
+    every = "20m"
+    channels = ["email"]
+
+    [alerts.fresh]
+    every = "1h"
+"""
+
+
+class ReloadTest(unittest.TestCase):
+    """Reloading the config on a running server: POST /api/v1/reload and _Reloader."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.console, self.email = Recorder(), Recorder()
+        self.dir = temp_dir(self)
+        self.path = write_config(self, RELOAD_CONFIG, self.dir)
+        store = open_store(self, os.path.join(self.dir, "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, caduceus.load_config(self.path),
+                                        {"console": self.console, "email": self.email}, self.clock)
+        self.monitor.start()
+        self.deadlines = []
+        self.monitor.on_deadline(self.deadlines.append)
+        self.server = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor))
+        self.server.reloader = caduceus._Reloader(self.path, self.server, self.monitor)
+        self.port = self.server.server_address[1]
+
+    def request(self, method: str, path: str, headers: dict | None = None) -> tuple[int, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request(method, path, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.read().decode()
+
+    def reload(self, key: str = "s3cret") -> tuple[int, str]:
+        return self.request("POST", "/api/v1/reload", {"X-Caduceus-Key": key})
+
+    def deliver(self) -> None:
+        for channel in ("console", "email"):
+            self.monitor.deliver(channel)
+
+    def test_reload_adds_removes_and_changes_alerts(self):
+        self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[0], 200)
+        checked_in_at = self.clock.now
+        self.clock.advance(30 * 60)
+        write_config(self, RELOADED_CONFIG, self.dir)
+        with self.assertLogs("caduceus", "INFO") as logs:
+            status, text = self.reload()
+        self.assertEqual(status, 200, text)
+        for words in ("added alert fresh (every 1h)", "removed alert backups",
+                      "changed alert hourly: every 1h -> every 20m; notify_every 1h -> 20m; "
+                      "channels console -> email"):
+            self.assertIn(words, text)
+            self.assertIn(words, "\n".join(logs.output))
+        store = self.monitor.store
+        self.assertIsNone(store.check("backups"))  # forgotten
+        self.assertEqual(store.check("fresh")["first_seen_at"], self.clock.now)  # first seen now
+        # The changed interval counts from the stored check-in: due 20 minutes after it, which has passed.
+        self.assertIn(checked_in_at + 20 * 60, self.deadlines)
+        flips = self.monitor.sweep()
+        self.assertEqual([(f.check, f.at) for f in flips], [("hourly", checked_in_at + 20 * 60)])
+        self.deliver()
+        self.assertEqual((self.console.subjects, self.email.subjects),
+                         ([], ['Caduceus: Alert "hourly" is failing.']))  # the new channel
+        self.assertEqual(self.request("GET", "/reset/backups/?key=s3cret")[0], 404)
+        self.assertEqual(self.request("GET", "/reset/fresh/?key=s3cret")[0], 200)
+        self.clock.advance(3600 - 1)
+        self.assertEqual(self.monitor.sweep(), [])  # fresh checked in; hourly is down already
+
+    def test_a_longer_interval_does_not_fire_the_old_deadline(self):
+        self.request("GET", "/reset/hourly/?key=s3cret")
+        write_config(self, RELOAD_CONFIG.replace('every = "1h"', 'every = "2h"'), self.dir)
+        self.assertEqual(self.reload()[0], 200)
+        self.clock.advance(90 * 60)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.clock.advance(30 * 60)
+        self.assertEqual([f.check for f in self.monitor.sweep()], ["hourly"])
+
+    def test_an_invalid_config_is_refused_with_the_start_up_error_and_the_old_one_kept(self):
+        old = self.monitor.config
+        write_config(self, RELOAD_CONFIG.replace('every = "1d"', 'every = "soon"'), self.dir)
+        with self.assertRaises(caduceus.ConfigError) as error:
+            caduceus.load_config(self.path)
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            status, text = self.reload()
+        self.assertEqual(status, 400)
+        self.assertEqual(text, f"Reload refused, the running config is kept: {error.exception}\n")
+        self.assertIn(str(error.exception), logs.output[0])
+        self.assertIs(self.monitor.config, old)
+        self.assertEqual(self.request("GET", "/reset/backups/?key=s3cret")[0], 200)
+
+    def test_reload_over_http_needs_the_right_key(self):
+        write_config(self, RELOADED_CONFIG, self.dir)
+        with self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(self.reload("wrong")[0], 403)
+        self.assertEqual(self.request("POST", "/api/v1/reload")[0], 403)
+        self.assertEqual(self.request("GET", "/api/v1/reload?key=s3cret")[0], 405)
+        self.assertIn("backups", self.monitor.config.checks)
+        self.assertEqual(self.request("POST", "/api/v1/reload?key=s3cret")[0], 200)
+        self.assertNotIn("backups", self.monitor.config.checks)
+
+    def test_without_a_secret_key_reload_over_http_is_refused(self):
+        write_config(self, RELOAD_CONFIG.replace('secret_key = "s3cret"', ""), self.dir)
+        self.assertEqual(self.server.reloader()[0], True)
+        status, text = self.reload("")
+        self.assertEqual(status, 403)
+        self.assertIn("SIGHUP", text)
+
+    def test_a_reload_during_a_burst_of_check_ins_loses_none(self):
+        threads, per_thread = 4, 25
+        answers = queue.Queue()
+
+        def check_in():
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+            with contextlib.closing(conn):
+                for _ in range(per_thread):
+                    conn.request("GET", "/reset/hourly/?key=s3cret")
+                    response = conn.getresponse()
+                    answers.put((response.status, response.read()))
+
+        workers = [threading.Thread(target=check_in) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        with self.assertLogs("caduceus", "INFO"):
+            for text in (RELOADED_CONFIG, RELOAD_CONFIG) * 3:
+                write_config(self, text.replace('every = "20m"', 'every = "1h"'), self.dir)
+                self.assertTrue(self.server.reloader()[0])
+        for worker in workers:
+            worker.join(WAIT_S)
+        results = [answers.get_nowait() for _ in range(answers.qsize())]
+        self.assertEqual(results, [(200, b"Alert reset.")] * threads * per_thread)
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], threads * per_thread)
+
+    def test_reload_starts_and_retires_couriers(self):
+        couriers = caduceus.Couriers(self.monitor)
+        self.addCleanup(couriers.stop)
+        couriers.start()
+        self.server.reloader = caduceus._Reloader(self.path, self.server, self.monitor,
+                                                  lambda now: couriers.sync())
+        self.assertEqual(couriers.names(), ["console", "email"])
+        without_email = (RELOAD_CONFIG.split("[alerting.email]")[0] + "[alerts]"
+                         + RELOAD_CONFIG.split("[alerts]")[1])
+        write_config(self, without_email, self.dir)
+        done, text = self.server.reloader()
+        self.assertIn("removed channel email", text)
+        self.assertEqual(couriers.names(), ["console"])
+        write_config(self, RELOAD_CONFIG, self.dir)
+        self.assertIn("added channel email", self.server.reloader()[1])
+        self.assertEqual(couriers.names(), ["console", "email"])
+
+    def test_max_connections_applies_to_the_next_connection(self):
+        write_config(self, RELOAD_CONFIG.replace('secret_key = "s3cret"',
+                                                 'secret_key = "s3cret"\n    max_connections = 3'), self.dir)
+        done, text = self.server.reloader()
+        self.assertTrue(done)
+        self.assertIn("changed [config] max_connections", text)
+        self.assertEqual(self.server.connections.max_connections, 3)
+
+    def test_config_changes_name_secrets_without_showing_them(self):
+        old = self.monitor.config
+        new = dataclasses.replace(old, secret_key="n3w-secret", heartbeat_url="http://hc.example/ping/uuid")
+        changes = caduceus.config_changes(old, new)
+        self.assertEqual(changes, ["changed [config] secret_key", "changed [config] heartbeat_url"])
+        self.assertNotIn("n3w", repr(changes))
+        self.assertEqual(caduceus.config_changes(old, old), [])
+
+
+class HeartbeatStandIn(http.server.ThreadingHTTPServer):
+    """An outside monitor on loopback: records the paths it is fetched at."""
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), HeartbeatHandler)
+        self.paths: queue.Queue = queue.Queue()
+
+
+class HeartbeatHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.server.paths.put(self.path)
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"OK")
+
+    def log_message(self, format, *args):
+        pass
+
+
+class WatchdogTest(unittest.TestCase):
+    """Watch the watcher: heartbeat_url, /healthz and what healthy means."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.stand_in = serve(self, HeartbeatStandIn())
+        self.url = f"http://127.0.0.1:{self.stand_in.server_address[1]}/ping/hidden-uuid"
+        self.release = threading.Event()
+        self.sending = threading.Event()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        config = config_from(self, CONSOLE_CONFIG.replace(
+            'secret_key = "s3cret"', f'heartbeat_url = "{self.url}"\n    heartbeat_every = "1m"'))
+        self.monitor = caduceus.Monitor(store, config, {"console": self.slow_console}, self.clock)
+        self.monitor.start()
+        self.watchdog = caduceus.Watchdog(self.monitor, None, clock=self.clock)
+        self.server = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor))
+        self.server.watchdog = self.watchdog
+
+    def slow_console(self, config, notice):
+        self.sending.set()
+        self.release.wait(WAIT_S)
+
+    def healthz(self) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.server.server_address[1]}/healthz"
+        try:
+            with urllib.request.urlopen(url, timeout=WAIT_S) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def beats(self) -> list[str]:
+        return [self.stand_in.paths.get_nowait() for _ in range(self.stand_in.paths.qsize())]
+
+    def test_heartbeat_on_cadence_while_healthy_and_not_while_the_database_is_unwritable(self):
+        self.watchdog.record_alive()
+        self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
+        self.assertEqual(self.beats(), ["/ping/hidden-uuid"])
+        self.clock.advance(30)
+        self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 30)  # not yet due
+        self.assertEqual(self.beats(), [])
+        self.clock.advance(30)
+        self.watchdog.record_alive()
+        self.watchdog.heartbeat()
+        self.assertEqual(len(self.beats()), 1)
+        self.assertEqual(self.healthz(), (200, "OK\n"))
+        self.monitor.store._conn.execute("PRAGMA query_only = ON")  # SQLite now refuses every write
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.watchdog.record_alive()
+            self.clock.advance(60)
+            self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
+        self.assertIn("not writable", logs.output[0])
+        self.assertIn("not sending the heartbeat", logs.output[1])
+        self.assertEqual(self.beats(), [])
+        self.assertEqual(self.healthz(), (503, "Unhealthy: the database is not writable (read-only).\n"))
+        self.monitor.store._conn.execute("PRAGMA query_only = OFF")
+        self.clock.advance(60)
+        with self.assertLogs("caduceus", "WARNING"):
+            self.watchdog.record_alive()
+            self.watchdog.heartbeat()
+        self.assertEqual(len(self.beats()), 1)
+        self.assertEqual(self.healthz()[0], 200)
+
+    def test_no_recent_write_is_unhealthy(self):
+        self.watchdog.record_alive()
+        self.clock.advance(caduceus.WRITE_STALE_S + 1)
+        self.assertEqual(self.healthz(), (503, "Unhealthy: no database write has worked for over 15s.\n"))
+
+    def test_a_failed_heartbeat_is_logged_without_its_path(self):
+        self.watchdog.record_alive()
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        config = dataclasses.replace(self.monitor.config,
+                                     heartbeat_url=f"http://127.0.0.1:{port}/ping/hidden-uuid")
+        self.monitor.reload(config)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
+        self.assertIn(f"heartbeat to http://127.0.0.1:{port}/... failed", logs.output[0])
+        self.assertNotIn("hidden-uuid", "\n".join(logs.output))
+
+    def test_a_dead_sweeper_and_a_wedged_courier_are_unhealthy(self):
+        ran = threading.Event()
+        sweeper = caduceus.Sweeper(lambda: ran.set(), clock=self.clock)
+        self.addCleanup(sweeper.stop)
+        self.watchdog.sweeper = sweeper
+        sweeper.start()
+        self.assertTrue(ran.wait(WAIT_S))
+        self.watchdog.record_alive()
+        self.assertEqual(self.watchdog.problems(), [])
+        self.monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        courier = threading.Thread(target=self.monitor.deliver, args=("console",))
+        courier.start()
+        self.addCleanup(courier.join)
+        self.addCleanup(self.release.set)
+        self.assertTrue(self.sending.wait(WAIT_S))
+        self.clock.advance(caduceus.SEND_WEDGED_S + 60)
+        self.watchdog.record_alive()
+        self.assertEqual(self.watchdog.problems(), [
+            "the sweeper has not run for 16m", "the console courier has been sending one notice for 16m"])
+        self.assertEqual(self.healthz()[0], 503)
+        self.release.set()
+        courier.join(WAIT_S)
+        sweeper.stop()
+        self.assertEqual(self.watchdog.problems(), ["the sweeper is stopped"])
+
+
+class DowntimeTest(unittest.TestCase):
+    """After a restart, notices say when Caduceus itself was not running."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.path = os.path.join(temp_dir(self), "db.sqlite3")
+        self.config = config_from(self, CONSOLE_CONFIG)
+
+    def start(self) -> tuple[caduceus.Monitor, Recorder]:
+        console = Recorder()
+        monitor = caduceus.Monitor(open_store(self, self.path), self.config, {"console": console}, self.clock)
+        monitor.start()
+        return monitor, console
+
+    def test_a_deadline_passed_while_caduceus_was_down_is_said_so(self):
+        monitor, _ = self.start()
+        self.assertIsNone(monitor.downtime)
+        monitor.ping("hourly")
+        self.clock.advance(10 * 60)
+        monitor.record_alive()
+        last_alive_at = self.clock.now
+        monitor.store.close()
+        self.clock.advance(3 * 3600)
+        monitor, console = self.start()
+        self.assertEqual(monitor.downtime, (last_alive_at, self.clock.now))
+        self.assertEqual([f.check for f in monitor.sweep()], ["hourly"])
+        monitor.deliver("console")
+        note = (f"Caduceus itself was not running from {caduceus.format_time(last_alive_at)} to "
+                f"{caduceus.format_time(self.clock.now)}, when this deadline passed")
+        self.assertIn(note, console.notices[0].body)
+        facts = console.notices[0].notice  # the same, as facts for the channels that render their own
+        self.assertEqual((facts.monitor_down_from, facts.monitor_down_to), (last_alive_at, self.clock.now))
+        # A failure after the restart is the job's alone.
+        monitor.ping("hourly")
+        self.clock.advance(3600)
+        monitor.sweep()
+        monitor.deliver("console")
+        self.assertEqual(len(console.notices), 3)
+        self.assertNotIn("not running", console.notices[2].body)
+
+    def test_a_deadline_after_the_restart_has_no_note(self):
+        monitor, _ = self.start()
+        monitor.ping("hourly")
+        monitor.store.close()
+        self.clock.advance(30 * 60)
+        monitor, console = self.start()
+        self.clock.advance(31 * 60)
+        self.assertEqual([f.check for f in monitor.sweep()], ["hourly"])
+        monitor.deliver("console")
+        self.assertNotIn("not running", console.notices[0].body)
+
+
+class TrustedProxyTest(unittest.TestCase):
+    """X-Forwarded-For names the client only when the peer is a trusted proxy."""
+
+    def start(self, trusted: str) -> None:
+        text = CONSOLE_CONFIG.replace('secret_key = "s3cret"',
+                                      f'secret_key = "s3cret"\n    trusted_proxies = {trusted}')
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config_from(self, text), {"console": Recorder()}, FakeClock())
+        self.monitor.start()
+        self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
+
+    def request(self, forwarded: list[str], path: str = "/reset/hourly/?key=s3cret") -> int:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.putrequest("GET", path)
+            for value in forwarded:
+                conn.putheader("X-Forwarded-For", value)
+            conn.endheaders()
+            response = conn.getresponse()
+            response.read()
+            return response.status
+
+    def client_seen(self, forwarded: list[str]) -> str:
+        self.assertEqual(self.request(forwarded), 200)
+        return self.monitor.store.pings("hourly")[-1]["remote_addr"]
+
+    def test_the_right_most_untrusted_address_is_the_client(self):
+        self.start('["127.0.0.1", "10.0.0.0/8"]')
+        cases = [
+            (["203.0.113.9"], "203.0.113.9"),
+            (["1.2.3.4, 203.0.113.9, 10.0.0.2"], "203.0.113.9"),  # 1.2.3.4 may be forged
+            (["1.2.3.4", "203.0.113.9"], "203.0.113.9"),  # two headers read as one list
+            (["10.0.0.3, 10.0.0.2"], "10.0.0.3"),  # all trusted: the farthest
+            (["evil, 10.0.0.2"], "10.0.0.2"),  # not an address: the last hop known
+            (["2001:db8::1"], "2001:db8::1"),
+            ([], "127.0.0.1"),
+        ]
+        for forwarded, client in cases:
+            with self.subTest(forwarded=forwarded):
+                self.assertEqual(self.client_seen(forwarded), client)
+
+    def test_an_untrusted_peer_cannot_choose_its_address(self):
+        for trusted in ("[]", '["192.0.2.0/24"]'):
+            with self.subTest(trusted=trusted):
+                self.start(trusted)
+                self.assertEqual(self.client_seen(["203.0.113.9"]), "127.0.0.1")
+
+    def test_the_forwarded_client_is_logged_and_rate_limited(self):
+        self.start('["127.0.0.1"]')
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.request(["203.0.113.9"], "/reset/hourly/?key=wrong")
+            self.request(["203.0.113.9"], "/reset/hourly/?key=wrong")
+            self.request(["198.51.100.7"], "/reset/hourly/?key=wrong")
+        self.assertEqual(len(logs.output), 2)
+        self.assertIn("refused check-in from 203.0.113.9", logs.output[0])
+        self.assertIn("refused check-in from 198.51.100.7", logs.output[1])
+
+    def test_bad_entries_are_a_config_error(self):
+        for value, words in (('["10.0.0.0/33"]', '"10.0.0.0/33"'), ('"10.0.0.1"', "expected a list"),
+                             ('["localhost"]', '"localhost"')):
+            with self.subTest(value=value):
+                with self.assertRaises(caduceus.ConfigError) as error:
+                    config_from(self, f"[config]\ntrusted_proxies = {value}\n")
+                self.assertIn("config.trusted_proxies: expected", str(error.exception))
+                self.assertIn(words, str(error.exception))
+
+
 ###############################################################################
 # Job lifecycle ###############################################################
 ###############################################################################
@@ -5073,6 +5518,147 @@ class ProcessTest(unittest.TestCase):
                              .fetchone()[0], first_seen)
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
+
+
+class OperationsProcessTest(unittest.TestCase):
+    """caduceus.py as a real process: socket activation, SIGHUP, the reload command, --help."""
+
+    def setUp(self):
+        self.dir = temp_dir(self)
+        self.config = write_config(self, CONSOLE_CONFIG, self.dir)
+        self.db = os.path.join(self.dir, "database.sqlite3")
+        self.pid_file = os.path.join(self.dir, "caduceus.pid")
+
+    def start_activated(self) -> tuple[subprocess.Popen, int, queue.Queue]:
+        """Start Caduceus as systemd would: a listening socket as fd 3, LISTEN_FDS and
+        LISTEN_PID set.  -p names the socket's own port, so binding it would fail."""
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(listener.close)
+        port = listener.getsockname()[1]
+        program = [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", self.config, "-b", self.db,
+                   "-i", "127.0.0.1", "-p", str(port), "--pid-file", self.pid_file]
+        # LISTEN_PID must be the pid of the process that serves: a shim sets it, moves
+        # the socket to fd 3 and execs Caduceus in the same process.
+        shim = ("import os, sys; os.dup2(int(sys.argv[1]), 3); os.environ['LISTEN_FDS'] = '1'; "
+                "os.environ['LISTEN_PID'] = str(os.getpid()); os.execv(sys.executable, sys.argv[2:])")
+        process = subprocess.Popen([sys.executable, "-c", shim, str(listener.fileno()), *program],
+                                   pass_fds=(listener.fileno(),), stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        return process, port, lines
+
+    def get(self, port: int, path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT_S) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, exc.read().decode()
+
+    def wait_for(self, lines: queue.Queue, words: str) -> str:
+        while True:
+            line = lines.get(timeout=WAIT_S)
+            if words in line:
+                return line
+
+    def command(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, os.path.join(HERE, "caduceus.py"), *argv],
+                              capture_output=True, text=True, timeout=WAIT_S)
+
+    def test_socket_activation_serves_the_socket_systemd_passes(self):
+        process, port, lines = self.start_activated()
+        # The socket listens already: this waits in the kernel's queue until Caduceus accepts it.
+        self.assertEqual(self.get(port, "/reset/hourly/?key=s3cret"), (200, "Alert reset."))
+        self.assertEqual(self.get(port, "/healthz"), (200, "OK\n"))
+        self.wait_for(lines, "serving on the socket passed by systemd")
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+
+    def test_sighup_and_the_reload_command_reload_a_running_service(self):
+        process, port, lines = self.start_activated()
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 404)
+        self.wait_for(lines, "listening on")
+        with open(self.pid_file, encoding="ascii") as file:
+            self.assertEqual(int(file.read()), process.pid)
+        write_config(self, CONSOLE_CONFIG + '\n    [alerts.fresh]\n    every = "1h"\n', self.dir)
+        sent = self.command("reload", "--pid-file", self.pid_file)
+        self.assertEqual(sent.returncode, 0, sent.stderr)
+        self.assertIn("added alert fresh (every 1h)", self.wait_for(lines, "reloaded"))
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret"), (200, "Alert reset."))
+        # Over HTTP, with the key from the config; a broken config is refused and the old one kept.
+        write_config(self, CONSOLE_CONFIG.replace('every = "1d"', 'every = "soon"'), self.dir)
+        refused = self.command("reload", "--url", f"http://127.0.0.1:{port}/", "--key", "s3cret")
+        self.assertEqual(refused.returncode, 1)
+        self.assertIn("400: Reload refused, the running config is kept: ", refused.stderr)
+        self.assertIn('alerts.backups.every: expected a duration', refused.stderr)
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 200)
+        write_config(self, CONSOLE_CONFIG, self.dir)
+        done = self.command("reload", "--url", f"http://127.0.0.1:{port}", "-c", self.config)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        self.assertIn("removed alert fresh", done.stdout)
+        self.assertEqual(self.get(port, "/reset/fresh/?key=s3cret")[0], 404)
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+        self.assertFalse(os.path.exists(self.pid_file))
+
+    def test_a_heartbeat_url_added_by_a_reload_is_fetched_at_once(self):
+        stand_in = serve(self, HeartbeatStandIn())
+        process, port, lines = self.start_activated()
+        self.wait_for(lines, "listening on")
+        url = f"http://127.0.0.1:{stand_in.server_address[1]}/ping/other-box"
+        write_config(self, CONSOLE_CONFIG.replace('secret_key = "s3cret"',
+                                                  f'secret_key = "s3cret"\n    heartbeat_url = "{url}"'), self.dir)
+        process.send_signal(signal.SIGHUP)
+        self.assertEqual(stand_in.paths.get(timeout=WAIT_S), "/ping/other-box")
+        self.assertIn("changed [config] heartbeat_url", self.wait_for(lines, "reloaded"))
+        process.send_signal(signal.SIGTERM)
+        self.assertEqual(process.wait(WAIT_S), 0)
+
+    def test_an_unwritable_pid_file_is_one_line_and_exit_status_2(self):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = caduceus.main(["-c", self.config, "-b", self.db, "-i", "127.0.0.1", "-p", "0",
+                                  "--pid-file", os.path.join(self.dir, "missing", "caduceus.pid")])
+        self.assertEqual(code, 2)
+        self.assertRegex(err.getvalue(), r"^caduceus: .*caduceus.pid: cannot write the pid file: .*\n$")
+        self.assertFalse(os.path.exists(self.db + ".lock"))  # a failed start changes nothing
+
+    def test_reload_command_errors(self):
+        self.assertEqual(self.command("reload", "--pid-file", self.pid_file).returncode, 2)  # no such file
+        with open(self.pid_file, "w", encoding="ascii") as file:
+            file.write("not a pid\n")
+        failed = self.command("reload", "--pid-file", self.pid_file)
+        self.assertEqual(failed.returncode, 2)
+        self.assertIn("expected a process id", failed.stderr)
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        unreachable = self.command("reload", "--url", f"http://127.0.0.1:{port}/", "--key", "k")
+        self.assertEqual(unreachable.returncode, 1)
+        self.assertIn("cannot reach", unreachable.stderr)
+
+    def test_every_flag_is_explained_with_an_example(self):
+        for command in ([], ["check"], ["run"], ["reload"], ["test-notify"]):
+            with self.subTest(command=command):
+                out = io.StringIO()
+                with contextlib.redirect_stdout(out), self.assertRaises(SystemExit) as exit:
+                    caduceus.main([*command, "--help"])
+                self.assertEqual(exit.exception.code, 0)
+                text = out.getvalue()
+                options, _, examples = text.partition("\nexamples:\n")
+                self.assertTrue(examples.strip(), text)
+                flag = r"-[-\w]+(?: [A-Z]+)?"
+                flags = re.findall(rf"^  ({flag}(?:, {flag})?)", options, re.MULTILINE)
+                self.assertTrue(flags, text)
+                for flag in flags:
+                    names = [part.split()[0] for part in flag.split(", ")]
+                    if names[0] in ("-h", "--version"):
+                        continue
+                    shown = any(re.search(rf"(^|\s){re.escape(name)}(\s|$)", examples) for name in names)
+                    self.assertTrue(shown, f"{names} has no example in {command} --help")
 
 
 ###############################################################################
