@@ -162,6 +162,21 @@ class NotifyError(CaduceusError):
         self.retry_after_s = retry_after_s
 
 
+class HTTPError(CaduceusError):
+    """An answer other than success, raised by a page (bottle's ``HTTPError``).
+
+    ``text`` is one short sentence for people, without a trailing newline:
+    it is sent as plain text, or as ``{"error": text}`` under /api/.
+    ``headers`` go with it (``Allow``, ``WWW-Authenticate``).
+    """
+
+    def __init__(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = dict(headers or {})
+
+
 ###############################################################################
 # Durations and schedules #####################################################
 ###############################################################################
@@ -2576,6 +2591,71 @@ def _database_problem(exc: sqlite3.OperationalError) -> str:
     return text
 
 
+#: Sent with every answer.  Nothing is loaded from elsewhere (a page is one
+#: request: inline CSS, inline SVG); no type sniffing; no Referer leaves with a
+#: ``?key=`` in it; no framing.
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
+#: The Content-Type of plain text answers (check-ins, errors).
+TEXT_TYPE = "text/plain; charset=utf-8"
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """What a page returns: status, body, its Content-Type and any extra headers.
+    ``Handler._send`` adds Content-Length and SECURITY_HEADERS."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = TEXT_TYPE
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def text_response(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A plain text answer, exactly ``text``."""
+    return Response(status, text.encode(), TEXT_TYPE, tuple((headers or {}).items()))
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer (UTF-8, indented, with a final newline)."""
+    body = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return Response(status, body.encode(), "application/json; charset=utf-8", tuple((headers or {}).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One request as a page sees it.  ``config`` is read once per request, so a
+    reload is never seen half-way; ``path`` is percent-decoded; ``query`` is
+    ``parse_qs``'s; ``body`` is the kept tail of ``body_length`` bytes."""
+
+    method: str
+    target: str
+    path: str
+    query: Mapping[str, list[str]]
+    headers: Any  # http.client.HTTPMessage
+    body: bytes
+    body_length: int
+    client: str
+    config: Config
+    server: Server
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.server.monitor
+
+    def header_key(self) -> str | None:
+        """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
+        key = self.headers.get("X-Caduceus-Key")
+        if key is None:
+            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        return key
+
+
 class _RateLimit:
     """Lets one event per key through every ``interval_s``, and counts the rest.
 
@@ -2627,9 +2707,12 @@ class Server(http.server.ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
                  max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
-                 idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S) -> None:
+                 idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S,
+                 routes: tuple | None = None) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
+        #: ``(methods, pattern, page)`` (see Handler); ROUTES, at the end of the Pages section.
+        self.routes = ROUTES if routes is None else routes
         self.connections = _Connections(max_connections, slow_request_s)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -2725,11 +2808,13 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes check-ins to ``self.server.monitor``; see the module docstring.
+    """Reads a request and answers it from the first of ``server.routes`` whose
+    pattern matches its whole path: ``(methods, pattern, page)``, where
+    ``page(request, match)`` returns a ``Response`` or raises ``HTTPError``.
 
-    Every answer, errors from http.server included, is short plain text
-    written by ``_reply``.  The key may come in the URL or, on check-ins, in an
-    ``X-Caduceus-Key`` or ``Authorization: Bearer`` header.
+    Every answer, errors from http.server included, is written by ``_send``.
+    Errors are short plain text, or JSON under /api/.  OPTIONS answers with
+    ``Allow``; another method not listed gets 405 with ``Allow``.
     """
 
     protocol_version = "HTTP/1.1"
@@ -2738,12 +2823,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     #: writes on a keep-alive connection stall 40 ms on Nagle + delayed ACK.
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
-
-    _ROUTES = (
-        (re.compile(r"/"), ("GET", "HEAD"), "_home"),
-        (re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), ("GET", "HEAD", "POST"), "_reset"),
-        (re.compile(r"/ping/(?P<rest>.+)"), ("GET", "HEAD", "POST"), "_ping"),
-    )
 
     def setup(self) -> None:
         super().setup()
@@ -2794,7 +2873,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # so the answer has a status line and headers
         text = (message or self.responses.get(code, ("Error",))[0]).partition(" (")[0]
         self.log_error("code %d, message %s", code, message or text)
-        self._reply(code, f"{text}.\n")
+        self._send(text_response(f"{text}.\n", code))
 
     def do_GET(self) -> None:
         self._route()
@@ -2812,7 +2891,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.server.connections.mark(self._conn, HANDLING)
                 self._dispatch(body)
             except sqlite3.OperationalError as exc:
-                self._database_unavailable(exc, "")
+                self._send(error_response(self.path, database_unavailable(self.server, exc, "")))
             except (ConnectionError, socket.timeout) as exc:  # _TooSlow included
                 self.close_connection = True
                 log.debug("%s went away during %s: %s", self.client_address[0], self._safe_request_line(), exc)
@@ -2820,25 +2899,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log.exception("error handling %s", self._safe_request_line())
                 self.close_connection = True
                 with contextlib.suppress(OSError):  # the client may be gone too
-                    self._reply(500, "Internal server error.\n")
+                    self._send(text_response("Internal server error.\n", 500))
 
     def _dispatch(self, body: tuple[bytes, int]) -> None:
         split = urllib.parse.urlsplit(self.path)
-        path = urllib.parse.unquote(split.path)
-        for pattern, methods, handler in self._ROUTES:
-            match = pattern.fullmatch(path)
+        request = Request(self.command, self.path, urllib.parse.unquote(split.path),
+                          urllib.parse.parse_qs(split.query, keep_blank_values=True), self.headers,
+                          body[0], body[1], self.client_address[0], self.server.monitor.config, self.server)
+        try:
+            response = self._page(request)
+        except HTTPError as exc:
+            response = error_response(request.target, exc)
+        self._send(response)
+
+    def _page(self, request: Request) -> Response:
+        """The answer of the first route whose pattern matches the whole path."""
+        for methods, pattern, page in self.server.routes:
+            match = pattern.fullmatch(request.path)
             if match is None:
                 continue
             allow = ", ".join((*methods, "OPTIONS"))
-            if self.command == "OPTIONS":
-                self._reply(200, "", extra={"Allow": allow})
-            elif self.command not in methods:
-                self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
-            else:
-                query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
-                getattr(self, handler)(match, query, body)
-            return
-        self._reply(404, "Not found.\n")
+            if request.method == "OPTIONS":
+                return Response(headers=(("Allow", allow),))
+            if request.method not in methods:
+                raise HTTPError(405, "Method not allowed.", {"Allow": allow})
+            return page(request, match)
+        raise HTTPError(404, "Not found.")
 
     def _body(self) -> tuple[bytes, int] | None:
         """Read the request body: return its last MAX_PING_BODY bytes and its length,
@@ -2861,7 +2947,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             problem = (413, "Body too large.\n")
         if problem is not None:
             self.close_connection = True
-            self._reply(*problem)
+            self._send(text_response(problem[1], problem[0]))
             return None
         kept, length = b"", int(next(iter(lengths), "0"))
         remaining = length
@@ -2873,124 +2959,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
             remaining -= len(chunk)
         return kept, length
 
-    def _home(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        monitor = self.server.monitor
-        down = sum(row["status"] == DOWN for row in monitor.store.checks()
-                   if row["name"] in monitor.config.checks)
-        self._reply(200, f"Caduceus {__version__}: watching {len(monitor.config.checks)} alerts, "
-                         f"{down} failing.\n")
-
-    def _header_key(self) -> str | None:
-        """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
-        key = self.headers.get("X-Caduceus-Key")
-        if key is None:
-            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else None
-        return key
-
-    def _reset(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>, or the key in a header."""
-        key = self._header_key()
-        if key is None:
-            key = query.get("key", [""])[0]
-        recorded = self._signal(match["name"], key, match["signal"] or "", body)
-        if recorded is not None:
-            kind, note = recorded
-            if key and not self.server.monitor.config.secret_key:
-                note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
-                         " the check-in counted.\n")
-            self._reply(200, _RESET_ANSWERS[kind] + note)
-
-    def _ping(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]; with the
-        key in a header, /ping/<name>[/<signal>]."""
-        parts = match["rest"].split("/")
-        key = self._header_key()
-        if key is None and self.server.monitor.config.secret_key:
-            key = parts.pop(0)
-        if not 1 <= len(parts) <= 2:
-            self._reject(404, "Not found.\n", "", "not a check-in URL")
-            return
-        recorded = self._signal(parts[0], key or "", parts[1] if len(parts) == 2 else "", body)
-        if recorded is not None:
-            self._reply(200, "OK" + recorded[1])
-
-    def _signal(self, name: str, key: str, signal_text: str,
-                body: tuple[bytes, int]) -> tuple[str, str] | None:
-        """Check the key and record the signal with the body's kept tail.
-
-        Returns its kind and a note for the answer ("" or that the body was
-        truncated), or None after replying with an error.
-        """
-        monitor = self.server.monitor
-        secret = monitor.config.secret_key
-        # Compare even for unknown names, so timing does not tell which names exist.
-        key_ok = hmac.compare_digest(key.encode(), secret.encode())
-        if name not in monitor.config.checks or (secret and not key_ok):
-            why = "no such alert" if name not in monitor.config.checks else "wrong key" if key else "no key"
-            self._reject(404, "Not found.\n", name, why)
-            return None
-        try:
-            kind, exit_status = parse_signal(signal_text)
-        except ValueError as exc:
-            message = str(exc)
-            self._reject(400, f"{message[0].upper()}{message[1:]}.\n", name, "bad signal")
-            return None
-        data, length = body
-        note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
-                if length > len(data) else "")
-        ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client_address[0],
-                    self.headers.get("User-Agent", "")[:200])
-        try:
-            monitor.ping(name, ping)
-        except sqlite3.OperationalError as exc:
-            self._database_unavailable(exc, "; the check-in was not recorded")
-            return None
-        self.server.database_worked(monitor.clock())
-        what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
-        log.info("%s: %s from %s", name, what, self.client_address[0])
-        return kind, note
-
-    def _reject(self, code: int, text: str, name: str, why: str) -> None:
-        """Answer a refused check-in, and log it once a minute per client and alert."""
-        self._reply(code, text)
-        client = self.client_address[0]
-        held = self.server.rejections.allow((client, name[:LOG_QUOTE_MAX]), self.server.monitor.clock())
-        if held is not None:
-            more = f" ({held} more since the last such line)" if held else ""
-            log.warning("refused check-in from %s: %s %s: %s%s", client, self.command,
-                        self._mask(self.path), why, more)
-
-    def _database_unavailable(self, exc: sqlite3.OperationalError, consequence: str) -> None:
-        problem = _database_problem(exc)
-        self.server.database_failed(problem, self.server.monitor.clock())
-        self._reply(503, f"Database unavailable: {problem}{consequence}.\n")
-
-    def _reply(self, code: int, body: str, extra: Mapping[str, str] | None = None) -> None:
-        payload = body.encode()
+    def _send(self, response: Response) -> None:
+        """Write an answer: status, headers (Content-Type, Content-Length, the
+        security headers, the page's own) and body (not for HEAD), in one write."""
         # Writes get the time a whole request gets (a read may have left little).
         self.connection.settimeout(self.server.request_timeout_s)
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in (extra or {}).items():
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in SECURITY_HEADERS + response.headers:
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(response.body)
 
     def version_string(self) -> str:
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
-        """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
         monitor = self.server.monitor
-        secret = monitor.config.secret_key if monitor else ""
-        cut = len(text) > LOG_QUOTE_MAX
-        masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
-        return f"{masked}... ({len(text)} characters)" if cut else masked
+        return _log_quote(text, monitor.config.secret_key if monitor else "")
 
     def _safe_request_line(self) -> str:
         return self._mask(getattr(self, "requestline", ""))
@@ -3002,6 +2992,119 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
         log.info("%s %s", self.client_address[0], self._mask(format % args))
+
+
+# Check-ins -----------------------------------------------------------------
+
+
+def reset_page(request: Request, match: re.Match) -> Response:
+    """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>, or the key in a header."""
+    key = request.header_key()
+    if key is None:
+        key = request.query.get("key", [""])[0]
+    kind, note = _check_in(request, match["name"], key, match["signal"] or "")
+    if key and not request.config.secret_key:
+        note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
+                 " the check-in counted.\n")
+    return text_response(_RESET_ANSWERS[kind] + note)
+
+
+def ping_page(request: Request, match: re.Match) -> Response:
+    """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]; with the
+    key in a header, /ping/<name>[/<signal>]."""
+    parts = match["rest"].split("/")
+    key = request.header_key()
+    if key is None and request.config.secret_key:
+        key = parts.pop(0)
+    if not 1 <= len(parts) <= 2:
+        raise _refused(request, 404, "Not found.", "", "not a check-in URL")
+    _, note = _check_in(request, parts[0], key or "", parts[1] if len(parts) == 2 else "")
+    return text_response("OK" + note)
+
+
+def _check_in(request: Request, name: str, key: str, signal_text: str) -> tuple[str, str]:
+    """Check the key and record the signal with the body's kept tail.
+
+    Returns its kind and a note for the answer ("" or that the body was
+    truncated); raises HTTPError (404 for an unknown name or a wrong key,
+    alike; 400 for a bad signal; 503 when the database failed).
+    """
+    monitor, config = request.monitor, request.config
+    secret = config.secret_key
+    # Compare even for unknown names, so timing does not tell which names exist.
+    key_ok = hmac.compare_digest(key.encode(), secret.encode())
+    if name not in config.checks or (secret and not key_ok):
+        why = "no such alert" if name not in config.checks else "wrong key" if key else "no key"
+        raise _refused(request, 404, "Not found.", name, why)
+    try:
+        kind, exit_status = parse_signal(signal_text)
+    except ValueError as exc:
+        message = str(exc)
+        raise _refused(request, 400, f"{message[0].upper()}{message[1:]}.", name, "bad signal") from None
+    data, length = request.body, request.body_length
+    note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
+            if length > len(data) else "")
+    ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), request.client,
+                request.headers.get("User-Agent", "")[:200])
+    try:
+        monitor.ping(name, ping)
+    except sqlite3.OperationalError as exc:
+        raise database_unavailable(request.server, exc, "; the check-in was not recorded") from None
+    request.server.database_worked(monitor.clock())
+    what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
+    log.info("%s: %s from %s", name, what, request.client)
+    return kind, note
+
+
+def _refused(request: Request, code: int, text: str, name: str, why: str) -> HTTPError:
+    """The answer to a refused check-in; it is logged once a minute per client and alert."""
+    held = request.server.rejections.allow((request.client, name[:LOG_QUOTE_MAX]), request.monitor.clock())
+    if held is not None:
+        more = f" ({held} more since the last such line)" if held else ""
+        log.warning("refused check-in from %s: %s %s: %s%s", request.client, request.method,
+                    _log_quote(request.target, request.config.secret_key), why, more)
+    return HTTPError(code, text)
+
+
+def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:
+    """The 503 for a database fault (which the server logs, rate-limited)."""
+    problem = _database_problem(exc)
+    server.database_failed(problem, server.monitor.clock())
+    return HTTPError(503, f"Database unavailable: {problem}{consequence}.")
+
+
+def error_response(path: str, exc: HTTPError) -> Response:
+    """An HTTPError as an answer: ``{"error": text}`` under /api/, else plain text."""
+    if urllib.parse.unquote(urllib.parse.urlsplit(path).path).startswith("/api/"):
+        return json_response({"error": exc.text}, exc.status, exc.headers)
+    return text_response(exc.text + "\n", exc.status, exc.headers)
+
+
+def _log_quote(text: str, secret: str) -> str:
+    """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
+    cut = len(text) > LOG_QUOTE_MAX
+    masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
+    return f"{masked}... ({len(text)} characters)" if cut else masked
+
+
+###############################################################################
+# Pages #######################################################################
+###############################################################################
+
+
+def home_page(request: Request, match: re.Match) -> Response:
+    """A one-line status."""
+    config = request.config
+    down = sum(row["status"] == DOWN for row in request.monitor.store.checks() if row["name"] in config.checks)
+    return text_response(f"Caduceus {__version__}: watching {len(config.checks)} alerts, {down} failing.\n")
+
+
+#: The routes, one line each: (methods, pattern of the decoded path, page).
+ROUTES = (
+    (("GET", "HEAD"), re.compile(r"/"), home_page),
+    (("GET", "HEAD", "POST"), re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), reset_page),
+    (("GET", "HEAD", "POST"), re.compile(r"/ping/(?P<rest>.+)"), ping_page),
+)
 
 
 ###############################################################################
