@@ -123,7 +123,10 @@ __all__ = [
 log = logging.getLogger("caduceus")
 
 #: Check statuses, stored as text.  NEW: never checked in since it was first seen.
-NEW, UP, DOWN = "new", "up", "down"
+NEW, UP, DOWN, PAUSED = "new", "up", "down", "paused"
+#: Statuses that are only shown, never stored (see alert_views): past the
+#: deadline without grace but not with it; a run started and not ended.
+GRACE, RUNNING = "grace", "running"
 
 #: Kinds of notice; each has its own subject line (kept from 0.0.11: users filter on them).
 NOTICE_DOWN, NOTICE_REMINDER, NOTICE_UP = "down", "reminder", "up"
@@ -1382,6 +1385,11 @@ class Store:
                          "(SELECT COALESCE(MAX(n_pings), 0) FROM checks WHERE name = ?) % ?) % ?",
                          (name, PING_HISTORY, name, PING_HISTORY, PING_HISTORY))
 
+    def recent_pings(self) -> dict[str, list[sqlite3.Row]]:
+        """Every alert's recent signals, in arrival order (see read_recent_pings)."""
+        with self._lock:
+            return read_recent_pings(self._conn)
+
     def last_body(self, name: str) -> str:
         """The body of the alert's latest-arrived signal ("" if none): an older
         run's output would mislead a notice about this one."""
@@ -1524,6 +1532,16 @@ def read_legacy_state(conn: sqlite3.Connection) -> dict[str, tuple[float | None,
                 times[alert_id] = at
     checked_in, notified = latest["alert"], latest["notification"]
     return {name: (checked_in.get(name), notified.get(name)) for name in checked_in.keys() | notified.keys()}
+
+
+def read_recent_pings(conn: sqlite3.Connection) -> dict[str, list[sqlite3.Row]]:
+    """``{alert: [its recent signals in the order they arrived]}`` through ``conn``
+    (the server's, or ``status``'s read-only one)."""
+    pings: dict[str, list[sqlite3.Row]] = {}
+    for row in conn.execute("SELECT pings.* FROM pings JOIN checks ON checks.name = pings.check_name "
+                            "ORDER BY check_name, (slot + ?1 - checks.n_pings % ?1) % ?1", (PING_HISTORY,)):
+        pings.setdefault(row["check_name"], []).append(row)
+    return pings
 
 
 def _legacy_time(text: Any) -> float | None:
@@ -2307,6 +2325,139 @@ NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
     "email": send_email,
     "telegram": send_telegram,
 }
+
+
+###############################################################################
+# Status ######################################################################
+###############################################################################
+
+#: The dashboard lists the worst first.
+STATUS_ORDER = (DOWN, GRACE, RUNNING, NEW, UP, PAUSED)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertView:
+    """One alert as every page, the API, badges, metrics, ``status`` and
+    ``check`` show it: its settings, and its state at one moment.  Times are
+    epoch seconds (None: never, or not applicable)."""
+
+    name: str
+    status: str  #: one of STATUS_ORDER
+    description: str  #: the schedule in words
+    schedule: str | None
+    every_s: float | None
+    tz: datetime.tzinfo
+    grace_s: float
+    notify_every_s: float
+    max_runtime_s: float | None
+    channels: tuple[str, ...]
+    first_seen_at: float
+    last_checkin_at: float | None  #: the latest signal of any kind
+    last_success_at: float | None
+    next_due_at: float | None  #: when it will be considered failing; None while down or paused
+    next_reminder_at: float | None  #: while down
+    started_at: float | None  #: of the run in progress
+    last_duration_s: float | None
+    last_exit_status: int | None
+    reason: str | None  #: why it is down
+    down_since: float | None
+    paused_until: float | None
+
+    @property
+    def failing(self) -> bool:
+        return self.status == DOWN
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's fields: times as ISO 8601 UTC, durations in seconds."""
+        return {
+            "name": self.name, "status": self.status, "description": self.description,
+            "last_checkin": _iso(self.last_checkin_at), "last_success": _iso(self.last_success_at),
+            "next_due": _iso(self.next_due_at), "next_reminder": _iso(self.next_reminder_at),
+            "every": self.every_s, "schedule": self.schedule, "timezone": str(self.tz),
+            "grace": self.grace_s, "notify_every": self.notify_every_s, "max_runtime": self.max_runtime_s,
+            "channels": list(self.channels), "started_at": _iso(self.started_at),
+            "last_duration": self.last_duration_s, "last_exit_status": self.last_exit_status,
+            "reason": self.reason, "down_since": _iso(self.down_since), "paused_until": _iso(self.paused_until),
+        }
+
+
+def _iso(at: float | None) -> str | None:
+    return None if at is None else format_time(at)
+
+
+def _column(row: Mapping[str, Any], name: str) -> Any:
+    """A column that a file not yet migrated (read by ``check``) may lack."""
+    return row[name] if name in row.keys() else None
+
+
+def alert_views(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
+                pings: Mapping[str, list[Mapping[str, Any]]] | None = None,
+                legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[AlertView]:
+    """Every configured alert's view at ``now``, in config order.
+
+    ``rows`` are the stored check rows by name, ``pings`` each alert's recent
+    signals in arrival order (for the last check-in and exit status).  An
+    alert missing from ``rows`` is shown as the server would start it at
+    ``now``: with its Caduceus 0.0.11 state from ``legacy``, if any, or as
+    first seen.  An alert past its deadline is down even before the sweeper
+    has marked it so, with the reason the sweeper will give.
+    """
+    views = []
+    for spec in config.checks.values():
+        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
+        recent = (pings or {}).get(spec.name, [])
+        views.append(_view(spec, row, recent, now))
+    return views
+
+
+def _view(spec: CheckSpec, row: Mapping[str, Any], recent: list[Mapping[str, Any]], now: float) -> AlertView:
+    status, reason = row["status"], None
+    due = reminder = None
+    paused_until = _column(row, "paused_until")
+    if status == DOWN:
+        reason = row["down_reason"] or REASON_MISSED
+        reminder = next_event_at(spec, row)
+    elif status == PAUSED:
+        due = spec.due_after(paused_until) if paused_until is not None else None
+    else:
+        due, why = deadline(spec, row)
+        if now >= due:
+            status, reason, due = DOWN, why, None
+            reminder = now + spec.notify_every_s
+        elif row["started_at"] is not None:
+            status = RUNNING
+        elif spec.grace_s and now >= due - spec.grace_s:
+            status = GRACE
+    ends = [ping for ping in recent if ping["kind"] in (SUCCESS, FAIL)]
+    return AlertView(
+        name=spec.name, status=status, description=spec.describe(),
+        schedule=spec.schedule.expression if spec.schedule else None, every_s=spec.every_s, tz=spec.tz,
+        grace_s=spec.grace_s, notify_every_s=spec.notify_every_s, max_runtime_s=spec.max_runtime_s,
+        channels=tuple(spec.channels), first_seen_at=row["first_seen_at"],
+        last_checkin_at=recent[-1]["at"] if recent else None, last_success_at=row["last_ping_at"],
+        next_due_at=due, next_reminder_at=reminder,
+        started_at=row["started_at"] if status != PAUSED else None,
+        last_duration_s=_column(row, "last_duration_s"),
+        last_exit_status=ends[-1]["exit_status"] if ends else None, reason=reason,
+        down_since=row["down_at"] if row["status"] == DOWN else None,
+        paused_until=paused_until if status == PAUSED else None)
+
+
+def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
+    """The row the server would give an alert at its first start at ``now``."""
+    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
+           "down_at": None, "down_reason": ""}
+    state = legacy_check_state(spec, *legacy)
+    if state is not None:
+        status, last_ping_at, down_at, notified_at = state
+        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
+                   down_reason=REASON_MISSED if status == DOWN else "")
+    return row
+
+
+def sort_views(views: list[AlertView]) -> list[AlertView]:
+    """The worst first (STATUS_ORDER), then by name."""
+    return sorted(views, key=lambda view: (STATUS_ORDER.index(view.status), view.name))
 
 
 ###############################################################################
@@ -3464,12 +3615,17 @@ def _run_main(argv: list[str]) -> int:
 # The check command -------------------------------------------------------------
 
 
-def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
-    """The check rows of a database, and the Caduceus 0.0.11 state the server
-    would import at its next start (see read_legacy_state), read-only; both {}
-    when there is no such file.  Raises sqlite3.Error if it cannot be read."""
+#: What ``check`` and ``status`` read: check rows by name, the 0.0.11 state, recent pings by name.
+_State = "tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]], dict[str, list]]"
+
+
+def _read_state(db: str) -> _State:
+    """The check rows of a database, the Caduceus 0.0.11 state the server
+    would import at its next start (see read_legacy_state) and the recent
+    pings, read-only; all {} when there is no such file.  Raises sqlite3.Error
+    if it cannot be read."""
     if not os.path.exists(db):
-        return {}, {}
+        return {}, {}, {}
     uri = f"file:{urllib.parse.quote(os.path.abspath(db))}"
     try:
         return _read_checks(f"{uri}?mode=ro")
@@ -3479,60 +3635,41 @@ def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[
         return _read_checks(f"{uri}?immutable=1")
 
 
-def _read_checks(uri: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
+def _read_checks(uri: str) -> _State:
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         checks = {row["name"]: row for row in conn.execute("SELECT * FROM checks")} if "checks" in tables else {}
+        pings = read_recent_pings(conn) if "pings" in tables else {}
         # The server imports 0.0.11's state while no alert is recorded (Monitor.start).
-        return checks, ({} if checks else read_legacy_state(conn))
+        return checks, ({} if checks else read_legacy_state(conn)), pings
 
 
 def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
-                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[dict]:
-    """What ``check`` prints, per alert: schedule, channels, status (with the
-    reason, when down) and next deadline.
-
-    Alerts missing from ``rows`` are reported as the server would start them
-    at ``now``: with their Caduceus 0.0.11 state from ``legacy``, if any, or
-    as first seen.
-    """
+                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None,
+                 pings: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[dict]:
+    """What ``check`` prints, per alert (see alert_views): schedule, channels,
+    status (with the reason, when down) and next deadline or reminder."""
     report = []
-    for spec in config.checks.values():
-        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
-        event_at = next_event_at(spec, row)
-        down = row["status"] == DOWN
-        due, reminder = (None, event_at) if down else (event_at, None)
+    for view in alert_views(config, rows, now, pings, legacy):
         report.append({
-            "name": spec.name,
-            "schedule": spec.schedule.expression if spec.schedule else None,
-            "every": spec.every_s,
-            "description": spec.describe(),
-            "timezone": str(spec.tz),
-            "grace": spec.grace_s,
-            "max_runtime": spec.max_runtime_s,
-            "notify_every": spec.notify_every_s,
-            "channels": list(spec.channels),
-            "status": row["status"],
-            "reason": (row["down_reason"] or REASON_MISSED) if down else None,
-            "last_success": format_time(row["last_ping_at"]) if row["last_ping_at"] is not None else None,
-            "next_due": format_time(due) if due is not None else None,
-            "next_due_local": _local_time(due, spec.tz) if due is not None else None,
-            "next_reminder": format_time(reminder) if reminder is not None else None,
+            "name": view.name,
+            "schedule": view.schedule,
+            "every": view.every_s,
+            "description": view.description,
+            "timezone": str(view.tz),
+            "grace": view.grace_s,
+            "max_runtime": view.max_runtime_s,
+            "notify_every": view.notify_every_s,
+            "channels": list(view.channels),
+            "status": view.status,
+            "reason": view.reason,
+            "last_success": _iso(view.last_success_at),
+            "next_due": _iso(view.next_due_at),
+            "next_due_local": _local_time(view.next_due_at, view.tz) if view.next_due_at is not None else None,
+            "next_reminder": _iso(view.next_reminder_at),
         })
     return report
-
-
-def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
-    """The row the server would give an alert at its first start at ``now``."""
-    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
-           "down_at": None, "down_reason": ""}
-    state = legacy_check_state(spec, *legacy)
-    if state is not None:
-        status, last_ping_at, down_at, notified_at = state
-        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
-                   down_reason=REASON_MISSED if status == DOWN else "")
-    return row
 
 
 def _local_time(at: float, tz: datetime.tzinfo) -> str:
@@ -3577,11 +3714,11 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     if config is None:
         return 2
     try:
-        state, legacy = _read_state(args.db)
+        state, legacy, pings = _read_state(args.db)
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return 2
-    report = check_report(config, state, clock(), legacy)
+    report = check_report(config, state, clock(), legacy, pings)
     try:
         _print_report(args.config, report, args.json)
         sys.stdout.flush()

@@ -1119,7 +1119,7 @@ class StoreTest(unittest.TestCase):
             conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
             conn.execute("PRAGMA user_version = 1")
         config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
-        rows, legacy = caduceus._read_state(path)  # `check` reads it as it is
+        rows, legacy, _ = caduceus._read_state(path)  # `check` reads it as it is
         report = caduceus.check_report(config, rows, 10.0, legacy)
         self.assertEqual(report[0]["next_due"], caduceus.format_time(3605.0))
         store = open_store(self, path)
