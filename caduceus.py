@@ -55,6 +55,7 @@ Licence: MIT.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import dataclasses
 import datetime
@@ -64,6 +65,7 @@ import email.message
 import email.utils
 import errno
 import hmac
+import html
 import http.client
 import http.server
 import io
@@ -780,6 +782,9 @@ class Config:
     telegram: TelegramConf | None = None
     path: str = ""
     max_connections: int = 512
+    public_dashboard: bool = False  #: the read-only views open without the key
+    public_badges: bool = True  #: badges open without the key
+    history: int = 100  #: events kept per alert (check-ins, state changes, notices)
 
 
 class _Table:
@@ -860,6 +865,12 @@ def _encryption(value: Any) -> str:
 def _port(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
         raise ValueError
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError
     return value
 
 
@@ -1010,6 +1021,9 @@ def load_config(path: str) -> Config:
     secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
     max_connections = settings.take("max_connections", "a whole number, at least 1", _positive_int, 512)
+    public_dashboard = settings.take("public_dashboard", "true or false", _boolean, False)
+    public_badges = settings.take("public_badges", "true or false", _boolean, True)
+    history = settings.take("history", "a whole number, at least 1", _positive_int, 100)
     settings.finish()
 
     alerting = _Table(path, "alerting", top.take("alerting", "a table", _table, {}))
@@ -1051,7 +1065,8 @@ def load_config(path: str) -> Config:
     alerts.finish()
     top.finish()
     return Config(checks=checks, secret_key=secret_key, email=email_conf,
-                  telegram=telegram_conf, path=path, max_connections=max_connections)
+                  telegram=telegram_conf, path=path, max_connections=max_connections,
+                  public_dashboard=public_dashboard, public_badges=public_badges, history=history)
 
 
 def _read_toml(path: str) -> dict:
@@ -1427,6 +1442,10 @@ class Store:
                          "(SELECT id FROM flips WHERE check_name = ? ORDER BY id DESC LIMIT ?)",
                          (name, name, FLIP_HISTORY))
 
+    def notice_history(self, name: str) -> list[sqlite3.Row]:
+        """The alert's recent notice deliveries, oldest first."""
+        return []
+
     def flips(self, name: str) -> list[sqlite3.Row]:
         """A check's recent state changes, oldest first."""
         return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
@@ -1738,6 +1757,23 @@ def _tail(output: str) -> list[str]:
     return text.splitlines()[-TAIL_LINES:] if text else []
 
 
+class _Tally:
+    """Counters since the start, for /metrics: ``add(family, key)``, ``counts(family)``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, dict[Any, int]] = {}
+
+    def add(self, family: str, key: Any) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(family, {})
+            counts[key] = counts.get(key, 0) + 1
+
+    def counts(self, family: str) -> dict[Any, int]:
+        with self._lock:
+            return dict(self._counts.get(family, {}))
+
+
 class Monitor:
     """The rules: signals, deadlines, and which notices to send.
 
@@ -1801,6 +1837,8 @@ class Monitor:
         #: Per channel, outcomes the database refused to record (disk full, read-only),
         #: by notice id: kept until it takes them, so a sent notice is not sent again.
         self._unrecorded: dict[str, dict[int, _Outcome]] = {}
+        #: Signals by (alert, kind) and deliveries by (channel, result) since the start.
+        self.tally = _Tally()
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -1856,6 +1894,7 @@ class Monitor:
                 reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
                 flip = self._flip(spec, row, DOWN, reason, now, now)
             row = self.store.check(name)
+        self.tally.add("checkins", (name, ping.kind))
         if flip:
             self._tell(self._outbox_listeners, now)
         if row["status"] != DOWN:
@@ -3239,22 +3278,433 @@ def _log_quote(text: str, secret: str) -> str:
 
 
 ###############################################################################
-# Pages #######################################################################
+# Pages: HTML #################################################################
+###############################################################################
+
+# Access ----------------------------------------------------------------------
+
+
+def _key_matches(request: Request, basic: bool = True) -> bool:
+    """True when no secret_key is set, or the request carries it: ``?key=``, an
+    ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, or (with ``basic``)
+    HTTP basic auth with the key as the password, any user name."""
+    secret = request.config.secret_key.encode()
+    if not secret:
+        return True
+    given = [request.query.get("key", [None])[0], request.header_key()]
+    if basic:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "basic":
+            with contextlib.suppress(ValueError):  # binascii.Error is a ValueError
+                given.append(base64.b64decode(token.strip(), validate=True).partition(b":")[2])
+    matched = False
+    for key in given:  # compare every candidate, so timing tells nothing
+        if key is not None:
+            key = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+            matched |= hmac.compare_digest(key, secret)
+    return matched
+
+
+def require_key(request: Request, public: bool = False, html: bool = False) -> None:
+    """Raise 401 unless the view is ``public`` or the request has the key.
+
+    An HTML page asks the browser to log in (basic auth, the key as the
+    password); the API and metrics ask for a bearer token.  The answer names
+    no alert and counts none.
+    """
+    if public or _key_matches(request):
+        return
+    challenge = 'Basic realm="Caduceus", charset="UTF-8"' if html else 'Bearer realm="Caduceus"'
+    raise HTTPError(401, "The key is needed: log in with it as the password, or send ?key=KEY "
+                         "or Authorization: Bearer KEY.", {"WWW-Authenticate": challenge})
+
+
+def read_views(request: Request) -> tuple[list[AlertView], dict[str, list[sqlite3.Row]], float]:
+    """Every alert's view now, with the recent pings it was computed from."""
+    store = request.monitor.store
+    now = request.monitor.clock()
+    pings = store.recent_pings()
+    rows = {row["name"]: row for row in store.checks()}
+    return alert_views(request.config, rows, now, pings), pings, now
+
+
+def _find_view(request: Request, name: str) -> tuple[AlertView, list[sqlite3.Row], float]:
+    if name not in request.config.checks:
+        raise HTTPError(404, "No such alert.")
+    views, pings, now = read_views(request)
+    return next(view for view in views if view.name == name), pings.get(name, []), now
+
+
+# Dashboard and alert page ----------------------------------------------------
+
+#: Seconds between the dashboard's reloads of itself.
+REFRESH_S = 30
+#: Cells in a dashboard row's strip of recent runs; bars in an alert page's chart.
+STRIP_CELLS, CHART_BARS = 30, 50
+#: Characters of a check-in's body shown in the alert page's history.
+BODY_EXCERPT = 300
+
+#: The whole style sheet: system fonts, light and dark, a table on a desktop, cards on a phone.
+_CSS = """
+:root{color-scheme:light dark;--bg:#f6f8fa;--card:#fff;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;
+--up:#1a7f37;--grace:#9a6700;--running:#0969da;--down:#cf222e;--paused:#6e7781;--new:#8250df;--missed:#bc4c00}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--card:#151b23;--fg:#e6edf3;--muted:#9198a1;
+--line:#3d444d;--up:#3fb950;--grace:#d29922;--running:#4493f8;--down:#f85149;--paused:#9198a1;--new:#ab7df8;
+--missed:#db6d28}}
+*{box-sizing:border-box}
+body{margin:0;padding:16px;background:var(--bg);color:var(--fg);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+main{max-width:1200px;margin:0 auto}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px}
+a{color:var(--running)}.muted,.sub{color:var(--muted)}.sub{font-size:13px}
+.summary{margin:0 0 16px;color:var(--muted)}
+table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line);border-radius:8px}
+th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:13px;color:var(--muted);font-weight:600}
+tr:last-child td{border-bottom:0}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:13px;font-weight:600}
+.up{background:var(--up)}.grace{background:var(--grace)}.running{background:var(--running)}
+.down{background:var(--down)}.paused{background:var(--paused)}.new{background:var(--new)}
+tr.is-down td:first-child{box-shadow:inset 4px 0 var(--down)}
+.name{font-weight:600;word-break:break-all}
+svg{display:block;max-width:100%}.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;box-sizing:content-box}
+pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:13px}
+pre.code{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px;user-select:all}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
+.reason{color:var(--down);font-weight:600}
+@media (max-width:700px){body{padding:10px}table.cards,table.cards tbody,table.cards tr,table.cards td{display:block}
+table.cards{border:0;background:none}table.cards thead{display:none}
+table.cards tr{background:var(--card);border:1px solid var(--line);border-radius:8px;margin-bottom:10px}
+table.cards tr{display:grid;grid-template-columns:1fr 1fr;padding:6px 0}
+table.cards td{border:0;padding:4px 12px;min-width:0}table.cards td:first-child{grid-column:1/3}
+table.cards td[data-label]::before{content:attr(data-label);display:block;color:var(--muted);font-size:12px}
+.wide{display:none}dl{grid-template-columns:1fr}dd{margin-bottom:6px}}
+"""
+
+#: Colours of a run strip's cells, by outcome (the CSS variables above).
+_OUTCOME_COLOURS = {"success": "var(--up)", "fail": "var(--down)", "missed": "var(--missed)"}
+
+
+def _page(title: str, body: str, refresh: bool = False) -> Response:
+    """A whole HTML page: ``title`` and ``body`` must be escaped already."""
+    meta = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if refresh else ""
+    text = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<meta name="color-scheme" content="light dark">{meta}<title>{title}</title>'
+            f"<style>{_CSS}</style></head><body><main>{body}</main></body></html>\n")
+    return Response(200, text.encode(), "text/html; charset=utf-8")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _when(at: float | None, now: float) -> str:
+    """A time relative to now ("5m ago", "in 2h"), the exact UTC time on hover."""
+    if at is None:
+        return '<span class="muted">never</span>'
+    delta = now - at
+    words = "just now" if abs(delta) < 1 else (
+        f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}")
+    return f'<time datetime="{format_time(at)}" title="{format_time(at)}">{words}</time>'
+
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {status}">{status}</span>'
+
+
+def _runs(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]]) -> list[tuple[float, str, str]]:
+    """Recent runs, oldest first: (at, outcome, words), one per success or
+    failure and one per missed deadline."""
+    runs = [(ping["at"], ping["kind"], ping["kind"] if ping["exit_status"] is None
+             else f"{ping['kind']} (exit status {ping['exit_status']})")
+            for ping in pings if ping["kind"] in (SUCCESS, FAIL)]
+    runs += [(flip["at"], "missed", flip["reason"]) for flip in flips
+             if flip["new"] == DOWN and not flip["reason"].startswith((REASON_FAILED, "exit status"))]
+    return sorted(runs, key=lambda run: run[0])
+
+
+def run_strip(runs: list[tuple[float, str, str]]) -> str:
+    """An inline SVG strip, one cell per run (the latest STRIP_CELLS), coloured by outcome."""
+    runs = runs[-STRIP_CELLS:]
+    if not runs:
+        return '<span class="muted">no runs yet</span>'
+    cells = "".join(f'<rect x="{i * 7}" y="0" width="5" height="18" rx="1" fill="{_OUTCOME_COLOURS[outcome]}">'
+                    f"<title>{format_time(at)}: {_e(words)}</title></rect>"
+                    for i, (at, outcome, words) in enumerate(runs))
+    width = len(runs) * 7 - 2
+    return (f'<svg role="img" aria-label="recent runs" width="{width}" height="18" '
+            f'viewBox="0 0 {width} 18">{cells}</svg>')
+
+
+def _last_run(view: AlertView) -> str:
+    parts = []
+    if view.last_duration_s is not None:
+        parts.append(f"took {format_duration(view.last_duration_s, 2)}")
+    if view.last_exit_status is not None:
+        parts.append(f"exit status {view.last_exit_status}")
+    if view.status == RUNNING:
+        parts.append(f"running since {format_time(view.started_at)}")
+    return _e(", ".join(parts)) or '<span class="muted">-</span>'
+
+
+def _due(view: AlertView, now: float) -> str:
+    if view.status == PAUSED:
+        return f"paused until {_when(view.paused_until, now)}" if view.paused_until else "paused"
+    if view.next_due_at is None:
+        return f"reminder {_when(view.next_reminder_at, now)}"
+    return _when(view.next_due_at, now)
+
+
+def dashboard_page(request: Request, match: re.Match) -> Response:
+    """Every alert, the worst first: status, last check-in, next deadline,
+    schedule, last run, recent runs, channels.  It reloads itself."""
+    require_key(request, request.config.public_dashboard, html=True)
+    views, pings, now = read_views(request)
+    store = request.monitor.store
+    rows = []
+    for view in sort_views(views):
+        link = f"/alerts/{urllib.parse.quote(view.name, safe='')}"
+        reason = f'<div class="sub reason">{_e(view.reason)}</div>' if view.reason else ""
+        strip = run_strip(_runs(pings.get(view.name, []), store.flips(view.name)))
+        rows.append(
+            f'<tr class="is-{view.status}"><td><a class="name" href="{_e(link)}">{_e(view.name)}</a>'
+            f'<div class="sub">{_e(view.description)}</div></td>'
+            f'<td data-label="Status">{_badge(view.status)}{reason}</td>'
+            f'<td data-label="Last check-in">{_when(view.last_checkin_at, now)}</td>'
+            f'<td data-label="Next deadline">{_due(view, now)}</td>'
+            f'<td data-label="Last run">{_last_run(view)}</td>'
+            f'<td data-label="Recent runs">{strip}</td>'
+            f'<td data-label="Channels">{_e(", ".join(view.channels))}</td></tr>')
+    counts = {status: sum(view.status == status for view in views) for status in STATUS_ORDER}
+    down = counts[DOWN]
+    title = f"{down} down · Caduceus" if down else "All good · Caduceus"
+    summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no alerts"
+    table = ('<table class="cards"><thead><tr><th>Alert</th><th>Status</th><th>Last check-in</th>'
+             '<th>Next deadline</th><th>Last run</th><th>Recent runs</th><th>Channels</th></tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>') if rows else "<p>No alerts are configured.</p>"
+    body = (f'<h1>Caduceus</h1><p class="summary">{_e(summary)} · updated '
+            f'<time title="{format_time(now)}">{format_time(now)}</time></p>{table}')
+    return _page(_e(title), body, refresh=True)
+
+
+def duration_chart(pings: list[Mapping[str, Any]], max_runtime_s: float | None) -> str:
+    """An inline SVG bar chart of the last CHART_BARS run durations, with
+    ``max_runtime`` as a dashed line."""
+    runs = [ping for ping in pings if ping["duration_s"] is not None][-CHART_BARS:]
+    if not runs:
+        return '<p class="muted">No timed runs yet: send a start signal before the job (or use run).</p>'
+    longest = max(ping["duration_s"] for ping in runs)
+    # A limit far above every run would flatten the bars: then it is named, not drawn.
+    drawn = max_runtime_s is not None and max_runtime_s <= 4 * longest
+    top = max(longest, max_runtime_s if drawn else 0.0) * 1.1 or 1.0
+    height, bar = 120, 12
+    bars = []
+    for i, ping in enumerate(runs):
+        tall = max(ping["duration_s"] / top * height, 1.0)
+        colour = _OUTCOME_COLOURS["fail" if ping["kind"] == FAIL else "success"]
+        bars.append(f'<rect x="{i * (bar + 3)}" y="{height - tall:.1f}" width="{bar}" height="{tall:.1f}" '
+                    f'fill="{colour}"><title>{format_time(ping["at"])}: '
+                    f'{format_duration(ping["duration_s"], 2)}</title></rect>')
+    width = max(len(runs) * (bar + 3), 60)
+    if drawn:
+        y = height - max_runtime_s / top * height
+        bars.append(f'<line x1="0" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="var(--down)" '
+                    f'stroke-dasharray="4 3"><title>max_runtime {format_duration(max_runtime_s)}</title></line>')
+    return (f'<svg class="chart" role="img" aria-label="run durations" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">{"".join(bars)}</svg>'
+            f'<p class="sub">Longest: {format_duration(longest, 2)}; max_runtime: '
+            f'{format_duration(max_runtime_s) + ("" if drawn else " (far above)") if max_runtime_s else "none"}</p>')
+
+
+def _examples(request: Request, name: str) -> str:
+    """The check-in URL and copyable curl, wget and run lines, with KEY for the key."""
+    host = request.headers.get("Host", "") or "localhost:5000"
+    quoted = urllib.parse.quote(name, safe="")
+    url = f"http://{host}/ping/KEY/{quoted}" if request.config.secret_key else f"http://{host}/ping/{quoted}"
+    lines = [f'curl -fsS -m 10 --retry 5 -o /dev/null "{url}"',
+             f'curl -fsS -m 10 --retry 5 -o /dev/null --data-binary @job.log "{url}/fail"',
+             f'wget -q -T 10 -O /dev/null "{url}"',
+             f'python3 caduceus.py run "{url}" -- /path/to/job.sh',
+             f'curl -fsS -X POST -H "Authorization: Bearer KEY" "http://{host}/api/v1/alerts/{quoted}/pause?until=2h"']
+    return "".join(f'<pre class="code">{_e(line)}</pre>' for line in lines)
+
+
+def _history_tables(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]],
+                    notices: list[Mapping[str, Any]]) -> str:
+    checkins = "".join(
+        f'<tr><td>{format_time(ping["at"])}</td><td>{_e(ping["kind"])}'
+        f'{"" if ping["exit_status"] is None else " " + str(ping["exit_status"])}</td>'
+        f'<td>{"" if ping["duration_s"] is None else format_duration(ping["duration_s"], 2)}</td>'
+        f'<td>{_e(ping["remote_addr"])}</td><td class="wide">{_e(ping["user_agent"])}</td>'
+        f'<td><pre>{_e(ping["body"][-BODY_EXCERPT:])}</pre></td></tr>' for ping in reversed(pings))
+    changes = "".join(f'<tr><td>{format_time(flip["at"])}</td><td>{_e(flip["old"])} → {_e(flip["new"])}</td>'
+                      f'<td>{_e(flip["reason"])}</td></tr>' for flip in reversed(flips))
+    sent = "".join(f'<tr><td>{format_time(notice["at"])}</td><td>{_e(notice["channel"])}</td>'
+                   f'<td>{_e(notice["kind"])}</td><td>{_e(notice["result"])}</td><td>{_e(notice["error"])}</td></tr>'
+                   for notice in reversed(notices))
+    empty = '<tr><td class="muted">none yet</td></tr>'
+    return ('<h2>Check-ins</h2><table><thead><tr><th>When (UTC)</th><th>Signal</th><th>Took</th><th>From</th>'
+            f'<th class="wide">User agent</th><th>Body</th></tr></thead><tbody>{checkins or empty}</tbody></table>'
+            '<h2>State changes</h2><table><thead><tr><th>When (UTC)</th><th>Change</th><th>Reason</th></tr>'
+            f'</thead><tbody>{changes or empty}</tbody></table>'
+            '<h2>Notifications</h2><table><thead><tr><th>When (UTC)</th><th>Channel</th><th>Notice</th>'
+            f'<th>Result</th><th>Error</th></tr></thead><tbody>{sent or empty}</tbody></table>')
+
+
+def alert_page(request: Request, match: re.Match) -> Response:
+    """One alert: status, settings, run durations, check-in examples, history."""
+    require_key(request, request.config.public_dashboard, html=True)
+    view, pings, now = _find_view(request, match["name"])
+    store = request.monitor.store
+    settings = [("Schedule", _e(view.description)), ("Time zone", _e(view.tz)),
+                ("Grace", format_duration(view.grace_s)), ("Reminders", f"every {format_duration(view.notify_every_s)}"),
+                ("Max runtime", format_duration(view.max_runtime_s) if view.max_runtime_s else "none"),
+                ("Channels", _e(", ".join(view.channels))), ("Last check-in", _when(view.last_checkin_at, now)),
+                ("Last success", _when(view.last_success_at, now)), ("Next deadline", _due(view, now)),
+                ("Last run", _last_run(view)), ("Watched since", _when(view.first_seen_at, now))]
+    reason = f'<p class="reason">{_e(view.reason)}</p>' if view.reason else ""
+    body = (f'<p><a href="/">← all alerts</a></p><h1>{_e(view.name)} {_badge(view.status)}</h1>{reason}'
+            f'<dl>{"".join(f"<dt>{key}</dt><dd>{value}</dd>" for key, value in settings)}</dl>'
+            f"<h2>Run durations</h2>{duration_chart(pings, view.max_runtime_s)}"
+            f"<h2>Checking in</h2>{_examples(request, view.name)}"
+            f"{_history_tables(pings, store.flips(view.name), store.notice_history(view.name))}")
+    return _page(f"{_e(view.name)}: {view.status} · Caduceus", body, refresh=True)
+
+
+###############################################################################
+# Pages: API, badges, metrics #################################################
 ###############################################################################
 
 
-def home_page(request: Request, match: re.Match) -> Response:
-    """A one-line status."""
-    config = request.config
-    down = sum(row["status"] == DOWN for row in request.monitor.store.checks() if row["name"] in config.checks)
-    return text_response(f"Caduceus {__version__}: watching {len(config.checks)} alerts, {down} failing.\n")
+def api_alerts_page(request: Request, match: re.Match) -> Response:
+    """``GET /api/v1/alerts``: ``{"alerts": [every alert's fields]}``, in config order."""
+    require_key(request, request.config.public_dashboard)
+    return json_response({"alerts": [view.as_json() for view in read_views(request)[0]]})
+
+
+def api_alert_page(request: Request, match: re.Match) -> Response:
+    """``GET /api/v1/alerts/<name>``: one alert's fields and its ``history``."""
+    require_key(request, request.config.public_dashboard)
+    view, pings, _ = _find_view(request, match["name"])
+    store = request.monitor.store
+    data = view.as_json()
+    data["history"] = {
+        "checkins": [{"at": format_time(ping["at"]), "signal": ping["kind"], "exit_status": ping["exit_status"],
+                      "duration": ping["duration_s"], "remote_addr": ping["remote_addr"],
+                      "user_agent": ping["user_agent"], "body": ping["body"][-BODY_EXCERPT:]} for ping in pings],
+        "flips": [{"at": format_time(flip["at"]), "old": flip["old"], "new": flip["new"], "reason": flip["reason"]}
+                  for flip in store.flips(view.name)],
+        "notifications": [{"at": format_time(notice["at"]), "channel": notice["channel"], "kind": notice["kind"],
+                           "result": notice["result"], "error": notice["error"]}
+                          for notice in store.notice_history(view.name)],
+    }
+    return json_response(data)
+
+
+#: What a badge says, and its colour (shields.io's names), by status.
+_BADGE_WORDS = {UP: ("up", "brightgreen"), RUNNING: ("up", "brightgreen"), GRACE: ("late", "yellow"),
+                DOWN: ("down", "red"), PAUSED: ("paused", "lightgrey"), NEW: ("new", "blue")}
+#: shields.io's colour names as SVG colours.
+_BADGE_COLOURS = {"brightgreen": "#4c1", "yellow": "#dfb317", "red": "#e05d44", "lightgrey": "#9f9f9f",
+                  "blue": "#007ec6"}
+
+
+def _badge_view(request: Request, match: re.Match) -> AlertView:
+    require_key(request, request.config.public_badges)
+    return _find_view(request, match["name"])[0]
+
+
+def _text_width(text: str) -> int:
+    """About the width of ``text`` in 11px Verdana, as shields.io lays it out."""
+    return sum(4 if c in "ijlt.:,;!|'()[] " else 9 if c in "mwMW" else 7 for c in text) + 10
+
+
+def badge_svg_page(request: Request, match: re.Match) -> Response:
+    """``GET /badge/<name>.svg``: a shields-style badge, name | up, late, down, paused or new."""
+    view = _badge_view(request, match)
+    message, colour = _BADGE_WORDS[view.status]
+    left, right = _text_width(view.name), _text_width(message)
+    label = _e(view.name)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right}" height="20" role="img" '
+           f'aria-label="{label}: {message}"><title>{label}: {message}</title>'
+           f'<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>'
+           f'<stop offset="1" stop-opacity=".1"/></linearGradient>'
+           f'<clipPath id="r"><rect width="{left + right}" height="20" rx="3" fill="#fff"/></clipPath>'
+           f'<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>'
+           f'<rect x="{left}" width="{right}" height="20" fill="{_BADGE_COLOURS[colour]}"/>'
+           f'<rect width="{left + right}" height="20" fill="url(#s)"/></g>'
+           f'<g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" '
+           f'font-size="11"><text x="{left / 2:.1f}" y="14">{label}</text>'
+           f'<text x="{left + right / 2:.1f}" y="14">{message}</text></g></svg>\n')
+    return Response(200, svg.encode(), "image/svg+xml; charset=utf-8", (("Cache-Control", "no-cache"),))
+
+
+def badge_json_page(request: Request, match: re.Match) -> Response:
+    """``GET /badge/<name>.json``: the badge in shields.io's endpoint format."""
+    view = _badge_view(request, match)
+    message, colour = _BADGE_WORDS[view.status]
+    return json_response({"schemaVersion": 1, "label": view.name, "message": message, "color": colour},
+                         headers={"Cache-Control": "no-cache"})
+
+
+def _label_value(value: str) -> str:
+    """A Prometheus label value, escaped as the text format asks: \\\\, \\" and \\n."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, help_text: str,
+            samples: list[tuple[dict[str, str], float]]) -> None:
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{key}="{_label_value(str(label))}"' for key, label in labels.items())
+        lines.append(f"{name}{{{text}}} {value!r}" if text else f"{name} {value!r}")
+
+
+def metrics_page(request: Request, match: re.Match) -> Response:
+    """``GET /metrics``: Prometheus text exposition format 0.0.4."""
+    require_key(request, request.config.public_dashboard)
+    views = read_views(request)[0]
+    monitor = request.monitor
+    lines: list[str] = []
+    alert = [({"alert": view.name}, view) for view in views]
+    _metric(lines, "caduceus_alert_up", "gauge", "1 unless the alert is down.",
+            [(labels, float(not view.failing)) for labels, view in alert])
+    _metric(lines, "caduceus_alert_status", "gauge", "The alert's status: 1 for the current one.",
+            [({"alert": view.name, "status": status}, float(view.status == status))
+             for view in views for status in STATUS_ORDER])
+    for name, field, help_text in (
+            ("caduceus_alert_last_checkin_timestamp_seconds", "last_checkin_at", "When the latest signal came."),
+            ("caduceus_alert_next_due_timestamp_seconds", "next_due_at", "When the alert will be down."),
+            ("caduceus_alert_last_duration_seconds", "last_duration_s", "How long the last timed run took.")):
+        _metric(lines, name, "gauge", help_text, [(labels, float(getattr(view, field)))
+                                                  for labels, view in alert if getattr(view, field) is not None])
+    checkins = monitor.tally.counts("checkins")
+    _metric(lines, "caduceus_checkins_total", "counter", "Signals received since the start, by alert and signal.",
+            [({"alert": view.name, "signal": kind}, float(checkins.get((view.name, kind), 0)))
+             for view in views for kind in (SUCCESS, FAIL, START, LOG)])
+    _metric(lines, "caduceus_notifications_total", "counter",
+            "Notice deliveries since the start, by channel and result (sent, failed, given_up).",
+            [({"channel": channel, "result": result}, float(count))
+             for (channel, result), count in sorted(monitor.tally.counts("notifications").items())])
+    _metric(lines, "caduceus_outbox_pending", "gauge", "Notices waiting to be delivered.",
+            [({}, float(len(monitor.store.pending_notices())))])
+    _metric(lines, "caduceus_build_info", "gauge", "The running version.", [({"version": __version__}, 1.0)])
+    body = "\n".join(lines) + "\n"
+    return Response(200, body.encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
 #: The routes, one line each: (methods, pattern of the decoded path, page).
 ROUTES = (
-    (("GET", "HEAD"), re.compile(r"/"), home_page),
+    (("GET", "HEAD"), re.compile(r"/"), dashboard_page),
+    (("GET", "HEAD"), re.compile(r"/alerts/(?P<name>[^/]+)"), alert_page),
     (("GET", "HEAD", "POST"), re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), reset_page),
     (("GET", "HEAD", "POST"), re.compile(r"/ping/(?P<rest>.+)"), ping_page),
+    (("GET", "HEAD"), re.compile(r"/api/v1/alerts"), api_alerts_page),
+    (("GET", "HEAD"), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)"), api_alert_page),
+    (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.svg"), badge_svg_page),
+    (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.json"), badge_json_page),
+    (("GET", "HEAD"), re.compile(r"/metrics"), metrics_page),
 )
 
 

@@ -2555,9 +2555,9 @@ class HTTPTest(unittest.TestCase):
                          [caduceus.NOTICE_DOWN, caduceus.NOTICE_UP])
 
     def test_home_page_counts_alerts(self):
-        status, body, _ = self.request("GET", "/")
+        status, body, _ = self.request("GET", "/?key=s3cret")
         self.assertEqual(status, 200)
-        self.assertIn("watching 2 alerts, 0 failing", body)
+        self.assertIn("<title>All good · Caduceus</title>", body)
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
@@ -2648,7 +2648,7 @@ class HTTPTest(unittest.TestCase):
 
     def test_home_page_counts_failing_alerts(self):
         self.assertEqual(self.request("GET", "/reset/hourly/fail?key=s3cret")[0], 200)
-        self.assertIn("watching 2 alerts, 1 failing", self.request("GET", "/")[1])
+        self.assertIn("<title>1 down · Caduceus</title>", self.request("GET", "/?key=s3cret")[1])
 
     def test_drain_waits_for_a_request_in_progress(self):
         inside, release = threading.Event(), threading.Event()
@@ -2805,7 +2805,7 @@ class HTTPTest(unittest.TestCase):
         locked = sqlite3.OperationalError("database is locked")
         with unittest.mock.patch.object(self.monitor.store, "checks", side_effect=locked), \
                 self.assertLogs("caduceus", "WARNING"):
-            self.assertEqual(self.request("GET", "/")[:2], (503, "Database unavailable: busy.\n"))
+            self.assertEqual(self.request("GET", "/?key=s3cret")[:2], (503, "Database unavailable: busy.\n"))
 
 
 def read_to_end(sock: socket.socket) -> bytes:
@@ -2848,7 +2848,7 @@ class ConnectionLimitTest(unittest.TestCase):
     def idle(self) -> socket.socket:
         """A keep-alive connection that has had an answer and waits for its next request."""
         sock = self.connect()
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
         return sock
 
