@@ -11,6 +11,7 @@ Run::
 
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
+    python3 caduceus.py status [-c caduceus.toml] [-b database.sqlite3] [--json]   # exit 1: one is down
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
 
 Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
@@ -4152,25 +4153,30 @@ def _load_config_or_say(path: str) -> Config | None:
         return None
 
 
-def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
-    parser = argparse.ArgumentParser(
-        prog="caduceus.py check", description="Validate the config and show each alert's next deadline.")
+def _read_command(name: str, description: str, argv: list[str]
+                  ) -> tuple[argparse.Namespace, Config, _State] | None:
+    """Parse ``check``'s or ``status``'s arguments and read config and database,
+    read-only; None after printing a one-line error (exit status 2)."""
+    parser = argparse.ArgumentParser(prog=f"caduceus.py {name}", description=description)
     _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     if not _usable_db_name(args.db):
-        return 2
+        return None
     config = _load_config_or_say(args.config)
     if config is None:
-        return 2
+        return None
     try:
-        state, legacy, pings = _read_state(args.db)
+        return args, config, _read_state(args.db)
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
-        return 2
-    report = check_report(config, state, clock(), legacy, pings)
+        return None
+
+
+def _printed(write: Callable[[], None]) -> bool:
+    """Run ``write`` and flush stdout; False if the reader went away (``| head``)."""
     try:
-        _print_report(args.config, report, args.json)
+        write()
         sys.stdout.flush()
     except BrokenPipeError:
         # As the Python docs advise (signal module, "Note on SIGPIPE"), for
@@ -4179,8 +4185,77 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 1
-    return 0
+        return False
+    return True
+
+
+def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    read = _read_command("check", "Validate the config and show each alert's next deadline.", argv)
+    if read is None:
+        return 2
+    args, config, (state, legacy, pings) = read
+    report = check_report(config, state, clock(), legacy, pings)
+    return 0 if _printed(lambda: _print_report(args.config, report, args.json)) else 1
+
+
+# The status command ------------------------------------------------------------
+
+
+def status_report(views: list[AlertView], now: float) -> tuple[int, list[str]]:
+    """The exit status (0, or 1 when any alert is down) and the lines of ``status``:
+    a Nagios-style summary, then the dashboard's table, the worst first."""
+    down = [view.name for view in sort_views(views) if view.failing]
+    if down:
+        first = f"CADUCEUS CRITICAL - {len(down)} of {len(views)} down: {', '.join(down)}"
+    elif all(view.status == UP for view in views):
+        first = f"CADUCEUS OK - {_count(len(views), 'alert')} up"
+    else:
+        counts = ", ".join(f"{sum(view.status == status for view in views)} {status}"
+                           for status in STATUS_ORDER if any(view.status == status for view in views))
+        first = f"CADUCEUS OK - {_count(len(views), 'alert')}, none down ({counts})"
+    table = [("ALERT", "STATUS", "LAST CHECK-IN", "NEXT DEADLINE", "LAST RUN", "SCHEDULE")]
+    for view in sort_views(views):
+        status = f"{view.status} ({view.reason})" if view.reason else view.status
+        if view.status == PAUSED:
+            due = f"paused until {format_time(view.paused_until)}" if view.paused_until else "paused"
+        elif view.next_due_at is None:
+            due = f"reminder {_relative(view.next_reminder_at, now)}"
+        else:
+            due = _relative(view.next_due_at, now)
+        run = format_duration(view.last_duration_s, 2) if view.last_duration_s is not None else "-"
+        if view.last_exit_status is not None:
+            run += f", exit {view.last_exit_status}"
+        table.append((view.name, status, _relative(view.last_checkin_at, now), due, run, view.description))
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]
+    lines = [first] + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                       for row in table] if views else [first]
+    return (1 if down else 0), lines
+
+
+def _relative(at: float | None, now: float) -> str:
+    if at is None:
+        return "never"
+    delta = now - at
+    if abs(delta) < 1:
+        return "now"
+    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
+
+
+def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    read = _read_command("status", "Show every alert's status; exit 0 when none is down, 1 when any is, "
+                                   "2 on error.", argv)
+    if read is None:
+        return 2
+    args, config, (state, legacy, pings) = read
+    now = clock()
+    views = alert_views(config, state, now, pings, legacy)
+    code, lines = status_report(views, now)
+    if args.json:
+        text = json.dumps({"status": "critical" if code else "ok",
+                           "alerts": [view.as_json() for view in sort_views(views)]}, indent=2)
+    else:
+        text = "\n".join(lines)
+    return code if _printed(lambda: print(text)) else 2
 
 
 def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
@@ -4195,7 +4270,7 @@ def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
         print(f"  status:        {status}, last success {alert['last_success'] or 'never'}")
         if alert["next_due"]:
             print(f"  next deadline: {alert['next_due_local']} ({alert['next_due']})")
-        else:
+        elif alert["next_reminder"]:
             print(f"  next reminder: {alert['next_reminder']}")
 
 
@@ -4211,7 +4286,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="caduceus.py", description="A dead man's switch for cron jobs.",
         epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
-               "'caduceus.py check' validates the config and shows deadlines.")
+               "'caduceus.py check' validates the config and shows deadlines; "
+               "'caduceus.py status' shows each alert's status (exit 1 when any is down).")
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
     _add_file_args(parser)
     parser.add_argument("-i", "--host", default="localhost",
@@ -4299,6 +4375,8 @@ def main(argv: list[str] | None = None) -> int:
         return _run_main(argv[1:])
     if argv[:1] == ["check"]:
         return _check_main(argv[1:])
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:])
     args = _parse_args(argv)
     if not _usable_db_name(args.db):
         return 2
