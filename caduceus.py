@@ -70,6 +70,7 @@ import html
 import http.client
 import http.server
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -1648,6 +1649,11 @@ class _Outcome:
     retry_at: float | None = None  #: None, when not sent: given up
 
     @property
+    def result(self) -> str:
+        """``sent``, ``failed`` (to be retried) or ``given_up``."""
+        return "sent" if self.sent else "failed" if self.retry_at is not None else "given_up"
+
+    @property
     def settled(self) -> bool:
         """Sent or given up: never to be attempted again."""
         return self.sent or self.retry_at is None
@@ -2023,6 +2029,7 @@ class Monitor:
             if next_attempt_at > now:
                 return self._come_back(unrecorded, next_attempt_at, now)
             outcome = self._attempt(channel, row, attempts + 1)
+            self.tally.add("notifications", (channel, outcome.result))
             self._record(outcome, unrecorded)
             if not outcome.settled:
                 return self._come_back(unrecorded, outcome.retry_at, self.clock())
@@ -4416,6 +4423,17 @@ def main(argv: list[str] | None = None) -> int:
                 return _serve(server, monitor)
 
 
+def _warn_if_open(config: Config, host: str) -> None:
+    """Say so at start-up when a server without a secret_key listens beyond loopback."""
+    if config.secret_key:
+        return
+    with contextlib.suppress(ValueError):  # a name, not an address: say it too
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return
+    log.warning("no secret_key: anyone who can reach %s can read the dashboard, API and metrics, check in, "
+                "and pause alerts; set [config] secret_key", host)
+
+
 def _serve(server: Server, monitor: Monitor) -> int:
     def sweep() -> float | None:
         monitor.sweep()
@@ -4443,6 +4461,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
             host, port = server.server_address[:2]
             log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
                      f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
+            _warn_if_open(monitor.config, host)
             sweeper.start()
             for courier in couriers:
                 courier.start()

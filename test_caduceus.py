@@ -6,11 +6,13 @@ Telegram stand-in), a fake clock for every timing rule, and no sleeps.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import datetime
 import email
 import email.policy
+import html
 import http.client
 import http.server
 import io
@@ -20,6 +22,7 @@ import logging
 import math
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -34,8 +37,10 @@ import threading
 import time
 import unittest
 import unittest.mock
+import urllib.parse
 import urllib.request
 import zoneinfo
+from typing import Any
 
 try:
     import resource
@@ -2991,6 +2996,386 @@ class ConnectionLimitTest(unittest.TestCase):
 ###############################################################################
 
 
+#: An alert name made to break HTML, XML, JSON and Prometheus labels if anything forgets to escape.
+HOSTILE = '<img src=x onerror=alert(1)>&"q\\'
+PAGES_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.hourly]
+    every = "1h"
+    grace = "10m"
+    max_runtime = "20m"
+
+    [alerts.'%s']
+    every = "1d"
+""" % HOSTILE
+
+
+class PagesTestCase(unittest.TestCase):
+    """A real Server with PAGES_CONFIG (or another) on a fake clock; request() returns
+    (status, headers, body)."""
+
+    config_text = PAGES_CONFIG
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.start(self.config_text)
+
+    def start(self, text: str, db: str | None = None) -> None:
+        db = db or os.path.join(temp_dir(self), "db.sqlite3")
+        store = open_store(self, db)
+        self.monitor = caduceus.Monitor(store, config_from(self, text), {"console": Recorder()}, self.clock)
+        self.monitor.start()
+        self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
+
+    def request(self, method: str, path: str, headers: dict | None = None,
+                body: bytes | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read().decode()
+
+    def get(self, path: str, key: bool = True) -> tuple[int, http.client.HTTPMessage, str]:
+        return self.request("GET", path, {"Authorization": "Bearer s3cret"} if key else {})
+
+    def ping(self, name: str, signal_text: str = "", body: bytes = b"", agent: str = "test") -> None:
+        path = f"/ping/s3cret/{urllib.parse.quote(name, safe='')}" + (f"/{signal_text}" if signal_text else "")
+        self.assertEqual(self.request("POST", path, {"User-Agent": agent}, body)[0], 200)
+
+
+class DashboardTest(PagesTestCase):
+    """GET / and /alerts/<name>: what a person sees."""
+
+    def test_dashboard_lists_every_alert_the_failing_first_and_counts_them_in_the_title(self):
+        self.ping("hourly")
+        self.ping(HOSTILE, "fail")
+        status, headers, page = self.get("/")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn("<title>1 down · Caduceus</title>", page)
+        self.assertLess(page.index(html.escape(HOSTILE)), page.index(">hourly<"))
+        self.assertIn('<span class="badge down">down</span>', page)
+        self.assertIn('<span class="badge up">up</span>', page)
+        self.assertIn("reported failure", page)
+        self.assertIn('<meta http-equiv="refresh"', page)
+        self.assertIn("prefers-color-scheme:dark", page)
+        self.assertIn(f'title="{caduceus.format_time(self.clock.now)}">just now</time>', page)
+
+    def test_everything_user_controlled_is_escaped(self):
+        self.ping(HOSTILE, "fail", b"<script>alert(2)</script>", agent="<b>agent</b>")
+        for path in ["/", "/alerts/" + urllib.parse.quote(HOSTILE, safe="")]:
+            with self.subTest(path=path):
+                status, _, page = self.get(path)
+                self.assertEqual(status, 200)
+                for raw in ["<img src=x", "<script>alert(2)", "<b>agent"]:
+                    self.assertNotIn(raw, page)
+                self.assertIn(html.escape(HOSTILE), page)
+        page = self.get("/alerts/" + urllib.parse.quote(HOSTILE, safe=""))[2]
+        self.assertIn("&lt;script&gt;alert(2)&lt;/script&gt;", page)
+        self.assertIn("&lt;b&gt;agent&lt;/b&gt;", page)
+
+    def test_every_answer_carries_the_security_headers(self):
+        for path in ["/", "/alerts/hourly", "/api/v1/alerts", "/badge/hourly.svg", "/metrics", "/nosuch",
+                     "/reset/hourly/?key=s3cret"]:
+            with self.subTest(path=path):
+                _, headers, body = self.get(path)
+                self.assertIn("default-src 'none'", headers["Content-Security-Policy"])
+                self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+                self.assertEqual(headers["Referrer-Policy"], "no-referrer")
+                self.assertEqual(int(headers["Content-Length"]), len(body.encode()))
+                self.assertIn("charset=utf-8", headers["Content-Type"])
+
+    def test_alert_page_shows_settings_history_and_examples_but_never_the_key(self):
+        self.ping("hourly", "start")
+        self.clock.advance(90)
+        self.ping("hourly", "", b"backed up 3 files", agent="cron-job/1.0")
+        self.clock.advance(3600 + 600)
+        self.monitor.sweep()
+        status, _, page = self.get("/alerts/hourly")
+        self.assertEqual(status, 200)
+        self.assertIn("<title>hourly: down · Caduceus</title>", page)
+        for text in ["every 1h, 10m grace, runs at most 20m", "cron-job/1.0", "backed up 3 files", "127.0.0.1",
+                     "up → down", "missed deadline", "1m 30s", "/ping/KEY/hourly", "curl -fsS", "wget -q",
+                     "caduceus.py run", "/pause?until=2h"]:
+            self.assertIn(html.escape(text, quote=False), page)
+        self.assertNotIn("s3cret", page)
+        self.assertEqual(self.get("/alerts/nosuch")[0], 404)
+
+    def test_run_strip_has_a_cell_per_run_and_missed_deadline_and_the_chart_a_bar_per_timed_run(self):
+        for seconds in (60, 300):
+            self.ping("hourly", "start")
+            self.clock.advance(seconds)
+            self.ping("hourly")
+        self.ping("hourly", "fail")
+        self.clock.advance(7 * 3600)
+        self.monitor.sweep()  # the failure's reminder, not a missed deadline
+        self.ping("hourly")
+        self.clock.advance(3600 + 600)
+        self.monitor.sweep()  # missed
+        page = self.get("/")[2]
+        strip = page[page.index('aria-label="recent runs"'):].split("</svg>")[0]
+        self.assertEqual([fill.split('"')[0] for fill in strip.split('fill="')[1:]],
+                         ["var(--up)", "var(--up)", "var(--down)", "var(--up)", "var(--missed)"])
+        chart = self.get("/alerts/hourly")[2].split('aria-label="run durations"')[1].split("</svg>")[0]
+        self.assertEqual(chart.count("<rect"), 2)
+        self.assertIn('stroke-dasharray', chart, "max_runtime (20m) is drawn: it is within reach of 5m")
+
+    def test_statuses(self):
+        monitor, now = self.monitor, self.clock
+        config = monitor.config
+
+        def status() -> str:
+            rows = {row["name"]: row for row in monitor.store.checks()}
+            views = caduceus.alert_views(config, rows, now(), monitor.store.recent_pings())
+            return {view.name: view.status for view in views}["hourly"]
+
+        self.assertEqual(status(), NEW)
+        self.ping("hourly")
+        self.assertEqual(status(), UP)
+        self.clock.advance(3600 - 1)
+        self.assertEqual(status(), UP)
+        self.clock.advance(1)
+        self.assertEqual(status(), caduceus.GRACE, "past every, within grace")
+        self.ping("hourly", "start")
+        self.assertEqual(status(), caduceus.RUNNING)
+        self.clock.advance(1200)
+        self.assertEqual(status(), DOWN, "overdue: down before the sweep marks it so")
+        self.monitor.sweep()
+        self.assertEqual(status(), DOWN)
+
+
+class APITest(PagesTestCase):
+    """/api/v1: every field, every status code."""
+
+    FIELDS = {"name", "status", "last_checkin", "next_due", "every", "schedule", "timezone", "grace",
+              "notify_every", "max_runtime", "channels", "last_duration", "last_exit_status", "reason",
+              "paused_until"}
+
+    def get_json(self, path: str, key: bool = True) -> tuple[int, Any]:
+        status, headers, body = self.get(path, key)
+        self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
+        return status, json.loads(body)
+
+    def test_alerts_have_every_field(self):
+        self.ping("hourly", "start")
+        self.clock.advance(42)
+        self.ping("hourly", "0")
+        status, data = self.get_json("/api/v1/alerts")
+        self.assertEqual(status, 200)
+        alerts = {alert["name"]: alert for alert in data["alerts"]}
+        self.assertEqual(set(alerts), {"hourly", HOSTILE})
+        self.assertLessEqual(self.FIELDS, set(alerts["hourly"]))
+        fmt = caduceus.format_time
+        self.assertEqual({key: alerts["hourly"][key] for key in self.FIELDS}, {
+            "name": "hourly", "status": "up", "last_checkin": fmt(self.clock.now),
+            "next_due": fmt(self.clock.now + 4200), "every": 3600.0, "schedule": None, "timezone": "UTC",
+            "grace": 600.0, "notify_every": 3600.0, "max_runtime": 1200.0, "channels": ["console"],
+            "last_duration": 42.0, "last_exit_status": 0, "reason": None, "paused_until": None})
+        self.assertEqual((alerts[HOSTILE]["status"], alerts[HOSTILE]["last_checkin"]), ("new", None))
+
+    def test_one_alert_has_its_history(self):
+        self.ping("hourly", "fail", b"disk full", agent="job/2")
+        status, data = self.get_json("/api/v1/alerts/hourly")
+        self.assertEqual((status, data["status"], data["reason"]), (200, "down", "reported failure"))
+        self.assertEqual(data["history"]["checkins"][-1]["body"], "disk full")
+        self.assertEqual(data["history"]["checkins"][-1]["user_agent"], "job/2")
+        self.assertEqual(data["history"]["flips"][-1]["new"], "down")
+        self.assertEqual(self.get_json("/api/v1/alerts/" + urllib.parse.quote(HOSTILE, safe=""))[1]["name"],
+                         HOSTILE)
+
+    def test_errors_are_json_with_proper_codes(self):
+        self.assertEqual(self.get_json("/api/v1/alerts/nosuch"), (404, {"error": "No such alert."}))
+        self.assertEqual(self.get_json("/api/v1/nosuch"), (404, {"error": "Not found."}))
+        status, headers, body = self.request("DELETE", "/api/v1/alerts", {"Authorization": "Bearer s3cret"})
+        self.assertEqual((status, json.loads(body)), (405, {"error": "Method not allowed."}))
+        self.assertEqual(headers["Allow"], "GET, HEAD, OPTIONS")
+        status, body = self.get_json("/api/v1/alerts", key=False)
+        self.assertEqual(status, 401)
+        self.assertIn("error", body)
+
+
+def parse_exposition(text: str) -> dict[str, Any]:
+    """A small parser of Prometheus' text format 0.0.4, strict where Caduceus must be:
+    every sample's family has # HELP and # TYPE before it, names and label names
+    are valid, label values are escaped (\\\\, \\", \\n only), values are floats.
+    Returns {"types": {family: type}, "samples": {(name, ((label, value), ...)): float}}."""
+    name_re = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+    types, helps, samples = {}, {}, {}
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, word, name, rest = line.split(" ", 3)
+            assert name_re.fullmatch(name), name
+            (helps if word == "HELP" else types)[name] = rest
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        assert match, line
+        name, labels_text, value = match.groups()
+        labels = []
+        rest = labels_text or ""
+        while rest:
+            label = re.match(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)', rest)
+            assert label, rest
+            unescaped = re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m[1], m[1]), label[2])
+            labels.append((label[1], unescaped))
+            rest = rest[label.end():]
+        assert name in types and name in helps, f"{name}: no HELP/TYPE before it"
+        samples[(name, tuple(labels))] = float(value)
+    return {"types": types, "samples": samples}
+
+
+class BadgeMetricsTest(PagesTestCase):
+    """/badge/<name>.svg and .json, and /metrics."""
+
+    def test_svg_badge_is_well_formed_xml_with_the_name_escaped(self):
+        import xml.etree.ElementTree as ElementTree
+        self.ping(HOSTILE, "fail")
+        for name, message in [("hourly", "new"), (HOSTILE, "down")]:
+            with self.subTest(name=name):
+                status, headers, body = self.get(f"/badge/{urllib.parse.quote(name, safe='')}.svg", key=False)
+                self.assertEqual((status, headers["Content-Type"]), (200, "image/svg+xml; charset=utf-8"))
+                root = ElementTree.fromstring(body)
+                texts = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
+                self.assertEqual(texts, [name, message])
+        self.ping("hourly")
+        self.clock.advance(3600)
+        self.assertIn(">late</text>", self.get("/badge/hourly.svg")[2])
+        self.assertEqual(self.get("/badge/nosuch.svg")[0], 404)
+
+    def test_json_badge_is_in_the_shields_endpoint_format(self):
+        self.ping("hourly")
+        status, _, body = self.get("/badge/hourly.json", key=False)
+        self.assertEqual((status, json.loads(body)),
+                         (200, {"schemaVersion": 1, "label": "hourly", "message": "up", "color": "brightgreen"}))
+
+    def test_metrics_parse_and_say_what_the_api_says(self):
+        self.ping("hourly", "start")
+        self.clock.advance(30)
+        self.ping("hourly")
+        self.ping(HOSTILE, "fail")
+        self.ping(HOSTILE, "log")
+        status, headers, body = self.get("/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        parsed = parse_exposition(body)
+        samples = parsed["samples"]
+        self.assertEqual(samples[("caduceus_alert_up", (("alert", HOSTILE),))], 0.0)
+        self.assertEqual(samples[("caduceus_alert_up", (("alert", "hourly"),))], 1.0)
+        statuses = {labels[1][1]: value for (name, labels), value in samples.items()
+                    if name == "caduceus_alert_status" and labels[0][1] == HOSTILE}
+        self.assertEqual(statuses, {"down": 1.0, "grace": 0.0, "running": 0.0, "new": 0.0, "up": 0.0,
+                                    "paused": 0.0})
+        self.assertEqual(samples[("caduceus_alert_last_checkin_timestamp_seconds", (("alert", "hourly"),))],
+                         self.clock.now)
+        self.assertEqual(samples[("caduceus_alert_next_due_timestamp_seconds", (("alert", "hourly"),))],
+                         self.clock.now + 4200)
+        self.assertEqual(samples[("caduceus_alert_last_duration_seconds", (("alert", "hourly"),))], 30.0)
+        self.assertEqual(samples[("caduceus_checkins_total", (("alert", "hourly"), ("signal", "start")))], 1.0)
+        self.assertEqual(samples[("caduceus_checkins_total", (("alert", HOSTILE), ("signal", "log")))], 1.0)
+        self.assertEqual(samples[("caduceus_outbox_pending", ())], 1.0)
+        self.assertEqual(samples[("caduceus_build_info", (("version", caduceus.__version__),))], 1.0)
+        self.assertEqual(parsed["types"]["caduceus_checkins_total"], "counter")
+        self.assertEqual(self.monitor.deliver("console"), None)
+        samples = parse_exposition(self.get("/metrics")[2])["samples"]
+        self.assertEqual(samples[("caduceus_notifications_total", (("channel", "console"), ("result", "sent")))],
+                         1.0)
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(caduceus._label_value('a\\b"c\nd'), 'a\\\\b\\"c\\nd')
+
+
+class AccessTest(PagesTestCase):
+    """Who may read: the key (query, bearer, basic auth), public_dashboard, public_badges."""
+
+    READ_PATHS = ["/", "/alerts/hourly", "/api/v1/alerts", "/api/v1/alerts/hourly", "/metrics"]
+
+    def test_with_a_secret_key_the_views_need_it_and_tell_nothing_without_it(self):
+        self.ping("hourly", "fail")
+        for path in self.READ_PATHS + ["/alerts/nosuch"]:
+            for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic " + basic("u", "nope")}]:
+                with self.subTest(path=path, headers=headers):
+                    status, answer, body = self.request("GET", path + "?key=wrong" if not headers else path,
+                                                        headers)
+                    self.assertEqual(status, 401)
+                    self.assertNotIn("hourly", body)
+                    self.assertNotRegex(body, r"[0-9]")
+                    html_page = not path.startswith(("/api", "/metrics"))
+                    self.assertEqual(answer["WWW-Authenticate"].split()[0], "Basic" if html_page else "Bearer")
+
+    def test_the_key_opens_them_as_query_bearer_or_basic_password(self):
+        for path in self.READ_PATHS:
+            for suffix, headers in [("?key=s3cret", {}), ("", {"Authorization": "Bearer s3cret"}),
+                                    ("", {"Authorization": "Basic " + basic("anyone", "s3cret")}),
+                                    ("", {"X-Caduceus-Key": "s3cret"})]:
+                with self.subTest(path=path, suffix=suffix, headers=headers):
+                    self.assertEqual(self.request("GET", path + suffix, headers)[0], 200)
+
+    def test_public_dashboard_opens_the_read_only_views_and_badges_can_be_closed(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\n'
+                                        'public_dashboard = true\npublic_badges = false'))
+        for path in self.READ_PATHS:
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 200)
+        self.assertEqual(self.request("GET", "/badge/hourly.svg")[0], 401)
+        self.assertEqual(self.request("GET", "/badge/hourly.svg?key=s3cret")[0], 200)
+
+    def test_badges_are_public_by_default(self):
+        self.assertEqual(self.request("GET", "/badge/hourly.json")[0], 200)
+
+    def test_without_a_secret_key_everything_is_open_and_a_public_address_is_warned_about(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', ""))
+        for path in self.READ_PATHS:
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 200)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            caduceus._warn_if_open(self.monitor.config, "0.0.0.0")
+        self.assertIn("no secret_key", logs.output[0])
+        with self.assertNoLogs("caduceus", "WARNING") if hasattr(self, "assertNoLogs") else contextlib.nullcontext():
+            caduceus._warn_if_open(self.monitor.config, "127.0.0.1")
+            caduceus._warn_if_open(self.monitor.config, "::1")
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def find_chromium() -> str | None:
+    """Chromium's path, or None."""
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class DashboardBrowserTest(PagesTestCase):
+    """A real browser renders the dashboard (headless Chromium, where it can be had)."""
+
+    def test_chromium_renders_the_alerts(self):
+        chromium = find_chromium()
+        if chromium is None:
+            self.skipTest("Chromium is not installed (.ci/run installs Debian's chromium)")
+        self.ping(HOSTILE, "fail")
+        self.ping("hourly")
+        profile = temp_dir(self)
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--dump-dom", f"http://127.0.0.1:{self.port}/?key=s3cret"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.skipTest(f"Chromium could not run here: {exc}")
+        if result.returncode != 0 or "<html" not in result.stdout:
+            self.skipTest(f"Chromium could not run here (exit {result.returncode}): {result.stderr[-300:]}")
+        dom = result.stdout
+        self.assertIn("<title>1 down · Caduceus</title>", dom)
+        self.assertIn('<a class="name" href="/alerts/hourly">hourly</a>', dom)
+        self.assertIn(html.escape(HOSTILE, quote=False), dom)
+        self.assertNotIn("<img src=x", dom, "the browser built no element from the name")
+
+
 class SweeperTest(unittest.TestCase):
     def test_runs_at_once_and_again_when_poked(self):
         runs = queue.Queue()
@@ -3845,6 +4230,69 @@ class CheckCommandTest(unittest.TestCase):
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
+
+
+class StatusCommandTest(unittest.TestCase):
+    """caduceus.py status: the dashboard's table, Nagios-style, read-only."""
+
+    def setUp(self):
+        directory = temp_dir(self)
+        self.config = write_config(self, LIFECYCLE_CONFIG, directory)
+        self.db = os.path.join(directory, "db.sqlite3")
+        self.clock = FakeClock(time.time())
+
+    def run_status(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = caduceus._status_main(["-c", self.config, "-b", self.db, *argv], self.clock)
+        return code, out.getvalue(), err.getvalue()
+
+    def monitor(self) -> caduceus.Monitor:
+        store = open_store(self, self.db)
+        monitor = caduceus.Monitor(store, caduceus.load_config(self.config), {}, self.clock)
+        monitor.start()
+        return monitor
+
+    def test_all_up_is_ok_and_exit_0(self):
+        monitor = self.monitor()
+        monitor.ping("plain")
+        monitor.ping("nightly")
+        code, out, _ = self.run_status()
+        lines = out.splitlines()
+        self.assertEqual((code, lines[0]), (0, "CADUCEUS OK - 2 alerts up"))
+        self.assertEqual(lines[1].split(), ["ALERT", "STATUS", "LAST", "CHECK-IN", "NEXT", "DEADLINE", "LAST",
+                                            "RUN", "SCHEDULE"])
+        self.assertTrue(lines[2].startswith("nightly "))
+        self.assertIn("now", lines[2])
+
+    def test_new_running_and_grace_are_not_failures(self):
+        self.monitor().ping("nightly", caduceus.Ping(caduceus.START))
+        code, out, _ = self.run_status()
+        self.assertEqual((code, out.splitlines()[0]), (0, "CADUCEUS OK - 2 alerts, none down (1 running, 1 new)"))
+
+    def test_any_down_is_critical_and_exit_1(self):
+        monitor = self.monitor()
+        monitor.ping("plain", caduceus.Ping(caduceus.FAIL))
+        monitor.ping("nightly")
+        code, out, _ = self.run_status()
+        self.assertEqual((code, out.splitlines()[0]), (1, "CADUCEUS CRITICAL - 1 of 2 down: plain"))
+        self.assertIn("down (reported failure)", out.splitlines()[2])
+        self.clock.advance(2 * 86400)  # nightly overdue, not yet swept: down all the same
+        code, out, _ = self.run_status("--json")
+        data = json.loads(out)
+        self.assertEqual((code, data["status"]), (1, "critical"))
+        self.assertEqual([(alert["name"], alert["status"]) for alert in data["alerts"]],
+                         [("nightly", "down"), ("plain", "down")])
+
+    def test_errors_exit_2(self):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(caduceus.main(["status", "-c", os.path.join(temp_dir(self), "missing.toml")]), 2)
+        self.assertIn("cannot read the config file", err.getvalue())
+        with open(self.db, "wb") as file:
+            file.write(b"not a database" * 100)
+        code, _, err = self.run_status()
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read the database", err)
 
 
 class MainTest(unittest.TestCase):
