@@ -1243,6 +1243,25 @@ ADDED_COLUMNS = (
 )
 
 
+#: PRAGMAs set on the connection, each a choice for running next to Litestream
+#: (deploy/litestream.yml), which reads the WAL from another process and now
+#: and then takes the write lock to checkpoint.  (Its other advice: WAL mode,
+#: set in Store.__init__, and a busy timeout of 5 s, the connection's timeout.)
+SQLITE_PRAGMAS = (
+    # FULL, not the NORMAL that Litestream's tips offer for speed: in WAL mode
+    # NORMAL may lose the last commits at a power cut, and a check-in answered
+    # 200 must be on disk.  The load is small enough to fsync every commit.
+    "PRAGMA synchronous = FULL",
+    # SQLite's default, made explicit: a PASSIVE checkpoint after 1000 WAL
+    # pages, which never waits for Litestream's readers and never blocks
+    # writers.  Not 0 (Litestream's tip for heavy writers): Caduceus also runs
+    # without Litestream, and its WAL would then grow without end.  Caduceus
+    # never runs a RESTART or TRUNCATE checkpoint itself: those wait for every
+    # reader, Litestream's included, while holding off writes.
+    "PRAGMA wal_autocheckpoint = 1000",
+)
+
+
 def _create_private(path: str) -> None:
     """Create an empty database file readable by its owner only, unless there is one.
 
@@ -1272,9 +1291,13 @@ class Store:
         self._depth = 0
         if path not in ("", ":memory:"):
             _create_private(path)
+        # timeout=5 is SQLite's busy timeout (5000 ms, what Litestream asks for):
+        # a write waits out Litestream's short checkpoint lock instead of failing.
         self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=5)
         try:
             self._conn.row_factory = sqlite3.Row
+            for pragma in SQLITE_PRAGMAS:
+                self._conn.execute(pragma)
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode != "wal":
                 # Still correct, but check-ins and sweeps then block each other's readers.

