@@ -42,7 +42,13 @@ HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
     /reset/<name>/?key=K                 success: 200 "Alert reset."
     /reset/<name>/<signal>?key=K         signal: start, fail, log, or an exit status 0-255
     /ping/[<K>/]<name>[/<signal>]        the same, as healthchecks.io spells it: 200 "OK"
-    GET /                                a short status page
+    GET /                                the dashboard; /alerts/<name>: one alert and its history
+    GET /api/v1/alerts[/<name>]          the same as JSON; POST .../<name>/pause[?until=2h], .../resume
+    GET /badge/<name>.svg (or .json)     a status badge; GET /metrics: Prometheus text format
+
+With a secret_key, pages, API and metrics need it too (?key=, a Bearer header,
+or the key as a basic-auth password); [config] public_dashboard = true opens
+the read-only views, public_badges = false closes the badges.
 
 An unknown name or a wrong key answers 404, a bad signal 400.  A 200 means
 the signal is committed to SQLite.  All state (first seen, last success,
@@ -3215,7 +3221,30 @@ class Handler(http.server.BaseHTTPRequestHandler):
         log.info("%s %s", self.client_address[0], self._mask(format % args))
 
 
-# Check-ins -----------------------------------------------------------------
+def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:
+    """The 503 for a database fault (which the server logs, rate-limited)."""
+    problem = _database_problem(exc)
+    server.database_failed(problem, server.monitor.clock())
+    return HTTPError(503, f"Database unavailable: {problem}{consequence}.")
+
+
+def error_response(path: str, exc: HTTPError) -> Response:
+    """An HTTPError as an answer: ``{"error": text}`` under /api/, else plain text."""
+    if urllib.parse.unquote(urllib.parse.urlsplit(path).path).startswith("/api/"):
+        return json_response({"error": exc.text}, exc.status, exc.headers)
+    return text_response(exc.text + "\n", exc.status, exc.headers)
+
+
+def _log_quote(text: str, secret: str) -> str:
+    """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
+    cut = len(text) > LOG_QUOTE_MAX
+    masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
+    return f"{masked}... ({len(text)} characters)" if cut else masked
+
+
+###############################################################################
+# Pages: check-ins ############################################################
+###############################################################################
 
 
 def reset_page(request: Request, match: re.Match) -> Response:
@@ -3285,27 +3314,6 @@ def _refused(request: Request, code: int, text: str, name: str, why: str) -> HTT
         log.warning("refused check-in from %s: %s %s: %s%s", request.client, request.method,
                     _log_quote(request.target, request.config.secret_key), why, more)
     return HTTPError(code, text)
-
-
-def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:
-    """The 503 for a database fault (which the server logs, rate-limited)."""
-    problem = _database_problem(exc)
-    server.database_failed(problem, server.monitor.clock())
-    return HTTPError(503, f"Database unavailable: {problem}{consequence}.")
-
-
-def error_response(path: str, exc: HTTPError) -> Response:
-    """An HTTPError as an answer: ``{"error": text}`` under /api/, else plain text."""
-    if urllib.parse.unquote(urllib.parse.urlsplit(path).path).startswith("/api/"):
-        return json_response({"error": exc.text}, exc.status, exc.headers)
-    return text_response(exc.text + "\n", exc.status, exc.headers)
-
-
-def _log_quote(text: str, secret: str) -> str:
-    """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
-    cut = len(text) > LOG_QUOTE_MAX
-    masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
-    return f"{masked}... ({len(text)} characters)" if cut else masked
 
 
 ###############################################################################
