@@ -2,8 +2,10 @@
 """Caduceus: a dead man's switch for cron jobs.
 
 Each job checks in by fetching a URL when it succeeds; when a job does not
-check in on time, Caduceus notifies (email, Telegram, console), reminds every
-``notify_every`` while it stays down, and notifies again when it recovers.
+check in on time, Caduceus notifies (email, Telegram, Slack, Mattermost,
+Discord, ntfy, Gotify, Pushover, Matrix, PagerDuty, any webhook, a local
+command, the console), reminds every ``notify_every`` while it stays down,
+and notifies again when it recovers.
 One file, standard library only, Python 3.9+ (``tomli`` is needed below 3.11
 to read the config).
 
@@ -13,6 +15,7 @@ Run::
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
     python3 caduceus.py status [-c caduceus.toml] [-b database.sqlite3] [--json]   # exit 1: one is down
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
+    python3 caduceus.py test-notify [-c caduceus.toml] [ALERT | --channel NAME]
 
 Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
 
@@ -20,7 +23,8 @@ Configuration (the format of Caduceus 0.0.11, read unchanged, plus new keys)::
     secret_key = "somelongkey"        # optional; check-ins must then carry it
     timezone = "UTC"                  # default for schedules
 
-    [alerting.email]                  # optional; also [alerting.telegram]
+    [alerting.email]                  # optional; also telegram, webhook, slack, ...
+                                      # ([alerting.KIND.NAME] is the channel "KIND.NAME")
     recipient_emails = ["ops@example.com"]
     from_addr = "caduceus@example.com"
     hostname = "localhost"            # port = 25, username, password,
@@ -71,6 +75,7 @@ import difflib
 import email.message
 import email.utils
 import errno
+import hashlib
 import hmac
 import html
 import http.client
@@ -118,11 +123,11 @@ except ImportError:  # Python < 3.11
 
 __version__ = "1.0.0"
 __all__ = [
+    "CHANNELS",
     "CaduceusError",
     "Config",
     "CronSchedule",
     "Monitor",
-    "NOTIFIERS",
     "Server",
     "Store",
     "load_config",
@@ -690,109 +695,14 @@ def _join(words: list[str], conjunction: str = "and") -> str:
 
 
 ###############################################################################
-# Configuration ###############################################################
+# Reading settings ############################################################
 ###############################################################################
 
-#: Channels that can be named in ``channels``; console needs no [alerting] section.
-CHANNEL_NAMES = ("console", "email", "telegram")
-
-#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
-ENCRYPTIONS = ("none", "ssl", "starttls")
-
-#: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
-SCHEDULE_GRACE_S = 3600.0
-#: A success this long before a scheduled time (or a tenth of the gap between
-#: runs, if shorter) counts for that run: the job's clock may be a little ahead.
-SCHEDULE_EARLY_S = 60.0
-
-#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
-#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
-MIN_CADENCE_S = 1.0
-
-#: Without ``notify_every``, reminders come every ``every`` but at most this
-#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
-DEFAULT_NOTIFY_FLOOR_S = 10.0
 
 _REQUIRED = object()
 
-
-@dataclasses.dataclass(frozen=True)
-class EmailConf:
-    """``[alerting.email]``: the SMTP server and the default recipients."""
-
-    from_addr: str
-    recipient_emails: tuple[str, ...] = ()
-    hostname: str = "localhost"
-    port: int = 25
-    username: str = ""
-    password: str = dataclasses.field(default="", repr=False)
-    encryption: str = "none"
-    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
-    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
-
-
-@dataclasses.dataclass(frozen=True)
-class TelegramConf:
-    """``[alerting.telegram]``: the bot token and the chat to post in."""
-
-    apikey: str = dataclasses.field(repr=False)
-    chat_id: str
-    api_url: str = "https://api.telegram.org"
-    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckSpec:
-    """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
-    by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
-
-    name: str
-    every_s: float | None
-    notify_every_s: float
-    channels: tuple[str, ...]
-    recipient_emails: tuple[str, ...] = ()
-    schedule: CronSchedule | None = None
-    tz: datetime.tzinfo = datetime.timezone.utc
-    grace_s: float = 0.0
-    max_runtime_s: float | None = None
-    early_s: float = 0.0
-
-    def due_after(self, since: float) -> float:
-        """The deadline of a job whose last success (or first sighting) was at ``since``.
-
-        For a schedule, a success up to ``early_s`` before a scheduled time
-        counts for that run, so a job host whose clock runs ahead is not late.
-        """
-        if self.schedule is not None:
-            return self.schedule.next_after(since + self.early_s, self.tz) + self.grace_s
-        return since + self.every_s + self.grace_s
-
-    def describe(self) -> str:
-        """The schedule in words: ``"every 1h, 10m grace"``, ``"at 03:00 every day (Europe/Athens)"``."""
-        if self.schedule is not None:
-            words = f"{self.schedule.describe()} ({self.tz})"
-        else:
-            words = f"every {format_duration(self.every_s)}"
-        if self.grace_s:
-            words += f", {format_duration(self.grace_s)} grace"
-        if self.max_runtime_s is not None:
-            words += f", runs at most {format_duration(self.max_runtime_s)}"
-        return words
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    """A whole, validated configuration file.  Build it with ``load_config``."""
-
-    checks: Mapping[str, CheckSpec]
-    secret_key: str = dataclasses.field(default="", repr=False)
-    email: EmailConf | None = None
-    telegram: TelegramConf | None = None
-    path: str = ""
-    max_connections: int = 512
-    public_dashboard: bool = False  #: the read-only views open without the key
-    public_badges: bool = True  #: badges open without the key
-    history: int = 100  #: events kept per alert (check-ins, state changes, notices)
+#: Values of [alerting.email] encryption: plain SMTP, TLS from the start, or STARTTLS.
+ENCRYPTIONS = ("none", "ssl", "starttls")
 
 
 class _Table:
@@ -928,14 +838,12 @@ def _address_list(value: Any) -> tuple[str, ...]:
 
 
 def _channel_list(value: Any) -> tuple[str, ...]:
+    """Channel instance names, in lower case; whether they are configured is
+    checked with the alert (see _check_channels)."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise TypeError
     # Listed twice means the same as once; dict keeps the order.
-    channels = tuple(dict.fromkeys(item.strip().lower() for item in value))
-    for channel in channels:
-        if channel not in CHANNEL_NAMES:
-            raise ValueError(f"expected channels among {', '.join(CHANNEL_NAMES)}, got {json.dumps(channel)}")
-    return channels
+    return tuple(dict.fromkeys(item.strip().lower() for item in value))
 
 
 def _chat_id(value: Any) -> str:
@@ -948,6 +856,1202 @@ def _http_url(value: Any) -> str:
     if not isinstance(value, str) or urllib.parse.urlsplit(value).scheme not in ("http", "https"):
         raise ValueError
     return value.rstrip("/")
+
+
+def _http_url_as_is(value: Any) -> str:
+    """An http(s) URL kept exactly as written (a webhook's path may end in /)."""
+    parts = urllib.parse.urlsplit(_string(value))
+    if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL_CHARACTERS.search(value) \
+            or " " in value:
+        raise ValueError
+    return value
+
+
+def _secret(value: Any) -> str:
+    """A token or key: a non-empty string without spaces or control characters
+    (it goes into a header or a URL); the message never shows it."""
+    if not isinstance(value, str) or not value or _CONTROL_CHARACTERS.search(value) or " " in value:
+        raise ValueError("expected a token: text without spaces or control characters (not shown here)")
+    return value
+
+
+def _positive_duration(value: Any) -> float:
+    seconds = _duration(value)
+    if seconds <= 0:
+        raise ValueError
+    return seconds
+
+
+def _argv(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not value or not all(isinstance(item, str) for item in value) \
+            or not value[0] or any("\0" in item for item in value):
+        raise ValueError
+    return tuple(value)
+
+
+#: An HTTP header name (RFC 9110 token).
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def _headers(value: Any) -> tuple[tuple[str, str], ...]:
+    """A table of HTTP headers: names are tokens, values single-line Latin-1 text."""
+    for name, text in _table(value).items():
+        if not _HEADER_NAME.fullmatch(name) or not isinstance(text, str) or _CONTROL_CHARACTERS.search(text):
+            raise ValueError(f"expected header names and single-line text values, got {json.dumps(name)}")
+        try:
+            text.encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError(f"expected header values in Latin-1, got non-Latin-1 text in "
+                             f"{json.dumps(name)}") from None
+    return tuple(value.items())
+
+
+#: The methods a webhook may use.
+HTTP_METHODS = ("POST", "PUT", "PATCH", "GET", "DELETE")
+
+
+def _http_method(value: Any) -> str:
+    method = _string(value).strip().upper()
+    if method not in HTTP_METHODS:
+        raise ValueError
+    return method
+
+
+def _room_id(value: Any) -> str:
+    if not isinstance(value, str) or not re.fullmatch(r"![^\s:]+:\S+", value):
+        raise ValueError
+    return value
+
+
+def _setting(expected: str, check: Callable[[Any], Any], default: Any = dataclasses.MISSING,
+             key: str = "", secret: bool = False) -> Any:
+    """A field of a config dataclass that is read from its TOML table: ``check``
+    turns the value into the field's (raising ValueError or TypeError to refuse
+    it, see _Table.take), ``expected`` says what it must be, and ``key`` is the
+    TOML key when it is not the field's name.  Without a default the key is
+    required; a ``secret`` is left out of the dataclass's repr."""
+    return dataclasses.field(default=default, repr=not secret,
+                             metadata={"expected": expected, "check": check, "key": key or None})
+
+
+def _read_conf(table: _Table, conf_type: type) -> Any:
+    """Build ``conf_type`` from ``table``: every field made with _setting is taken
+    (fields without one keep their defaults: they are not settings).  A
+    ``__post_init__`` that raises ``ValueError(key, problem)`` refuses a
+    combination of settings.  The caller calls ``table.finish()``."""
+    values = {}
+    for field in dataclasses.fields(conf_type):
+        if "check" in field.metadata:
+            default = _REQUIRED if field.default is dataclasses.MISSING else field.default
+            values[field.name] = table.take(field.metadata["key"] or field.name, field.metadata["expected"],
+                                            field.metadata["check"], default)
+    try:
+        return conf_type(**values)
+    except ValueError as exc:
+        key, problem = exc.args
+        raise ConfigError(f"{table.file}: {table.path(key)}: {problem}") from None
+
+
+###############################################################################
+# Notices #####################################################################
+###############################################################################
+
+
+#: What a notice tells: an alert went down, is still down (a reminder), is back, or a test.
+FAILING, STILL_FAILING, RECOVERED, TEST = "failing", "still failing", "recovered", "test"
+#: The outbox's kind of each event (the kinds of 0.0.11's subjects; a reminder replaces an older one).
+EVENT_KINDS = {FAILING: NOTICE_DOWN, STILL_FAILING: NOTICE_REMINDER, RECOVERED: NOTICE_UP, TEST: "test"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Notice:
+    """The facts of one notice about one alert, decided when it is queued (and
+    kept in the outbox as JSON), so every attempt sends the same thing; each
+    channel renders them its own way when it sends.
+
+    Times are epoch seconds, None when unknown.  ``since`` is when the alert
+    went down (a recovery keeps it); ``due_at`` is the deadline a failure
+    notice reports missing (None when the job reported its failure itself);
+    ``status`` is the alert's (down, up), or "test" in a test notice.
+    ``incident`` is the same for every notice about one failure, and differs
+    between failures.  ``text`` is the finished subject and body of a notice
+    queued by an older Caduceus, which kept only those.
+    """
+
+    alert: str
+    event: str
+    at: float
+    status: str = DOWN
+    reason: str = ""
+    since: float | None = None
+    watched_since: float | None = None
+    last_checkin: float | None = None
+    due_at: float | None = None
+    schedule: str = ""
+    interval_s: float | None = None
+    timezone: str = "UTC"
+    notify_every_s: float | None = None
+    last_duration_s: float | None = None
+    last_exit_status: int | None = None
+    body_tail: str = ""
+    url: str = ""
+    checkin_url: str = ""
+    recipients: tuple[str, ...] = ()
+    incident: str = ""
+    text: tuple[str, str] | None = None
+
+    @property
+    def overdue_s(self) -> float | None:
+        """How late the job was when the notice was made, for a missed deadline."""
+        return None if self.due_at is None else max(self.at - self.due_at, 0.0)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> Notice:
+        """The notice ``to_json`` wrote; fields it does not know are ignored."""
+        data = json.loads(text)
+        names = {field.name for field in dataclasses.fields(cls)}
+        data = {key: value for key, value in data.items() if key in names}
+        data["recipients"] = tuple(data.get("recipients") or ())
+        data["text"] = tuple(data["text"]) if data.get("text") else None
+        return cls(**data)
+
+
+def render_text(notice: Notice) -> tuple[str, str]:
+    """The subject and plain-text body of a notice, for email, console and chats.
+
+    The subjects are those of Caduceus 0.0.11, to the character: users filter on them.
+    """
+    if notice.text is not None:
+        return notice.text
+    subject, lines = _text_lines(notice)
+    return subject, "Hello,\n\n" + "\n".join(lines) + "\n\nThanks,\nCaduceus\n"
+
+
+def _text_lines(notice: Notice) -> tuple[str, list[str]]:
+    """The subject and the lines that say what happened (render_text's body without its greeting)."""
+    if notice.text is not None:
+        return notice.text[0], notice.text[1].strip().splitlines()
+    name, at = notice.alert, notice.at
+    lines = []
+    if notice.event == TEST:
+        subject = f"Caduceus: Test notice for alert \"{name}\"."
+        lines += [f"This is a test of the channels of your alert \"{name}\"; nothing has happened to it.",
+                  "If you read this, the channel works.", "",
+                  f"Schedule:      {notice.schedule}"]
+    elif notice.event == RECOVERED:
+        down_at = notice.since if notice.since is not None else at
+        subject = f"Caduceus: Alert {name} is reporting again."
+        lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
+                  f"Checked in:    {format_time(at)}",
+                  f"Was down for:  {format_duration(max(at - down_at, 0), 2)} (since {format_time(down_at)}, "
+                  f"{notice.reason})"]
+    else:
+        still = "still " if notice.event == STILL_FAILING else ""
+        subject = f"Caduceus: Alert \"{name}\" is {still}failing."
+        lines += [f"Your alert \"{name}\" is {still}failing: {notice.reason}.", "",
+                  f"Schedule:      {notice.schedule}",
+                  f"Last success:  {_last_success(notice)}"]
+        if notice.due_at is not None:
+            lines.append(f"Overdue by:    {format_duration(notice.overdue_s, 2)} "
+                         f"(due at {format_time(notice.due_at)})")
+        elif notice.event == STILL_FAILING and notice.since is not None:
+            lines.append(f"Down for:      {format_duration(max(at - notice.since, 0), 2)} "
+                         f"(since {format_time(notice.since)})")
+    if notice.last_duration_s is not None:
+        lines.append(f"Last run took: {format_duration(notice.last_duration_s, 2)}")
+    if notice.body_tail:
+        lines += ["", "Last output:"] + [f"| {line}" for line in notice.body_tail.split("\n")]
+    if notice.url:
+        lines += ["", f"Alert page:    {notice.url}"]
+    if notice.checkin_url:
+        lines += [f"Check-in URL:  {notice.checkin_url}"]
+    if notice.event in (FAILING, STILL_FAILING) and notice.notify_every_s is not None:
+        lines += ["", f"You will be reminded every {format_duration(notice.notify_every_s)} while it "
+                      "stays down, and told when it reports again."]
+    return subject, lines
+
+
+def _last_success(notice: Notice) -> str:
+    if notice.last_checkin is not None:
+        ago = format_duration(max(notice.at - notice.last_checkin, 0), 2)
+        return f"{format_time(notice.last_checkin)} ({ago} ago)"
+    if notice.watched_since is None:
+        return "never"
+    return (f"never (watched since {format_time(notice.watched_since)}, "
+            f"{format_duration(max(notice.at - notice.watched_since, 0), 2)} ago)")
+
+
+#: The fields of a notice that a webhook template (``{name}``) or a command
+#: (``CADUCEUS_NAME``, and its JSON input) sees, all text, "" when unknown.
+NOTICE_FIELDS = ("name", "event", "status", "reason", "subject", "message", "at", "since", "last_checkin",
+                 "due_at", "overdue", "schedule", "interval", "timezone", "last_duration", "exit_status",
+                 "body_tail", "url", "checkin_url")
+
+
+def notice_fields(notice: Notice) -> dict[str, str]:
+    """The notice as NOTICE_FIELDS: times in UTC ISO 8601 (``2026-11-24T03:00:00Z``),
+    durations in words (``1h 30m``); ``subject`` and ``message`` are what
+    email would say, without the greeting."""
+    subject, lines = _text_lines(notice)
+
+    def when(at: float | None) -> str:
+        return format_time(at) if at is not None else ""
+
+    def took(seconds: float | None) -> str:
+        return format_duration(seconds, 2) if seconds is not None else ""
+
+    return {
+        "name": notice.alert, "event": notice.event, "status": notice.status, "reason": notice.reason,
+        "subject": subject, "message": "\n".join(lines),
+        "at": when(notice.at), "since": when(notice.since), "last_checkin": when(notice.last_checkin),
+        "due_at": when(notice.due_at), "overdue": took(notice.overdue_s), "schedule": notice.schedule,
+        "interval": format_duration(notice.interval_s) if notice.interval_s else "",
+        "timezone": notice.timezone, "last_duration": took(notice.last_duration_s),
+        "exit_status": "" if notice.last_exit_status is None else str(notice.last_exit_status),
+        "body_tail": notice.body_tail, "url": notice.url, "checkin_url": notice.checkin_url,
+    }
+
+
+#: A field in a template: ``{name}``.  Other braces (a JSON body's) are left as they are.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def fill_template(template: str, fields: Mapping[str, str], escape: Callable[[str], str]) -> str:
+    """``template`` with each ``{field}`` replaced by ``escape(value)``: escaped for
+    where it lands, so no value can change the shape of what it lands in."""
+    return _PLACEHOLDER.sub(lambda match: escape(fields[match.group(1)]) if match.group(1) in fields
+                            else match.group(0), template)
+
+
+def _json_text(value: str) -> str:
+    """A value inside a JSON string: quotes, backslashes, control characters and
+    non-ASCII escaped."""
+    return json.dumps(value)[1:-1]
+
+
+def _url_part(value: str) -> str:
+    return urllib.parse.quote(value, safe="")
+
+
+def _template(value: Any) -> str:
+    """A template: text whose ``{field}``s are NOTICE_FIELDS."""
+    text = _string(value)
+    for field in _PLACEHOLDER.findall(text):
+        if field not in NOTICE_FIELDS:
+            close = difflib.get_close_matches(field, NOTICE_FIELDS, n=1)
+            hint = f' (did you mean "{{{close[0]}}}"?)' if close else ""
+            raise ValueError(f"expected a template over the fields {', '.join(NOTICE_FIELDS)}; "
+                             f"got {json.dumps('{' + field + '}')}{hint}")
+    return text
+
+
+###############################################################################
+# Transports ##################################################################
+###############################################################################
+
+
+#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
+RETRY_AFTER_MAX_S = 3600.0
+
+def _retry_wait_s(value: object) -> float | None:
+    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
+    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if not 0 <= value < math.inf:  # False for NaN too
+        return None
+    return float(min(value, RETRY_AFTER_MAX_S))
+
+
+#: The most of an HTTP answer read: a channel needs its status and a short reason.
+HTTP_MAX_ANSWER_BYTES = 1 << 20
+
+
+class _Deadline:
+    """One time limit for a whole network attempt.  Socket timeouts count per
+    read, so a server that drips a byte at a time would never trip them: every
+    socket operation is given only the time that is left."""
+
+    def __init__(self, seconds: float) -> None:
+        self.at = time.monotonic() + seconds
+
+    def remaining(self) -> float:
+        """Seconds left; raises ``socket.timeout`` (an OSError) when none are."""
+        left = self.at - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("timed out")
+        return left
+
+
+class _DeadlineReader(io.RawIOBase):
+    """A socket's input, each read waiting only for what is left of the deadline."""
+
+    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
+        super().__init__()
+        self._sock = sock
+        self._deadline = deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        self._sock.settimeout(self._deadline.remaining())
+        return self._sock.recv_into(buffer)
+
+    def makefile(self, mode: str = "rb") -> io.BufferedReader:
+        """What smtplib and http.client.HTTPResponse read through (as socket.makefile)."""
+        return io.BufferedReader(self)
+
+
+def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
+    """Open a TCP connection within the deadline, trying each address in turn
+    (socket.create_connection would give every address the whole timeout)."""
+    error: OSError = OSError(f"no address for {host}")
+    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(deadline.remaining())
+            sock.connect(address)
+            sock.settimeout(deadline.remaining())  # a TLS handshake comes next
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    raise error
+
+
+class _MaybeDelivered(smtplib.SMTPException):
+    """The server took the whole message but did not say whether it accepted it."""
+
+
+class _SMTP(smtplib.SMTP):
+    """smtplib.SMTP held to one deadline for the whole conversation, speaking TLS
+    from the start when given ``tls``.  Only the reply to the message itself
+    gets ``data_reply_s`` of its own: a server may take 10 minutes to accept a
+    message (RFC 5321 4.5.3.2.6), and giving up sooner sends it twice."""
+
+    def __init__(self, host: str, port: int, deadline: _Deadline, data_reply_s: float,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self._deadline = deadline
+        self._data_reply_s = data_reply_s
+        self._tls = tls
+        self._data_replies: int | None = None
+        super().__init__(host, port)
+
+    def _get_socket(self, host: str, port: int, timeout: object) -> socket.socket:
+        sock = _connect(host, port, self._deadline)
+        if self._tls is None:
+            return sock
+        try:
+            return self._tls.wrap_socket(sock, server_hostname=host)
+        except BaseException:
+            sock.close()
+            raise
+
+    def send(self, s: bytes | str) -> None:
+        if self.sock is not None:
+            try:
+                self.sock.settimeout(self._deadline.remaining())
+            except OSError as exc:  # as smtplib reports a failed send
+                self.close()
+                raise smtplib.SMTPServerDisconnected(str(exc)) from None
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        if self.file is None and self.sock is not None:
+            self.file = _DeadlineReader(self.sock, self._deadline).makefile("rb")
+        if self._data_replies is not None:
+            self._data_replies += 1
+            if self._data_replies == 2:  # the reply to the message, not to DATA
+                self._deadline.at = time.monotonic() + self._data_reply_s
+        return super().getreply()
+
+    def data(self, msg: bytes | str) -> tuple[int, bytes]:
+        self._data_replies = 0
+        at = self._deadline.at
+        try:
+            return super().data(msg)
+        except smtplib.SMTPServerDisconnected as exc:
+            if self._data_replies < 2:
+                raise
+            raise _MaybeDelivered(f"no reply after the message was sent ({exc})") from None
+        finally:
+            self._data_replies = None
+            self._deadline.at = at
+
+
+def _proxy_for(scheme: str, host: str) -> tuple[str, int, str] | None:
+    """The proxy the environment names for a URL (``http_proxy``, ``https_proxy``
+    and ``no_proxy``, read as urllib reads them): ``(host, port,
+    Proxy-Authorization or "")``, or None to go direct.  Only http:// proxies
+    are spoken to; an https URL goes through them in a CONNECT tunnel."""
+    proxy = urllib.request.getproxies().get(scheme)
+    if not proxy or urllib.request.proxy_bypass(host):
+        return None
+    parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    if parts.scheme != "http" or not parts.hostname:
+        # The proxy URL may hold a password: say which variable, not what it says.
+        raise OSError(f"{scheme}_proxy is not an http:// proxy URL")
+    auth = ""
+    if parts.username is not None:
+        user_password = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        auth = "Basic " + base64.b64encode(user_password.encode()).decode("ascii")
+    return parts.hostname, parts.port or 80, auth
+
+
+def _tunnel(sock: socket.socket, host: str, port: int, auth: str, deadline: _Deadline) -> None:
+    """Ask the proxy at the other end of ``sock`` for a tunnel to ``host:port``
+    (CONNECT); raises OSError unless it answers 2xx.  The answer is read a byte
+    at a time so that nothing of the tunnelled stream is read with it."""
+    authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    request = f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n"
+    if auth:
+        request += f"Proxy-Authorization: {auth}\r\n"
+    sock.settimeout(deadline.remaining())
+    sock.sendall((request + "\r\n").encode("ascii"))
+    answer = b""
+    while not answer.endswith(b"\r\n\r\n"):
+        if len(answer) > 65536:
+            raise OSError("the proxy's answer to CONNECT is too long")
+        sock.settimeout(deadline.remaining())
+        byte = sock.recv(1)
+        if not byte:
+            raise OSError("the proxy closed the connection instead of opening a tunnel")
+        answer += byte
+    status_line = answer.split(b"\r\n", 1)[0].decode("latin-1")
+    words = status_line.split(None, 2)
+    if len(words) < 2 or not words[1].startswith("2"):
+        raise OSError(f"the proxy refused the tunnel: {_CONTROL_CHARACTERS.sub(' ', status_line)[:200]}")
+
+
+def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
+
+    Returns ``(status, headers, body)`` whatever the status, with at most
+    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified and
+    redirects are not followed.  The proxy of ``http_proxy``/``https_proxy``
+    is used unless ``no_proxy`` names the host (see _proxy_for).  Raises
+    OSError (``socket.timeout`` when time is up), ``http.client.HTTPException``,
+    or ValueError for a URL that is not http(s); the messages of the latter
+    two may quote the URL.
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("not an http(s) URL")
+    deadline = _Deadline(timeout_s)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    authority = parts.netloc.rpartition("@")[2]
+    target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
+    headers = {"Host": authority, **headers}
+    proxy = _proxy_for(parts.scheme, parts.hostname)
+    connection = http.client.HTTPConnection(parts.hostname, port)
+    with contextlib.closing(connection):
+        if proxy is None:
+            connection.sock = sock = _connect(parts.hostname, port, deadline)
+        else:
+            proxy_host, proxy_port, proxy_auth = proxy
+            connection.sock = sock = _connect(proxy_host, proxy_port, deadline)
+            if parts.scheme == "https":
+                _tunnel(sock, parts.hostname, port, proxy_auth, deadline)
+            else:  # a plain request goes to the proxy whole: the absolute URL as its target
+                target = urllib.parse.urlunsplit(("http", authority, parts.path or "/", parts.query, ""))
+                if proxy_auth:
+                    headers["Proxy-Authorization"] = proxy_auth
+        if parts.scheme == "https":
+            tls = ssl.create_default_context()
+            connection.sock = sock = tls.wrap_socket(sock, server_hostname=parts.hostname)
+        sock.settimeout(deadline.remaining())
+        connection.request(method, target, body, headers)
+        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
+            response.begin()
+            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
+
+
+def _http_send(service: str, method: str, url: str, body: bytes | None, headers: Mapping[str, str],
+               timeout_s: float, secrets: Collection[str] = ()) -> bytes:
+    """One attempt of an HTTP channel: the answer's body when the status is 2xx.
+
+    Otherwise raises NotifyError: a 429 with the wait the service asked for
+    (its Retry-After header, or ``retry_after`` seconds or ``retry_after_ms``
+    in a JSON answer; see _retry_wait_s), a 5xx or a network error to be
+    retried, any other status as permanent.  The message names the service,
+    the server (scheme, host and port: never the rest of the URL, which may
+    hold a token), the status and the start of the answer, with ``secrets``
+    (and any long part of the URL's path or query) blanked out of it.
+    """
+    parts = urllib.parse.urlsplit(url)
+    where = f"{service} at {parts.scheme}://{parts.netloc.rpartition('@')[2]}"
+    # A webhook's URL is its secret: an answer quoting a long part of it is blanked there.
+    url_words = re.split(r"[/?&=;]", f"{parts.path}?{parts.query}")
+    secrets = [*secrets, *(word for word in url_words if len(word) >= 8)]
+    try:
+        status, answer_headers, answer = _http_request(
+            method, url, body, {"User-Agent": f"caduceus/{__version__}", **headers}, timeout_s)
+    except OSError as exc:  # socket and TLS errors never quote the URL
+        raise NotifyError(f"{where}: {_redact(str(exc) or type(exc).__name__, secrets)}") from None
+    except (http.client.HTTPException, ValueError) as exc:
+        # Only the type: these messages may quote the URL or a header, and so a token.
+        raise NotifyError(f"{where}: {type(exc).__name__}") from None
+    if 200 <= status < 300:
+        return answer
+    message = f"{where} answered {status} {http.client.responses.get(status, '')}".rstrip()
+    start = _redact(_CONTROL_CHARACTERS.sub(" ", answer[:400].decode("utf-8", "replace")).strip(), secrets)
+    if start:
+        message += f": {start[:200]}"
+    if status == 429:
+        raise NotifyError(message, retry_after_s=_retry_wait_s(_retry_after(answer_headers, answer)))
+    raise NotifyError(message, permanent=not 500 <= status < 600)
+
+
+def _redact(text: str, secrets: Collection[str]) -> str:
+    for secret in secrets:
+        if len(secret) >= 4:  # blanking a shorter one would blank common words, and hide little
+            text = text.replace(secret, "***").replace(urllib.parse.quote(secret, safe=""), "***")
+    return text
+
+
+def _retry_after(headers: http.client.HTTPMessage, answer: bytes) -> object:
+    """The wait a 429 answer asks for, in seconds, unchecked (None if it names none)."""
+    value = headers.get("Retry-After")
+    if value is not None:
+        try:
+            return float(value.strip())
+        except ValueError:
+            return None  # an HTTP date: the backoff will do
+    try:
+        data = json.loads(answer or b"{}")
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if "retry_after_ms" in data:  # Matrix
+        wait = data["retry_after_ms"]
+        return wait / 1000 if isinstance(wait, (int, float)) and not isinstance(wait, bool) else None
+    return data.get("retry_after")  # Discord, in seconds
+
+
+def _header_text(value: str) -> str:
+    """Text for an HTTP header: as it is when printable ASCII, else an RFC 2047
+    encoded word (UTF-8, base64), so no character can break the request."""
+    if re.fullmatch(r"[\x20-\x7e]*", value):
+        return value
+    return f"=?UTF-8?B?{base64.b64encode(value.encode()).decode('ascii')}?="
+
+
+###############################################################################
+# Channels: console, email, Telegram, commands ################################
+###############################################################################
+
+
+@dataclasses.dataclass(frozen=True)
+class Channel:
+    """A kind of channel: its settings, a frozen dataclass whose _setting fields
+    are read from ``[alerting.KIND]`` (and ``[alerting.KIND.NAME]``), and
+    ``send(conf, notice)``.  ``send`` returns None once the notice is handed
+    over and raises NotifyError (never anything else it can foresee) when it
+    is not, with ``permanent`` when retrying cannot help and ``retry_after_s``
+    when the other side asked for a wait; it never logs, raises or returns a
+    secret, and holds one deadline for the whole attempt."""
+
+    conf_type: type
+    send: Callable[[Any, Notice], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleConf:
+    """``[alerting.console]``: standard output, with nothing to set."""
+
+
+def send_console(conf: ConsoleConf, notice: Notice) -> None:
+    """Print the notice on standard output."""
+    try:
+        print("\n".join(render_text(notice)), flush=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot write to standard output: {exc}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class EmailConf:
+    """``[alerting.email]``: the SMTP server and the default recipients."""
+
+    from_addr: str = _setting("an email address", _address)
+    recipient_emails: tuple[str, ...] = _setting("a list of email addresses", _address_list, ())
+    hostname: str = _setting("a host name", _string, "localhost")
+    port: int = _setting("a port number (1-65535)", _port, 25)
+    username: str = _setting("a string", _string, "")
+    password: str = _setting("a string", _string, "", secret=True)
+    encryption: str = _setting('one of "none", "ssl", "starttls"', _encryption, "none")
+    timeout_s: float = 30.0  #: for the whole attempt, connect to QUIT, except:
+    data_reply_timeout_s: float = 600.0  #: the reply to the message itself (RFC 5321 4.5.3.2.6)
+
+
+def send_email(conf: EmailConf, notice: Notice) -> None:
+    """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
+
+    Recipients are the notice's (the alert's ``recipient_emails``), else the
+    channel's, and the ``To`` header says the same.  Certificates are verified for ssl and
+    starttls.  The attempt, from connecting to QUIT, must end within
+    ``timeout_s``; only the server's reply to the message itself is given
+    ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
+    that times out there is retried with a note that it may have been delivered.
+    """
+    recipients = notice.recipients or conf.recipient_emails
+    if not recipients:
+        raise NotifyError("no email recipients", permanent=True)
+    message = email.message.EmailMessage()
+    subject, body = render_text(notice)
+    message["Subject"] = subject
+    message["From"] = conf.from_addr
+    message["To"] = ", ".join(recipients)
+    message["Date"] = email.utils.formatdate(usegmt=True)
+    sender = email.utils.parseaddr(conf.from_addr)[1]
+    message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
+    message.set_content(body)
+    context = ssl.create_default_context()
+    try:
+        smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
+                     tls=context if conf.encryption == "ssl" else None)
+        with contextlib.closing(smtp):
+            if conf.encryption == "starttls":
+                smtp.starttls(context=context)
+            if conf.username:
+                smtp.login(conf.username, conf.password)
+            refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
+            # Accepted: a failed goodbye must not turn it into a failure, and a second copy.
+            with contextlib.suppress(smtplib.SMTPException, OSError):
+                smtp.quit()
+    except _MaybeDelivered as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc}; it may have been delivered") from None
+    except smtplib.SMTPRecipientsRefused as exc:
+        permanent = all(code >= 500 for code, _ in exc.recipients.values())
+        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
+                          permanent=permanent) from None
+    except smtplib.SMTPAuthenticationError as exc:
+        raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=exc.smtp_code >= 500) from None
+    except smtplib.SMTPResponseException as exc:
+        raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
+                          permanent=exc.smtp_code >= 500) from None
+    except (smtplib.SMTPException, OSError) as exc:
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
+    except ValueError as exc:  # e.g. a password smtplib cannot encode
+        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
+                          permanent=True) from None
+    if refused:
+        log.warning("%s: some recipients refused the email: %s", notice.alert, _smtp_refusals(refused))
+
+
+def _smtp_text(error: bytes | str) -> str:
+    return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
+
+
+def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
+    return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class TelegramConf:
+    """``[alerting.telegram]``: the bot token and the chat to post in."""
+
+    apikey: str = _setting("the bot token, a string", _string, secret=True)
+    chat_id: str = _setting("a chat id", _chat_id)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://api.telegram.org")
+    timeout_s: float = 30.0  #: for the whole attempt, connect to the end of the answer
+
+
+#: Telegram refuses messages longer than this.
+TELEGRAM_MAX_CHARS = 4096
+
+
+def send_telegram(conf: TelegramConf, notice: Notice) -> None:
+    """Post the notice as plain text through the Bot API's ``sendMessage``.
+
+    A 429 answer raises with the ``retry_after`` Telegram asked for (at most
+    an hour; None if it makes no sense); other 4xx answers are permanent.  The
+    attempt, from connecting to the end of the answer, must end within
+    ``timeout_s``.  The bot token is part of the URL, so it never appears in
+    an error message.
+    """
+    text = "\n\n".join(render_text(notice))[:TELEGRAM_MAX_CHARS]
+    where = urllib.parse.urlsplit(conf.api_url).netloc
+    try:
+        # Quoted: a stray space or # in a pasted token must not bend the URL.
+        status, _, answer_bytes = _http_request(
+            "POST", f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
+            json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
+            {"Content-Type": "application/json"}, conf.timeout_s)
+    except OSError as exc:  # socket errors never quote the URL
+        raise NotifyError(f"talking to Telegram at {where} failed: {exc or type(exc).__name__}") from None
+    except (http.client.HTTPException, ValueError) as exc:
+        # Only the type: these messages may quote the URL, and so the token.
+        raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
+    if 200 <= status < 300:
+        return
+    try:
+        answer = json.loads(answer_bytes or b"{}")
+    except (ValueError, RecursionError):
+        answer = None
+    if not isinstance(answer, dict):
+        answer = {}
+    description = answer.get("description") or http.client.responses.get(status, "")
+    if status == 429:
+        parameters = answer.get("parameters")
+        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
+        raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=_retry_wait_s(retry_after))
+    raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandConf:
+    """``[alerting.command]``: a program run for each notice, without a shell."""
+
+    argv: tuple[str, ...] = _setting(
+        'a command as a list of strings, e.g. ["/usr/local/bin/page-me", "--urgent"]', _argv)
+    timeout_s: float = _setting(f"{DURATION_HINT}, more than 0", _positive_duration, 30.0, key="timeout")
+
+
+#: Characters of a command's standard error quoted when it fails.
+COMMAND_STDERR_CHARS = 500
+
+
+def send_command(conf: CommandConf, notice: Notice) -> None:
+    """Run ``argv`` with the notice as ``CADUCEUS_<FIELD>`` environment variables
+    (see NOTICE_FIELDS: ``CADUCEUS_NAME``, ``CADUCEUS_EVENT``, ...) and as one
+    JSON object of the same fields on standard input.
+
+    Exit status 0 means delivered; any other, or not finishing within
+    ``timeout_s`` (the command and everything it started are then killed),
+    is a failure to be retried, reported with the end of its standard error.
+    """
+    fields = notice_fields(notice)
+    env = dict(os.environ)
+    env.update({f"CADUCEUS_{key.upper()}": value.replace("\0", "") for key, value in fields.items()})
+    program = conf.argv[0]
+    try:
+        # Its own session: a timeout kills whatever it started too.
+        process = subprocess.Popen(conf.argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE, env=env, start_new_session=True)
+    except OSError as exc:
+        raise NotifyError(f"cannot run {program}: {exc.strerror or exc}") from None
+    with process:
+        try:
+            _, errors = process.communicate(json.dumps(fields).encode(), timeout=conf.timeout_s)
+        except subprocess.TimeoutExpired:
+            _kill_session(process)
+            raise NotifyError(f"{program} did not finish within {format_duration(conf.timeout_s)}; "
+                              "killed") from None
+    if process.returncode == 0:
+        return
+    status = process.returncode
+    how = f"exit status {status}" if status > 0 else f"signal {-status}"
+    tail = _CONTROL_CHARACTERS.sub(" ", errors.decode("utf-8", "replace")[-COMMAND_STDERR_CHARS:]).strip()
+    raise NotifyError(f"{program} failed with {how}" + (f": {tail}" if tail else ""))
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    """Kill a command started in its own session, and all it started."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if hasattr(os, "killpg"):
+            os.killpg(process.pid, signal.SIGKILL)
+        else:  # Windows
+            process.kill()
+    process.wait()
+
+
+###############################################################################
+# Channels: webhooks and services #############################################
+###############################################################################
+
+
+#: Colours of chat attachments and embeds: down, up, test.
+COLOURS = {FAILING: 0xD92D20, STILL_FAILING: 0xD92D20, RECOVERED: 0x2E9E44, TEST: 0x1F6FEB}
+#: The most characters of a notice's details a chat message carries.
+CHAT_MAX_CHARS = 3500
+
+
+def _details(notice: Notice, limit: int = CHAT_MAX_CHARS) -> tuple[str, str]:
+    """The subject, and the lines that say what happened, cut to ``limit`` characters."""
+    subject, lines = _text_lines(notice)
+    text = "\n".join(lines)
+    return subject, text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+#: A body template that is JSON: an array, or an object (not a text starting with a {field}).
+_LOOKS_LIKE_JSON = re.compile(r'\s*(\[|\{\s*["}])')
+
+
+def _url_template(value: Any) -> str:
+    return _http_url_as_is(_template(value))
+
+
+@dataclasses.dataclass(frozen=True)
+class WebhookConf:
+    """``[alerting.webhook]``: any HTTP endpoint, with the notice in a template.
+
+    Values go into ``url`` URL-encoded, and into ``body`` escaped for its
+    Content-Type: JSON-escaped for JSON (the default when the body is a JSON
+    object or array), form-encoded for a form, as they are for text.
+    Without ``body``, a JSON object of every field is sent.
+    """
+
+    url: str = _setting("an http(s) URL (a template)", _url_template)
+    method: str = _setting(f"one of {', '.join(HTTP_METHODS)}", _http_method, "POST")
+    headers: tuple[tuple[str, str], ...] = _setting("a table of headers", _headers, (), secret=True)
+    body: str | None = _setting("a template (text)", _template, None)
+    timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.body is not None and self.body_format() == "json":
+            # Filled in with the worst a name or an output can hold, it must still be JSON.
+            hostile = dict.fromkeys(NOTICE_FIELDS, '"}\\{x}\n\u2028é')
+            try:
+                json.loads(fill_template(self.body, hostile, _json_text))
+            except ValueError:
+                raise ValueError("body", "expected JSON once the fields are filled in, with each {field} "
+                                         "inside quotes; got " + _show(self.body)) from None
+
+    def content_type(self) -> str:
+        given = [value for name, value in self.headers if name.lower() == "content-type"]
+        if given:
+            return given[0]
+        if self.body is None or _LOOKS_LIKE_JSON.match(self.body):
+            return "application/json"
+        return "text/plain; charset=utf-8"
+
+    def body_format(self) -> str:
+        """How values are escaped in the body: "json", "form" or "text"."""
+        kind = self.content_type().lower()
+        return "json" if "json" in kind else "form" if "x-www-form-urlencoded" in kind else "text"
+
+
+def send_webhook(conf: WebhookConf, notice: Notice) -> None:
+    """Send the notice to ``conf.url`` (no body with GET)."""
+    fields = notice_fields(notice)
+    url = fill_template(conf.url, fields, _url_part)
+    if conf.method == "GET":
+        body = None
+    elif conf.body is None:
+        body = json.dumps(fields).encode()
+    else:
+        escape = {"json": _json_text, "form": urllib.parse.quote_plus, "text": str}[conf.body_format()]
+        body = fill_template(conf.body, fields, escape).encode()
+    headers = {"Content-Type": conf.content_type(), **dict(conf.headers)}
+    _http_send("webhook", conf.method, url, body, headers, conf.timeout_s, secrets=[v for _, v in conf.headers])
+
+
+@dataclasses.dataclass(frozen=True)
+class SlackConf:
+    """``[alerting.slack]`` and ``[alerting.mattermost]``: an incoming webhook."""
+
+    url: str = _setting("the incoming webhook's http(s) URL", _http_url_as_is, secret=True)
+    timeout_s: float = 30.0
+
+
+def _slack_text(text: str) -> str:
+    """Text for Slack, which reads <...> as links and mentions (<!channel>)."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def send_slack(conf: SlackConf, notice: Notice) -> None:
+    """Post the subject as ``text`` and the details in an attachment coloured for down or up."""
+    _post_attachment("Slack", conf, notice, _slack_text)
+
+
+def send_mattermost(conf: SlackConf, notice: Notice) -> None:
+    """As Slack: Mattermost takes Slack's attachments."""
+    _post_attachment("Mattermost", conf, notice, str)
+
+
+def _post_attachment(service: str, conf: SlackConf, notice: Notice, escape: Callable[[str], str]) -> None:
+    subject, details = _details(notice)
+    attachment = {"fallback": escape(subject), "color": f"#{COLOURS[notice.event]:06x}",
+                  "title": escape(subject), "text": escape(details)}
+    if notice.url:
+        attachment["title_link"] = notice.url
+    payload = {"text": escape(subject), "attachments": [attachment]}
+    _http_send(service, "POST", conf.url, json.dumps(payload).encode(), {"Content-Type": "application/json"},
+               conf.timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscordConf:
+    """``[alerting.discord]``: a channel's webhook."""
+
+    url: str = _setting("the webhook's http(s) URL", _http_url_as_is, secret=True)
+    timeout_s: float = 30.0
+
+
+def send_discord(conf: DiscordConf, notice: Notice) -> None:
+    """Post the subject as ``content`` and the details in an embed coloured for
+    down or up; no name or output can mention anyone (``allowed_mentions``)."""
+    subject, details = _details(notice)
+    embed = {"title": subject[:256], "description": details, "color": COLOURS[notice.event],
+             "timestamp": format_time(notice.at)}
+    if notice.url:
+        embed["url"] = notice.url
+    payload = {"content": subject[:2000], "embeds": [embed], "allowed_mentions": {"parse": []}}
+    _http_send("Discord", "POST", conf.url, json.dumps(payload).encode(), {"Content-Type": "application/json"},
+               conf.timeout_s)
+
+
+@dataclasses.dataclass(frozen=True)
+class NtfyConf:
+    """``[alerting.ntfy]``: a topic on an ntfy server, e.g. ``https://ntfy.sh/my-topic``."""
+
+    url: str = _setting("the topic's http(s) URL", _http_url_as_is, secret=True)  #: the topic is its password
+    token: str = _setting("an access token", _secret, "", secret=True)
+    timeout_s: float = 30.0
+
+
+#: Characters of an ntfy message: a body over 4096 bytes would arrive as an attachment.
+NTFY_MAX_CHARS = 1000
+#: ntfy's tags (shown as emoji) and priorities by event.
+NTFY_TAGS = {FAILING: "rotating_light", STILL_FAILING: "rotating_light", RECOVERED: "white_check_mark",
+             TEST: "test_tube"}
+NTFY_PRIORITIES = {FAILING: "high", STILL_FAILING: "high", RECOVERED: "default", TEST: "default"}
+
+
+def send_ntfy(conf: NtfyConf, notice: Notice) -> None:
+    """Publish the details with the subject as Title (RFC 2047 when not ASCII),
+    tags and priority by event, and the alert page as Click."""
+    subject, details = _details(notice, NTFY_MAX_CHARS)
+    headers = {"Title": _header_text(subject), "Tags": NTFY_TAGS[notice.event],
+               "Priority": NTFY_PRIORITIES[notice.event], "Content-Type": "text/plain; charset=utf-8"}
+    if notice.url:
+        headers["Click"] = notice.url
+    if conf.token:
+        headers["Authorization"] = f"Bearer {conf.token}"
+    _http_send("ntfy", "POST", conf.url, details.encode(), headers, conf.timeout_s, secrets=[conf.token])
+
+
+@dataclasses.dataclass(frozen=True)
+class GotifyConf:
+    """``[alerting.gotify]``: a Gotify server and an application token."""
+
+    url: str = _setting("the server's http(s) URL", _http_url)
+    token: str = _setting("the application token", _secret, secret=True)
+    timeout_s: float = 30.0
+
+
+#: Gotify's priorities (0-10; 8 and above ring) by event.
+GOTIFY_PRIORITIES = {FAILING: 8, STILL_FAILING: 8, RECOVERED: 5, TEST: 5}
+
+
+def send_gotify(conf: GotifyConf, notice: Notice) -> None:
+    """POST /message, the token in X-Gotify-Key (never in the URL)."""
+    subject, details = _details(notice)
+    payload: dict[str, Any] = {"title": subject, "message": details, "priority": GOTIFY_PRIORITIES[notice.event]}
+    if notice.url:
+        payload["extras"] = {"client::notification": {"click": {"url": notice.url}}}
+    _http_send("Gotify", "POST", f"{conf.url}/message", json.dumps(payload).encode(),
+               {"Content-Type": "application/json", "X-Gotify-Key": conf.token}, conf.timeout_s,
+               secrets=[conf.token])
+
+
+@dataclasses.dataclass(frozen=True)
+class PushoverConf:
+    """``[alerting.pushover]``: a user (or group) key and an application token."""
+
+    user_key: str = _setting("the user key", _secret, secret=True)
+    app_token: str = _setting("the application token", _secret, secret=True)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://api.pushover.net")
+    timeout_s: float = 30.0
+
+
+#: Pushover's priorities by event: 1 is high (it sounds in quiet hours), 0 normal.
+PUSHOVER_PRIORITIES = {FAILING: 1, STILL_FAILING: 1, RECOVERED: 0, TEST: 0}
+
+
+def send_pushover(conf: PushoverConf, notice: Notice) -> None:
+    """POST /1/messages.json, form-encoded (title at most 250 characters, message 1024)."""
+    subject, details = _details(notice, 1024)
+    form = {"token": conf.app_token, "user": conf.user_key, "title": subject[:250], "message": details,
+            "priority": str(PUSHOVER_PRIORITIES[notice.event]), "timestamp": str(int(notice.at))}
+    if notice.url:
+        form.update(url=notice.url, url_title="Alert page")
+    _http_send("Pushover", "POST", f"{conf.api_url}/1/messages.json", urllib.parse.urlencode(form).encode(),
+               {"Content-Type": "application/x-www-form-urlencoded"}, conf.timeout_s,
+               secrets=[conf.app_token, conf.user_key])
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixConf:
+    """``[alerting.matrix]``: a room, and the access token of an account in it."""
+
+    homeserver: str = _setting("the homeserver's http(s) URL", _http_url)
+    room_id: str = _setting('a room id such as "!abcdef:example.org"', _room_id)
+    access_token: str = _setting("an access token", _secret, secret=True)
+    timeout_s: float = 30.0
+
+
+def send_matrix(conf: MatrixConf, notice: Notice) -> None:
+    """Send an ``m.notice`` through the client-server API.  The transaction id
+    comes from the notice itself, so a retry after a lost answer is the same
+    event, not a second one."""
+    subject, details = _details(notice)
+    txn_id = "caduceus-" + hashlib.sha256(notice.to_json().encode()).hexdigest()[:32]
+    url = (f"{conf.homeserver}/_matrix/client/v3/rooms/{urllib.parse.quote(conf.room_id, safe='')}"
+           f"/send/m.room.message/{txn_id}")
+    payload = {"msgtype": "m.notice", "body": f"{subject}\n\n{details}"}
+    _http_send("Matrix", "PUT", url, json.dumps(payload).encode(),
+               {"Content-Type": "application/json", "Authorization": f"Bearer {conf.access_token}"},
+               conf.timeout_s, secrets=[conf.access_token])
+
+
+@dataclasses.dataclass(frozen=True)
+class PagerDutyConf:
+    """``[alerting.pagerduty]``: the routing (integration) key of an Events API v2 integration."""
+
+    routing_key: str = _setting("the routing key", _secret, secret=True)
+    api_url: str = _setting("an http(s) URL", _http_url, "https://events.pagerduty.com")
+    source: str = _setting("a string", _string, "caduceus")
+    timeout_s: float = 30.0
+
+
+#: What PagerDuty is told for each event: a reminder would add nothing to the open incident.
+PAGERDUTY_ACTIONS = {FAILING: ("trigger",), STILL_FAILING: (), RECOVERED: ("resolve",),
+                     TEST: ("trigger", "resolve")}
+
+
+def send_pagerduty(conf: PagerDutyConf, notice: Notice) -> None:
+    """Trigger an incident when an alert fails and resolve it when it recovers,
+    with the same ``dedup_key`` (one per failure of one alert), so the
+    incident closes itself; reminders send nothing.  A test triggers an
+    "info" incident and resolves it at once."""
+    key = _dedup_key(notice)
+    for action in PAGERDUTY_ACTIONS[notice.event]:
+        event: dict[str, Any] = {"routing_key": conf.routing_key, "event_action": action, "dedup_key": key}
+        if action == "trigger":
+            subject, _ = _text_lines(notice)
+            details = {name: value for name, value in notice_fields(notice).items() if value}
+            event["payload"] = {"summary": subject[:1024], "source": conf.source,
+                                "severity": "info" if notice.event == TEST else "critical",
+                                "timestamp": format_time(notice.at), "custom_details": details}
+            event["client"] = "Caduceus"
+            if notice.url:
+                event.update(client_url=notice.url, links=[{"href": notice.url, "text": "Alert page"}])
+        _http_send("PagerDuty", "POST", f"{conf.api_url}/v2/enqueue", json.dumps(event).encode(),
+                   {"Content-Type": "application/json"}, conf.timeout_s, secrets=[conf.routing_key])
+
+
+def _dedup_key(notice: Notice) -> str:
+    """The same for every notice about one failure of one alert (at most 255 bytes)."""
+    incident = f"test-{notice.at:.0f}" if notice.event == TEST else notice.incident or "0"
+    key = f"caduceus/{notice.alert}/{incident}"
+    return key if len(key.encode()) <= 255 else "caduceus/" + hashlib.sha256(key.encode()).hexdigest()
+
+
+#: Every kind of channel, by the name used in ``[alerting.KIND]``: the only list of them.
+CHANNELS: Mapping[str, Channel] = {
+    "console": Channel(ConsoleConf, send_console),
+    "email": Channel(EmailConf, send_email),
+    "telegram": Channel(TelegramConf, send_telegram),
+    "webhook": Channel(WebhookConf, send_webhook),
+    "slack": Channel(SlackConf, send_slack),
+    "mattermost": Channel(SlackConf, send_mattermost),
+    "discord": Channel(DiscordConf, send_discord),
+    "ntfy": Channel(NtfyConf, send_ntfy),
+    "gotify": Channel(GotifyConf, send_gotify),
+    "pushover": Channel(PushoverConf, send_pushover),
+    "matrix": Channel(MatrixConf, send_matrix),
+    "pagerduty": Channel(PagerDutyConf, send_pagerduty),
+    "command": Channel(CommandConf, send_command),
+}
+
+
+###############################################################################
+# Configuration ###############################################################
+###############################################################################
+
+#: Default grace of a ``schedule`` alert (or half the gap between its runs, if shorter).
+SCHEDULE_GRACE_S = 3600.0
+#: A success this long before a scheduled time (or a tenth of the gap between
+#: runs, if shorter) counts for that run: the job's clock may be a little ahead.
+SCHEDULE_EARLY_S = 60.0
+
+#: The shortest ``every``, ``notify_every`` and ``max_runtime``: shorter ones
+#: only flood the channels (``every = "0.0001s"`` once sent 1,655 notices in 5 s).
+MIN_CADENCE_S = 1.0
+
+#: Without ``notify_every``, reminders come every ``every`` but at most this
+#: often: 0.0.11's 10-second sweep gave that floor, so ``every = "1s"`` did not flood.
+DEFAULT_NOTIFY_FLOOR_S = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckSpec:
+    """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
+    by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
+
+    name: str
+    every_s: float | None
+    notify_every_s: float
+    channels: tuple[str, ...]
+    recipient_emails: tuple[str, ...] = ()
+    schedule: CronSchedule | None = None
+    tz: datetime.tzinfo = datetime.timezone.utc
+    grace_s: float = 0.0
+    max_runtime_s: float | None = None
+    early_s: float = 0.0
+
+    def due_after(self, since: float) -> float:
+        """The deadline of a job whose last success (or first sighting) was at ``since``.
+
+        For a schedule, a success up to ``early_s`` before a scheduled time
+        counts for that run, so a job host whose clock runs ahead is not late.
+        """
+        if self.schedule is not None:
+            return self.schedule.next_after(since + self.early_s, self.tz) + self.grace_s
+        return since + self.every_s + self.grace_s
+
+    def describe(self) -> str:
+        """The schedule in words: ``"every 1h, 10m grace"``, ``"at 03:00 every day (Europe/Athens)"``."""
+        if self.schedule is not None:
+            words = f"{self.schedule.describe()} ({self.tz})"
+        else:
+            words = f"every {format_duration(self.every_s)}"
+        if self.grace_s:
+            words += f", {format_duration(self.grace_s)} grace"
+        if self.max_runtime_s is not None:
+            words += f", runs at most {format_duration(self.max_runtime_s)}"
+        return words
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelInstance:
+    """One configured destination: ``[alerting.KIND]`` is the instance named
+    KIND, ``[alerting.KIND.NAME]`` the instance KIND.NAME (names in lower case)."""
+
+    name: str
+    kind: str
+    conf: Any
+
+
+def _console_only() -> dict[str, ChannelInstance]:
+    return {"console": ChannelInstance("console", "console", ConsoleConf())}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole, validated configuration file.  Build it with ``load_config``.
+
+    ``channels`` holds every configured channel instance by name; "console"
+    is always there.
+    """
+
+    checks: Mapping[str, CheckSpec]
+    secret_key: str = dataclasses.field(default="", repr=False)
+    channels: Mapping[str, ChannelInstance] = dataclasses.field(default_factory=_console_only)
+    path: str = ""
+    max_connections: int = 512
+    base_url: str = ""  #: where users reach this Caduceus, for links in notices; "" for none
+    public_dashboard: bool = False  #: the read-only views open without the key
+    public_badges: bool = True  #: badges open without the key
+    history: int = 100  #: events kept per alert (check-ins, state changes, notices)
 
 
 def _zone(value: Any) -> datetime.tzinfo:
@@ -1028,35 +2132,14 @@ def load_config(path: str) -> Config:
     settings = _Table(path, "config", top.take("config", "a table", _table, {}))
     secret_key = settings.take("secret_key", "a string", _secret_key, "")
     default_tz = settings.take("timezone", "an IANA time zone", _zone, datetime.timezone.utc)
+    base_url = settings.take("base_url", "an http(s) URL", _http_url, "")
     max_connections = settings.take("max_connections", "a whole number, at least 1", _positive_int, 512)
     public_dashboard = settings.take("public_dashboard", "true or false", _boolean, False)
     public_badges = settings.take("public_badges", "true or false", _boolean, True)
     history = settings.take("history", "a whole number, at least 1", _positive_int, 100)
     settings.finish()
 
-    alerting = _Table(path, "alerting", top.take("alerting", "a table", _table, {}))
-    email_conf = telegram_conf = None
-    if "email" in alerting.data:
-        section = _Table(path, "alerting.email", alerting.data["email"])
-        email_conf = EmailConf(
-            recipient_emails=section.take("recipient_emails", "a list of email addresses", _address_list, ()),
-            from_addr=section.take("from_addr", "an email address", _address),
-            hostname=section.take("hostname", "a host name", _string, "localhost"),
-            port=section.take("port", "a port number (1-65535)", _port, 25),
-            username=section.take("username", "a string", _string, ""),
-            password=section.take("password", "a string", _string, ""),
-            encryption=section.take("encryption", 'one of "none", "ssl", "starttls"', _encryption, "none"),
-        )
-        section.finish()
-    if "telegram" in alerting.data:
-        section = _Table(path, "alerting.telegram", alerting.data["telegram"])
-        telegram_conf = TelegramConf(
-            apikey=section.take("apikey", "the bot token, a string", _string),
-            chat_id=section.take("chat_id", "a chat id", _chat_id),
-            api_url=section.take("api_url", "an http(s) URL", _http_url, "https://api.telegram.org"),
-        )
-        section.finish()
-    alerting.finish(extra_known=("email", "telegram"))
+    channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
 
     # No alerts is a valid, if idle, config (main warns): a new install starts so.
     alerts = _Table(path, "alerts", top.take("alerts", "a table of alerts", _table, {}))
@@ -1068,13 +2151,47 @@ def load_config(path: str) -> Config:
         _alert_name(path, name)
         alerts.known.append(name)
         spec = _check_spec(path, name, table, default_channels, default_tz)
-        _check_channels(path, spec, email_conf, telegram_conf, "channels" in table)
+        _check_channels(path, spec, channels, "channels" in table)
         checks[name] = spec
     alerts.finish()
     top.finish()
-    return Config(checks=checks, secret_key=secret_key, email=email_conf,
-                  telegram=telegram_conf, path=path, max_connections=max_connections,
-                  public_dashboard=public_dashboard, public_badges=public_badges, history=history)
+    return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url,
+                  max_connections=max_connections, public_dashboard=public_dashboard,
+                  public_badges=public_badges, history=history)
+
+
+def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
+    """Every channel instance of ``[alerting]``, by name.
+
+    In ``[alerting.KIND]``, a key holding a table that is not one of the
+    kind's settings is a named instance ``[alerting.KIND.NAME]``; the table's
+    own settings, if any, make the instance KIND.  Console always exists.
+    """
+    instances = _console_only()
+    for kind, data in alerting.data.items():
+        channel = CHANNELS.get(kind)
+        if channel is None:
+            close = difflib.get_close_matches(kind, list(CHANNELS), n=1)
+            hint = f'did you mean "{close[0]}"? ' if close else ""
+            raise ConfigError(f"{alerting.file}: {alerting.path(kind)}: unknown kind of channel; {hint}"
+                              f"known kinds: {', '.join(CHANNELS)}")
+        alerting.known.append(kind)
+        section = _Table(alerting.file, alerting.path(kind), data)
+        settings = {field.metadata["key"] or field.name for field in dataclasses.fields(channel.conf_type)
+                    if "check" in field.metadata}
+        named = [key for key, value in section.data.items() if isinstance(value, dict) and key not in settings]
+        if len(named) < len(section.data) or not named:
+            instances[kind] = ChannelInstance(kind, kind, _read_conf(section, channel.conf_type))
+        section.finish(extra_known=tuple(named))
+        for name in named:
+            table = _Table(alerting.file, section.path(name), section.data[name])
+            instance = f"{kind}.{name}".lower()
+            if instance in instances:
+                raise ConfigError(f"{alerting.file}: {section.path(name)}: a second channel named {instance}")
+            instances[instance] = ChannelInstance(instance, kind, _read_conf(table, channel.conf_type))
+            table.finish()
+    alerting.finish()
+    return instances
 
 
 def _read_toml(path: str) -> dict:
@@ -1142,16 +2259,26 @@ def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, .
     return spec
 
 
-def _check_channels(path: str, spec: CheckSpec, email_conf: EmailConf | None,
-                    telegram_conf: TelegramConf | None, own_channels: bool) -> None:
+def _check_channels(path: str, spec: CheckSpec, channels: Mapping[str, ChannelInstance],
+                    own_channels: bool) -> None:
+    """Every channel the alert uses is configured, and its email has recipients."""
     key = f"alerts.{spec.name}.channels" if own_channels else "alerts.default_channels"
-    for channel, conf in (("email", email_conf), ("telegram", telegram_conf)):
-        if channel in spec.channels and conf is None:
-            raise ConfigError(f"{path}: {key}: alert {json.dumps(spec.name)} uses the {channel} "
-                              f"channel, but there is no [alerting.{channel}] section")
-    if "email" in spec.channels and not (spec.recipient_emails or email_conf.recipient_emails):
-        raise ConfigError(f"{path}: alerts.{spec.name}.recipient_emails: alert {json.dumps(spec.name)} "
-                          "sends email but has no recipients here or in [alerting.email]")
+    for name in spec.channels:
+        if name in channels:
+            continue
+        close = difflib.get_close_matches(name, list(channels), n=1)
+        hint = f'did you mean "{close[0]}"? ' if close else ""
+        configured = f"configured channels: {', '.join(channels)}"
+        if name.partition(".")[0] in CHANNELS:
+            raise ConfigError(f"{path}: {key}: alert {json.dumps(spec.name)} uses the {name} channel, but "
+                              f"there is no [alerting.{name}] section; {hint}{configured}")
+        raise ConfigError(f"{path}: {key}: unknown channel {json.dumps(name)}; {hint}{configured}; "
+                          f"kinds of channel: {', '.join(CHANNELS)}")
+    for name in spec.channels:
+        instance = channels[name]
+        if instance.kind == "email" and not (spec.recipient_emails or instance.conf.recipient_emails):
+            raise ConfigError(f"{path}: alerts.{spec.name}.recipient_emails: alert {json.dumps(spec.name)} "
+                              f"sends email but has no recipients here or in [alerting.{name}]")
 
 
 ###############################################################################
@@ -1189,9 +2316,9 @@ def parse_signal(text: str) -> tuple[str, int | None]:
     raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
 
 
-#: Bumped, with a migration in Store.__init__, whenever SCHEMA changes.
-SCHEMA_VERSION = 2
-#: Caduceus's tables.  A 0.0.11 database's own tables (alert, notification) are left alone.
+#: Caduceus's tables as they are now: a new database file is made with them
+#: (an older one with MIGRATIONS).  A 0.0.11 database's own tables (alert,
+#: notification) are left alone.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checks (
     name          TEXT PRIMARY KEY,
@@ -1238,15 +2365,24 @@ CREATE TABLE IF NOT EXISTS outbox (
     next_attempt_at REAL NOT NULL,
     attempts        INTEGER NOT NULL DEFAULT 0,
     last_error      TEXT NOT NULL DEFAULT '',
-    failed          INTEGER NOT NULL DEFAULT 0
+    failed          INTEGER NOT NULL DEFAULT 0,
+    facts           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 """
-#: Columns added to SCHEMA since schema 1: (table, column, definition), added to older files.
-#: checks.clock_step_s (2): wall clock steps since the last success, see Monitor.
-ADDED_COLUMNS = (
-    ("checks", "clock_step_s", "REAL NOT NULL DEFAULT 0"),
+#: The steps from each schema to the next, ``(version, statements)`` in order: a
+#: file of schema N gets every step above N, in one transaction.  Schema 1 is
+#: the first release's.  Every change to SCHEMA adds a step here, and a test
+#: that a file of each earlier schema upgrades to the same tables.
+MIGRATIONS = (
+    # 2: wall clock steps since the last success, see Monitor.
+    (2, ["ALTER TABLE checks ADD COLUMN clock_step_s REAL NOT NULL DEFAULT 0"]),
+    # 3: notices are queued as facts (Notice.to_json), rendered by each channel
+    # as it sends; older rows keep only their text in subject and body.
+    (3, ["ALTER TABLE outbox ADD COLUMN facts TEXT NOT NULL DEFAULT ''"]),
 )
+#: The schema this release writes (PRAGMA user_version).
+SCHEMA_VERSION = MIGRATIONS[-1][0]
 
 
 #: PRAGMAs set on the connection, each a choice for running next to Litestream
@@ -1314,12 +2450,13 @@ class Store:
                                     "upgrade caduceus.py")
             with self.transaction() as conn:
                 # executescript() would commit on its own; run the statements inside ours.
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
-                for table, column, definition in ADDED_COLUMNS:
-                    if column not in {row["name"] for row in conn.execute(f"PRAGMA table_info({table})")}:
-                        conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} {definition}")
+                if version == 0:  # a new file, or one of Caduceus 0.0.11
+                    statements = [statement for statement in SCHEMA.split(";") if statement.strip()]
+                else:
+                    statements = [statement for number, steps in MIGRATIONS if number > version
+                                  for statement in steps]
+                for statement in statements:
+                    conn.execute(statement)
                 conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION:d}")
         except BaseException:
             self._conn.close()
@@ -1436,13 +2573,18 @@ class Store:
         with self._lock:
             return read_recent_pings(self._conn)
 
-    def last_body(self, name: str) -> str:
-        """The body of the alert's latest-arrived signal ("" if none): an older
-        run's output would mislead a notice about this one."""
-        rows = self._all("SELECT body FROM pings WHERE check_name = ? AND slot = "
+    def last_ping(self, name: str) -> sqlite3.Row | None:
+        """The alert's latest-arrived signal, or None: an older run's output would
+        mislead a notice about this one."""
+        rows = self._all("SELECT * FROM pings WHERE check_name = ? AND slot = "
                          "(SELECT (n_pings + ? - 1) % ? FROM checks WHERE name = ? AND n_pings > 0)",
                          (name, PING_HISTORY, PING_HISTORY, name))
-        return rows[0]["body"] if rows else ""
+        return rows[0] if rows else None
+
+    def last_body(self, name: str) -> str:
+        """The body of the alert's latest-arrived signal ("" if none)."""
+        ping = self.last_ping(name)
+        return ping["body"] if ping is not None else ""
 
     def set_status(self, name: str, old: str, new: str, down_at: float | None = None,
                    notified_at: float | None = None, down_reason: str | None = None) -> bool:
@@ -1477,6 +2619,12 @@ class Store:
         """The alert's recent notice deliveries, oldest first."""
         return []
 
+    def last_down_flip(self, name: str) -> int | None:
+        """The id of the alert's latest change to down: it names the failure
+        (the same for its reminders and its recovery)."""
+        rows = self._all("SELECT MAX(id) AS id FROM flips WHERE check_name = ? AND new = ?", (name, DOWN))
+        return rows[0]["id"]
+
     def flips(self, name: str) -> list[sqlite3.Row]:
         """A check's recent state changes, oldest first."""
         return self._all("SELECT * FROM flips WHERE check_name = ? ORDER BY id", (name,))
@@ -1499,15 +2647,16 @@ class Store:
 
     # Outbox ----------------------------------------------------------------
 
-    def enqueue(self, name: str, channel: str, kind: str, subject: str, body: str, now: float) -> None:
-        """Queue a notice for a channel.  A reminder replaces an undelivered older one."""
+    def enqueue(self, name: str, channel: str, kind: str, subject: str, facts: str, now: float) -> None:
+        """Queue a notice (its facts, as JSON) for a channel instance; ``subject``
+        is for people reading the outbox.  A reminder replaces an undelivered older one."""
         with self.transaction() as conn:
             if kind == NOTICE_REMINDER:
                 conn.execute("DELETE FROM outbox WHERE check_name = ? AND channel = ? AND kind = ? "
                              "AND failed = 0", (name, channel, NOTICE_REMINDER))
-            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, created_at,"
-                         " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                         (name, channel, kind, subject, body, now, now))
+            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, facts, created_at,"
+                         " next_attempt_at) VALUES (?, ?, ?, ?, '', ?, ?, ?)",
+                         (name, channel, kind, subject, facts, now, now))
 
     def next_notice(self, channel: str, skip: Collection[int] = ()) -> sqlite3.Row | None:
         """The oldest undelivered notice for a channel whose id is not in ``skip``:
@@ -1515,6 +2664,10 @@ class Store:
         rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT ?",
                          (channel, len(skip) + 1))
         return next((row for row in rows if row["id"] not in skip), None)
+
+    def pending_channels(self) -> list[str]:
+        """The channel instances with notices still to be delivered."""
+        return [row["channel"] for row in self._all("SELECT DISTINCT channel FROM outbox WHERE failed = 0")]
 
     def pending_notices(self) -> list[sqlite3.Row]:
         """Notices still to be delivered, all channels, in queue order."""
@@ -1627,8 +2780,6 @@ RETRY_FIRST_S = 5.0
 RETRY_MAX_S = 300.0
 #: ... for at least this long before giving up.
 RETRY_FOR_S = 24 * 3600.0
-#: The longest wait a channel may ask for before the next attempt (Telegram once asked for 1e9 s).
-RETRY_AFTER_MAX_S = 3600.0
 #: Lines and characters of a job's output quoted in a notice.
 TAIL_LINES, TAIL_CHARS = 10, 2000
 #: A change of the wall clock against elapsed time larger than this is a step (NTP
@@ -1653,17 +2804,6 @@ class Flip:
     old: str
     new: str
     reason: str
-    at: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Notice:
-    """What a channel sends: one subject and one plain-text body about one check."""
-
-    check: str
-    kind: str
-    subject: str
-    body: str
     at: float
 
 
@@ -1693,16 +2833,6 @@ class _Outcome:
             store.notice_sent(self.notice_id)
         else:
             store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at)
-
-
-def _retry_wait_s(value: object) -> float | None:
-    """The wait a remote side asked for, made safe: at most RETRY_AFTER_MAX_S, and
-    None for anything but a finite number >= 0 (NaN, infinity, a bool, text)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    if not 0 <= value < math.inf:  # False for NaN too
-        return None
-    return float(min(value, RETRY_AFTER_MAX_S))
 
 
 def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
@@ -1743,49 +2873,62 @@ def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
     return deadline(spec, row)[0]
 
 
-def render_notice(kind: str, spec: CheckSpec, row: Mapping[str, Any], reason: str, output: str,
-                  now: float) -> tuple[str, str]:
-    """Return the subject and body of a notice about ``row`` (the check as it is
-    after the change) at ``now``.  ``output`` is the job's latest output, if any.
+def notice_facts(event: str, spec: CheckSpec, row: Mapping[str, Any], reason: str,
+                 last_ping: Mapping[str, Any] | None, now: float, config: Config,
+                 incident: str = "") -> Notice:
+    """The facts of a notice about ``row`` (the check as it is after the change)
+    at ``now``; ``last_ping`` is the latest signal (its output and exit status).
 
-    The subjects are those of Caduceus 0.0.11, to the character.
+    A recovery reports the reason the alert was down for; a failure that
+    missed its deadline (not one the job reported) says by how much.
+    Recipients (the alert's own; the channel adds its default) and links are
+    decided here, so every attempt sends the same notice.
     """
-    name = spec.name
-    lines = []
-    if kind == NOTICE_UP:
-        down_at = row["down_at"] if row["down_at"] is not None else now
-        subject = f"Caduceus: Alert {name} is reporting again."
-        lines += [f"Your alert \"{name}\" is reporting again. All is well.", "",
-                  f"Checked in:    {format_time(now)}",
-                  f"Was down for:  {format_duration(max(now - down_at, 0), 2)} (since {format_time(down_at)}, "
-                  f"{row['down_reason'] or REASON_MISSED})"]
-    else:
-        still = "still " if kind == NOTICE_REMINDER else ""
-        subject = f"Caduceus: Alert \"{name}\" is {still}failing."
-        if row["last_ping_at"] is None:
-            last = (f"never (watched since {format_time(row['first_seen_at'])}, "
-                    f"{format_duration(max(now - row['first_seen_at'], 0), 2)} ago)")
-        else:
-            ago = format_duration(max(now - row["last_ping_at"], 0), 2)
-            last = f"{format_time(row['last_ping_at'])} ({ago} ago)"
-        lines += [f"Your alert \"{name}\" is {still}failing: {reason}.", "",
-                  f"Schedule:      {spec.describe()}",
-                  f"Last success:  {last}"]
-        if kind == NOTICE_DOWN and not reason.startswith((REASON_FAILED, "exit status")):
-            due = deadline(spec, row)[0]
-            lines.append(f"Overdue by:    {format_duration(max(now - due, 0), 2)} (due at {format_time(due)})")
-        elif kind == NOTICE_REMINDER:
-            lines.append(f"Down for:      {format_duration(max(now - row['down_at'], 0), 2)} "
-                         f"(since {format_time(row['down_at'])})")
-    if row["last_duration_s"] is not None:
-        lines.append(f"Last run took: {format_duration(row['last_duration_s'], 2)}")
-    tail = _tail(output)
-    if tail:
-        lines += ["", "Last output:"] + [f"| {line}" for line in tail]
-    if kind != NOTICE_UP:
-        lines += ["", f"You will be reminded every {format_duration(spec.notify_every_s)} while it "
-                      "stays down, and told when it reports again."]
-    return subject, "Hello,\n\n" + "\n".join(lines) + "\n\nThanks,\nCaduceus\n"
+    due_at = None
+    if event == FAILING and not reason.startswith((REASON_FAILED, "exit status")):
+        due_at = deadline(spec, row)[0]
+    if event == RECOVERED:
+        reason = row["down_reason"] or REASON_MISSED
+    output = last_ping["body"] if last_ping is not None else ""
+    url, checkin_url = _links(config, spec.name)
+    return Notice(
+        alert=spec.name, event=event, at=now, status=row["status"], reason=reason,
+        since=row["down_at"] if row["status"] == DOWN or event == RECOVERED else None,
+        watched_since=row["first_seen_at"], last_checkin=row["last_ping_at"], due_at=due_at,
+        schedule=spec.describe(), interval_s=spec.every_s, timezone=str(spec.tz),
+        notify_every_s=spec.notify_every_s, last_duration_s=row["last_duration_s"],
+        last_exit_status=last_ping["exit_status"] if last_ping is not None else None,
+        body_tail="\n".join(_tail(output)), url=url, checkin_url=checkin_url,
+        recipients=spec.recipient_emails, incident=incident)
+
+
+def test_notice(config: Config, spec: CheckSpec | None, now: float) -> Notice:
+    """A clearly marked test notice about ``spec`` (or about no alert), for
+    ``test-notify``: made from the config alone, as the alert's state is not read."""
+    if spec is None:
+        return Notice(alert="test-notify", event=TEST, at=now, status=TEST, reason="a test notice")
+    url, checkin_url = _links(config, spec.name)
+    return Notice(alert=spec.name, event=TEST, at=now, status=TEST, reason="a test notice",
+                  schedule=spec.describe(), interval_s=spec.every_s, timezone=str(spec.tz),
+                  notify_every_s=spec.notify_every_s, url=url, checkin_url=checkin_url,
+                  recipients=spec.recipient_emails)
+
+
+def _links(config: Config, name: str) -> tuple[str, str]:
+    """The alert's page and its check-in URL under ``base_url`` ("" without one).
+    The check-in URL is given without the key: notices travel further than the key may."""
+    if not config.base_url:
+        return "", ""
+    quoted = urllib.parse.quote(name, safe="")
+    return f"{config.base_url}/alerts/{quoted}", f"{config.base_url}/reset/{quoted}/"
+
+
+def _for_channel(notice: Notice, config: Config, channel: str) -> Notice:
+    """The notice as queued for one channel instance: the alert's recipients, else
+    the instance's own (an email channel's ``recipient_emails``)."""
+    instance = config.channels.get(channel)
+    default = getattr(instance.conf, "recipient_emails", ()) if instance is not None else ()
+    return dataclasses.replace(notice, recipients=notice.recipients or default)
 
 
 def _tail(output: str) -> list[str]:
@@ -1831,9 +2974,10 @@ class Monitor:
 
     State changes and the notices they cause are committed in one
     transaction; notices go to the outbox and ``deliver()`` sends them later,
-    so no check-in waits on a channel.  ``notifiers`` maps a channel name to
-    ``fn(config, notice)`` (see NOTIFIERS); ``clock`` returns epoch seconds
-    and is read once per operation.
+    so no check-in waits on a channel.  ``senders`` maps a kind of channel to
+    its ``send(conf, notice)`` (see CHANNELS; each configured instance of the
+    kind is sent to with its own conf); ``clock`` returns epoch seconds and is
+    read once per operation.
 
     Wall clock steps.  Deadlines are kept in elapsed time: each operation
     compares ``clock`` with ``monotonic`` (an elapsed-time clock nobody can
@@ -1856,12 +3000,12 @@ class Monitor:
     """
 
     def __init__(self, store: Store, config: Config,
-                 notifiers: Mapping[str, Callable[[Config, Notice], None]],
+                 senders: Mapping[str, Callable[[Any, Notice], None]],
                  clock: Callable[[], float] = time.time,
                  monotonic: Callable[[], float] | None = None) -> None:
         self.store = store
         self.config = config
-        self.notifiers = notifiers
+        self.senders = senders
         self.clock = clock
         if monotonic is None:
             monotonic = elapsed_time if clock is time.time else clock
@@ -2024,12 +3168,17 @@ class Monitor:
         survive a recovery), and a run that just ended has its duration.
         """
         row = self.store.check(spec.name)
-        subject, body = render_notice(kind, spec, row, reason, self.store.last_body(spec.name), now)
+        event = {NOTICE_DOWN: FAILING, NOTICE_REMINDER: STILL_FAILING, NOTICE_UP: RECOVERED}[kind]
+        notice = notice_facts(event, spec, row, reason, self.store.last_ping(spec.name), now, self.config,
+                              incident=str(self.store.last_down_flip(spec.name) or ""))
+        subject = render_text(notice)[0]
         for channel in spec.channels:
-            self.store.enqueue(spec.name, channel, kind, subject, body, now)
+            facts = _for_channel(notice, self.config, channel).to_json()
+            self.store.enqueue(spec.name, channel, kind, subject, facts, now)
 
     def deliver(self, channel: str) -> float | None:
-        """Send the channel's queued notices, oldest first; return when to call again.
+        """Send the queued notices of a channel instance, oldest first; return when
+        to call again.
 
         Stops at the first failure, so notices never overtake each other: the
         failed one is retried after 5 s, doubling up to 5 minutes (or after the
@@ -2039,8 +3188,8 @@ class Monitor:
 
         When the database cannot record an outcome (disk full, read-only), this
         process keeps it and tries again every RETRY_FIRST_S: a notice that was
-        sent is not sent again, and a failure still counts.  Only one channel's
-        courier may call this for a given channel at a time.
+        sent is not sent again, and a failure still counts.  Only one courier
+        may call this for a given channel instance at a time.
         """
         unrecorded = self._unrecorded.setdefault(channel, {})
         for outcome in list(unrecorded.values()):
@@ -2065,18 +3214,22 @@ class Monitor:
 
     def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
         """Send one queued notice and log how it went."""
-        notice = Notice(row["check_name"], row["kind"], row["subject"], row["body"], row["created_at"])
+        notice = self._queued_notice(row)
+        subject = render_text(notice)[0]
         try:
-            notifier = self.notifiers.get(channel)
-            if notifier is None:
+            instance = self.config.channels.get(channel)
+            if instance is None:
+                raise NotifyError(f"channel {channel!r} is no longer configured", permanent=True)
+            send = self.senders.get(instance.kind)
+            if send is None:
                 raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
             try:
-                notifier(self.config, notice)
+                send(instance.conf, notice)
             except NotifyError:
                 raise
             except Exception as exc:
                 # A notifier bug must cost an attempt, not block its channel forever.
-                log.exception("%s: %s notifier failed unexpectedly", notice.check, channel)
+                log.exception("%s: %s notifier failed unexpectedly", notice.alert, channel)
                 raise NotifyError(f"unexpected {type(exc).__name__}") from None
         except NotifyError as exc:
             now = self.clock()  # a send can take its whole timeout before failing
@@ -2084,13 +3237,32 @@ class Monitor:
             delay = max(delay, _retry_wait_s(exc.retry_after_s) or 0.0)
             if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
                 log.error("%s: gave up sending %r to %s after %d attempts: %s",
-                          notice.check, notice.subject, channel, attempt, exc)
+                          notice.alert, subject, channel, attempt, exc)
                 return _Outcome(row["id"], attempt, error=str(exc))
             log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
-                        notice.check, notice.subject, channel, attempt, exc, format_duration(delay))
+                        notice.alert, subject, channel, attempt, exc, format_duration(delay))
             return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay)
-        log.info("%s: sent %r to %s (attempt %d)", notice.check, notice.subject, channel, attempt)
+        log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
         return _Outcome(row["id"], attempt, sent=True)
+
+    def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
+        """The notice an outbox row holds.  One queued by schema 1 or 2 (before
+        facts were kept) has only its finished text: its recipients are the
+        alert's.  Facts that cannot be read leave the subject: a notice with
+        too little said beats a channel blocked for ever."""
+        if row["facts"]:
+            try:
+                return Notice.from_json(row["facts"])
+            except (ValueError, TypeError, RecursionError):  # the file was edited: send what is left
+                log.error("%s: notice %d's facts cannot be read; sending its subject alone",
+                          row["check_name"], row["id"])
+                row = {**dict(row), "body": "(The details of this notice could not be read.)\n"}
+        spec = self.config.checks.get(row["check_name"])
+        events = {kind: event for event, kind in EVENT_KINDS.items()}
+        notice = Notice(alert=row["check_name"], event=events.get(row["kind"], FAILING), at=row["created_at"],
+                        status=UP if row["kind"] == NOTICE_UP else DOWN,
+                        recipients=spec.recipient_emails if spec else (), text=(row["subject"], row["body"]))
+        return _for_channel(notice, self.config, row["channel"])
 
     def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
         """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again
@@ -2119,288 +3291,6 @@ class Monitor:
     def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
         for listener in listeners:
             listener(at)
-
-
-###############################################################################
-# Notifiers ###################################################################
-###############################################################################
-
-#: Telegram refuses messages longer than this.
-TELEGRAM_MAX_CHARS = 4096
-#: The most of an HTTP answer read: a channel needs its status and a short reason.
-HTTP_MAX_ANSWER_BYTES = 1 << 20
-
-
-def send_console(config: Config, notice: Notice) -> None:
-    """Print the notice on standard output."""
-    try:
-        print(f"{notice.subject}\n{notice.body}", flush=True)
-    except OSError as exc:
-        raise NotifyError(f"cannot write to standard output: {exc}") from None
-
-
-class _Deadline:
-    """One time limit for a whole network attempt.  Socket timeouts count per
-    read, so a server that drips a byte at a time would never trip them: every
-    socket operation is given only the time that is left."""
-
-    def __init__(self, seconds: float) -> None:
-        self.at = time.monotonic() + seconds
-
-    def remaining(self) -> float:
-        """Seconds left; raises ``socket.timeout`` (an OSError) when none are."""
-        left = self.at - time.monotonic()
-        if left <= 0:
-            raise socket.timeout("timed out")
-        return left
-
-
-class _DeadlineReader(io.RawIOBase):
-    """A socket's input, each read waiting only for what is left of the deadline."""
-
-    def __init__(self, sock: socket.socket, deadline: _Deadline) -> None:
-        super().__init__()
-        self._sock = sock
-        self._deadline = deadline
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        self._sock.settimeout(self._deadline.remaining())
-        return self._sock.recv_into(buffer)
-
-    def makefile(self, mode: str = "rb") -> io.BufferedReader:
-        """What smtplib and http.client.HTTPResponse read through (as socket.makefile)."""
-        return io.BufferedReader(self)
-
-
-def _connect(host: str, port: int, deadline: _Deadline) -> socket.socket:
-    """Open a TCP connection within the deadline, trying each address in turn
-    (socket.create_connection would give every address the whole timeout)."""
-    error: OSError = OSError(f"no address for {host}")
-    for family, kind, proto, _, address in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        sock = socket.socket(family, kind, proto)
-        try:
-            sock.settimeout(deadline.remaining())
-            sock.connect(address)
-            sock.settimeout(deadline.remaining())  # a TLS handshake comes next
-            return sock
-        except OSError as exc:
-            sock.close()
-            error = exc
-    raise error
-
-
-class _MaybeDelivered(smtplib.SMTPException):
-    """The server took the whole message but did not say whether it accepted it."""
-
-
-class _SMTP(smtplib.SMTP):
-    """smtplib.SMTP held to one deadline for the whole conversation, speaking TLS
-    from the start when given ``tls``.  Only the reply to the message itself
-    gets ``data_reply_s`` of its own: a server may take 10 minutes to accept a
-    message (RFC 5321 4.5.3.2.6), and giving up sooner sends it twice."""
-
-    def __init__(self, host: str, port: int, deadline: _Deadline, data_reply_s: float,
-                 tls: ssl.SSLContext | None = None) -> None:
-        self._deadline = deadline
-        self._data_reply_s = data_reply_s
-        self._tls = tls
-        self._data_replies: int | None = None
-        super().__init__(host, port)
-
-    def _get_socket(self, host: str, port: int, timeout: object) -> socket.socket:
-        sock = _connect(host, port, self._deadline)
-        if self._tls is None:
-            return sock
-        try:
-            return self._tls.wrap_socket(sock, server_hostname=host)
-        except BaseException:
-            sock.close()
-            raise
-
-    def send(self, s: bytes | str) -> None:
-        if self.sock is not None:
-            try:
-                self.sock.settimeout(self._deadline.remaining())
-            except OSError as exc:  # as smtplib reports a failed send
-                self.close()
-                raise smtplib.SMTPServerDisconnected(str(exc)) from None
-        super().send(s)
-
-    def getreply(self) -> tuple[int, bytes]:
-        if self.file is None and self.sock is not None:
-            self.file = _DeadlineReader(self.sock, self._deadline).makefile("rb")
-        if self._data_replies is not None:
-            self._data_replies += 1
-            if self._data_replies == 2:  # the reply to the message, not to DATA
-                self._deadline.at = time.monotonic() + self._data_reply_s
-        return super().getreply()
-
-    def data(self, msg: bytes | str) -> tuple[int, bytes]:
-        self._data_replies = 0
-        at = self._deadline.at
-        try:
-            return super().data(msg)
-        except smtplib.SMTPServerDisconnected as exc:
-            if self._data_replies < 2:
-                raise
-            raise _MaybeDelivered(f"no reply after the message was sent ({exc})") from None
-        finally:
-            self._data_replies = None
-            self._deadline.at = at
-
-
-def send_email(config: Config, notice: Notice) -> None:
-    """Mail the notice through ``[alerting.email]``, one SMTP connection per message.
-
-    Recipients are the alert's ``recipient_emails``, else the global list, and
-    the ``To`` header says the same.  Certificates are verified for ssl and
-    starttls.  The attempt, from connecting to QUIT, must end within
-    ``timeout_s``; only the server's reply to the message itself is given
-    ``data_reply_timeout_s`` (10 minutes, as RFC 5321 asks), and an attempt
-    that times out there is retried with a note that it may have been delivered.
-    """
-    conf = config.email
-    if conf is None:
-        raise NotifyError("email is not configured ([alerting.email])", permanent=True)
-    spec = config.checks.get(notice.check)
-    recipients = (spec.recipient_emails if spec else ()) or conf.recipient_emails
-    if not recipients:
-        raise NotifyError("no email recipients", permanent=True)
-    message = email.message.EmailMessage()
-    message["Subject"] = notice.subject
-    message["From"] = conf.from_addr
-    message["To"] = ", ".join(recipients)
-    message["Date"] = email.utils.formatdate(usegmt=True)
-    sender = email.utils.parseaddr(conf.from_addr)[1]
-    message["Message-ID"] = email.utils.make_msgid("caduceus", domain=sender.rpartition("@")[2])
-    message.set_content(notice.body)
-    context = ssl.create_default_context()
-    try:
-        smtp = _SMTP(conf.hostname, conf.port, _Deadline(conf.timeout_s), conf.data_reply_timeout_s,
-                     tls=context if conf.encryption == "ssl" else None)
-        with contextlib.closing(smtp):
-            if conf.encryption == "starttls":
-                smtp.starttls(context=context)
-            if conf.username:
-                smtp.login(conf.username, conf.password)
-            refused = smtp.send_message(message, from_addr=sender, to_addrs=list(recipients))
-            # Accepted: a failed goodbye must not turn it into a failure, and a second copy.
-            with contextlib.suppress(smtplib.SMTPException, OSError):
-                smtp.quit()
-    except _MaybeDelivered as exc:
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc}; it may have been delivered") from None
-    except smtplib.SMTPRecipientsRefused as exc:
-        permanent = all(code >= 500 for code, _ in exc.recipients.values())
-        raise NotifyError(f"all recipients refused: {_smtp_refusals(exc.recipients)}",
-                          permanent=permanent) from None
-    except smtplib.SMTPAuthenticationError as exc:
-        raise NotifyError(f"SMTP login refused: {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
-                          permanent=exc.smtp_code >= 500) from None
-    except smtplib.SMTPResponseException as exc:
-        raise NotifyError(f"SMTP server said {exc.smtp_code} {_smtp_text(exc.smtp_error)}",
-                          permanent=exc.smtp_code >= 500) from None
-    except (smtplib.SMTPException, OSError) as exc:
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {exc or type(exc).__name__}") from None
-    except ValueError as exc:  # e.g. a password smtplib cannot encode
-        raise NotifyError(f"SMTP {conf.hostname}:{conf.port}: {type(exc).__name__}: {exc}",
-                          permanent=True) from None
-    if refused:
-        log.warning("%s: some recipients refused the email: %s", notice.check, _smtp_refusals(refused))
-
-
-def _smtp_text(error: bytes | str) -> str:
-    return error.decode("utf-8", "replace") if isinstance(error, bytes) else str(error)
-
-
-def _smtp_refusals(refused: Mapping[str, tuple[int, bytes]]) -> str:
-    return ", ".join(f"{addr} ({code} {_smtp_text(text)})" for addr, (code, text) in refused.items())
-
-
-def _http_request(method: str, url: str, body: bytes | None, headers: Mapping[str, str],
-                  timeout_s: float) -> tuple[int, http.client.HTTPMessage, bytes]:
-    """Make one HTTP(S) request and read the answer, all within ``timeout_s``.
-
-    Returns ``(status, headers, body)`` whatever the status, with at most
-    HTTP_MAX_ANSWER_BYTES of the body.  Certificates are verified; redirects
-    are not followed and no proxy is used.  Raises OSError (``socket.timeout``
-    when time is up), ``http.client.HTTPException``, or ValueError for a URL
-    that is not http(s); the messages of the latter two may quote the URL.
-    """
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError("not an http(s) URL")
-    deadline = _Deadline(timeout_s)
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    connection = http.client.HTTPConnection(parts.hostname, port)
-    with contextlib.closing(connection):
-        sock = _connect(parts.hostname, port, deadline)
-        if parts.scheme == "https":
-            try:
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parts.hostname)
-            except BaseException:
-                sock.close()
-                raise
-        connection.sock = sock
-        sock.settimeout(deadline.remaining())
-        target = urllib.parse.urlunsplit(("", "", parts.path or "/", parts.query, ""))
-        connection.request(method, target, body, {"Host": parts.netloc.rpartition("@")[2], **headers})
-        with http.client.HTTPResponse(_DeadlineReader(sock, deadline), method=method) as response:
-            response.begin()
-            return response.status, response.headers, response.read(HTTP_MAX_ANSWER_BYTES)
-
-
-def send_telegram(config: Config, notice: Notice) -> None:
-    """Post the notice as plain text through the Bot API's ``sendMessage``.
-
-    A 429 answer raises with the ``retry_after`` Telegram asked for (at most
-    an hour; None if it makes no sense); other 4xx answers are permanent.  The
-    attempt, from connecting to the end of the answer, must end within
-    ``timeout_s``.  The bot token is part of the URL, so it never appears in
-    an error message.
-    """
-    conf = config.telegram
-    if conf is None:
-        raise NotifyError("telegram is not configured ([alerting.telegram])", permanent=True)
-    text = f"{notice.subject}\n\n{notice.body}"[:TELEGRAM_MAX_CHARS]
-    where = urllib.parse.urlsplit(conf.api_url).netloc
-    try:
-        # Quoted: a stray space or # in a pasted token must not bend the URL.
-        status, _, answer_bytes = _http_request(
-            "POST", f"{conf.api_url}/bot{urllib.parse.quote(conf.apikey, safe=':')}/sendMessage",
-            json.dumps({"chat_id": conf.chat_id, "text": text}).encode(),
-            {"Content-Type": "application/json"}, conf.timeout_s)
-    except OSError as exc:  # socket errors never quote the URL
-        raise NotifyError(f"talking to Telegram at {where} failed: {exc or type(exc).__name__}") from None
-    except (http.client.HTTPException, ValueError) as exc:
-        # Only the type: these messages may quote the URL, and so the token.
-        raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
-    if 200 <= status < 300:
-        return
-    try:
-        answer = json.loads(answer_bytes or b"{}")
-    except (ValueError, RecursionError):
-        answer = None
-    if not isinstance(answer, dict):
-        answer = {}
-    description = answer.get("description") or http.client.responses.get(status, "")
-    if status == 429:
-        parameters = answer.get("parameters")
-        retry_after = parameters.get("retry_after") if isinstance(parameters, dict) else None
-        raise NotifyError(f"Telegram rate limit: {description}", retry_after_s=_retry_wait_s(retry_after))
-    raise NotifyError(f"Telegram answered {status}: {description}", permanent=400 <= status < 500)
-
-
-#: Channel name -> ``fn(config, notice)``.  A notifier returns None once the
-#: notice is handed over, and raises NotifyError (never anything else it can
-#: foresee) when it is not; it never logs or returns secrets.
-NOTIFIERS: Mapping[str, Callable[[Config, Notice], None]] = {
-    "console": send_console,
-    "email": send_email,
-    "telegram": send_telegram,
-}
 
 
 ###############################################################################
@@ -2692,6 +3582,23 @@ class _TooSlow(ConnectionError):
     without the INFO line http.server gives a socket timeout)."""
 
 
+class _HeaderBudget:
+    """Hands http.server's header parser the lines of ``rfile`` until
+    ``budget_bytes`` have been read, then raises ``http.client.LineTooLong``
+    (which http.server answers with 431)."""
+
+    def __init__(self, rfile: io.BufferedIOBase, budget_bytes: int) -> None:
+        self._rfile = rfile
+        self._left = budget_bytes
+
+    def readline(self, limit: int = -1) -> bytes:
+        line = self._rfile.readline(limit)
+        self._left -= len(line)
+        if self._left < 0:
+            raise http.client.LineTooLong("header section")
+        return line
+
+
 class _RequestReader(io.RawIOBase):
     """A connection's socket reads, each given only the time left before the
     connection's deadline: a client that sends a byte at a time still cannot
@@ -2735,6 +3642,10 @@ class _RequestReader(io.RawIOBase):
 
 #: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
 MAX_BODY_BYTES = 16 << 20
+#: Largest request line and headers together: http.server alone allows 100
+#: lines of 64 KiB each, 6.5 MB a request, which a few hundred connections
+#: could turn into gigabytes of memory.
+MAX_HEADER_BYTES = 64 << 10
 
 #: Rejected check-ins are logged once a minute per client and alert; so are
 #: database faults.
@@ -3078,9 +3989,23 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.requestline, self.command, self.request_version = line, "", "HTTP/1.0"
             self.send_error(400, "Bad request line: expected METHOD PATH HTTP/1.1")
             return False
-        if not super().parse_request():
+        rfile = self.rfile
+        self.rfile = _HeaderBudget(rfile, MAX_HEADER_BYTES - len(self.raw_requestline))
+        try:
+            if not super().parse_request():
+                return False
+        finally:
+            self.rfile = rfile
+        if self._reader.ended:
+            return self._cut_short(line)
+        # A line the parser cannot read ("Content-Length : 5", a first header
+        # that starts with a space) ends its headers early with only a "defect"
+        # noted: the framing headers after it would go unseen and the body be
+        # read as the next request.  RFC 9112 section 5.1 says 400.
+        if self.headers.defects or self.headers.get_payload():
+            self.send_error(400, "Malformed header line")
             return False
-        return self._cut_short(line) if self._reader.ended else True
+        return True
 
     def _cut_short(self, line: str) -> bool:
         self.close_connection = True
@@ -3821,6 +4746,71 @@ class Sweeper:
             self._running.release()
 
 
+class Couriers:
+    """One courier (a Sweeper sending one channel instance's notices, see
+    Monitor.deliver) per channel instance, so a dead destination delays no
+    other.  Couriers are made as instances appear: those of the config, those
+    with notices still queued (an instance since removed gives them up), and
+    those of a config that replaced it (looked for whenever notices are
+    queued).  ``start`` and ``stop`` are a Sweeper's, for all of them.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self._monitor = monitor
+        self._lock = threading.Lock()
+        self._couriers: dict[str, Sweeper] = {}
+        self._running: set[str] = set()
+        self._started = self._stopped = False
+        monitor.on_outbox(self.poke)
+
+    def names(self) -> list[str]:
+        """The channel instances that have a courier."""
+        with self._lock:
+            return sorted(self._couriers)
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+        for courier in self._add_new():
+            courier.start()
+
+    def poke(self, at: float) -> None:
+        """Notices were queued: run each courier by ``at`` (a new one at once)."""
+        for courier in self._add_new():
+            courier.start()
+        with self._lock:
+            couriers = list(self._couriers.values())
+        for courier in couriers:
+            courier.poke(at)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Stop them all, and wait up to ``timeout_s`` in all for sends in progress."""
+        give_up_at = time.monotonic() + timeout_s
+        with self._lock:
+            self._stopped = True
+            couriers = list(self._couriers.values())
+        for courier in couriers:
+            courier.stop(timeout_s=0)
+        for courier in couriers:
+            courier.stop(timeout_s=max(give_up_at - time.monotonic(), 0.0))
+
+    def _add_new(self) -> list[Sweeper]:
+        """Make the couriers missing; return those to start now (none before start())."""
+        monitor = self._monitor
+        wanted = set(monitor.config.channels) | set(monitor.store.pending_channels())
+        with self._lock:
+            if self._stopped:
+                return []
+            for channel in sorted(wanted - set(self._couriers)):
+                self._couriers[channel] = Sweeper(lambda channel=channel: monitor.deliver(channel),
+                                                  name=f"{channel} courier")
+            if not self._started:
+                return []
+            fresh = [self._couriers[channel] for channel in sorted(set(self._couriers) - self._running)]
+            self._running.update(self._couriers)
+            return fresh
+
+
 ###############################################################################
 # Run wrapper #################################################################
 ###############################################################################
@@ -4165,6 +5155,58 @@ def _local_time(at: float, tz: datetime.tzinfo) -> str:
     return datetime.datetime.fromtimestamp(at, tz).strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+def _test_notify_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    """``test-notify``: send a test notice now through an alert's channels, one
+    channel, or every configured channel; print one line per channel.  Alert
+    state and the outbox are not touched (the database is not opened).
+    Returns 0 if every channel delivered, 1 if any failed, 2 for a usage or
+    config error."""
+    parser = argparse.ArgumentParser(
+        prog="caduceus.py test-notify", description="Send a test notice through an alert's channels (or one "
+        "channel, or every channel) now, without touching alert state or the outbox.")
+    parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
+                        help="the configuration file (default: caduceus.toml)")
+    which = parser.add_mutually_exclusive_group()
+    which.add_argument("alert", nargs="?", help="test the channels of this alert")
+    which.add_argument("--channel", metavar="NAME", help="test this channel (e.g. email or webhook.ops)")
+    args = parser.parse_args(argv)
+    config = _load_config_or_say(args.config)
+    if config is None:
+        return 2
+    spec = config.checks.get(args.alert) if args.alert is not None else None
+    if args.alert is not None and spec is None:
+        print(f"caduceus: {args.config}: no alert named {json.dumps(args.alert)}; alerts: "
+              f"{', '.join(config.checks) or 'none'}", file=sys.stderr)
+        return 2
+    channels = spec.channels if spec is not None else tuple(config.channels)
+    if args.channel is not None:
+        channels = (args.channel.strip().lower(),)
+        if channels[0] not in config.channels:
+            print(f"caduceus: {args.config}: no channel named {json.dumps(args.channel)}; configured channels: "
+                  f"{', '.join(config.channels)}", file=sys.stderr)
+            return 2
+    notice = test_notice(config, spec, clock())
+    failed = 0
+    for name in channels:
+        problem = _try_channel(config, name, notice)
+        print(f"{name}: {'delivered' if problem is None else 'failed: ' + problem}", flush=True)
+        failed += problem is not None
+    return 1 if failed else 0
+
+
+def _try_channel(config: Config, name: str, notice: Notice) -> str | None:
+    """Send the notice through one channel instance now: None, or what went wrong."""
+    instance = config.channels[name]
+    try:
+        CHANNELS[instance.kind].send(instance.conf, _for_channel(notice, config, name))
+    except NotifyError as exc:
+        return f"{exc}{' (permanent)' if exc.permanent else ''}"
+    except Exception as exc:  # a channel's bug, reported as the courier reports it (Monitor._attempt)
+        log.exception("%s: the channel failed unexpectedly", name)
+        return f"unexpected {type(exc).__name__}"
+    return None
+
+
 def _add_file_args(parser: argparse.ArgumentParser) -> None:
     """-c and -b, the same for the service and ``check``."""
     parser.add_argument("-c", "--config", metavar="CONFIG", default="caduceus.toml",
@@ -4325,6 +5367,7 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
         prog="caduceus.py", description="A dead man's switch for cron jobs.",
         epilog="Also: 'caduceus.py run URL -- COMMAND' wraps a job; "
                "'caduceus.py check' validates the config and shows deadlines; "
+               "'caduceus.py test-notify [ALERT | --channel NAME]' sends a test notice; "
                "'caduceus.py status' shows each alert's status (exit 1 when any is down).")
     parser.add_argument("--version", action="version", version=f"caduceus {__version__}")
     _add_file_args(parser)
@@ -4415,6 +5458,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_main(argv[1:])
     if argv[:1] == ["status"]:
         return _status_main(argv[1:])
+    if argv[:1] == ["test-notify"]:
+        return _test_notify_main(argv[1:])
     args = _parse_args(argv)
     if not _usable_db_name(args.db):
         return 2
@@ -4449,7 +5494,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             lock.keep()
             with contextlib.closing(store):
-                server.monitor = monitor = Monitor(store, config, NOTIFIERS)
+                senders = {kind: channel.send for kind, channel in CHANNELS.items()}
+                server.monitor = monitor = Monitor(store, config, senders)
                 monitor.start()
                 return _serve(server, monitor)
 
@@ -4472,11 +5518,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
 
     sweeper = Sweeper(sweep)
     monitor.on_deadline(sweeper.poke)
-    couriers = []
-    for channel in NOTIFIERS:
-        courier = Sweeper(lambda channel=channel: monitor.deliver(channel), name=f"{channel} courier")
-        monitor.on_outbox(courier.poke)
-        couriers.append(courier)
+    couriers = Couriers(monitor)
     thread = threading.Thread(target=server.serve_forever, name="http", kwargs={"poll_interval": 0.2})
     # A signal handler must not take locks (Event.set() can deadlock against the
     # main thread's own wait), so the C handler writes the signal number to a
@@ -4494,8 +5536,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
                      f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
             _warn_if_open(monitor.config, host)
             sweeper.start()
-            for courier in couriers:
-                courier.start()
+            couriers.start()
             while wake_r.recv(1)[0] not in previous:
                 pass
         finally:
@@ -4506,7 +5547,7 @@ def _serve(server: Server, monitor: Monitor) -> int:
     server.shutdown()
     server.socket.close()  # refuse new connections now; requests in progress still finish
     thread.join()
-    workers = (sweeper, *couriers)
+    workers = (sweeper, couriers)
     for worker in workers:
         worker.stop(timeout_s=0)
     give_up_at = time.monotonic() + SHUTDOWN_WAIT_S

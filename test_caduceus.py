@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import datetime
 import email
+import email.header
 import email.policy
 import html
 import http.client
@@ -25,6 +26,7 @@ import math
 import os
 import queue
 import re
+import selectors
 import shutil
 import shlex
 import signal
@@ -106,25 +108,38 @@ def open_store(test: unittest.TestCase, path: str) -> caduceus.Store:
     return store
 
 
+@dataclasses.dataclass
+class Sent:
+    """A notice a Recorder was given, with its text as email and console render it."""
+
+    notice: caduceus.Notice
+    subject: str
+    body: str
+
+    @property
+    def check(self) -> str:
+        return self.notice.alert
+
+
 class Recorder:
     """A channel that keeps what it is given, or fails with ``self.error`` when set."""
 
     def __init__(self) -> None:
-        self.notices: list[caduceus.Notice] = []
+        self.notices: list[Sent] = []
         self.error: Exception | None = None
         self.attempts = 0
 
-    def __call__(self, config: caduceus.Config, notice: caduceus.Notice) -> None:
+    def __call__(self, conf: object, notice: caduceus.Notice) -> None:
         self.attempts += 1
         if self.error is not None:
             raise self.error
-        self.notices.append(notice)
+        self.notices.append(Sent(notice, *caduceus.render_text(notice)))
 
     @property
     def subjects(self) -> list[str]:
         return [notice.subject for notice in self.notices]
 
-    def about(self, name: str) -> list[caduceus.Notice]:
+    def about(self, name: str) -> list[Sent]:
         return [notice for notice in self.notices if notice.check == name]
 
     def subjects_about(self, name: str) -> list[str]:
@@ -745,11 +760,12 @@ class ConfigTest(unittest.TestCase):
     def test_reads_the_original_format_unchanged(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
         self.assertEqual(config.secret_key, "somelongkey")
-        self.assertEqual(config.email.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
-        self.assertEqual((config.email.hostname, config.email.port, config.email.encryption),
+        email_conf = config.channels["email"].conf
+        self.assertEqual(email_conf.recipient_emails, ("notifyme@example.com", "otherdev@example.com"))
+        self.assertEqual((email_conf.hostname, email_conf.port, email_conf.encryption),
                          ("example.com", 25, "starttls"))
-        self.assertEqual(config.telegram.chat_id, "99999999")
-        self.assertEqual(config.telegram.api_url, "https://api.telegram.org")
+        self.assertEqual(config.channels["telegram"].conf.chat_id, "99999999")
+        self.assertEqual(config.channels["telegram"].conf.api_url, "https://api.telegram.org")
         self.assertEqual(sorted(config.checks), ["alwaysfail", "backups", "cron"])
         cron, backups, alwaysfail = (config.checks[n] for n in ("cron", "backups", "alwaysfail"))
         self.assertEqual((cron.every_s, cron.notify_every_s, cron.channels), (3600, 3600, ("email",)))
@@ -767,10 +783,11 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
         """)
         self.assertEqual(config.secret_key, "")
-        self.assertEqual((config.email.hostname, config.email.port, config.email.username,
-                          config.email.encryption), ("localhost", 25, "", "none"))
+        email_conf = config.channels["email"].conf
+        self.assertEqual((email_conf.hostname, email_conf.port, email_conf.username, email_conf.encryption),
+                         ("localhost", 25, "", "none"))
         self.assertEqual(config.checks["job"].channels, ("email",))
-        self.assertIsNone(config.telegram)
+        self.assertNotIn("telegram", config.channels)
 
     def test_default_channels_is_a_setting_not_an_alert(self):
         config = config_from(self, CONSOLE_CONFIG)
@@ -906,6 +923,114 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
             channels = ["telegram"]
         """, "alerts.backups.channels:", "[alerting.telegram]")
+
+    def test_a_missing_required_channel_setting_is_named(self):
+        self.assertConfigError("""
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            [alerts.job]
+            every = "1h"
+        """, "alerting.email.from_addr: missing", "email address")
+        self.assertConfigError("""
+            [alerting.telegram]
+            apikey = "1:x"
+            chatid = 5
+        """, "alerting.telegram.chat_id: missing", 'found "chatid"')
+
+    def test_named_channel_instances_sit_beside_the_plain_one(self):
+        config = config_from(self, """
+            [alerting.telegram]
+            apikey = "1:plain"
+            chat_id = 1
+            [alerting.telegram.Ops]
+            apikey = "2:ops"
+            chat_id = 2
+            [alerting.telegram.billing]
+            apikey = "3:billing"
+            chat_id = 3
+            api_url = "http://127.0.0.1:9/"
+            [alerts.job]
+            every = "1h"
+            channels = ["telegram.ops", "Telegram.Billing"]
+        """)
+        self.assertEqual(sorted(config.channels), ["console", "telegram", "telegram.billing", "telegram.ops"])
+        ops, billing = config.channels["telegram.ops"], config.channels["telegram.billing"]
+        self.assertEqual((ops.kind, ops.conf.apikey, ops.conf.chat_id), ("telegram", "2:ops", "2"))
+        self.assertEqual((billing.conf.chat_id, billing.conf.api_url), ("3", "http://127.0.0.1:9"))
+        self.assertEqual(config.checks["job"].channels, ("telegram.ops", "telegram.billing"))
+        only_named = config_from(self, """
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+        """)
+        self.assertEqual(sorted(only_named.channels), ["console", "telegram.ops"])
+
+    def test_an_unknown_channel_instance_is_refused_with_the_configured_ones(self):
+        message = self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+            [alerts.job]
+            every = "1h"
+            channels = ["telegram.opz"]
+        """, "alerts.job.channels:", "[alerting.telegram.opz]", 'did you mean "telegram.ops"?',
+            "configured channels: console, telegram.ops")
+        self.assertNotIn("2:ops", message)
+        self.assertConfigError("""
+            [alerting.telegramm]
+            apikey = "2:ops"
+        """, "alerting.telegramm:", "unknown kind of channel", 'did you mean "telegram"?')
+        self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chatid = 2
+        """, "alerting.telegram.ops.chat_id: missing", 'found "chatid"')
+        self.assertConfigError("""
+            [alerting.telegram.ops]
+            apikey = "2:ops"
+            chat_id = 2
+            colour = "red"
+        """, "alerting.telegram.ops.colour: unknown key")
+
+    def test_every_channel_setting_is_checked(self):
+        cases = [
+            ("slack", 'url = "hooks.slack.com/services/x"', "alerting.slack.url:", "http(s) URL"),
+            ("slack", "", "alerting.slack.url: missing"),
+            ("mattermost", 'url = "ftp://chat.example.com/hooks/x"', "alerting.mattermost.url:", "http(s) URL"),
+            ("discord", 'url = "http://d.example.com/x"\nusername = "bot"', "alerting.discord.username: unknown key"),
+            ("ntfy", 'url = "http://ntfy.example.com/t"\ntoken = "tk secret"',
+             "alerting.ntfy.token: expected a token"),
+            ("ntfy", 'url = "http://ntfy.example.com/t"\ntokn = "a"', "alerting.ntfy.tokn: unknown key",
+             'did you mean "token"?'),
+            ("gotify", 'url = "http://gotify.example.com"', "alerting.gotify.token: missing"),
+            ("gotify", 'url = "gotify.example.com"\ntoken = "t"', "alerting.gotify.url:", "http(s) URL"),
+            ("pushover", 'user_key = "u"', "alerting.pushover.app_token: missing"),
+            ("pushover", 'user_key = "u"\napp_token = "t"\napi_url = "api.pushover.net"',
+             "alerting.pushover.api_url:"),
+            ("matrix", 'homeserver = "http://m"\nroom_id = "#alias:m"\naccess_token = "t"',
+             "alerting.matrix.room_id:", "!abcdef:example.org"),
+            ("matrix", 'homeserver = "matrix.org"\nroom_id = "!a:m"\naccess_token = "t"',
+             "alerting.matrix.homeserver:"),
+            ("matrix", 'homeserver = "http://m"\nroom_id = "!a:m"', "alerting.matrix.access_token: missing"),
+            ("pagerduty", "", "alerting.pagerduty.routing_key: missing"),
+            ("pagerduty", 'routing_key = "k"\nseverity = "low"', "alerting.pagerduty.severity: unknown key"),
+            ("command", 'argv = "page-me --urgent"', "alerting.command.argv:", "list of strings"),
+            ("command", 'argv = ["", "--urgent"]', "alerting.command.argv:", "list of strings"),
+            ("command", 'argv = ["x"]\ntimeout = "soon"', "alerting.command.timeout:", "duration"),
+            ("command", 'argv = ["x"]\ntimout = "5s"', 'did you mean "timeout"?'),
+            ("webhook", 'url = "http://h/"\n[alerting.webhook.ops]\nurl = "h"', "alerting.webhook.ops.url:"),
+        ]
+        for kind, text, *fragments in cases:
+            with self.subTest(kind=kind, text=text):
+                message = self.assertConfigError(f"[alerting.{kind}]\n{text}\n", *fragments)
+                self.assertNotIn("secret", message)
+        for kind in ("slack", "pagerduty", "command"):
+            with self.subTest(used=kind):
+                self.assertConfigError(f"""
+                    [alerts.job]
+                    every = "1h"
+                    channels = ["{kind}"]
+                """, "alerts.job.channels:", f"uses the {kind} channel", f"[alerting.{kind}]")
 
     def test_email_address_without_at_is_refused(self):
         self.assertConfigError("""
@@ -1050,10 +1175,101 @@ class ConfigTest(unittest.TestCase):
         for spec in config.checks.values():
             self.assertEqual(spec.channels, ("console",), spec.name)
 
+    def test_each_commented_out_channel_of_the_example_loads_once_uncommented(self):
+        with open(os.path.join(HERE, "caduceus.toml.example"), encoding="utf-8") as file:
+            example = file.read()
+        sections = re.findall(r"^# (\[alerting\.[a-z.]+\])\n((?:# .*\n|#\n)*)", example, re.MULTILINE)
+        kinds = {header.strip("[]").split(".")[1] for header, _ in sections}
+        self.assertEqual(kinds, set(caduceus.CHANNELS) - {"console"})
+        for header, body in sections:
+            with self.subTest(header=header):
+                settings = "".join(line[2:] + "\n" for line in body.splitlines()
+                                   if line.startswith("# ") and not line.startswith("# #"))
+                name = header.strip("[]").partition(".")[2]
+                config = config_from(self, f"{header}\n{settings}\n[alerts.job]\nevery = \"1h\"\n"
+                                           f"channels = [\"{name}\"]\n")
+                self.assertIn(name, config.channels)
+
 
 ###############################################################################
 # Storage #####################################################################
 ###############################################################################
+
+
+#: The tables of schema 1, the first release's, as it wrote them (a copy: caduceus.SCHEMA moves on).
+SCHEMA_1 = """
+CREATE TABLE IF NOT EXISTS checks (
+    name          TEXT PRIMARY KEY,
+    status        TEXT NOT NULL,
+    first_seen_at REAL NOT NULL,
+    last_ping_at  REAL,
+    down_at       REAL,
+    down_reason   TEXT NOT NULL DEFAULT '',
+    notified_at   REAL,
+    started_at    REAL,
+    last_duration_s REAL,
+    n_pings       INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS pings (
+    check_name  TEXT NOT NULL,
+    slot        INTEGER NOT NULL,
+    at          REAL NOT NULL,
+    kind        TEXT NOT NULL,
+    exit_status INTEGER,
+    duration_s  REAL,
+    body        TEXT NOT NULL,
+    remote_addr TEXT NOT NULL,
+    user_agent  TEXT NOT NULL,
+    PRIMARY KEY (check_name, slot)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS flips (
+    id         INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at         REAL NOT NULL,
+    old        TEXT NOT NULL,
+    new        TEXT NOT NULL,
+    reason     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS flips_by_check ON flips (check_name, id);
+CREATE TABLE IF NOT EXISTS outbox (
+    id              INTEGER PRIMARY KEY,
+    check_name      TEXT NOT NULL,
+    channel         TEXT NOT NULL,
+    kind            TEXT NOT NULL,
+    subject         TEXT NOT NULL,
+    body            TEXT NOT NULL,
+    created_at      REAL NOT NULL,
+    next_attempt_at REAL NOT NULL,
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    last_error      TEXT NOT NULL DEFAULT '',
+    failed          INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+"""
+#: Schema 2 added checks.clock_step_s.
+SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n", "    n_pings       INTEGER NOT NULL"
+                            " DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2}
+
+
+def make_old_db(path: str, version: int) -> None:
+    """A database as Caduceus wrote it at schema ``version``, with an alert down
+    since 3605 and its failure notice queued for email, as that version queued it."""
+    with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+        conn.executescript(OLD_SCHEMAS[version])
+        conn.execute("INSERT INTO checks (name, status, first_seen_at, down_at, notified_at, down_reason) "
+                     "VALUES ('job', 'down', 5.0, 3605.0, 3605.0, 'missed deadline')")
+        conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, created_at, next_attempt_at)"
+                     " VALUES ('job', 'email', 'down', ?, ?, 3605.0, 3605.0)",
+                     ('Caduceus: Alert "job" is failing.', 'Hello,\n\nYour alert "job" is failing: old text.\n'))
+        conn.execute(f"PRAGMA user_version = {version:d}")
+
+
+def table_columns(path: str) -> dict[str, list[tuple]]:
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table' "
+                                                 "ORDER BY name")]
+        return {table: conn.execute(f"PRAGMA table_info({table})").fetchall() for table in tables}
 
 
 class StoreTest(unittest.TestCase):
@@ -1120,10 +1336,8 @@ class StoreTest(unittest.TestCase):
 
     def test_a_schema_1_database_gains_the_new_columns(self):
         path = os.path.join(temp_dir(self), "v1.sqlite3")
-        schema_1 = caduceus.SCHEMA.replace(",\n    clock_step_s  REAL NOT NULL DEFAULT 0", "")
-        self.assertNotIn("clock_step_s", schema_1)
         with contextlib.closing(sqlite3.connect(path)) as conn, conn:
-            conn.executescript(schema_1)
+            conn.executescript(SCHEMA_1)
             conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
             conn.execute("PRAGMA user_version = 1")
         config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
@@ -1134,6 +1348,40 @@ class StoreTest(unittest.TestCase):
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
         with contextlib.closing(sqlite3.connect(path)) as conn:
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_every_earlier_schema_upgrades_to_the_tables_of_a_new_file(self):
+        fresh = os.path.join(temp_dir(self), "new.sqlite3")
+        open_store(self, fresh).close()
+        for version in OLD_SCHEMAS:
+            with self.subTest(schema=version):
+                path = os.path.join(temp_dir(self), "old.sqlite3")
+                make_old_db(path, version)
+                open_store(self, path).close()
+                self.assertEqual(table_columns(path), table_columns(fresh))
+                with contextlib.closing(sqlite3.connect(path)) as conn:
+                    self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_a_notice_queued_by_an_earlier_schema_is_delivered_after_the_upgrade(self):
+        config = config_from(self, """
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            from_addr = "caduceus@example.com"
+            [alerts.job]
+            every = "1h"
+            recipient_emails = ["job@example.com"]
+        """)
+        for version in OLD_SCHEMAS:
+            with self.subTest(schema=version):
+                path = os.path.join(temp_dir(self), "old.sqlite3")
+                make_old_db(path, version)
+                email = Recorder()
+                monitor = caduceus.Monitor(open_store(self, path), config, {"email": email}, FakeClock(4000.0))
+                monitor.start()
+                self.assertIsNone(monitor.deliver("email"))
+                self.assertEqual([(sent.subject, sent.body) for sent in email.notices], [(
+                    'Caduceus: Alert "job" is failing.', 'Hello,\n\nYour alert "job" is failing: old text.\n')])
+                self.assertEqual(email.notices[0].notice.recipients, ("job@example.com",))
+                self.assertEqual(monitor.store.pending_notices(), [])
 
     def test_status_change_is_compare_and_swap(self):
         self.store.sync_checks(["job"], 0.0)
@@ -1845,6 +2093,78 @@ class DeliveryTest(unittest.TestCase):
         self.go_down()
         self.assertEqual(self.monitor.deliver("telegram"), self.clock.now + 42)
 
+    def test_a_notice_whose_facts_cannot_be_read_still_goes_out_with_its_subject(self):
+        self.go_down()
+        with self.monitor.store.transaction() as conn:
+            conn.execute("UPDATE outbox SET facts = '{\"alert\": ' WHERE channel = 'telegram'")
+        with self.assertLogs("caduceus", "ERROR"):
+            self.assertIsNone(self.monitor.deliver("telegram"))
+        self.assertEqual(self.telegram.subjects, ['Caduceus: Alert "job" is failing.'])
+        self.assertIn("could not be read", self.telegram.notices[0].body)
+
+    def test_named_instances_do_not_mix(self):
+        config = config_from(self, """
+            [alerting.telegram.ops]
+            apikey = "1:ops"
+            chat_id = 1
+            [alerting.telegram.billing]
+            apikey = "2:billing"
+            chat_id = 2
+            [alerts.job]
+            every = "1m"
+            channels = ["telegram.ops"]
+            [alerts.invoice]
+            every = "1h"
+            channels = ["telegram.billing", "telegram.ops"]
+        """)
+        sent = []
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config, {
+            "telegram": lambda conf, notice: sent.append((conf.chat_id, notice.alert))}, self.clock)
+        monitor.start()
+        self.clock.advance(3600)
+        monitor.sweep()
+        self.assertIsNone(monitor.deliver("telegram.billing"))
+        self.assertEqual(sent, [("2", "invoice")])
+        self.assertIsNone(monitor.deliver("telegram.ops"))
+        self.assertEqual(sent, [("2", "invoice"), ("1", "invoice"), ("1", "job")])
+        self.assertIsNone(monitor.deliver("telegram"))
+        self.assertEqual(len(sent), 3)
+
+    def test_a_notice_for_a_channel_no_longer_configured_is_given_up(self):
+        self.go_down()
+        config = config_from(self, "[alerts.job]\nevery = \"1m\"\nchannels = [\"console\"]\n")
+        monitor = caduceus.Monitor(self.monitor.store, config, {"console": self.console}, self.clock)
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.assertIsNone(monitor.deliver("telegram"))
+        self.assertIn("no longer configured", logs.output[0])
+        self.assertEqual([row["channel"] for row in monitor.store.failed_notices()], ["telegram"])
+
+    def test_with_a_base_url_notices_link_the_alert_page_and_name_the_check_in_url_without_the_key(self):
+        config = config_from(self, """
+            [config]
+            secret_key = "s3cret"
+            base_url = "https://caduceus.example.com/"
+            [alerts."nightly backup"]
+            every = "1h"
+            channels = ["console"]
+        """)
+        console = Recorder()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config, {"console": console}, self.clock)
+        monitor.start()
+        self.clock.advance(3600)
+        monitor.sweep()
+        monitor.deliver("console")
+        notice = console.notices[0].notice
+        self.assertEqual(notice.url, "https://caduceus.example.com/alerts/nightly%20backup")
+        self.assertEqual(notice.checkin_url, "https://caduceus.example.com/reset/nightly%20backup/")
+        self.assertIn("Alert page:    https://caduceus.example.com/alerts/nightly%20backup", console.notices[0].body)
+        self.assertNotIn("s3cret", notice.to_json() + console.notices[0].body)
+        with self.assertRaises(caduceus.ConfigError) as caught:
+            config_from(self, '[config]\nbase_url = "caduceus.example.com"\n')
+        self.assertIn("config.base_url: expected an http(s) URL", str(caught.exception))
+
     def test_an_undelivered_reminder_is_replaced_by_the_next(self):
         self.telegram.error = caduceus.NotifyError("down")
         self.go_down()
@@ -2140,7 +2460,7 @@ class TelegramHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.Config:
+def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.EmailConf:
     config = config_from(test, """
         [alerting.email]
         recipient_emails = ["ops@example.com", "dev@example.com"]
@@ -2151,12 +2471,11 @@ def email_config(test: unittest.TestCase, port: int, **changes) -> caduceus.Conf
         every = "5s"
         recipient_emails = ["third@example.com"]
     """)
-    conf = dataclasses.replace(config.email, hostname="127.0.0.1", port=port, **changes)
-    return dataclasses.replace(config, email=conf)
+    return dataclasses.replace(config.channels["email"].conf, hostname="127.0.0.1", port=port, **changes)
 
 
-NOTICE = caduceus.Notice("mail", caduceus.NOTICE_DOWN, 'Caduceus: Alert "mail" is failing.',
-                         "Hello,\n\nYour alert \"mail\" is failing.\n", 1_700_000_000.0)
+NOTICE = caduceus.Notice("mail", caduceus.FAILING, 1_700_000_000.0, text=(
+    'Caduceus: Alert "mail" is failing.', "Hello,\n\nYour alert \"mail\" is failing.\n"))
 
 
 class EmailTest(unittest.TestCase):
@@ -2176,7 +2495,7 @@ class EmailTest(unittest.TestCase):
 
     def test_alert_recipients_replace_the_global_list_in_envelope_and_header(self):
         sink = serve(self, SMTPSink())
-        notice = dataclasses.replace(NOTICE, check="mail2")
+        notice = dataclasses.replace(NOTICE, alert="mail2", recipients=("third@example.com",))
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
         _, recipients, message, _ = sink.messages[0]
@@ -2185,8 +2504,8 @@ class EmailTest(unittest.TestCase):
 
     def test_non_ascii_alert_names_survive(self):
         sink = serve(self, SMTPSink())
-        notice = dataclasses.replace(NOTICE, subject='Caduceus: Alert "sauvegarde-été" is failing.',
-                                     body="Ça ne marche pas.\n")
+        notice = dataclasses.replace(NOTICE, text=('Caduceus: Alert "sauvegarde-été" is failing.',
+                                                   "Ça ne marche pas.\n"))
         caduceus.send_email(email_config(self, sink.server_address[1]), notice)
         self.assertTrue(sink.received.wait(WAIT_S))
         message = sink.messages[0][2]
@@ -2295,9 +2614,9 @@ class EmailTLSTest(unittest.TestCase):
     def setUp(self):
         self.cert, self.server_tls = localhost_certificate(self)
 
-    def config(self, sink: SMTPSink, encryption: str) -> caduceus.Config:
-        config = email_config(self, sink.server_address[1], encryption=encryption)
-        return dataclasses.replace(config, email=dataclasses.replace(config.email, hostname="localhost"))
+    def config(self, sink: SMTPSink, encryption: str) -> caduceus.EmailConf:
+        conf = email_config(self, sink.server_address[1], encryption=encryption)
+        return dataclasses.replace(conf, hostname="localhost")
 
     def trusted(self):
         """Trust the test certificate as the system's CAs would be trusted."""
@@ -2328,7 +2647,7 @@ class EmailTLSTest(unittest.TestCase):
 class TelegramTest(unittest.TestCase):
     TOKEN = "123456:SECRET-TOKEN"
 
-    def config_for(self, server: TelegramStandIn) -> caduceus.Config:
+    def config_for(self, server: TelegramStandIn) -> caduceus.TelegramConf:
         config = config_from(self, f"""
             [alerting.telegram]
             apikey = "{self.TOKEN}"
@@ -2338,7 +2657,7 @@ class TelegramTest(unittest.TestCase):
             every = "5s"
             channels = ["telegram"]
         """)
-        return config
+        return config.channels["telegram"].conf
 
     def test_posts_plain_text_to_send_message(self):
         server = serve(self, TelegramStandIn([(200, {"ok": True, "result": {}})]))
@@ -2374,7 +2693,7 @@ class TelegramTest(unittest.TestCase):
     def test_a_mangled_token_does_not_leak(self):
         server = serve(self, TelegramStandIn([(404, {"ok": False, "description": "Not Found"})]))
         config = self.config_for(server)
-        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, apikey="12 3:x#y"))
+        config = dataclasses.replace(config, apikey="12 3:x#y")
         with self.assertRaises(caduceus.NotifyError) as caught:
             caduceus.send_telegram(config, NOTICE)
         self.assertEqual(server.requests[0][0], "/bot12%203:x%23y/sendMessage")
@@ -2393,7 +2712,7 @@ class TelegramTest(unittest.TestCase):
             channels = ["telegram"]
         """)
         with self.assertRaises(caduceus.NotifyError) as caught:
-            caduceus.send_telegram(config, NOTICE)
+            caduceus.send_telegram(config.channels["telegram"].conf, NOTICE)
         self.assertNotIn(self.TOKEN, str(caught.exception))
         self.assertFalse(caught.exception.permanent)
 
@@ -2401,7 +2720,7 @@ class TelegramTest(unittest.TestCase):
         # The body dripped a byte at a time never trips a timeout per read (it held a channel 80 s).
         server = serve(self, TelegramStandIn([(200, {"ok": True, "result": {}})], drip_s=0.05))
         config = self.config_for(server)
-        config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=0.5))
+        config = dataclasses.replace(config, timeout_s=0.5)
         started = time.monotonic()
         with self.assertRaises(caduceus.NotifyError) as caught:
             caduceus.send_telegram(config, NOTICE)
@@ -2442,7 +2761,7 @@ class TelegramTLSTest(unittest.TestCase):
             every = "5s"
             channels = ["telegram"]
         """)
-        self.config = dataclasses.replace(config, telegram=dataclasses.replace(config.telegram, timeout_s=5))
+        self.config = dataclasses.replace(config.channels["telegram"].conf, timeout_s=5)
 
     def test_posts_over_https(self):
         with unittest.mock.patch.dict(os.environ, {"SSL_CERT_FILE": self.cert}):
@@ -2463,6 +2782,656 @@ class ConsoleTest(unittest.TestCase):
         with contextlib.redirect_stdout(out):
             caduceus.send_console(None, NOTICE)
         self.assertTrue(out.getvalue().startswith('Caduceus: Alert "mail" is failing.\nHello,'))
+
+
+@dataclasses.dataclass
+class Request:
+    """One request a ServiceStandIn received."""
+
+    method: str
+    path: str
+    headers: http.client.HTTPMessage
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+    def form(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(self.body.decode(), keep_blank_values=True, strict_parsing=True))
+
+
+class ServiceStandIn(http.server.ThreadingHTTPServer):
+    """A real HTTP server playing any service: it keeps every request and
+    answers with ``self.answers`` in turn (status, headers, body), then 200."""
+
+    daemon_threads = True
+
+    def __init__(self, answers: list[tuple[int, dict, bytes]] = ()) -> None:
+        super().__init__(("127.0.0.1", 0), ServiceHandler)
+        self.answers = list(answers)
+        self.requests: list[Request] = []
+        self.received = threading.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ServiceHandler(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        self.server.requests.append(Request(self.command, self.path, self.headers, body))
+        status, headers, payload = self.server.answers.pop(0) if self.server.answers else (200, {}, b"ok")
+        self.send_response(status)
+        for name, value in headers.items():
+            self.send_header(name, value)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+        self.server.received.set()
+
+    do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = answer
+
+    def log_message(self, *args):
+        pass
+
+
+#: Everything that could break a template, a header or a JSON document.
+HOSTILE = 'a "quoted" \\back\\slash {name} }{ %s %41 a&b=c+d?#\nnew line\r\n\t<!channel> @everyone é ☃ \u2028'
+
+HOSTILE_NOTICE = caduceus.Notice(
+    alert=HOSTILE, event=caduceus.FAILING, at=1_700_000_000.0, reason="missed deadline", since=1_700_000_000.0,
+    watched_since=1_699_990_000.0, due_at=1_699_999_000.0, schedule="every 1h", interval_s=3600.0,
+    notify_every_s=3600.0, last_exit_status=2, body_tail=HOSTILE, url="https://c.example.com/alerts/x",
+    incident="7")
+
+
+def conf_for(test: unittest.TestCase, kind: str, text: str) -> Any:
+    """The conf of ``[alerting.KIND]`` read from ``text``, as load_config reads it."""
+    config = config_from(test, f"[alerting.{kind}]\n{textwrap.dedent(text)}")
+    return dataclasses.replace(config.channels[kind].conf, timeout_s=5)
+
+
+def decoded_header(value: str) -> str:
+    return str(email.header.make_header(email.header.decode_header(value)))
+
+
+class ChannelTest(unittest.TestCase):
+    """Every channel against a real stand-in: the request it makes, exactly."""
+
+    def stand_in(self, *answers) -> ServiceStandIn:
+        return serve(self, ServiceStandIn(list(answers)))
+
+    def test_webhook_sends_every_field_as_json_by_default(self):
+        server = self.stand_in()
+        conf = conf_for(self, "webhook", f'url = "{server.url}/hook/"')
+        caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/hook/"))
+        self.assertEqual(request.headers["Content-Type"], "application/json")
+        fields = request.json()
+        self.assertEqual(fields, caduceus.notice_fields(HOSTILE_NOTICE))
+        self.assertEqual(sorted(fields), sorted(caduceus.NOTICE_FIELDS))
+        self.assertEqual((fields["name"], fields["body_tail"], fields["event"]), (HOSTILE, HOSTILE, "failing"))
+        self.assertEqual((fields["overdue"], fields["exit_status"]), ("16m 40s", "2"))
+
+    def test_webhook_templates_escape_each_value_for_where_it_lands(self):
+        server = self.stand_in()
+        conf = conf_for(self, "webhook", f'''
+            url = "{server.url}/hook/{{name}}?event={{event}}&tail={{body_tail}}"
+            method = "put"
+            headers = {{ Authorization = "Bearer t0ken", X-Alert = "caduceus" }}
+            body = '{{"text": "{{name}} is {{event}}", "nested": {{"tail": "{{body_tail}}"}}, "n": [1, 2]}}'
+        ''')
+        caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        path, _, query = request.path.partition("?")
+        self.assertEqual(request.method, "PUT")
+        self.assertEqual(urllib.parse.unquote(path), f"/hook/{HOSTILE}")
+        self.assertEqual(urllib.parse.parse_qs(query), {"event": ["failing"], "tail": [HOSTILE]})
+        self.assertEqual((request.headers["Authorization"], request.headers["X-Alert"]), ("Bearer t0ken", "caduceus"))
+        self.assertEqual(request.json(), {"text": f"{HOSTILE} is failing", "nested": {"tail": HOSTILE}, "n": [1, 2]})
+
+    def test_webhook_form_and_text_bodies(self):
+        server = self.stand_in()
+        form = conf_for(self, "webhook", f'''
+            url = "{server.url}/form"
+            headers = {{ Content-Type = "application/x-www-form-urlencoded" }}
+            body = "alert={{name}}&what={{event}}&tail={{body_tail}}"
+        ''')
+        caduceus.send_webhook(form, HOSTILE_NOTICE)
+        self.assertEqual(server.requests[0].form(), {"alert": HOSTILE, "what": "failing", "tail": HOSTILE})
+        text = conf_for(self, "webhook", f'url = "{server.url}/text"\nbody = "{{subject}}: {{reason}}"')
+        caduceus.send_webhook(text, HOSTILE_NOTICE)
+        self.assertEqual(server.requests[1].headers["Content-Type"], "text/plain; charset=utf-8")
+        self.assertEqual(server.requests[1].body.decode(),
+                         f'Caduceus: Alert "{HOSTILE}" is failing.: missed deadline')
+        get = conf_for(self, "webhook", f'url = "{server.url}/get?n={{name}}"\nmethod = "GET"')
+        caduceus.send_webhook(get, HOSTILE_NOTICE)
+        self.assertEqual((server.requests[2].method, server.requests[2].body), ("GET", b""))
+
+    def test_webhook_templates_are_checked_when_the_config_loads(self):
+        for text, fragments in [
+            ('url = "http://h/{nme}"', ["alerting.webhook.url:", '"{nme}"', 'did you mean "{name}"?']),
+            ('url = "http://h/"\nbody = "{subjet}"', ["alerting.webhook.body:", 'did you mean "{subject}"?']),
+            ("url = \"http://h/\"\nbody = '{\"text\": {name}}'", ["alerting.webhook.body:", "inside quotes"]),
+            ('url = "ftp://h/"', ["alerting.webhook.url:", "http(s) URL"]),
+            ('url = "http://h/"\nmethod = "BREW"', ["alerting.webhook.method:", "POST"]),
+            ('url = "http://h/"\nheaders = { "X-A" = "one\\ntwo" }', ["alerting.webhook.headers:", "single-line"]),
+            ('url = "http://h/"\nheaders = { "X A" = "b" }', ["alerting.webhook.headers:"]),
+            ('url = "http://h/"\nbodi = "x"', ["alerting.webhook.bodi: unknown key", 'did you mean "body"?']),
+            ('method = "POST"', ["alerting.webhook.url: missing"]),
+        ]:
+            with self.subTest(text=text):
+                ConfigTest.assertConfigError(self, f"[alerting.webhook]\n{text}\n", *fragments)
+
+    def test_slack_posts_text_and_a_coloured_attachment_with_nothing_read_as_a_mention(self):
+        server = self.stand_in()
+        conf = conf_for(self, "slack", f'url = "{server.url}/services/T0/B0/XYZ"')
+        caduceus.send_slack(conf, HOSTILE_NOTICE)
+        caduceus.send_slack(conf, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED, status=UP))
+        first, second = server.requests
+        self.assertEqual((first.method, first.path), ("POST", "/services/T0/B0/XYZ"))
+        payload = first.json()
+        self.assertNotIn("<!channel>", json.dumps(payload))
+        self.assertIn("&lt;!channel&gt;", payload["text"])
+        attachment = payload["attachments"][0]
+        self.assertEqual((attachment["color"], attachment["title_link"]), ("#d92d20", HOSTILE_NOTICE.url))
+        self.assertIn("missed deadline", attachment["text"])
+        self.assertEqual(second.json()["attachments"][0]["color"], "#2e9e44")
+
+    def test_mattermost_takes_slack_attachments(self):
+        server = self.stand_in()
+        caduceus.send_mattermost(conf_for(self, "mattermost", f'url = "{server.url}/hooks/abc"'), HOSTILE_NOTICE)
+        payload = server.requests[0].json()
+        self.assertEqual(payload["text"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual(payload["attachments"][0]["color"], "#d92d20")
+
+    def test_discord_posts_content_and_an_embed_that_mentions_no_one(self):
+        server = self.stand_in((204, {}, b""))
+        caduceus.send_discord(conf_for(self, "discord", f'url = "{server.url}/api/webhooks/1/tok"'), HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/api/webhooks/1/tok"))
+        payload = request.json()
+        self.assertEqual(payload["content"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual(payload["allowed_mentions"], {"parse": []})
+        self.assertEqual((payload["embeds"][0]["color"], payload["embeds"][0]["url"]), (0xD92D20, HOSTILE_NOTICE.url))
+
+    def test_ntfy_publishes_with_title_tags_priority_and_token(self):
+        server = self.stand_in()
+        conf = conf_for(self, "ntfy", f'url = "{server.url}/backups"\ntoken = "tk_secret"')
+        caduceus.send_ntfy(conf, HOSTILE_NOTICE)
+        caduceus.send_ntfy(conf, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED, alert="plain"))
+        down, up = server.requests
+        self.assertEqual((down.method, down.path), ("POST", "/backups"))
+        self.assertEqual(decoded_header(down.headers["Title"]), f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertEqual((down.headers["Tags"], down.headers["Priority"]), ("rotating_light", "high"))
+        self.assertEqual((down.headers["Authorization"], down.headers["Click"]),
+                         ("Bearer tk_secret", HOSTILE_NOTICE.url))
+        self.assertIn("missed deadline", down.body.decode())
+        self.assertEqual((up.headers["Title"], up.headers["Tags"], up.headers["Priority"]),
+                         ("Caduceus: Alert plain is reporting again.", "white_check_mark", "default"))
+
+    def test_gotify_posts_a_message_with_the_token_in_a_header(self):
+        server = self.stand_in()
+        caduceus.send_gotify(conf_for(self, "gotify", f'url = "{server.url}/"\ntoken = "AbCgotify"'), HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path, request.headers["X-Gotify-Key"]),
+                         ("POST", "/message", "AbCgotify"))
+        payload = request.json()
+        self.assertEqual((payload["title"], payload["priority"]), (f'Caduceus: Alert "{HOSTILE}" is failing.', 8))
+        self.assertEqual(payload["extras"]["client::notification"]["click"]["url"], HOSTILE_NOTICE.url)
+
+    def test_pushover_posts_a_form(self):
+        server = self.stand_in((200, {}, b'{"status":1}'))
+        conf = conf_for(self, "pushover", f'user_key = "uKEY"\napp_token = "aTOKEN"\napi_url = "{server.url}"')
+        caduceus.send_pushover(conf, HOSTILE_NOTICE)
+        request = server.requests[0]
+        self.assertEqual((request.method, request.path), ("POST", "/1/messages.json"))
+        form = request.form()
+        self.assertEqual((form["token"], form["user"], form["priority"], form["url"]),
+                         ("aTOKEN", "uKEY", "1", HOSTILE_NOTICE.url))
+        self.assertEqual(form["title"], f'Caduceus: Alert "{HOSTILE}" is failing.')
+        self.assertLessEqual(len(form["message"]), 1024)
+
+    def test_matrix_puts_a_notice_whose_transaction_id_is_the_same_on_retry(self):
+        server = self.stand_in()
+        conf = conf_for(self, "matrix", f'''
+            homeserver = "{server.url}"
+            room_id = "!room:example.org"
+            access_token = "syt_secret"
+        ''')
+        for notice in (HOSTILE_NOTICE, HOSTILE_NOTICE, dataclasses.replace(HOSTILE_NOTICE, event=caduceus.RECOVERED)):
+            caduceus.send_matrix(conf, notice)
+        first, retry, other = server.requests
+        prefix = "/_matrix/client/v3/rooms/%21room%3Aexample.org/send/m.room.message/"
+        self.assertEqual(first.method, "PUT")
+        self.assertTrue(first.path.startswith(prefix), first.path)
+        self.assertEqual(first.path, retry.path)
+        self.assertNotEqual(first.path, other.path)
+        self.assertEqual(first.headers["Authorization"], "Bearer syt_secret")
+        self.assertEqual(first.json()["msgtype"], "m.notice")
+        self.assertTrue(first.json()["body"].startswith(f'Caduceus: Alert "{HOSTILE}" is failing.\n\n'))
+
+    def test_pagerduty_triggers_and_resolves_one_incident_per_failure_and_ignores_reminders(self):
+        server = self.stand_in(*[(202, {}, b'{"status":"success"}')] * 10)
+        config = config_from(self, f"""
+            [alerting.pagerduty]
+            routing_key = "R0UTING"
+            api_url = "{server.url}"
+            [alerts.job]
+            every = "1m"
+            channels = ["pagerduty"]
+        """)
+        clock = FakeClock()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {"pagerduty": caduceus.send_pagerduty}, clock)
+        monitor.start()
+        for step in ("down", "remind", "up", "down"):
+            clock.advance(120)
+            monitor.ping("job") if step == "up" else monitor.sweep()
+            self.assertIsNone(monitor.deliver("pagerduty"))
+        events = [request.json() for request in server.requests]
+        self.assertEqual([request.path for request in server.requests], ["/v2/enqueue"] * 3)
+        self.assertEqual([event["event_action"] for event in events], ["trigger", "resolve", "trigger"])
+        self.assertEqual(events[0]["dedup_key"], events[1]["dedup_key"])
+        self.assertNotEqual(events[0]["dedup_key"], events[2]["dedup_key"])
+        self.assertEqual((events[0]["routing_key"], events[0]["payload"]["severity"]), ("R0UTING", "critical"))
+        self.assertEqual(events[0]["payload"]["summary"], 'Caduceus: Alert "job" is failing.')
+
+    def write_script(self, text: str) -> str:
+        path = os.path.join(temp_dir(self), "notify.py")
+        with open(path, "w", encoding="utf-8") as file:
+            file.write(textwrap.dedent(text))
+        return path
+
+    def test_command_gets_the_notice_in_its_environment_and_on_stdin(self):
+        out = os.path.join(temp_dir(self), "out.json")
+        script = self.write_script(f"""
+            import json, os, sys
+            env = {{k: v for k, v in os.environ.items() if k.startswith("CADUCEUS_")}}
+            json.dump({{"argv": sys.argv[1:], "env": env, "stdin": json.load(sys.stdin)}}, open({out!r}, "w"))
+        """)
+        conf = caduceus.CommandConf(argv=(sys.executable, script, "--urgent", "{name}"))
+        caduceus.send_command(conf, HOSTILE_NOTICE)
+        with open(out, encoding="utf-8") as file:
+            seen = json.load(file)
+        self.assertEqual(seen["argv"], ["--urgent", "{name}"], "no shell, no templates in argv")
+        fields = caduceus.notice_fields(HOSTILE_NOTICE)
+        self.assertEqual(seen["stdin"], fields)
+        self.assertEqual(seen["env"], {f"CADUCEUS_{key.upper()}": value for key, value in fields.items()})
+
+    def test_command_failure_and_timeout_are_retried_with_what_went_wrong(self):
+        script = self.write_script("""
+            import sys, time
+            if sys.argv[1] == "sleep":
+                time.sleep(60)
+            print("no route to pager", file=sys.stderr)
+            sys.exit(3)
+        """)
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=(sys.executable, script, "fail")), HOSTILE_NOTICE)
+        self.assertIn("exit status 3: no route to pager", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+        started = time.monotonic()
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=(sys.executable, script, "sleep"), timeout_s=0.3),
+                                  HOSTILE_NOTICE)
+        self.assertLess(time.monotonic() - started, 5)
+        self.assertIn("did not finish within 0.3s; killed", str(caught.exception))
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_command(caduceus.CommandConf(argv=("/nonexistent/page-me",)), HOSTILE_NOTICE)
+        self.assertIn("cannot run /nonexistent/page-me", str(caught.exception))
+        ConfigTest.assertConfigError(self, "[alerting.command]\nargv = []\n", "alerting.command.argv:")
+        ConfigTest.assertConfigError(self, '[alerting.command]\nargv = ["x"]\ntimeout = "0s"\n',
+                                     "alerting.command.timeout:")
+
+    #: Per HTTP channel: its config (SERVER is the stand-in's URL) and its secrets.
+    HTTP_CHANNELS = {
+        "webhook": ('url = "SERVER/hook?token=S3CRET-w"', "S3CRET-w"),
+        "slack": ('url = "SERVER/services/S3CRET-s"', "S3CRET-s"),
+        "mattermost": ('url = "SERVER/hooks/S3CRET-m"', "S3CRET-m"),
+        "discord": ('url = "SERVER/api/webhooks/1/S3CRET-d"', "S3CRET-d"),
+        "ntfy": ('url = "SERVER/topic"\ntoken = "S3CRET-n"', "S3CRET-n"),
+        "gotify": ('url = "SERVER"\ntoken = "S3CRET-g"', "S3CRET-g"),
+        "pushover": ('user_key = "u"\napp_token = "S3CRET-p"\napi_url = "SERVER"', "S3CRET-p"),
+        "matrix": ('homeserver = "SERVER"\nroom_id = "!r:x"\naccess_token = "S3CRET-x"', "S3CRET-x"),
+        "pagerduty": ('routing_key = "S3CRET-pd"\napi_url = "SERVER"', "S3CRET-pd"),
+        "telegram": ('apikey = "1:S3CRET-t"\nchat_id = 1\napi_url = "SERVER"', "S3CRET-t"),
+    }
+
+    def test_every_http_channel_retries_429_and_5xx_and_gives_up_on_other_4xx_without_leaking_secrets(self):
+        self.assertEqual(set(self.HTTP_CHANNELS) | {"console", "email", "command"}, set(caduceus.CHANNELS))
+        for kind, (text, secret) in self.HTTP_CHANNELS.items():
+            with self.subTest(kind=kind):
+                echo = f"bad request for {secret}: no".encode()
+                server = self.stand_in((429, {"Retry-After": "7"}, b"{}"), (503, {}, b"busy"), (400, {}, echo),
+                                       (500, {}, echo))
+                conf = conf_for(self, kind, text.replace("SERVER", server.url))
+                send = caduceus.CHANNELS[kind].send
+                outcomes, messages = [], []
+                for _ in range(4):
+                    with self.assertRaises(caduceus.NotifyError) as caught:
+                        send(conf, HOSTILE_NOTICE)
+                    outcomes.append((caught.exception.permanent, caught.exception.retry_after_s))
+                    messages.append(str(caught.exception))
+                self.assertNotIn(secret, "\n".join(messages))
+                expected_wait = 7 if kind != "telegram" else None  # Telegram's wait is in its JSON answer
+                self.assertEqual(outcomes, [(False, expected_wait), (False, None), (True, None), (False, None)])
+                if kind != "telegram":
+                    self.assertIn(" answered 400 Bad Request: bad request for ***: no", messages[2])
+                    self.assertIn(f"at {server.url} answered 503 Service Unavailable: busy", messages[1])
+
+    def test_through_the_outbox_a_5xx_is_retried_with_the_same_request_and_a_4xx_given_up(self):
+        server = self.stand_in((503, {}, b"busy"), (200, {}, b"ok"), (404, {}, b"no such hook"))
+        config = config_from(self, f"""
+            [alerting.webhook]
+            url = "{server.url}/hook"
+            [alerts.job]
+            every = "1m"
+            channels = ["webhook"]
+        """)
+        clock = FakeClock()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {"webhook": caduceus.send_webhook}, clock)
+        monitor.start()
+        clock.advance(60)
+        monitor.sweep()
+        with self.assertLogs("caduceus", "WARNING"):
+            self.assertEqual(monitor.deliver("webhook"), clock.now + caduceus.RETRY_FIRST_S)
+        clock.advance(caduceus.RETRY_FIRST_S)
+        self.assertIsNone(monitor.deliver("webhook"))
+        self.assertEqual(server.requests[0].body, server.requests[1].body, "the same notice, to the byte")
+        monitor.ping("job")
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            self.assertIsNone(monitor.deliver("webhook"))
+        self.assertIn("answered 404 Not Found: no such hook", logs.output[0])
+        self.assertEqual([row["attempts"] for row in monitor.store.failed_notices()], [1])
+
+    def test_a_rate_limit_wait_may_come_in_the_answer_and_is_bounded(self):
+        server = self.stand_in((429, {}, b'{"retry_after_ms": 2500}'), (429, {}, b'{"retry_after": 1.5}'),
+                               (429, {"Retry-After": "99999999"}, b""), (429, {"Retry-After": "soon"}, b""))
+        conf = conf_for(self, "webhook", f'url = "{server.url}/"')
+        waits = []
+        for _ in range(4):
+            with self.assertRaises(caduceus.NotifyError) as caught:
+                caduceus.send_webhook(conf, HOSTILE_NOTICE)
+            waits.append(caught.exception.retry_after_s)
+        self.assertEqual(waits, [2.5, 1.5, caduceus.RETRY_AFTER_MAX_S, None])
+
+    def test_a_network_error_is_retried_and_names_only_the_server(self):
+        with socket.create_server(("127.0.0.1", 0)) as sock:
+            port = sock.getsockname()[1]
+        conf = conf_for(self, "slack", f'url = "http://127.0.0.1:{port}/services/S3CRET"')
+        with self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_slack(conf, HOSTILE_NOTICE)
+        self.assertFalse(caught.exception.permanent)
+        self.assertIn(f"Slack at http://127.0.0.1:{port}:", str(caught.exception))
+        self.assertNotIn("S3CRET", str(caught.exception))
+
+
+class TestNotifyTest(unittest.TestCase):
+    """``caduceus.py test-notify``: one line per channel, exit 0 only if all delivered."""
+
+    def setUp(self):
+        self.good = serve(self, ServiceStandIn())
+        self.bad = serve(self, ServiceStandIn([(400, {}, b"no such hook\n")] * 3))
+        self.directory = temp_dir(self)
+        script = os.path.join(self.directory, "page.py")
+        with open(script, "w", encoding="utf-8") as file:
+            file.write("import sys\nsys.stdin.read()\nprint('pager offline', file=sys.stderr)\nsys.exit(4)\n")
+        self.config = write_config(self, f"""
+            [alerting.webhook.good]
+            url = "{self.good.url}/hook"
+            [alerting.webhook.bad]
+            url = "{self.bad.url}/hook"
+            [alerting.command.broken]
+            argv = [{json.dumps(sys.executable)}, {json.dumps(script)}]
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.good", "webhook.bad", "command.broken"]
+            [alerts.fine]
+            every = "1h"
+            channels = ["webhook.good"]
+        """, self.directory)
+
+    def run_test_notify(self, *args: str) -> tuple[int, list[str], str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = caduceus.main(["test-notify", "-c", self.config, *args])
+        return status, out.getvalue().splitlines(), err.getvalue()
+
+    def test_a_line_per_channel_with_the_exact_error_and_exit_1_when_one_fails(self):
+        before = sorted(os.listdir(self.directory))
+        status, lines, _ = self.run_test_notify("job")
+        self.assertEqual(lines, [
+            "webhook.good: delivered",
+            f"webhook.bad: failed: webhook at {self.bad.url} answered 400 Bad Request: no such hook (permanent)",
+            f"command.broken: failed: {sys.executable} failed with exit status 4: pager offline",
+        ])
+        self.assertEqual(status, 1)
+        fields = self.good.requests[0].json()
+        self.assertEqual((fields["name"], fields["event"], fields["status"]), ("job", "test", "test"))
+        self.assertIn("test", fields["subject"].lower())
+        self.assertEqual(sorted(os.listdir(self.directory)), before, "no database, no outbox")
+
+    def test_all_delivered_is_exit_0(self):
+        self.assertEqual(self.run_test_notify("fine"), (0, ["webhook.good: delivered"], ""))
+        self.assertEqual(self.run_test_notify("--channel", "Webhook.Good"), (0, ["webhook.good: delivered"], ""))
+        self.assertEqual(len(self.good.requests), 2)
+
+    def test_an_unknown_alert_or_channel_is_a_usage_error(self):
+        status, lines, err = self.run_test_notify("nope")
+        self.assertEqual((status, lines), (2, []))
+        self.assertIn('no alert named "nope"; alerts: job, fine', err)
+        status, lines, err = self.run_test_notify("--channel", "webhook.gud")
+        self.assertEqual((status, lines), (2, []))
+        self.assertIn("configured channels: console, webhook.good, webhook.bad, command.broken", err)
+        self.assertEqual(self.good.requests, [])
+
+
+class LogEvent(logging.Handler):
+    """Keeps what Caduceus logs at ``level`` or above while the test runs, and
+    sets ``seen``: a test can wait for a worker thread's log line."""
+
+    def __init__(self, test: unittest.TestCase, level: int) -> None:
+        super().__init__(level)
+        self.records: list[logging.LogRecord] = []
+        self.seen = threading.Event()
+        logger = logging.getLogger("caduceus")
+        logger.addHandler(self)
+        test.addCleanup(logger.removeHandler, self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.seen.set()
+
+
+class CourierTest(unittest.TestCase):
+    """One courier per channel instance, as the service runs them."""
+
+    def test_a_dead_instance_does_not_delay_another(self):
+        live = serve(self, ServiceStandIn())
+        dead = socket.create_server(("127.0.0.1", 0))  # takes connections, never answers
+        self.addCleanup(dead.close)
+        config = config_from(self, f"""
+            [alerting.webhook.dead]
+            url = "http://127.0.0.1:{dead.getsockname()[1]}/"
+            [alerting.webhook.live]
+            url = "{live.url}/"
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.dead", "webhook.live"]
+        """)
+        dead_timeout_s = 3.0
+        channels = dict(config.channels)
+        dead_conf = dataclasses.replace(channels["webhook.dead"].conf, timeout_s=dead_timeout_s)
+        channels["webhook.dead"] = dataclasses.replace(channels["webhook.dead"], conf=dead_conf)
+        config = dataclasses.replace(config, channels=channels)
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
+        monitor.start()
+        couriers = caduceus.Couriers(monitor)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
+        self.addCleanup(dead.close)  # before the couriers stop: the hung attempt ends at once
+        self.assertEqual(couriers.names(), ["console", "webhook.dead", "webhook.live"])
+        started = time.monotonic()
+        monitor.ping("job", caduceus.Ping(caduceus.FAIL))
+        self.assertTrue(live.received.wait(WAIT_S))
+        self.assertLess(time.monotonic() - started, dead_timeout_s, "the live webhook did not wait for the dead one")
+        self.assertEqual(live.requests[0].json()["event"], "failing")
+
+
+    def test_a_channel_that_appears_in_a_new_config_gets_its_courier_when_it_has_notices(self):
+        first = serve(self, ServiceStandIn())
+        later = serve(self, ServiceStandIn())
+        text = f"""
+            [alerting.webhook.first]
+            url = "{first.url}/"
+            [alerts.job]
+            every = "1h"
+            channels = ["webhook.first"]
+        """
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        monitor = caduceus.Monitor(store, config_from(self, text),
+                                   {kind: channel.send for kind, channel in caduceus.CHANNELS.items()})
+        monitor.start()
+        couriers = caduceus.Couriers(monitor)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
+        self.assertEqual(couriers.names(), ["console", "webhook.first"])
+        # What a reload does: a new config, here with a second webhook for the alert.
+        monitor.config = config_from(self, text.replace('channels = ["webhook.first"]',
+                                                        'channels = ["webhook.first", "webhook.later"]')
+                                     + f'[alerting.webhook.later]\nurl = "{later.url}/"\n')
+        monitor.ping("job", caduceus.Ping(caduceus.FAIL))
+        self.assertTrue(later.received.wait(WAIT_S))
+        self.assertTrue(first.received.wait(WAIT_S))
+        self.assertEqual(couriers.names(), ["console", "webhook.first", "webhook.later"])
+
+    def test_notices_left_for_a_removed_channel_get_a_courier_to_give_them_up(self):
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        notice = caduceus.Notice("job", caduceus.FAILING, 1.0)
+        store.enqueue("job", "webhook.gone", caduceus.NOTICE_DOWN, "s", notice.to_json(), 1.0)
+        config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        couriers = caduceus.Couriers(caduceus.Monitor(store, config, {}))
+        self.assertEqual(couriers.names(), [], "none before start")
+        errors = LogEvent(self, logging.ERROR)
+        couriers.start()
+        self.addCleanup(couriers.stop, WAIT_S)
+        self.assertTrue(errors.seen.wait(WAIT_S))
+        self.assertIn("no longer configured", errors.records[0].getMessage())
+        self.assertEqual(couriers.names(), ["console", "webhook.gone"])
+
+
+class ProxyStandIn(socketserver.ThreadingTCPServer):
+    """A real HTTP proxy on loopback that keeps each request line and its headers.
+
+    CONNECT opens a tunnel, relayed both ways, except to ``refuse.invalid``
+    (403); any other request is answered by the proxy itself: "via proxy".
+    """
+
+    daemon_threads = True
+    block_on_close = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), ProxyHandler)
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+class ProxyHandler(socketserver.StreamRequestHandler):
+    def handle(self):
+        request_line = self.rfile.readline().decode("latin-1").rstrip("\r\n")
+        headers = {}
+        for line in iter(lambda: self.rfile.readline().decode("latin-1").rstrip("\r\n"), ""):
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        self.server.requests.append((request_line, headers))
+        method, target, _ = request_line.split(" ", 2)
+        if method != "CONNECT":
+            self.rfile.read(int(headers.get("content-length", 0)))
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\nConnection: close\r\n\r\nvia proxy")
+            return
+        host, _, port = target.rpartition(":")
+        if host == "refuse.invalid":
+            self.wfile.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+            return
+        with socket.create_connection((host, int(port)), timeout=WAIT_S) as upstream:
+            self.wfile.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            self.wfile.flush()
+            relay(self.connection, upstream)
+
+
+def relay(one: socket.socket, other: socket.socket) -> None:
+    """Copy bytes both ways until either side closes."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(one, selectors.EVENT_READ, other)
+        selector.register(other, selectors.EVENT_READ, one)
+        while True:
+            events = selector.select(timeout=WAIT_S)
+            if not events:
+                return
+            for key, _ in events:
+                data = key.fileobj.recv(65536)
+                if not data:
+                    return
+                key.data.sendall(data)
+
+
+def proxy_environment(**values: str):
+    """os.environ with only these proxy variables."""
+    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
+    env.update(values)
+    return unittest.mock.patch.dict(os.environ, env, clear=True)
+
+
+class ProxyTest(unittest.TestCase):
+    """http_proxy, https_proxy and no_proxy, as 0.0.11's urllib honoured them."""
+
+    def test_a_plain_request_goes_to_the_proxy_in_absolute_form_with_its_credentials(self):
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "webhook", 'url = "http://hooks.example.invalid:8080/hook?x=1"')
+        with proxy_environment(http_proxy=f"http://user:p%40ss@127.0.0.1:{proxy.server_address[1]}"):
+            caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        request_line, headers = proxy.requests[0]
+        self.assertEqual(request_line, "POST http://hooks.example.invalid:8080/hook?x=1 HTTP/1.1")
+        self.assertEqual(headers["host"], "hooks.example.invalid:8080")
+        self.assertEqual(headers["proxy-authorization"], "Basic " + base64.b64encode(b"user:p@ss").decode())
+
+    def test_no_proxy_goes_direct(self):
+        proxy, server = serve(self, ProxyStandIn()), serve(self, ServiceStandIn())
+        with proxy_environment(http_proxy=proxy.url, no_proxy="localhost,127.0.0.1"):
+            caduceus.send_webhook(conf_for(self, "webhook", f'url = "{server.url}/hook"'), HOSTILE_NOTICE)
+        self.assertEqual((len(server.requests), proxy.requests), (1, []))
+
+    def test_a_refused_tunnel_is_retried_and_says_so(self):
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "slack", 'url = "https://refuse.invalid/services/S3CRET"')
+        with proxy_environment(https_proxy=proxy.url), self.assertRaises(caduceus.NotifyError) as caught:
+            caduceus.send_slack(conf, HOSTILE_NOTICE)
+        self.assertEqual(proxy.requests[0][0], "CONNECT refuse.invalid:443 HTTP/1.1")
+        self.assertIn("the proxy refused the tunnel: HTTP/1.1 403 Forbidden", str(caught.exception))
+        self.assertFalse(caught.exception.permanent)
+        self.assertNotIn("S3CRET", str(caught.exception))
+
+    @unittest.skipUnless(shutil.which("openssl"), "needs the openssl command to make a certificate")
+    def test_https_goes_through_a_connect_tunnel(self):
+        cert, server_tls = localhost_certificate(self)
+        server = ServiceStandIn()
+        server.socket = server_tls.wrap_socket(server.socket, server_side=True)
+        serve(self, server)
+        proxy = serve(self, ProxyStandIn())
+        conf = conf_for(self, "webhook", f'url = "https://localhost:{server.server_address[1]}/hook"')
+        with proxy_environment(https_proxy=proxy.url, SSL_CERT_FILE=cert):
+            caduceus.send_webhook(conf, HOSTILE_NOTICE)
+        self.assertEqual(proxy.requests[0][0], f"CONNECT localhost:{server.server_address[1]} HTTP/1.1")
+        self.assertEqual((server.requests[0].method, server.requests[0].path), ("POST", "/hook"))
+        self.assertEqual(server.requests[0].json()["name"], HOSTILE)
 
 
 ###############################################################################
@@ -2698,6 +3667,33 @@ class HTTPTest(unittest.TestCase):
         status, _, _ = self.request("POST", "/reset/hourly/?key=s3cret", b"abc",
                                     headers={"Content-Length": " 3"})
         self.assertEqual(status, 200, "white space around a length is allowed")
+
+    def test_a_malformed_header_line_is_a_400_not_a_hidden_length(self):
+        # The stdlib parser stops at such a line and notes a "defect": the
+        # Content-Length after it went unseen and the body ran as a request.
+        smuggled = b"GET /reset/hourly/fail?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+        for bad in [b"Content-Length : %d\r\n" % len(smuggled), b"Content-Length\t: %d\r\n" % len(smuggled),
+                    b"Content-Length %d\r\n" % len(smuggled), b"Transfer-Encoding : chunked\r\n"]:
+            with self.subTest(bad=bad):
+                answer = self.exchange(b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n" + bad
+                                       + b"\r\n" + smuggled)
+                self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+                self.assertEqual(answer.count(b"HTTP/1.1"), 1, "one answer, then the connection closed")
+        answer = self.exchange(b"POST /reset/hourly/?key=s3cret HTTP/1.1\r\n Content-Length: %d\r\n\r\n"
+                               % len(smuggled) + smuggled)
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        self.assertEqual(self.pings("hourly"), 0, "neither the request nor the smuggled one counted")
+
+    def test_the_header_section_has_a_byte_budget(self):
+        # 100 lines of 64 KiB each pass http.server's own checks: 6.5 MB a request.
+        lines = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 1000) for i in range(70))
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\n" + lines + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 431 "), answer)
+        self.assertEqual(self.pings("hourly"), 0)
+        lines = b"".join(b"X-%d: %s\r\n" % (i, b"y" * 1000) for i in range(60))
+        answer = self.exchange(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nConnection: close\r\n" + lines
+                               + b"\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
 
     def test_http_0_9_requests_are_refused(self):
         answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
@@ -3000,7 +3996,7 @@ class ConnectionLimitTest(unittest.TestCase):
 
 
 #: An alert name made to break HTML, XML, JSON and Prometheus labels if anything forgets to escape.
-HOSTILE = '<img src=x onerror=alert(1)>&"q\\'
+HOSTILE_NAME = '<img src=x onerror=alert(1)>&"q\\'
 PAGES_CONFIG = """
     [config]
     secret_key = "s3cret"
@@ -3015,7 +4011,7 @@ PAGES_CONFIG = """
 
     [alerts.'%s']
     every = "1d"
-""" % HOSTILE
+""" % HOSTILE_NAME
 
 
 class PagesTestCase(unittest.TestCase):
@@ -3056,11 +4052,11 @@ class DashboardTest(PagesTestCase):
 
     def test_dashboard_lists_every_alert_the_failing_first_and_counts_them_in_the_title(self):
         self.ping("hourly")
-        self.ping(HOSTILE, "fail")
+        self.ping(HOSTILE_NAME, "fail")
         status, headers, page = self.get("/")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
         self.assertIn("<title>1 down · Caduceus</title>", page)
-        self.assertLess(page.index(html.escape(HOSTILE)), page.index(">hourly<"))
+        self.assertLess(page.index(html.escape(HOSTILE_NAME)), page.index(">hourly<"))
         self.assertIn('<span class="badge down">down</span>', page)
         self.assertIn('<span class="badge up">up</span>', page)
         self.assertIn("reported failure", page)
@@ -3069,15 +4065,15 @@ class DashboardTest(PagesTestCase):
         self.assertIn(f'title="{caduceus.format_time(self.clock.now)}">just now</time>', page)
 
     def test_everything_user_controlled_is_escaped(self):
-        self.ping(HOSTILE, "fail", b"<script>alert(2)</script>", agent="<b>agent</b>")
-        for path in ["/", "/alerts/" + urllib.parse.quote(HOSTILE, safe="")]:
+        self.ping(HOSTILE_NAME, "fail", b"<script>alert(2)</script>", agent="<b>agent</b>")
+        for path in ["/", "/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe="")]:
             with self.subTest(path=path):
                 status, _, page = self.get(path)
                 self.assertEqual(status, 200)
                 for raw in ["<img src=x", "<script>alert(2)", "<b>agent"]:
                     self.assertNotIn(raw, page)
-                self.assertIn(html.escape(HOSTILE), page)
-        page = self.get("/alerts/" + urllib.parse.quote(HOSTILE, safe=""))[2]
+                self.assertIn(html.escape(HOSTILE_NAME), page)
+        page = self.get("/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe=""))[2]
         self.assertIn("&lt;script&gt;alert(2)&lt;/script&gt;", page)
         self.assertIn("&lt;b&gt;agent&lt;/b&gt;", page)
 
@@ -3170,7 +4166,7 @@ class APITest(PagesTestCase):
         status, data = self.get_json("/api/v1/alerts")
         self.assertEqual(status, 200)
         alerts = {alert["name"]: alert for alert in data["alerts"]}
-        self.assertEqual(set(alerts), {"hourly", HOSTILE})
+        self.assertEqual(set(alerts), {"hourly", HOSTILE_NAME})
         self.assertLessEqual(self.FIELDS, set(alerts["hourly"]))
         fmt = caduceus.format_time
         self.assertEqual({key: alerts["hourly"][key] for key in self.FIELDS}, {
@@ -3178,7 +4174,7 @@ class APITest(PagesTestCase):
             "next_due": fmt(self.clock.now + 4200), "every": 3600.0, "schedule": None, "timezone": "UTC",
             "grace": 600.0, "notify_every": 3600.0, "max_runtime": 1200.0, "channels": ["console"],
             "last_duration": 42.0, "last_exit_status": 0, "reason": None, "paused_until": None})
-        self.assertEqual((alerts[HOSTILE]["status"], alerts[HOSTILE]["last_checkin"]), ("new", None))
+        self.assertEqual((alerts[HOSTILE_NAME]["status"], alerts[HOSTILE_NAME]["last_checkin"]), ("new", None))
 
     def test_one_alert_has_its_history(self):
         self.ping("hourly", "fail", b"disk full", agent="job/2")
@@ -3187,8 +4183,8 @@ class APITest(PagesTestCase):
         self.assertEqual(data["history"]["checkins"][-1]["body"], "disk full")
         self.assertEqual(data["history"]["checkins"][-1]["user_agent"], "job/2")
         self.assertEqual(data["history"]["flips"][-1]["new"], "down")
-        self.assertEqual(self.get_json("/api/v1/alerts/" + urllib.parse.quote(HOSTILE, safe=""))[1]["name"],
-                         HOSTILE)
+        self.assertEqual(self.get_json("/api/v1/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe=""))[1]["name"],
+                         HOSTILE_NAME)
 
     def test_errors_are_json_with_proper_codes(self):
         self.assertEqual(self.get_json("/api/v1/alerts/nosuch"), (404, {"error": "No such alert."}))
@@ -3236,8 +4232,8 @@ class BadgeMetricsTest(PagesTestCase):
 
     def test_svg_badge_is_well_formed_xml_with_the_name_escaped(self):
         import xml.etree.ElementTree as ElementTree
-        self.ping(HOSTILE, "fail")
-        for name, message in [("hourly", "new"), (HOSTILE, "down")]:
+        self.ping(HOSTILE_NAME, "fail")
+        for name, message in [("hourly", "new"), (HOSTILE_NAME, "down")]:
             with self.subTest(name=name):
                 status, headers, body = self.get(f"/badge/{urllib.parse.quote(name, safe='')}.svg", key=False)
                 self.assertEqual((status, headers["Content-Type"]), (200, "image/svg+xml; charset=utf-8"))
@@ -3259,16 +4255,16 @@ class BadgeMetricsTest(PagesTestCase):
         self.ping("hourly", "start")
         self.clock.advance(30)
         self.ping("hourly")
-        self.ping(HOSTILE, "fail")
-        self.ping(HOSTILE, "log")
+        self.ping(HOSTILE_NAME, "fail")
+        self.ping(HOSTILE_NAME, "log")
         status, headers, body = self.get("/metrics")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
         parsed = parse_exposition(body)
         samples = parsed["samples"]
-        self.assertEqual(samples[("caduceus_alert_up", (("alert", HOSTILE),))], 0.0)
+        self.assertEqual(samples[("caduceus_alert_up", (("alert", HOSTILE_NAME),))], 0.0)
         self.assertEqual(samples[("caduceus_alert_up", (("alert", "hourly"),))], 1.0)
         statuses = {labels[1][1]: value for (name, labels), value in samples.items()
-                    if name == "caduceus_alert_status" and labels[0][1] == HOSTILE}
+                    if name == "caduceus_alert_status" and labels[0][1] == HOSTILE_NAME}
         self.assertEqual(statuses, {"down": 1.0, "grace": 0.0, "running": 0.0, "new": 0.0, "up": 0.0,
                                     "paused": 0.0})
         self.assertEqual(samples[("caduceus_alert_last_checkin_timestamp_seconds", (("alert", "hourly"),))],
@@ -3277,7 +4273,7 @@ class BadgeMetricsTest(PagesTestCase):
                          self.clock.now + 4200)
         self.assertEqual(samples[("caduceus_alert_last_duration_seconds", (("alert", "hourly"),))], 30.0)
         self.assertEqual(samples[("caduceus_checkins_total", (("alert", "hourly"), ("signal", "start")))], 1.0)
-        self.assertEqual(samples[("caduceus_checkins_total", (("alert", HOSTILE), ("signal", "log")))], 1.0)
+        self.assertEqual(samples[("caduceus_checkins_total", (("alert", HOSTILE_NAME), ("signal", "log")))], 1.0)
         self.assertEqual(samples[("caduceus_outbox_pending", ())], 1.0)
         self.assertEqual(samples[("caduceus_build_info", (("version", caduceus.__version__),))], 1.0)
         self.assertEqual(parsed["types"]["caduceus_checkins_total"], "counter")
@@ -3360,7 +4356,7 @@ class DashboardBrowserTest(PagesTestCase):
         chromium = find_chromium()
         if chromium is None:
             self.skipTest("Chromium is not installed (.ci/run installs Debian's chromium)")
-        self.ping(HOSTILE, "fail")
+        self.ping(HOSTILE_NAME, "fail")
         self.ping("hourly")
         profile = temp_dir(self)
         command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -3375,7 +4371,7 @@ class DashboardBrowserTest(PagesTestCase):
         dom = result.stdout
         self.assertIn("<title>1 down · Caduceus</title>", dom)
         self.assertIn('<a class="name" href="/alerts/hourly">hourly</a>', dom)
-        self.assertIn(html.escape(HOSTILE, quote=False), dom)
+        self.assertIn(html.escape(HOSTILE_NAME, quote=False), dom)
         self.assertNotIn("<img src=x", dom, "the browser built no element from the name")
 
 
