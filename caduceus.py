@@ -2285,12 +2285,12 @@ def _check_channels(path: str, spec: CheckSpec, channels: Mapping[str, ChannelIn
 # Storage #####################################################################
 ###############################################################################
 
-#: Check-ins kept per alert (a ring buffer): the database does not grow per check-in.
-PING_HISTORY = 100
+#: Check-ins, state changes and delivery results kept per alert, by default
+#: (``[config] history``): older ones are pruned as new ones are written, so
+#: the database does not grow per check-in.
+HISTORY = 100
 #: Bytes of a request body kept with a signal (the tail, where errors are).
 MAX_PING_BODY = 10 * 1024
-#: State changes kept per alert.
-FLIP_HISTORY = 100
 #: Notices that could not be delivered at all, kept for inspection.
 FAILED_NOTICE_HISTORY = 100
 
@@ -2331,7 +2331,9 @@ CREATE TABLE IF NOT EXISTS checks (
     started_at    REAL,
     last_duration_s REAL,
     n_pings       INTEGER NOT NULL DEFAULT 0,
-    clock_step_s  REAL NOT NULL DEFAULT 0
+    clock_step_s  REAL NOT NULL DEFAULT 0,
+    paused_until  REAL,
+    resumed_at    REAL
 );
 CREATE TABLE IF NOT EXISTS pings (
     check_name  TEXT NOT NULL,
@@ -2369,6 +2371,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     facts           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id         INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at         REAL NOT NULL,
+    channel    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    result     TEXT NOT NULL,
+    error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_check ON deliveries (check_name, id);
 """
 #: The steps from each schema to the next, ``(version, statements)`` in order: a
 #: file of schema N gets every step above N, in one transaction.  Schema 1 is
@@ -2380,6 +2392,18 @@ MIGRATIONS = (
     # 3: notices are queued as facts (Notice.to_json), rendered by each channel
     # as it sends; older rows keep only their text in subject and body.
     (3, ["ALTER TABLE outbox ADD COLUMN facts TEXT NOT NULL DEFAULT ''"]),
+    # 4: pauses; each delivery attempt's result; a ping's slot is its arrival
+    # number (it was that modulo 100, in a ring), so any history length works.
+    (4, ["ALTER TABLE checks ADD COLUMN paused_until REAL",
+         "ALTER TABLE checks ADD COLUMN resumed_at REAL",
+         "CREATE TABLE deliveries (id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, "
+         "channel TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL, error TEXT NOT NULL DEFAULT '')",
+         "CREATE INDEX deliveries_by_check ON deliveries (check_name, id)",
+         # Negative first, so no two rows ever share a slot on the way.
+         "UPDATE pings SET slot = -1 - (SELECT n_pings - 100 + (pings.slot + 100 - n_pings % 100) % 100 "
+         "FROM checks WHERE name = pings.check_name) "
+         "WHERE (SELECT n_pings FROM checks WHERE name = pings.check_name) > 100",
+         "UPDATE pings SET slot = -1 - slot WHERE slot < 0"]),
 )
 #: The schema this release writes (PRAGMA user_version).
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -2427,8 +2451,10 @@ class Store:
     store never formats values into SQL.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, history: int = HISTORY) -> None:
         self.path = path
+        #: Check-ins, state changes and delivery results kept per alert.
+        self.history = history
         self._lock = threading.RLock()
         self._depth = 0
         if path not in ("", ":memory:"):
@@ -2508,8 +2534,8 @@ class Store:
             for name in names:
                 self.ensure_check(name, now)
             for name in known - set(names):
-                for table, column in (("checks", "name"), ("pings", "check_name"),
-                                      ("flips", "check_name"), ("outbox", "check_name")):
+                for table, column in (("checks", "name"), ("pings", "check_name"), ("flips", "check_name"),
+                                      ("outbox", "check_name"), ("deliveries", "check_name")):
                     conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
 
     def ensure_check(self, name: str, now: float) -> None:
@@ -2555,18 +2581,18 @@ class Store:
             elif ping.kind == START:
                 conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
             conn.execute("UPDATE checks SET n_pings = n_pings + 1 WHERE name = ?", (name,))
+            # slot: the arrival number (the clock may step back, so not ``at``).
             conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, exit_status, duration_s,"
                          " body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (name, row["n_pings"] % PING_HISTORY, at, ping.kind, ping.exit_status, duration_s,
+                         (name, row["n_pings"], at, ping.kind, ping.exit_status, duration_s,
                           ping.body, ping.remote_addr, ping.user_agent))
+            conn.execute("DELETE FROM pings WHERE check_name = ? AND slot <= ?",
+                         (name, row["n_pings"] - self.history))
 
     def pings(self, name: str) -> list[sqlite3.Row]:
         """The alert's recent signals in the order they arrived (not by ``at``:
         the wall clock may have been set back in between)."""
-        # The ring's oldest slot is the one the next signal overwrites: n_pings % PING_HISTORY.
-        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY (slot + ? - "
-                         "(SELECT COALESCE(MAX(n_pings), 0) FROM checks WHERE name = ?) % ?) % ?",
-                         (name, PING_HISTORY, name, PING_HISTORY, PING_HISTORY))
+        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY slot", (name,))
 
     def recent_pings(self) -> dict[str, list[sqlite3.Row]]:
         """Every alert's recent signals, in arrival order (see read_recent_pings)."""
@@ -2576,9 +2602,7 @@ class Store:
     def last_ping(self, name: str) -> sqlite3.Row | None:
         """The alert's latest-arrived signal, or None: an older run's output would
         mislead a notice about this one."""
-        rows = self._all("SELECT * FROM pings WHERE check_name = ? AND slot = "
-                         "(SELECT (n_pings + ? - 1) % ? FROM checks WHERE name = ? AND n_pings > 0)",
-                         (name, PING_HISTORY, PING_HISTORY, name))
+        rows = self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY slot DESC LIMIT 1", (name,))
         return rows[0] if rows else None
 
     def last_body(self, name: str) -> str:
@@ -2607,17 +2631,30 @@ class Store:
             conn.execute("UPDATE checks SET notified_at = ? WHERE name = ?", (at, name))
 
     def add_flip(self, name: str, at: float, old: str, new: str, reason: str) -> None:
-        """Record a state change, keeping the newest FLIP_HISTORY per alert."""
+        """Record a state change, keeping the newest ``history`` per alert."""
         with self.transaction() as conn:
             conn.execute("INSERT INTO flips (check_name, at, old, new, reason) VALUES (?, ?, ?, ?, ?)",
                          (name, at, old, new, reason))
             conn.execute("DELETE FROM flips WHERE check_name = ? AND id NOT IN "
                          "(SELECT id FROM flips WHERE check_name = ? ORDER BY id DESC LIMIT ?)",
-                         (name, name, FLIP_HISTORY))
+                         (name, name, self.history))
 
     def notice_history(self, name: str) -> list[sqlite3.Row]:
-        """The alert's recent notice deliveries, oldest first."""
-        return []
+        """The alert's recent delivery attempts (at, channel, kind, result, error), oldest first."""
+        return self._all("SELECT * FROM deliveries WHERE check_name = ? ORDER BY id", (name,))
+
+    def _add_delivery(self, conn: sqlite3.Connection, notice_id: int, at: float, result: str,
+                      error: str) -> None:
+        """Record how an attempt to deliver a queued notice ended (in the caller's
+        transaction, before the notice may leave the outbox), keeping the newest
+        ``history`` per alert."""
+        conn.execute("INSERT INTO deliveries (check_name, at, channel, kind, result, error) "
+                     "SELECT check_name, ?, channel, kind, ?, ? FROM outbox WHERE id = ?",
+                     (at, result, error, notice_id))
+        conn.execute("DELETE FROM deliveries WHERE check_name = (SELECT check_name FROM outbox WHERE id = ?1) "
+                     "AND id NOT IN (SELECT id FROM deliveries WHERE check_name = "
+                     "(SELECT check_name FROM outbox WHERE id = ?1) ORDER BY id DESC LIMIT ?2)",
+                     (notice_id, self.history))
 
     def last_down_flip(self, name: str) -> int | None:
         """The id of the alert's latest change to down: it names the failure
@@ -2677,16 +2714,23 @@ class Store:
         """Notices given up on, newest FAILED_NOTICE_HISTORY of them."""
         return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
 
-    def notice_sent(self, notice_id: int) -> None:
-        """Drop a delivered notice from the outbox."""
+    def notice_sent(self, notice_id: int, at: float | None = None) -> None:
+        """Drop a delivered notice from the outbox; with ``at``, add "sent" to
+        the alert's delivery history, in the same transaction."""
         with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "sent", "")
             conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
 
-    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None) -> None:
+    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None,
+                      at: float | None = None) -> None:
         """Record that the notice failed ``attempts`` times so far (a count, not an
         increment, so recording it again changes nothing): retry at ``retry_at``,
-        or give up when it is None."""
+        or give up when it is None.  With ``at``, the attempt joins the alert's
+        delivery history ("failed" or "given_up", with the error)."""
         with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "failed" if retry_at is not None else "given_up", error)
             if retry_at is None:
                 conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, failed = 1 WHERE id = ?",
                              (attempts, error, notice_id))
@@ -2741,8 +2785,11 @@ def read_recent_pings(conn: sqlite3.Connection) -> dict[str, list[sqlite3.Row]]:
     """``{alert: [its recent signals in the order they arrived]}`` through ``conn``
     (the server's, or ``status``'s read-only one)."""
     pings: dict[str, list[sqlite3.Row]] = {}
+    # Before schema 4 a slot was the arrival number modulo 100, in a ring.
+    ring = conn.execute("PRAGMA user_version").fetchone()[0] < 4
+    order = "(slot + 100 - checks.n_pings % 100) % 100" if ring else "slot"
     for row in conn.execute("SELECT pings.* FROM pings JOIN checks ON checks.name = pings.check_name "
-                            "ORDER BY check_name, (slot + ?1 - checks.n_pings % ?1) % ?1", (PING_HISTORY,)):
+                            f"ORDER BY check_name, {order}"):
         pings.setdefault(row["check_name"], []).append(row)
     return pings
 
@@ -2816,6 +2863,7 @@ class _Outcome:
     sent: bool = False
     error: str = ""
     retry_at: float | None = None  #: None, when not sent: given up
+    at: float | None = None  #: when the attempt ended, for the delivery history
 
     @property
     def result(self) -> str:
@@ -2830,9 +2878,9 @@ class _Outcome:
     def record(self, store: Store) -> None:
         """Write the outcome to the outbox; raises sqlite3.Error when it cannot."""
         if self.sent:
-            store.notice_sent(self.notice_id)
+            store.notice_sent(self.notice_id, self.at)
         else:
-            store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at)
+            store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at, self.at)
 
 
 def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
@@ -3238,12 +3286,12 @@ class Monitor:
             if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
                 log.error("%s: gave up sending %r to %s after %d attempts: %s",
                           notice.alert, subject, channel, attempt, exc)
-                return _Outcome(row["id"], attempt, error=str(exc))
+                return _Outcome(row["id"], attempt, error=str(exc), at=now)
             log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
                         notice.alert, subject, channel, attempt, exc, format_duration(delay))
-            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay)
+            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay, at=now)
         log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
-        return _Outcome(row["id"], attempt, sent=True)
+        return _Outcome(row["id"], attempt, sent=True, at=self.clock())
 
     def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
         """The notice an outbox row holds.  One queued by schema 1 or 2 (before
@@ -4846,20 +4894,20 @@ def _url_problem(url: str) -> str | None:
 
 
 def _post(url: str, body: bytes, timeout_s: float) -> tuple[str | None, bool]:
-    """POST once; return (None, _) on success, else (the problem, whether it is final:
-    an answer other than 5xx, or a request that cannot be made)."""
-    request = urllib.request.Request(url, data=body, method="POST", headers={
-        "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
+    """POST once, all of it (connect through the last byte of the answer) within
+    ``timeout_s``; return (None, _) on a 2xx, else (the problem, whether it is
+    final: an answer other than 5xx, or a request that cannot be made)."""
+    headers = {"User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"}
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
-            response.read()
-        return None, True
-    except urllib.error.HTTPError as exc:
-        exc.close()
-        return f"HTTP {exc.code} {exc.reason}", exc.code < 500
-    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        status, _, _ = _http_request("POST", url, body, headers, timeout_s)
+    except (http.client.HTTPException, OSError) as exc:
         # Some of these messages quote the URL: mask the keys in them too.
-        return mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
+        return mask_keys(str(exc) or type(exc).__name__), False
+    except ValueError as exc:
+        return mask_keys(str(exc)), True
+    if 200 <= status < 300:
+        return None, True
+    return f"HTTP {status} {http.client.responses.get(status, '')}".rstrip(), status < 500
 
 
 def _send_signal(url: str, body: bytes, retries: int, timeout_s: float, sleep: Callable[[float], Any],
@@ -5488,7 +5536,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         with server:
             try:
-                store = Store(args.db)
+                store = Store(args.db, history=config.history)
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2

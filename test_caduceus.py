@@ -1304,33 +1304,33 @@ class StoreTest(unittest.TestCase):
 
     def test_check_in_history_is_bounded(self):
         self.store.sync_checks(["job"], 0.0)
-        for i in range(caduceus.PING_HISTORY * 2 + 7):
+        for i in range(caduceus.HISTORY * 2 + 7):
             self.store.record_ping("job", float(i), caduceus.Ping())
         pings = self.store.pings("job")
-        self.assertEqual(len(pings), caduceus.PING_HISTORY)
-        self.assertEqual(pings[-1]["at"], caduceus.PING_HISTORY * 2 + 6)
-        self.assertEqual(self.store.check("job")["n_pings"], caduceus.PING_HISTORY * 2 + 7)
+        self.assertEqual(len(pings), caduceus.HISTORY)
+        self.assertEqual(pings[-1]["at"], caduceus.HISTORY * 2 + 6)
+        self.assertEqual(self.store.check("job")["n_pings"], caduceus.HISTORY * 2 + 7)
 
     def test_state_change_history_is_bounded(self):
         self.store.sync_checks(["job", "other"], 0.0)
         self.store.add_flip("other", 0.0, NEW, DOWN, "kept")
         with self.store.transaction():  # one commit: quicker
-            for i in range(caduceus.FLIP_HISTORY + 5):
+            for i in range(caduceus.HISTORY + 5):
                 self.store.add_flip("job", float(i), UP, DOWN, f"flip {i}")
         flips = self.store.flips("job")
-        self.assertEqual(len(flips), caduceus.FLIP_HISTORY)
+        self.assertEqual(len(flips), caduceus.HISTORY)
         self.assertEqual((flips[0]["reason"], flips[-1]["reason"]),
-                         ("flip 5", f"flip {caduceus.FLIP_HISTORY + 4}"))
+                         ("flip 5", f"flip {caduceus.HISTORY + 4}"))
         self.assertEqual([flip["reason"] for flip in self.store.flips("other")], ["kept"], "per alert")
 
     def test_history_keeps_arrival_order_through_the_ring(self):
         self.store.sync_checks(["job"], 0.0)
         with self.store.transaction():
-            for i in range(caduceus.PING_HISTORY + 3):  # the wall clock going back all along
+            for i in range(caduceus.HISTORY + 3):  # the wall clock going back all along
                 self.store.record_ping("job", 1000.0 - i, caduceus.Ping(caduceus.LOG, body=f"{i}"))
         bodies = [ping["body"] for ping in self.store.pings("job")]
-        self.assertEqual(bodies, [str(i) for i in range(3, caduceus.PING_HISTORY + 3)])
-        self.assertEqual(self.store.last_body("job"), str(caduceus.PING_HISTORY + 2))
+        self.assertEqual(bodies, [str(i) for i in range(3, caduceus.HISTORY + 3)])
+        self.assertEqual(self.store.last_body("job"), str(caduceus.HISTORY + 2))
         self.store.sync_checks(["job", "quiet"], 0.0)
         self.assertEqual(self.store.last_body("quiet"), "")
 
