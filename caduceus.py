@@ -4894,20 +4894,20 @@ def _url_problem(url: str) -> str | None:
 
 
 def _post(url: str, body: bytes, timeout_s: float) -> tuple[str | None, bool]:
-    """POST once, all of it (connect through the last byte of the answer) within
-    ``timeout_s``; return (None, _) on a 2xx, else (the problem, whether it is
-    final: an answer other than 5xx, or a request that cannot be made)."""
-    headers = {"User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"}
+    """POST once; return (None, _) on success, else (the problem, whether it is final:
+    an answer other than 5xx, or a request that cannot be made)."""
+    request = urllib.request.Request(url, data=body, method="POST", headers={
+        "User-Agent": f"caduceus-run/{__version__}", "Content-Type": "text/plain; charset=utf-8"})
     try:
-        status, _, _ = _http_request("POST", url, body, headers, timeout_s)
-    except (http.client.HTTPException, OSError) as exc:
-        # Some of these messages quote the URL: mask the keys in them too.
-        return mask_keys(str(exc) or type(exc).__name__), False
-    except ValueError as exc:
-        return mask_keys(str(exc)), True
-    if 200 <= status < 300:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            response.read()
         return None, True
-    return f"HTTP {status} {http.client.responses.get(status, '')}".rstrip(), status < 500
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        return f"HTTP {exc.code} {exc.reason}", exc.code < 500
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        # Some of these messages quote the URL: mask the keys in them too.
+        return mask_keys(str(getattr(exc, "reason", exc))), isinstance(exc, ValueError)
 
 
 def _send_signal(url: str, body: bytes, retries: int, timeout_s: float, sleep: Callable[[float], Any],
