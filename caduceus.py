@@ -2625,6 +2625,21 @@ class Store:
                 (new, down_at, notified_at, down_reason, name, old))
             return cursor.rowcount == 1
 
+    def pause(self, name: str, old: str, until: float | None) -> bool:
+        """Compare-and-swap the status from ``old`` to paused until ``until``
+        (None: until resumed); a run in progress is forgotten."""
+        with self.transaction() as conn:
+            cursor = conn.execute("UPDATE checks SET status = ?, paused_until = ?, started_at = NULL "
+                                  "WHERE name = ? AND status = ?", (PAUSED, until, name, old))
+            return cursor.rowcount == 1
+
+    def resume(self, name: str, new: str, at: float) -> bool:
+        """Compare-and-swap a paused check to ``new``, its deadline counted from ``at``."""
+        with self.transaction() as conn:
+            cursor = conn.execute("UPDATE checks SET status = ?, paused_until = NULL, resumed_at = ? "
+                                  "WHERE name = ? AND status = ?", (new, at, name, PAUSED))
+            return cursor.rowcount == 1
+
     def set_notified(self, name: str, at: float) -> None:
         """Record when the latest failure notice (or reminder) about a check was queued."""
         with self.transaction() as conn:
@@ -2678,6 +2693,7 @@ class Store:
             conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, "
                          "last_ping_at = last_ping_at + ?1, started_at = started_at + ?1, "
                          "down_at = down_at + ?1, notified_at = notified_at + ?1, "
+                         "paused_until = paused_until + ?1, resumed_at = resumed_at + ?1, "
                          "clock_step_s = clock_step_s + ?1", (step_s,))
             conn.execute("UPDATE outbox SET created_at = created_at + ?1, "
                          "next_attempt_at = next_attempt_at + ?1 WHERE failed = 0", (step_s,))
@@ -2887,7 +2903,7 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     """When a check that is not down goes down if nothing arrives, and why.
 
     The due time follows the last success (or, never having succeeded, the
-    time the check was first seen): plus ``every``, or the next ``schedule``
+    time the check was first seen; or the end of a pause, if later): plus ``every``, or the next ``schedule``
     time, plus ``grace``.  A run started more than ``max_runtime`` ago is due
     earlier, for running too long.
 
@@ -2899,6 +2915,10 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     an earlier deadline would cry wolf).
     """
     since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
+    # A pause's end counts as a fresh start (a file not yet migrated has no resumed_at).
+    resumed_at = row["resumed_at"] if "resumed_at" in row.keys() else None
+    if resumed_at is not None and resumed_at > since:
+        since = resumed_at
     # A read-only `check` of a file not yet migrated has no clock_step_s.
     step_s = row["clock_step_s"] if "clock_step_s" in row.keys() else 0.0
     if spec.schedule is None or not step_s:
@@ -2915,9 +2935,12 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
 
 
 def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
-    """When a check next needs the sweeper: its reminder if down, else its deadline."""
+    """When a check next needs the sweeper: its reminder if down, the end of its
+    pause if paused (infinity: no end), else its deadline."""
     if row["status"] == DOWN:
         return row["notified_at"] + spec.notify_every_s
+    if row["status"] == PAUSED:
+        return math.inf if row["paused_until"] is None else row["paused_until"]
     return deadline(spec, row)[0]
 
 
@@ -3018,6 +3041,10 @@ class Monitor:
     any            start                 unchanged; the run is timed, and
                                          with max_runtime, due to finish
     any            log                   unchanged; kept in the history
+    any            pause()               paused, silently: nothing is judged
+    paused         resume(), success,    up (new if it never succeeded), its
+                   the end of ``until``  deadline counted from then; a
+                                         failure then goes down as above
     =============  ====================  =====================================
 
     State changes and the notices they cause are committed in one
@@ -3114,6 +3141,10 @@ class Monitor:
                 self.store.ensure_check(name, now)
                 row = self.store.check(name)
             self.store.record_ping(name, now, ping)
+            if row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL):
+                # A paused alert's next check-in ends the pause (healthchecks.io's rule).
+                self._unpause(spec, self.store.check(name), now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
+                row = self.store.check(name)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
             elif ping.kind == SUCCESS and row["status"] == DOWN:
@@ -3126,8 +3157,56 @@ class Monitor:
         if flip:
             self._tell(self._outbox_listeners, now)
         if row["status"] != DOWN:
-            self._tell(self._deadline_listeners, deadline(spec, row)[0])
+            self._tell(self._deadline_listeners, next_event_at(spec, row))
         return flip
+
+    # Pauses ----------------------------------------------------------------
+
+    def pause(self, name: str, until: float | None = None, by: str = "") -> None:
+        """Stop judging the alert: it sends nothing and stays paused until
+        ``resume()``, its next success or failure, or ``until`` (epoch seconds;
+        None: no end), after which its deadline counts from the pause's end.
+        Pausing a paused alert moves its end.  The pause is kept in the state
+        changes with ``by`` (who asked).  Raises ``KeyError`` for a name that is
+        not configured and ``ValueError`` for an ``until`` not in the future.
+        """
+        if name not in self.config.checks:
+            raise KeyError(name)
+        with self._operation() as now:
+            if until is not None and until <= now:
+                raise ValueError(f"until: {format_time(until)} is not in the future")
+            row = self.store.check(name)
+            if row is None:  # lost (the database was edited): start the alert afresh
+                self.store.ensure_check(name, now)
+                row = self.store.check(name)
+            self.store.pause(name, row["status"], until)
+            words = f"paused by {by or 'someone'}" + (f" until {format_time(until)}" if until is not None else "")
+            self.store.add_flip(name, now, row["status"], PAUSED, words)
+        log.warning("%s: %s", name, words)
+        if until is not None:
+            self._tell(self._deadline_listeners, until)
+
+    def resume(self, name: str, by: str = "") -> bool:
+        """End the alert's pause now; False if it was not paused.  Raises
+        ``KeyError`` for a name that is not configured."""
+        spec = self.config.checks[name]
+        with self._operation() as now:
+            row = self.store.check(name)
+            resumed = row is not None and row["status"] == PAUSED
+            if resumed:
+                self._unpause(spec, row, now, f"resumed by {by or 'someone'}")
+                row = self.store.check(name)
+        if resumed:
+            self._tell(self._deadline_listeners, next_event_at(spec, row))
+        return resumed
+
+    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str) -> None:
+        """End a pause at ``at`` (in the caller's transaction): up (new, never
+        having succeeded), with its deadline counted from ``at``."""
+        new = UP if row["last_ping_at"] is not None else NEW
+        if self.store.resume(spec.name, new, at):
+            self.store.add_flip(spec.name, at, PAUSED, new, f"pause ended: {why}")
+            log.warning("%s: pause ended: %s", spec.name, why)
 
     # Deadlines -------------------------------------------------------------
 
@@ -3140,6 +3219,11 @@ class Monitor:
                 spec = self.config.checks.get(row["name"])
                 if spec is None:
                     continue
+                if row["status"] == PAUSED:
+                    if row["paused_until"] is None or now < row["paused_until"]:
+                        continue
+                    self._unpause(spec, row, row["paused_until"], "maintenance window over")
+                    row = self.store.check(spec.name)
                 if row["status"] != DOWN:
                     due, reason = deadline(spec, row)
                     if now >= due:
@@ -4614,6 +4698,59 @@ def api_alert_page(request: Request, match: re.Match) -> Response:
     return json_response(data)
 
 
+def _may_change(request: Request) -> None:
+    """Raise 401 unless the request has the key in the query or a header.  Not
+    basic auth: a browser sends that by itself, so another site's form could
+    pause an alert for a logged-in user."""
+    if not _key_matches(request, basic=False):
+        raise HTTPError(401, "The key is needed: send ?key=KEY or Authorization: Bearer KEY.",
+                        {"WWW-Authenticate": 'Bearer realm="Caduceus"'})
+
+
+def parse_until(text: str, now: float) -> float:
+    """A pause's end: an ISO 8601 time (UTC unless it names an offset) or a
+    duration from ``now`` ("2h", "1d 12h").  Raises ValueError."""
+    seconds = _parse_duration(text)
+    if seconds is not None and seconds > 0:
+        return now + seconds
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"until: expected an ISO 8601 time such as 2026-12-24T18:00:00Z or a duration "
+                         f"such as 2h, got {json.dumps(text)}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def api_pause_page(request: Request, match: re.Match) -> Response:
+    """``POST /api/v1/alerts/<name>/pause[?until=2h]``: pause it (see Monitor.pause); the alert."""
+    _may_change(request)
+    name = match["name"]
+    if name not in request.config.checks:
+        raise HTTPError(404, "No such alert.")
+    until = request.query.get("until", [""])[0]
+    try:
+        request.monitor.pause(name, parse_until(until, request.monitor.clock()) if until else None,
+                              by=request.client)
+    except ValueError as exc:
+        raise HTTPError(400, f"{exc}.") from None
+    except KeyError:  # the config changed meanwhile
+        raise HTTPError(404, "No such alert.") from None
+    return json_response(_find_view(request, name)[0].as_json())
+
+
+def api_resume_page(request: Request, match: re.Match) -> Response:
+    """``POST /api/v1/alerts/<name>/resume``: end its pause, if any; the alert."""
+    _may_change(request)
+    name = match["name"]
+    try:
+        request.monitor.resume(name, by=request.client)
+    except KeyError:
+        raise HTTPError(404, "No such alert.") from None
+    return json_response(_find_view(request, name)[0].as_json())
+
+
 #: What a badge says, and its colour (shields.io's names), by status.
 _BADGE_WORDS = {UP: ("up", "brightgreen"), RUNNING: ("up", "brightgreen"), GRACE: ("late", "yellow"),
                 DOWN: ("down", "red"), PAUSED: ("paused", "lightgrey"), NEW: ("new", "blue")}
@@ -4714,6 +4851,8 @@ ROUTES = (
     (("GET", "HEAD", "POST"), re.compile(r"/ping/(?P<rest>.+)"), ping_page),
     (("GET", "HEAD"), re.compile(r"/api/v1/alerts"), api_alerts_page),
     (("GET", "HEAD"), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)"), api_alert_page),
+    (("POST",), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)/pause"), api_pause_page),
+    (("POST",), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)/resume"), api_resume_page),
     (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.svg"), badge_svg_page),
     (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.json"), badge_json_page),
     (("GET", "HEAD"), re.compile(r"/metrics"), metrics_page),

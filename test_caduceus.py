@@ -4341,6 +4341,128 @@ def basic(user: str, password: str) -> str:
     return base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
+class PauseTest(PagesTestCase):
+    """Pause and resume through the API: the rule, the record, a restart in between."""
+
+    def post(self, path: str, key: bool = True) -> tuple[int, Any]:
+        status, _, body = self.request("POST", path, {"Authorization": "Bearer s3cret"} if key else {})
+        return status, json.loads(body)
+
+    def test_a_paused_alert_sends_nothing_until_resumed_and_is_then_judged_from_then(self):
+        self.ping("hourly")
+        status, data = self.post("/api/v1/alerts/hourly/pause")
+        self.assertEqual((status, data["status"], data["paused_until"]), (200, "paused", None))
+        self.clock.advance(10 * 3600)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.assertEqual(self.monitor.store.pending_notices(), [])
+        self.assertEqual(self.get_status("hourly"), "paused")
+        status, data = self.post("/api/v1/alerts/hourly/resume")
+        self.assertEqual((status, data["status"]), (200, "up"))
+        self.assertEqual(data["next_due"], caduceus.format_time(self.clock.now + 4200))
+        self.clock.advance(4200 - 1)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.clock.advance(1)
+        self.assertEqual([flip.new for flip in self.monitor.sweep()], [DOWN])
+
+    def test_a_check_in_ends_the_pause(self):
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "start")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], caduceus.PAUSED, "a start is no check-in")
+        self.ping("hourly")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], UP)
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "fail")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
+
+    def test_pause_until_ends_by_itself_and_survives_a_restart(self):
+        db = os.path.join(temp_dir(self), "db.sqlite3")
+        self.start(PAGES_CONFIG, db)
+        self.ping("hourly")
+        status, data = self.post("/api/v1/alerts/hourly/pause?until=2h")
+        self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(self.clock.now + 7200)))
+        deadlines = []
+        self.monitor.on_deadline(deadlines.append)
+        self.clock.advance(3600)
+        self.start(PAGES_CONFIG, db)  # a restart
+        self.monitor.on_deadline(deadlines.append)
+        self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 3600, "the sweeper wakes at the end")
+        self.assertEqual(self.get_status("hourly"), "paused")
+        self.clock.advance(3600)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.assertEqual(self.get_status("hourly"), "up")
+        self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 4200, "judged from the window's end")
+        flips = self.monitor.store.flips("hourly")
+        self.assertEqual([(flip["old"], flip["new"]) for flip in flips], [("up", "paused"), ("paused", "up")])
+        self.assertIn("paused by 127.0.0.1 until", flips[0]["reason"])
+        self.assertIn("maintenance window over", flips[1]["reason"])
+
+    def get_status(self, name: str) -> str:
+        return json.loads(self.get(f"/api/v1/alerts/{name}")[2])["status"]
+
+    def test_until_takes_an_iso_time_or_a_duration_and_refuses_the_past(self):
+        later = datetime.datetime.fromtimestamp(self.clock.now + 90, datetime.timezone.utc)
+        for until, expected in [("90s", self.clock.now + 90), (later.strftime("%Y-%m-%dT%H:%M:%SZ"), self.clock.now + 90),
+                                (later.strftime("%Y-%m-%dT%H:%M:%S+00:00"), self.clock.now + 90)]:
+            with self.subTest(until=until):
+                status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
+                self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(expected)))
+        for until in ["soon", "2000-01-01T00:00:00Z", "-5m"]:
+            with self.subTest(until=until):
+                status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
+                self.assertEqual(status, 400)
+                self.assertIn("until", data["error"])
+
+    def test_pause_and_resume_always_need_the_key_and_a_post(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\npublic_dashboard = true'))
+        self.assertEqual(self.post("/api/v1/alerts/hourly/pause", key=False)[0], 401)
+        status, _, _ = self.request("POST", "/api/v1/alerts/hourly/pause",
+                                    {"Authorization": "Basic " + basic("u", "s3cret")})
+        self.assertEqual(status, 401, "not basic auth: a browser would send it for another site's form")
+        self.assertEqual(self.post("/api/v1/alerts/hourly/pause?key=s3cret", key=False)[0], 200)
+        self.assertEqual(self.request("GET", "/api/v1/alerts/hourly/pause?key=s3cret")[0], 405)
+        self.assertEqual(self.post("/api/v1/alerts/nosuch/pause"), (404, {"error": "No such alert."}))
+        self.assertEqual(self.post("/api/v1/alerts/nosuch/resume"), (404, {"error": "No such alert."}))
+
+    def test_pages_show_the_pause(self):
+        self.post("/api/v1/alerts/hourly/pause?until=1h")
+        page = self.get("/")[2]
+        self.assertIn('<span class="badge paused">paused</span>', page)
+        self.assertIn("paused until", page)
+        self.assertIn(">paused</text>", self.get("/badge/hourly.svg")[2])
+
+
+class DeliveryHistoryTest(unittest.TestCase):
+    """Each delivery attempt's result is kept, with the outbox's change, newest ``history`` per alert."""
+
+    def test_sent_failed_and_given_up_are_recorded_and_pruned(self):
+        clock = FakeClock()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        store.history = 3
+        console = Recorder()
+        monitor = caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {"console": console}, clock)
+        monitor.start()
+        monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        console.error = caduceus.NotifyError("mail server down")
+        monitor.deliver("console")
+        console.error = caduceus.NotifyError("no such chat", permanent=True)
+        clock.advance(60)
+        monitor.deliver("console")
+        console.error = None
+        monitor.ping("hourly")
+        monitor.deliver("console")
+        self.assertEqual([(row["kind"], row["result"], row["error"]) for row in store.notice_history("hourly")],
+                         [("down", "failed", "mail server down"), ("down", "given_up", "no such chat"),
+                          ("up", "sent", "")])
+        monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        monitor.deliver("console")
+        self.assertEqual([row["result"] for row in store.notice_history("hourly")], ["given_up", "sent", "sent"])
+        for _ in range(5):
+            monitor.ping("hourly", caduceus.Ping(caduceus.LOG, body="x"))
+        self.assertEqual(len(store.pings("hourly")), 3)
+        self.assertEqual(len(store.flips("hourly")), 3)
+
+
 def find_chromium() -> str | None:
     """Chromium's path, or None."""
     for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
