@@ -1249,7 +1249,10 @@ CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
 #: Schema 2 added checks.clock_step_s.
 SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n", "    n_pings       INTEGER NOT NULL"
                             " DEFAULT 0,\n    clock_step_s  REAL NOT NULL DEFAULT 0\n")
-OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2}
+#: Schema 3 added outbox.facts.
+SCHEMA_3 = SCHEMA_2.replace("    failed          INTEGER NOT NULL DEFAULT 0\n", "    failed          INTEGER NOT NULL"
+                            " DEFAULT 0,\n    facts           TEXT NOT NULL DEFAULT ''\n")
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3}
 
 
 def make_old_db(path: str, version: int) -> None:
@@ -1348,6 +1351,27 @@ class StoreTest(unittest.TestCase):
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
         with contextlib.closing(sqlite3.connect(path)) as conn:
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_a_schema_3_ring_of_pings_keeps_its_order_through_the_upgrade(self):
+        path = os.path.join(temp_dir(self), "v3.sqlite3")
+        make_old_db(path, 3)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE checks SET n_pings = 250 WHERE name = 'job'")  # the ring went round 2.5 times
+            for number in range(150, 250):
+                conn.execute("INSERT INTO pings (check_name, slot, at, kind, body, remote_addr, user_agent) "
+                             "VALUES ('job', ?, ?, 'log', ?, '', '')", (number % 100, 1000.0 - number, str(number)))
+        config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        self.assertEqual([ping["body"] for ping in caduceus._read_state(path)[2]["job"]],
+                         [str(number) for number in range(150, 250)], "status reads the ring before the upgrade")
+        store = open_store(self, path)
+        self.assertEqual([ping["body"] for ping in store.pings("job")], [str(number) for number in range(150, 250)])
+        self.assertEqual(store.last_body("job"), "249")
+        monitor = caduceus.Monitor(store, config, {}, FakeClock(5000.0))
+        monitor.start()
+        monitor.ping("job", caduceus.Ping(caduceus.LOG, body="next"))
+        self.assertEqual([ping["body"] for ping in store.pings("job")][-2:], ["249", "next"])
+        self.assertEqual(len(store.pings("job")), caduceus.HISTORY)
+        self.assertEqual((store.check("job")["paused_until"], store.notice_history("job")), (None, []))
 
     def test_every_earlier_schema_upgrades_to_the_tables_of_a_new_file(self):
         fresh = os.path.join(temp_dir(self), "new.sqlite3")
@@ -4051,12 +4075,12 @@ class DashboardTest(PagesTestCase):
     """GET / and /alerts/<name>: what a person sees."""
 
     def test_dashboard_lists_every_alert_the_failing_first_and_counts_them_in_the_title(self):
-        self.ping("hourly")
-        self.ping(HOSTILE_NAME, "fail")
+        self.ping(HOSTILE_NAME)
+        self.ping("hourly", "fail")
         status, headers, page = self.get("/")
         self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
         self.assertIn("<title>1 down · Caduceus</title>", page)
-        self.assertLess(page.index(html.escape(HOSTILE_NAME)), page.index(">hourly<"))
+        self.assertLess(page.index(">hourly<"), page.index(html.escape(HOSTILE_NAME)), "down first")
         self.assertIn('<span class="badge down">down</span>', page)
         self.assertIn('<span class="badge up">up</span>', page)
         self.assertIn("reported failure", page)
