@@ -4446,7 +4446,7 @@ _CSS = """
 --up:#1a7f37;--grace:#9a6700;--running:#0969da;--down:#cf222e;--paused:#6e7781;--new:#8250df;--missed:#bc4c00}
 @media (prefers-color-scheme:dark){:root{--bg:#0d1117;--card:#151b23;--fg:#e6edf3;--muted:#9198a1;
 --line:#3d444d;--up:#3fb950;--grace:#d29922;--running:#4493f8;--down:#f85149;--paused:#9198a1;--new:#ab7df8;
---missed:#db6d28}}
+--missed:#db6d28;--on-badge:#0d1117}}
 *{box-sizing:border-box}
 body{margin:0;padding:16px;background:var(--bg);color:var(--fg);
 font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
@@ -4458,23 +4458,24 @@ table{width:100%;border-collapse:collapse;background:var(--card);border:1px soli
 th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
 th{font-size:13px;color:var(--muted);font-weight:600}
 tr:last-child td{border-bottom:0}
-.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:#fff;font-size:13px;font-weight:600}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:var(--on-badge,#fff);font-size:13px;
+font-weight:600}
 .up{background:var(--up)}.grace{background:var(--grace)}.running{background:var(--running)}
 .down{background:var(--down)}.paused{background:var(--paused)}.new{background:var(--new)}
 tr.is-down td:first-child{box-shadow:inset 4px 0 var(--down)}
 .name{font-weight:600;word-break:break-all}
-svg{display:block;max-width:100%}.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;box-sizing:content-box}
+svg{display:block;max-width:100%}.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;height:auto}
 pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:13px}
 pre.code{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px;user-select:all}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
-.reason{color:var(--down);font-weight:600}
+.reason{color:var(--down);font-weight:600}.scroll{overflow-x:auto}
 @media (max-width:700px){body{padding:10px}table.cards,table.cards tbody,table.cards tr,table.cards td{display:block}
 table.cards{border:0;background:none}table.cards thead{display:none}
 table.cards tr{background:var(--card);border:1px solid var(--line);border-radius:8px;margin-bottom:10px}
 table.cards tr{display:grid;grid-template-columns:1fr 1fr;padding:6px 0}
 table.cards td{border:0;padding:4px 12px;min-width:0}table.cards td:first-child{grid-column:1/3}
 table.cards td[data-label]::before{content:attr(data-label);display:block;color:var(--muted);font-size:12px}
-.wide{display:none}dl{grid-template-columns:1fr}dd{margin-bottom:6px}}
+.wide{display:none}}
 """
 
 #: Colours of a run strip's cells, by outcome (the CSS variables above).
@@ -4509,12 +4510,17 @@ def _badge(status: str) -> str:
     return f'<span class="badge {status}">{status}</span>'
 
 
+def _signal_words(ping: Mapping[str, Any]) -> str:
+    """"success", or "fail (exit status 3)"."""
+    if ping["exit_status"] is None:
+        return ping["kind"]
+    return f"{ping['kind']} (exit status {ping['exit_status']})"
+
+
 def _runs(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]]) -> list[tuple[float, str, str]]:
     """Recent runs, oldest first: (at, outcome, words), one per success or
     failure and one per missed deadline."""
-    runs = [(ping["at"], ping["kind"], ping["kind"] if ping["exit_status"] is None
-             else f"{ping['kind']} (exit status {ping['exit_status']})")
-            for ping in pings if ping["kind"] in (SUCCESS, FAIL)]
+    runs = [(ping["at"], ping["kind"], _signal_words(ping)) for ping in pings if ping["kind"] in (SUCCESS, FAIL)]
     runs += [(flip["at"], "missed", flip["reason"]) for flip in flips
              if flip["new"] == DOWN and not flip["reason"].startswith((REASON_FAILED, "exit status"))]
     return sorted(runs, key=lambda run: run[0])
@@ -4533,15 +4539,16 @@ def run_strip(runs: list[tuple[float, str, str]]) -> str:
             f'viewBox="0 0 {width} 18">{cells}</svg>')
 
 
-def _last_run(view: AlertView) -> str:
+def _last_run(view: AlertView, now: float) -> str:
     parts = []
     if view.last_duration_s is not None:
         parts.append(f"took {format_duration(view.last_duration_s, 2)}")
     if view.last_exit_status is not None:
         parts.append(f"exit status {view.last_exit_status}")
+    text = _e(", ".join(parts)) or '<span class="muted">-</span>'
     if view.status == RUNNING:
-        parts.append(f"running since {format_time(view.started_at)}")
-    return _e(", ".join(parts)) or '<span class="muted">-</span>'
+        text += f'<div class="sub">running, started {_when(view.started_at, now)}</div>'
+    return text
 
 
 def _due(view: AlertView, now: float) -> str:
@@ -4569,7 +4576,7 @@ def dashboard_page(request: Request, match: re.Match) -> Response:
             f'<td data-label="Status">{_badge(view.status)}{reason}</td>'
             f'<td data-label="Last check-in">{_when(view.last_checkin_at, now)}</td>'
             f'<td data-label="Next deadline">{_due(view, now)}</td>'
-            f'<td data-label="Last run">{_last_run(view)}</td>'
+            f'<td data-label="Last run">{_last_run(view, now)}</td>'
             f'<td data-label="Recent runs">{strip}</td>'
             f'<td data-label="Channels">{_e(", ".join(view.channels))}</td></tr>')
     counts = {status: sum(view.status == status for view in views) for status in STATUS_ORDER}
@@ -4629,8 +4636,7 @@ def _examples(request: Request, name: str) -> str:
 def _history_tables(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]],
                     notices: list[Mapping[str, Any]]) -> str:
     checkins = "".join(
-        f'<tr><td>{format_time(ping["at"])}</td><td>{_e(ping["kind"])}'
-        f'{"" if ping["exit_status"] is None else " " + str(ping["exit_status"])}</td>'
+        f'<tr><td>{format_time(ping["at"])}</td><td>{_e(_signal_words(ping))}</td>'
         f'<td>{"" if ping["duration_s"] is None else format_duration(ping["duration_s"], 2)}</td>'
         f'<td>{_e(ping["remote_addr"])}</td><td class="wide">{_e(ping["user_agent"])}</td>'
         f'<td><pre>{_e(ping["body"][-BODY_EXCERPT:])}</pre></td></tr>' for ping in reversed(pings))
@@ -4640,12 +4646,12 @@ def _history_tables(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any
                    f'<td>{_e(notice["kind"])}</td><td>{_e(notice["result"])}</td><td>{_e(notice["error"])}</td></tr>'
                    for notice in reversed(notices))
     empty = '<tr><td class="muted">none yet</td></tr>'
-    return ('<h2>Check-ins</h2><table><thead><tr><th>When (UTC)</th><th>Signal</th><th>Took</th><th>From</th>'
-            f'<th class="wide">User agent</th><th>Body</th></tr></thead><tbody>{checkins or empty}</tbody></table>'
-            '<h2>State changes</h2><table><thead><tr><th>When (UTC)</th><th>Change</th><th>Reason</th></tr>'
-            f'</thead><tbody>{changes or empty}</tbody></table>'
-            '<h2>Notifications</h2><table><thead><tr><th>When (UTC)</th><th>Channel</th><th>Notice</th>'
-            f'<th>Result</th><th>Error</th></tr></thead><tbody>{sent or empty}</tbody></table>')
+    return ('<h2>Check-ins</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Signal</th><th>Took</th><th>From</th>'
+            f'<th class="wide">User agent</th><th>Body</th></tr></thead><tbody>{checkins or empty}</tbody></table></div>'
+            '<h2>State changes</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Change</th><th>Reason</th></tr>'
+            f'</thead><tbody>{changes or empty}</tbody></table></div>'
+            '<h2>Notifications</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Channel</th><th>Notice</th>'
+            f'<th>Result</th><th>Error</th></tr></thead><tbody>{sent or empty}</tbody></table></div>')
 
 
 def alert_page(request: Request, match: re.Match) -> Response:
@@ -4658,7 +4664,7 @@ def alert_page(request: Request, match: re.Match) -> Response:
                 ("Max runtime", format_duration(view.max_runtime_s) if view.max_runtime_s else "none"),
                 ("Channels", _e(", ".join(view.channels))), ("Last check-in", _when(view.last_checkin_at, now)),
                 ("Last success", _when(view.last_success_at, now)), ("Next deadline", _due(view, now)),
-                ("Last run", _last_run(view)), ("Watched since", _when(view.first_seen_at, now))]
+                ("Last run", _last_run(view, now)), ("Watched since", _when(view.first_seen_at, now))]
     reason = f'<p class="reason">{_e(view.reason)}</p>' if view.reason else ""
     body = (f'<p><a href="/">← all alerts</a></p><h1>{_e(view.name)} {_badge(view.status)}</h1>{reason}'
             f'<dl>{"".join(f"<dt>{key}</dt><dd>{value}</dd>" for key, value in settings)}</dl>'
