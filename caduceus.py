@@ -2282,7 +2282,7 @@ def _check_channels(path: str, spec: CheckSpec, channels: Mapping[str, ChannelIn
 
 
 ###############################################################################
-# Storage #####################################################################
+# Storage: signals and the schema #############################################
 ###############################################################################
 
 #: Check-ins, state changes and delivery results kept per alert, by default
@@ -2426,6 +2426,11 @@ SQLITE_PRAGMAS = (
     # reader, Litestream's included, while holding off writes.
     "PRAGMA wal_autocheckpoint = 1000",
 )
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
 
 
 def _create_private(path: str) -> None:
@@ -2834,7 +2839,7 @@ def legacy_check_state(spec: CheckSpec, last_ping_at: float | None, notified_at:
 
 
 ###############################################################################
-# Monitor #####################################################################
+# Rules: deadlines and notices ################################################
 ###############################################################################
 
 #: First retry of a failed notice after this, then doubling ...
@@ -3005,6 +3010,11 @@ def _for_channel(notice: Notice, config: Config, channel: str) -> Notice:
 def _tail(output: str) -> list[str]:
     text = output[-TAIL_CHARS:].rstrip()
     return text.splitlines()[-TAIL_LINES:] if text else []
+
+
+###############################################################################
+# Monitor #####################################################################
+###############################################################################
 
 
 class _Tally:
