@@ -4474,7 +4474,8 @@ font-weight:600}
 .down{background:var(--down)}.paused{background:var(--paused)}.new{background:var(--new)}
 tr.is-down td:first-child{box-shadow:inset 4px 0 var(--down)}
 .name{font-weight:600;word-break:break-all}
-svg{display:block;max-width:100%}.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;height:auto}
+svg{display:block;max-width:100%}
+.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;height:auto}
 pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:13px}
 pre.code{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px;user-select:all}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
@@ -4631,37 +4632,44 @@ def duration_chart(pings: list[Mapping[str, Any]], max_runtime_s: float | None) 
 
 
 def _examples(request: Request, name: str) -> str:
-    """The check-in URL and copyable curl, wget and run lines, with KEY for the key."""
-    host = request.headers.get("Host", "") or "localhost:5000"
+    """The check-in URL (under ``base_url``, else the Host the browser used) and
+    copyable curl, wget and run lines, with KEY for the key."""
+    base = request.config.base_url or f"http://{request.headers.get('Host', '') or 'localhost:5000'}"
     quoted = urllib.parse.quote(name, safe="")
-    url = f"http://{host}/ping/KEY/{quoted}" if request.config.secret_key else f"http://{host}/ping/{quoted}"
+    url = f"{base}/ping/KEY/{quoted}" if request.config.secret_key else f"{base}/ping/{quoted}"
     lines = [f'curl -fsS -m 10 --retry 5 -o /dev/null "{url}"',
              f'curl -fsS -m 10 --retry 5 -o /dev/null --data-binary @job.log "{url}/fail"',
              f'wget -q -T 10 -O /dev/null "{url}"',
              f'python3 caduceus.py run "{url}" -- /path/to/job.sh',
-             f'curl -fsS -X POST -H "Authorization: Bearer KEY" "http://{host}/api/v1/alerts/{quoted}/pause?until=2h"']
+             f'curl -fsS -X POST -H "Authorization: Bearer KEY" "{base}/api/v1/alerts/{quoted}/pause?until=2h"']
     return "".join(f'<pre class="code">{_e(line)}</pre>' for line in lines)
+
+
+def _history_table(title: str, headings: list[str], rows: list[list[str]]) -> str:
+    """A titled table, newest row first; cells must be escaped already.  A
+    heading starting with "~" is hidden on a phone."""
+    head = "".join(f'<th class="wide">{heading[1:]}</th>' if heading.startswith("~") else f"<th>{heading}</th>"
+                   for heading in headings)
+    wide = [heading.startswith("~") for heading in headings]
+    body = "".join("<tr>" + "".join(f'<td class="wide">{cell}</td>' if hide else f"<td>{cell}</td>"
+                                    for cell, hide in zip(row, wide)) + "</tr>" for row in reversed(rows))
+    return (f'<h2>{title}</h2><div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body or "<tr><td class=muted>none yet</td></tr>"}</tbody></table></div>')
 
 
 def _history_tables(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]],
                     notices: list[Mapping[str, Any]]) -> str:
-    checkins = "".join(
-        f'<tr><td>{format_time(ping["at"])}</td><td>{_e(_signal_words(ping))}</td>'
-        f'<td>{"" if ping["duration_s"] is None else format_duration(ping["duration_s"], 2)}</td>'
-        f'<td>{_e(ping["remote_addr"])}</td><td class="wide">{_e(ping["user_agent"])}</td>'
-        f'<td><pre>{_e(ping["body"][-BODY_EXCERPT:])}</pre></td></tr>' for ping in reversed(pings))
-    changes = "".join(f'<tr><td>{format_time(flip["at"])}</td><td>{_e(flip["old"])} → {_e(flip["new"])}</td>'
-                      f'<td>{_e(flip["reason"])}</td></tr>' for flip in reversed(flips))
-    sent = "".join(f'<tr><td>{format_time(notice["at"])}</td><td>{_e(notice["channel"])}</td>'
-                   f'<td>{_e(notice["kind"])}</td><td>{_e(notice["result"])}</td><td>{_e(notice["error"])}</td></tr>'
-                   for notice in reversed(notices))
-    empty = '<tr><td class="muted">none yet</td></tr>'
-    return ('<h2>Check-ins</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Signal</th><th>Took</th><th>From</th>'
-            f'<th class="wide">User agent</th><th>Body</th></tr></thead><tbody>{checkins or empty}</tbody></table></div>'
-            '<h2>State changes</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Change</th><th>Reason</th></tr>'
-            f'</thead><tbody>{changes or empty}</tbody></table></div>'
-            '<h2>Notifications</h2><div class="scroll"><table><thead><tr><th>When (UTC)</th><th>Channel</th><th>Notice</th>'
-            f'<th>Result</th><th>Error</th></tr></thead><tbody>{sent or empty}</tbody></table></div>')
+    checkins = [[format_time(ping["at"]), _e(_signal_words(ping)),
+                 "" if ping["duration_s"] is None else format_duration(ping["duration_s"], 2),
+                 _e(ping["remote_addr"]), _e(ping["user_agent"]), f'<pre>{_e(ping["body"][-BODY_EXCERPT:])}</pre>']
+                for ping in pings]
+    changes = [[format_time(flip["at"]), f'{_e(flip["old"])} → {_e(flip["new"])}', _e(flip["reason"])]
+               for flip in flips]
+    sent = [[format_time(notice["at"]), _e(notice["channel"]), _e(notice["kind"]), _e(notice["result"]),
+             _e(notice["error"])] for notice in notices]
+    return (_history_table("Check-ins", ["When (UTC)", "Signal", "Took", "From", "~User agent", "Body"], checkins)
+            + _history_table("State changes", ["When (UTC)", "Change", "Reason"], changes)
+            + _history_table("Notifications", ["When (UTC)", "Channel", "Notice", "Result", "Error"], sent))
 
 
 def alert_page(request: Request, match: re.Match) -> Response:
@@ -4670,7 +4678,8 @@ def alert_page(request: Request, match: re.Match) -> Response:
     view, pings, now = _find_view(request, match["name"])
     store = request.monitor.store
     settings = [("Schedule", _e(view.description)), ("Time zone", _e(view.tz)),
-                ("Grace", format_duration(view.grace_s)), ("Reminders", f"every {format_duration(view.notify_every_s)}"),
+                ("Grace", format_duration(view.grace_s)),
+                ("Reminders", f"every {format_duration(view.notify_every_s)}"),
                 ("Max runtime", format_duration(view.max_runtime_s) if view.max_runtime_s else "none"),
                 ("Channels", _e(", ".join(view.channels))), ("Last check-in", _when(view.last_checkin_at, now)),
                 ("Last success", _when(view.last_success_at, now)), ("Next deadline", _due(view, now)),

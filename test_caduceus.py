@@ -4126,7 +4126,11 @@ class DashboardTest(PagesTestCase):
                      "caduceus.py run", "/pause?until=2h"]:
             self.assertIn(html.escape(text, quote=False), page)
         self.assertNotIn("s3cret", page)
+        self.assertIn(f"http://127.0.0.1:{self.port}/ping/KEY/hourly", page)
         self.assertEqual(self.get("/alerts/nosuch")[0], 404)
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\n'
+                                        'base_url = "https://cron.example.com/caduceus/"'))
+        self.assertIn("&quot;https://cron.example.com/caduceus/ping/KEY/hourly&quot;", self.get("/alerts/hourly")[2])
 
     def test_run_strip_has_a_cell_per_run_and_missed_deadline_and_the_chart_a_bar_per_timed_run(self):
         for seconds in (60, 300):
@@ -4426,7 +4430,8 @@ class PauseTest(PagesTestCase):
 
     def test_until_takes_an_iso_time_or_a_duration_and_refuses_the_past(self):
         later = datetime.datetime.fromtimestamp(self.clock.now + 90, datetime.timezone.utc)
-        for until, expected in [("90s", self.clock.now + 90), (later.strftime("%Y-%m-%dT%H:%M:%SZ"), self.clock.now + 90),
+        for until, expected in [("90s", self.clock.now + 90),
+                                (later.strftime("%Y-%m-%dT%H:%M:%SZ"), self.clock.now + 90),
                                 (later.strftime("%Y-%m-%dT%H:%M:%S+00:00"), self.clock.now + 90)]:
             with self.subTest(until=until):
                 status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
