@@ -3275,10 +3275,12 @@ class Monitor:
         self.store.shift_times(step_s)
 
     def next_sweep_at(self) -> float | None:
-        """When the next check goes overdue or is due a reminder; None with no checks."""
+        """When the next check goes overdue, is due a reminder or ends its pause;
+        None with nothing to wait for (no checks, or all paused without an end)."""
         checks = self.config.checks
-        return min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
-                    if row["name"] in checks), default=None)
+        at = min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
+                  if row["name"] in checks), default=math.inf)
+        return None if at == math.inf else at
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:

@@ -4392,6 +4392,11 @@ class PauseTest(PagesTestCase):
         self.clock.advance(1)
         self.assertEqual([flip.new for flip in self.monitor.sweep()], [DOWN])
 
+    def test_with_every_alert_paused_for_good_the_sweeper_still_comes_back(self):
+        for name in ("hourly", HOSTILE_NAME):
+            self.post(f"/api/v1/alerts/{urllib.parse.quote(name, safe='')}/pause")
+        self.assertIsNone(self.monitor.next_sweep_at(), "None: the sweeper then waits its longest, not forever")
+
     def test_a_check_in_ends_the_pause(self):
         self.post("/api/v1/alerts/hourly/pause")
         self.ping("hourly", "start")
