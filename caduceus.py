@@ -3521,6 +3521,10 @@ def alert_views(config: Config, rows: Mapping[str, Mapping[str, Any]], now: floa
 
 
 def _view(spec: CheckSpec, row: Mapping[str, Any], recent: list[Mapping[str, Any]], now: float) -> AlertView:
+    if row["status"] == PAUSED and _column(row, "paused_until") is not None and now >= row["paused_until"]:
+        # Over, though the sweeper has not said so yet: as it will (Monitor._unpause).
+        row = {**{key: row[key] for key in row.keys()}, "paused_until": None, "resumed_at": row["paused_until"],
+               "status": UP if row["last_ping_at"] is not None else NEW}
     status, reason = row["status"], None
     due = reminder = None
     paused_until = _column(row, "paused_until")

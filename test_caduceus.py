@@ -4422,6 +4422,7 @@ class PauseTest(PagesTestCase):
         self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 3600, "the sweeper wakes at the end")
         self.assertEqual(self.get_status("hourly"), "paused")
         self.clock.advance(3600)
+        self.assertEqual(self.get_status("hourly"), "up", "over, even before the sweep says so")
         self.assertEqual(self.monitor.sweep(), [])
         self.assertEqual(self.get_status("hourly"), "up")
         self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 4200, "judged from the window's end")
