@@ -13,6 +13,7 @@ Run::
 
     python3 caduceus.py [-c caduceus.toml] [-b database.sqlite3] [-i localhost] [-p 5000] [-d]
     python3 caduceus.py check [-c caduceus.toml] [-b database.sqlite3] [--json]
+    python3 caduceus.py status [-c caduceus.toml] [-b database.sqlite3] [--json]   # exit 1: one is down
     python3 caduceus.py run URL -- COMMAND [ARGS...]     # wraps a job: start, exit status, output
     python3 caduceus.py reload [--pid-file F | --url URL]  # re-read the config (as SIGHUP does)
     python3 caduceus.py test-notify [-c caduceus.toml] [ALERT | --channel NAME]
@@ -48,9 +49,15 @@ HTTP endpoints (GET, HEAD and POST; a POST body's last 10 KB are kept):
     /reset/<name>/?key=K                 success: 200 "Alert reset."
     /reset/<name>/<signal>?key=K         signal: start, fail, log, or an exit status 0-255
     /ping/[<K>/]<name>[/<signal>]        the same, as healthchecks.io spells it: 200 "OK"
-    GET /                                a short status page
+    GET /                                the dashboard; /alerts/<name>: one alert and its history
+    GET /api/v1/alerts[/<name>]          the same as JSON; POST .../<name>/pause[?until=2h], .../resume
+    GET /badge/<name>.svg (or .json)     a status badge; GET /metrics: Prometheus text format
     GET /healthz                         200 "OK", or 503 with what is wrong
     POST /api/v1/reload?key=K            re-read the config file, as SIGHUP does
+
+With a secret_key, pages, API and metrics need it too (?key=, a Bearer header,
+or the key as a basic-auth password); [config] public_dashboard = true opens
+the read-only views, public_badges = false closes the badges.
 
 An unknown name or a wrong key answers 404, a bad signal 400.  A 200 means
 the signal is committed to SQLite.  All state (first seen, last success,
@@ -75,6 +82,7 @@ import email.utils
 import errno
 import hashlib
 import hmac
+import html
 import http.client
 import http.server
 import io
@@ -135,7 +143,10 @@ __all__ = [
 log = logging.getLogger("caduceus")
 
 #: Check statuses, stored as text.  NEW: never checked in since it was first seen.
-NEW, UP, DOWN = "new", "up", "down"
+NEW, UP, DOWN, PAUSED = "new", "up", "down", "paused"
+#: Statuses that are only shown, never stored (see alert_views): past the
+#: deadline without grace but not with it; a run started and not ended.
+GRACE, RUNNING = "grace", "running"
 
 #: Kinds of notice; each has its own subject line (kept from 0.0.11: users filter on them).
 NOTICE_DOWN, NOTICE_REMINDER, NOTICE_UP = "down", "reminder", "up"
@@ -172,6 +183,21 @@ class NotifyError(CaduceusError):
         super().__init__(message)
         self.permanent = permanent
         self.retry_after_s = retry_after_s
+
+
+class HTTPError(CaduceusError):
+    """An answer other than success, raised by a page (bottle's ``HTTPError``).
+
+    ``text`` is one short sentence for people, without a trailing newline:
+    it is sent as plain text, or as ``{"error": text}`` under /api/.
+    ``headers`` go with it (``Allow``, ``WWW-Authenticate``).
+    """
+
+    def __init__(self, status: int, text: str, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(text)
+        self.status = status
+        self.text = text
+        self.headers = dict(headers or {})
 
 
 ###############################################################################
@@ -762,6 +788,12 @@ def _encryption(value: Any) -> str:
 def _port(value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
         raise ValueError
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError
     return value
 
 
@@ -2048,6 +2080,9 @@ class Config:
     heartbeat_every_s: float = 60.0
     #: Proxies whose X-Forwarded-For is believed (see Handler._client_of).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    public_dashboard: bool = False  #: the read-only views open without the key
+    public_badges: bool = True  #: badges open without the key
+    history: int = 100  #: events kept per alert (check-ins, state changes, notices)
 
 
 def _zone(value: Any) -> datetime.tzinfo:
@@ -2134,6 +2169,9 @@ def load_config(path: str) -> Config:
     heartbeat_every_s = settings.take("heartbeat_every", DURATION_HINT, _cadence, 60.0)
     trusted_proxies = settings.take("trusted_proxies", "a list of addresses or CIDR blocks, "
                                     'such as ["127.0.0.1"]', _networks, ())
+    public_dashboard = settings.take("public_dashboard", "true or false", _boolean, False)
+    public_badges = settings.take("public_badges", "true or false", _boolean, True)
+    history = settings.take("history", "a whole number, at least 1", _positive_int, 100)
     settings.finish()
 
     channels = _read_channels(_Table(path, "alerting", top.take("alerting", "a table", _table, {})))
@@ -2154,7 +2192,9 @@ def load_config(path: str) -> Config:
     top.finish()
     return Config(checks=checks, secret_key=secret_key, channels=channels, path=path, base_url=base_url,
                   max_connections=max_connections, heartbeat_url=heartbeat_url,
-                  heartbeat_every_s=heartbeat_every_s, trusted_proxies=trusted_proxies)
+                  heartbeat_every_s=heartbeat_every_s, trusted_proxies=trusted_proxies,
+                  public_dashboard=public_dashboard,
+                  public_badges=public_badges, history=history)
 
 
 def _read_channels(alerting: _Table) -> dict[str, ChannelInstance]:
@@ -2321,15 +2361,15 @@ def _spec_changes(old: CheckSpec, new: CheckSpec) -> str:
 
 
 ###############################################################################
-# Storage #####################################################################
+# Storage: signals and the schema #############################################
 ###############################################################################
 
-#: Check-ins kept per alert (a ring buffer): the database does not grow per check-in.
-PING_HISTORY = 100
+#: Check-ins, state changes and delivery results kept per alert, by default
+#: (``[config] history``): older ones are pruned as new ones are written, so
+#: the database does not grow per check-in.
+HISTORY = 100
 #: Bytes of a request body kept with a signal (the tail, where errors are).
 MAX_PING_BODY = 10 * 1024
-#: State changes kept per alert.
-FLIP_HISTORY = 100
 #: Notices that could not be delivered at all, kept for inspection.
 FAILED_NOTICE_HISTORY = 100
 
@@ -2370,7 +2410,9 @@ CREATE TABLE IF NOT EXISTS checks (
     started_at    REAL,
     last_duration_s REAL,
     n_pings       INTEGER NOT NULL DEFAULT 0,
-    clock_step_s  REAL NOT NULL DEFAULT 0
+    clock_step_s  REAL NOT NULL DEFAULT 0,
+    paused_until  REAL,
+    resumed_at    REAL
 );
 CREATE TABLE IF NOT EXISTS pings (
     check_name  TEXT NOT NULL,
@@ -2408,6 +2450,16 @@ CREATE TABLE IF NOT EXISTS outbox (
     facts           TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS outbox_pending ON outbox (channel, failed, id);
+CREATE TABLE IF NOT EXISTS deliveries (
+    id         INTEGER PRIMARY KEY,
+    check_name TEXT NOT NULL,
+    at         REAL NOT NULL,
+    channel    TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    result     TEXT NOT NULL,
+    error      TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS deliveries_by_check ON deliveries (check_name, id);
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value
@@ -2423,8 +2475,20 @@ MIGRATIONS = (
     # 3: notices are queued as facts (Notice.to_json), rendered by each channel
     # as it sends; older rows keep only their text in subject and body.
     (3, ["ALTER TABLE outbox ADD COLUMN facts TEXT NOT NULL DEFAULT ''"]),
-    # 4: small facts about Caduceus itself: last_alive_at, see Monitor.downtime.
-    (4, ["CREATE TABLE meta (key TEXT PRIMARY KEY, value)"]),
+    # 4: pauses; each delivery attempt's result; a ping's slot is its arrival
+    # number (it was that modulo 100, in a ring), so any history length works.
+    (4, ["ALTER TABLE checks ADD COLUMN paused_until REAL",
+         "ALTER TABLE checks ADD COLUMN resumed_at REAL",
+         "CREATE TABLE deliveries (id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL, "
+         "channel TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL, error TEXT NOT NULL DEFAULT '')",
+         "CREATE INDEX deliveries_by_check ON deliveries (check_name, id)",
+         # Negative first, so no two rows ever share a slot on the way.
+         "UPDATE pings SET slot = -1 - (SELECT n_pings - 100 + (pings.slot + 100 - n_pings % 100) % 100 "
+         "FROM checks WHERE name = pings.check_name) "
+         "WHERE (SELECT n_pings FROM checks WHERE name = pings.check_name) > 100",
+         "UPDATE pings SET slot = -1 - slot WHERE slot < 0"]),
+    # 5: small facts about Caduceus itself: last_alive_at, see Monitor.downtime.
+    (5, ["CREATE TABLE meta (key TEXT PRIMARY KEY, value)"]),
 )
 #: The schema this release writes (PRAGMA user_version).
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -2447,6 +2511,11 @@ SQLITE_PRAGMAS = (
     # reader, Litestream's included, while holding off writes.
     "PRAGMA wal_autocheckpoint = 1000",
 )
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
 
 
 def _create_private(path: str) -> None:
@@ -2472,8 +2541,10 @@ class Store:
     store never formats values into SQL.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, history: int = HISTORY) -> None:
         self.path = path
+        #: Check-ins, state changes and delivery results kept per alert.
+        self.history = history
         self._lock = threading.RLock()
         self._depth = 0
         if path not in ("", ":memory:"):
@@ -2553,8 +2624,8 @@ class Store:
             for name in names:
                 self.ensure_check(name, now)
             for name in known - set(names):
-                for table, column in (("checks", "name"), ("pings", "check_name"),
-                                      ("flips", "check_name"), ("outbox", "check_name")):
+                for table, column in (("checks", "name"), ("pings", "check_name"), ("flips", "check_name"),
+                                      ("outbox", "check_name"), ("deliveries", "check_name")):
                     conn.execute(f"DELETE FROM {table} WHERE {column} = ?", (name,))
 
     def ensure_check(self, name: str, now: float) -> None:
@@ -2600,25 +2671,28 @@ class Store:
             elif ping.kind == START:
                 conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
             conn.execute("UPDATE checks SET n_pings = n_pings + 1 WHERE name = ?", (name,))
+            # slot: the arrival number (the clock may step back, so not ``at``).
             conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, exit_status, duration_s,"
                          " body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (name, row["n_pings"] % PING_HISTORY, at, ping.kind, ping.exit_status, duration_s,
+                         (name, row["n_pings"], at, ping.kind, ping.exit_status, duration_s,
                           ping.body, ping.remote_addr, ping.user_agent))
+            conn.execute("DELETE FROM pings WHERE check_name = ? AND slot <= ?",
+                         (name, row["n_pings"] - self.history))
 
     def pings(self, name: str) -> list[sqlite3.Row]:
         """The alert's recent signals in the order they arrived (not by ``at``:
         the wall clock may have been set back in between)."""
-        # The ring's oldest slot is the one the next signal overwrites: n_pings % PING_HISTORY.
-        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY (slot + ? - "
-                         "(SELECT COALESCE(MAX(n_pings), 0) FROM checks WHERE name = ?) % ?) % ?",
-                         (name, PING_HISTORY, name, PING_HISTORY, PING_HISTORY))
+        return self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY slot", (name,))
+
+    def recent_pings(self) -> dict[str, list[sqlite3.Row]]:
+        """Every alert's recent signals, in arrival order (see read_recent_pings)."""
+        with self._lock:
+            return read_recent_pings(self._conn)
 
     def last_ping(self, name: str) -> sqlite3.Row | None:
         """The alert's latest-arrived signal, or None: an older run's output would
         mislead a notice about this one."""
-        rows = self._all("SELECT * FROM pings WHERE check_name = ? AND slot = "
-                         "(SELECT (n_pings + ? - 1) % ? FROM checks WHERE name = ? AND n_pings > 0)",
-                         (name, PING_HISTORY, PING_HISTORY, name))
+        rows = self._all("SELECT * FROM pings WHERE check_name = ? ORDER BY slot DESC LIMIT 1", (name,))
         return rows[0] if rows else None
 
     def last_body(self, name: str) -> str:
@@ -2641,19 +2715,51 @@ class Store:
                 (new, down_at, notified_at, down_reason, name, old))
             return cursor.rowcount == 1
 
+    def pause(self, name: str, old: str, until: float | None) -> bool:
+        """Compare-and-swap the status from ``old`` to paused until ``until``
+        (None: until resumed); a run in progress is forgotten."""
+        with self.transaction() as conn:
+            cursor = conn.execute("UPDATE checks SET status = ?, paused_until = ?, started_at = NULL "
+                                  "WHERE name = ? AND status = ?", (PAUSED, until, name, old))
+            return cursor.rowcount == 1
+
+    def resume(self, name: str, new: str, at: float) -> bool:
+        """Compare-and-swap a paused check to ``new``, its deadline counted from ``at``."""
+        with self.transaction() as conn:
+            cursor = conn.execute("UPDATE checks SET status = ?, paused_until = NULL, resumed_at = ? "
+                                  "WHERE name = ? AND status = ?", (new, at, name, PAUSED))
+            return cursor.rowcount == 1
+
     def set_notified(self, name: str, at: float) -> None:
         """Record when the latest failure notice (or reminder) about a check was queued."""
         with self.transaction() as conn:
             conn.execute("UPDATE checks SET notified_at = ? WHERE name = ?", (at, name))
 
     def add_flip(self, name: str, at: float, old: str, new: str, reason: str) -> None:
-        """Record a state change, keeping the newest FLIP_HISTORY per alert."""
+        """Record a state change, keeping the newest ``history`` per alert."""
         with self.transaction() as conn:
             conn.execute("INSERT INTO flips (check_name, at, old, new, reason) VALUES (?, ?, ?, ?, ?)",
                          (name, at, old, new, reason))
             conn.execute("DELETE FROM flips WHERE check_name = ? AND id NOT IN "
                          "(SELECT id FROM flips WHERE check_name = ? ORDER BY id DESC LIMIT ?)",
-                         (name, name, FLIP_HISTORY))
+                         (name, name, self.history))
+
+    def notice_history(self, name: str) -> list[sqlite3.Row]:
+        """The alert's recent delivery attempts (at, channel, kind, result, error), oldest first."""
+        return self._all("SELECT * FROM deliveries WHERE check_name = ? ORDER BY id", (name,))
+
+    def _add_delivery(self, conn: sqlite3.Connection, notice_id: int, at: float, result: str,
+                      error: str) -> None:
+        """Record how an attempt to deliver a queued notice ended (in the caller's
+        transaction, before the notice may leave the outbox), keeping the newest
+        ``history`` per alert."""
+        conn.execute("INSERT INTO deliveries (check_name, at, channel, kind, result, error) "
+                     "SELECT check_name, ?, channel, kind, ?, ? FROM outbox WHERE id = ?",
+                     (at, result, error, notice_id))
+        conn.execute("DELETE FROM deliveries WHERE check_name = (SELECT check_name FROM outbox WHERE id = ?1) "
+                     "AND id NOT IN (SELECT id FROM deliveries WHERE check_name = "
+                     "(SELECT check_name FROM outbox WHERE id = ?1) ORDER BY id DESC LIMIT ?2)",
+                     (notice_id, self.history))
 
     def last_down_flip(self, name: str) -> int | None:
         """The id of the alert's latest change to down: it names the failure
@@ -2677,6 +2783,7 @@ class Store:
             conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, "
                          "last_ping_at = last_ping_at + ?1, started_at = started_at + ?1, "
                          "down_at = down_at + ?1, notified_at = notified_at + ?1, "
+                         "paused_until = paused_until + ?1, resumed_at = resumed_at + ?1, "
                          "clock_step_s = clock_step_s + ?1", (step_s,))
             conn.execute("UPDATE outbox SET created_at = created_at + ?1, "
                          "next_attempt_at = next_attempt_at + ?1 WHERE failed = 0", (step_s,))
@@ -2726,16 +2833,23 @@ class Store:
         """Notices given up on, newest FAILED_NOTICE_HISTORY of them."""
         return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
 
-    def notice_sent(self, notice_id: int) -> None:
-        """Drop a delivered notice from the outbox."""
+    def notice_sent(self, notice_id: int, at: float | None = None) -> None:
+        """Drop a delivered notice from the outbox; with ``at``, add "sent" to
+        the alert's delivery history, in the same transaction."""
         with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "sent", "")
             conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
 
-    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None) -> None:
+    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None,
+                      at: float | None = None) -> None:
         """Record that the notice failed ``attempts`` times so far (a count, not an
         increment, so recording it again changes nothing): retry at ``retry_at``,
-        or give up when it is None."""
+        or give up when it is None.  With ``at``, the attempt joins the alert's
+        delivery history ("failed" or "given_up", with the error)."""
         with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "failed" if retry_at is not None else "given_up", error)
             if retry_at is None:
                 conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, failed = 1 WHERE id = ?",
                              (attempts, error, notice_id))
@@ -2786,6 +2900,19 @@ def read_legacy_state(conn: sqlite3.Connection) -> dict[str, tuple[float | None,
     return {name: (checked_in.get(name), notified.get(name)) for name in checked_in.keys() | notified.keys()}
 
 
+def read_recent_pings(conn: sqlite3.Connection) -> dict[str, list[sqlite3.Row]]:
+    """``{alert: [its recent signals in the order they arrived]}`` through ``conn``
+    (the server's, or ``status``'s read-only one)."""
+    pings: dict[str, list[sqlite3.Row]] = {}
+    # Before schema 4 a slot was the arrival number modulo 100, in a ring.
+    ring = conn.execute("PRAGMA user_version").fetchone()[0] < 4
+    order = "(slot + 100 - checks.n_pings % 100) % 100" if ring else "slot"
+    for row in conn.execute("SELECT pings.* FROM pings JOIN checks ON checks.name = pings.check_name "
+                            f"ORDER BY check_name, {order}"):
+        pings.setdefault(row["check_name"], []).append(row)
+    return pings
+
+
 def _legacy_time(text: Any) -> float | None:
     if not text:
         return None
@@ -2810,7 +2937,7 @@ def legacy_check_state(spec: CheckSpec, last_ping_at: float | None, notified_at:
 
 
 ###############################################################################
-# Monitor #####################################################################
+# Rules: deadlines and notices ################################################
 ###############################################################################
 
 #: First retry of a failed notice after this, then doubling ...
@@ -2855,6 +2982,12 @@ class _Outcome:
     sent: bool = False
     error: str = ""
     retry_at: float | None = None  #: None, when not sent: given up
+    at: float | None = None  #: when the attempt ended, for the delivery history
+
+    @property
+    def result(self) -> str:
+        """``sent``, ``failed`` (to be retried) or ``given_up``."""
+        return "sent" if self.sent else "failed" if self.retry_at is not None else "given_up"
 
     @property
     def settled(self) -> bool:
@@ -2864,16 +2997,16 @@ class _Outcome:
     def record(self, store: Store) -> None:
         """Write the outcome to the outbox; raises sqlite3.Error when it cannot."""
         if self.sent:
-            store.notice_sent(self.notice_id)
+            store.notice_sent(self.notice_id, self.at)
         else:
-            store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at)
+            store.notice_failed(self.notice_id, self.attempts, self.error, self.retry_at, self.at)
 
 
 def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     """When a check that is not down goes down if nothing arrives, and why.
 
     The due time follows the last success (or, never having succeeded, the
-    time the check was first seen): plus ``every``, or the next ``schedule``
+    time the check was first seen; or the end of a pause, if later): plus ``every``, or the next ``schedule``
     time, plus ``grace``.  A run started more than ``max_runtime`` ago is due
     earlier, for running too long.
 
@@ -2885,6 +3018,10 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
     an earlier deadline would cry wolf).
     """
     since = row["last_ping_at"] if row["last_ping_at"] is not None else row["first_seen_at"]
+    # A pause's end counts as a fresh start (a file not yet migrated has no resumed_at).
+    resumed_at = row["resumed_at"] if "resumed_at" in row.keys() else None
+    if resumed_at is not None and resumed_at > since:
+        since = resumed_at
     # A read-only `check` of a file not yet migrated has no clock_step_s.
     step_s = row["clock_step_s"] if "clock_step_s" in row.keys() else 0.0
     if spec.schedule is None or not step_s:
@@ -2901,9 +3038,12 @@ def deadline(spec: CheckSpec, row: Mapping[str, Any]) -> tuple[float, str]:
 
 
 def next_event_at(spec: CheckSpec, row: Mapping[str, Any]) -> float:
-    """When a check next needs the sweeper: its reminder if down, else its deadline."""
+    """When a check next needs the sweeper: its reminder if down, the end of its
+    pause if paused (infinity: no end), else its deadline."""
     if row["status"] == DOWN:
         return row["notified_at"] + spec.notify_every_s
+    if row["status"] == PAUSED:
+        return math.inf if row["paused_until"] is None else row["paused_until"]
     return deadline(spec, row)[0]
 
 
@@ -2973,6 +3113,28 @@ def _tail(output: str) -> list[str]:
     return text.splitlines()[-TAIL_LINES:] if text else []
 
 
+###############################################################################
+# Monitor #####################################################################
+###############################################################################
+
+
+class _Tally:
+    """Counters since the start, for /metrics: ``add(family, key)``, ``counts(family)``."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts: dict[str, dict[Any, int]] = {}
+
+    def add(self, family: str, key: Any) -> None:
+        with self._lock:
+            counts = self._counts.setdefault(family, {})
+            counts[key] = counts.get(key, 0) + 1
+
+    def counts(self, family: str) -> dict[Any, int]:
+        with self._lock:
+            return dict(self._counts.get(family, {}))
+
+
 class Monitor:
     """The rules: signals, deadlines, and which notices to send.
 
@@ -2990,6 +3152,10 @@ class Monitor:
     any            start                 unchanged; the run is timed, and
                                          with max_runtime, due to finish
     any            log                   unchanged; kept in the history
+    any            pause()               paused, silently: nothing is judged
+    paused         resume(), success,    up (new if it never succeeded), its
+                   the end of ``until``  deadline counted from then; a
+                                         failure then goes down as above
     =============  ====================  =====================================
 
     State changes and the notices they cause are committed in one
@@ -3042,6 +3208,8 @@ class Monitor:
         self.downtime: tuple[float, float] | None = None
         #: Per channel, when the send in progress began (``clock``): see Watchdog.
         self.sending: dict[str, float] = {}
+        #: Signals by (alert, kind) and deliveries by (channel, result) since the start.
+        self.tally = _Tally()
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -3129,6 +3297,10 @@ class Monitor:
                 self.store.ensure_check(name, now)
                 row = self.store.check(name)
             self.store.record_ping(name, now, ping)
+            if row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL):
+                # A paused alert's next check-in ends the pause (healthchecks.io's rule).
+                self._unpause(spec, self.store.check(name), now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
+                row = self.store.check(name)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
             elif ping.kind == SUCCESS and row["status"] == DOWN:
@@ -3137,11 +3309,60 @@ class Monitor:
                 reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
                 flip = self._flip(spec, row, DOWN, reason, now, now)
             row = self.store.check(name)
+        self.tally.add("checkins", (name, ping.kind))
         if flip:
             self._tell(self._outbox_listeners, now)
         if row["status"] != DOWN:
-            self._tell(self._deadline_listeners, deadline(spec, row)[0])
+            self._tell(self._deadline_listeners, next_event_at(spec, row))
         return flip
+
+    # Pauses ----------------------------------------------------------------
+
+    def pause(self, name: str, until: float | None = None, by: str = "") -> None:
+        """Stop judging the alert: it sends nothing and stays paused until
+        ``resume()``, its next success or failure, or ``until`` (epoch seconds;
+        None: no end), after which its deadline counts from the pause's end.
+        Pausing a paused alert moves its end.  The pause is kept in the state
+        changes with ``by`` (who asked).  Raises ``KeyError`` for a name that is
+        not configured and ``ValueError`` for an ``until`` not in the future.
+        """
+        if name not in self.config.checks:
+            raise KeyError(name)
+        with self._operation() as now:
+            if until is not None and until <= now:
+                raise ValueError(f"until: {format_time(until)} is not in the future")
+            row = self.store.check(name)
+            if row is None:  # lost (the database was edited): start the alert afresh
+                self.store.ensure_check(name, now)
+                row = self.store.check(name)
+            self.store.pause(name, row["status"], until)
+            words = f"paused by {by or 'someone'}" + (f" until {format_time(until)}" if until is not None else "")
+            self.store.add_flip(name, now, row["status"], PAUSED, words)
+        log.warning("%s: %s", name, words)
+        if until is not None:
+            self._tell(self._deadline_listeners, until)
+
+    def resume(self, name: str, by: str = "") -> bool:
+        """End the alert's pause now; False if it was not paused.  Raises
+        ``KeyError`` for a name that is not configured."""
+        spec = self.config.checks[name]
+        with self._operation() as now:
+            row = self.store.check(name)
+            resumed = row is not None and row["status"] == PAUSED
+            if resumed:
+                self._unpause(spec, row, now, f"resumed by {by or 'someone'}")
+                row = self.store.check(name)
+        if resumed:
+            self._tell(self._deadline_listeners, next_event_at(spec, row))
+        return resumed
+
+    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str) -> None:
+        """End a pause at ``at`` (in the caller's transaction): up (new, never
+        having succeeded), with its deadline counted from ``at``."""
+        new = UP if row["last_ping_at"] is not None else NEW
+        if self.store.resume(spec.name, new, at):
+            self.store.add_flip(spec.name, at, PAUSED, new, f"pause ended: {why}")
+            log.warning("%s: pause ended: %s", spec.name, why)
 
     # Deadlines -------------------------------------------------------------
 
@@ -3155,6 +3376,11 @@ class Monitor:
                 spec = config.checks.get(row["name"])
                 if spec is None:
                     continue
+                if row["status"] == PAUSED:
+                    if row["paused_until"] is None or now < row["paused_until"]:
+                        continue
+                    self._unpause(spec, row, row["paused_until"], "maintenance window over")
+                    row = self.store.check(spec.name)
                 if row["status"] != DOWN:
                     due, reason = deadline(spec, row)
                     if now >= due:
@@ -3196,10 +3422,12 @@ class Monitor:
         self.store.shift_times(step_s)
 
     def next_sweep_at(self) -> float | None:
-        """When the next check goes overdue or is due a reminder; None with no checks."""
+        """When the next check goes overdue, is due a reminder or ends its pause;
+        None with nothing to wait for (no checks, or all paused without an end)."""
         checks = self.config.checks  # once, as a reload may swap it
-        return min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
-                    if row["name"] in checks), default=None)
+        at = min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
+                  if row["name"] in checks), default=math.inf)
+        return None if at == math.inf else at
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:
@@ -3274,6 +3502,7 @@ class Monitor:
             if next_attempt_at > now:
                 return self._come_back(unrecorded, next_attempt_at, now)
             outcome = self._attempt(channel, row, attempts + 1)
+            self.tally.add("notifications", (channel, outcome.result))
             self._record(outcome, unrecorded)
             if not outcome.settled:
                 return self._come_back(unrecorded, outcome.retry_at, self.clock())
@@ -3307,12 +3536,12 @@ class Monitor:
             if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
                 log.error("%s: gave up sending %r to %s after %d attempts: %s",
                           notice.alert, subject, channel, attempt, exc)
-                return _Outcome(row["id"], attempt, error=str(exc))
+                return _Outcome(row["id"], attempt, error=str(exc), at=now)
             log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
                         notice.alert, subject, channel, attempt, exc, format_duration(delay))
-            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay)
+            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay, at=now)
         log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
-        return _Outcome(row["id"], attempt, sent=True)
+        return _Outcome(row["id"], attempt, sent=True, at=self.clock())
 
     def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
         """The notice an outbox row holds.  One queued by schema 1 or 2 (before
@@ -3360,6 +3589,143 @@ class Monitor:
     def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
         for listener in listeners:
             listener(at)
+
+
+###############################################################################
+# Status ######################################################################
+###############################################################################
+
+#: The dashboard lists the worst first.
+STATUS_ORDER = (DOWN, GRACE, RUNNING, NEW, UP, PAUSED)
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertView:
+    """One alert as every page, the API, badges, metrics, ``status`` and
+    ``check`` show it: its settings, and its state at one moment.  Times are
+    epoch seconds (None: never, or not applicable)."""
+
+    name: str
+    status: str  #: one of STATUS_ORDER
+    description: str  #: the schedule in words
+    schedule: str | None
+    every_s: float | None
+    tz: datetime.tzinfo
+    grace_s: float
+    notify_every_s: float
+    max_runtime_s: float | None
+    channels: tuple[str, ...]
+    first_seen_at: float
+    last_checkin_at: float | None  #: the latest signal of any kind
+    last_success_at: float | None
+    next_due_at: float | None  #: when it will be considered failing; None while down or paused
+    next_reminder_at: float | None  #: while down
+    started_at: float | None  #: of the run in progress
+    last_duration_s: float | None
+    last_exit_status: int | None
+    reason: str | None  #: why it is down
+    down_since: float | None
+    paused_until: float | None
+
+    @property
+    def failing(self) -> bool:
+        return self.status == DOWN
+
+    def as_json(self) -> dict[str, Any]:
+        """The API's fields: times as ISO 8601 UTC, durations in seconds."""
+        return {
+            "name": self.name, "status": self.status, "description": self.description,
+            "last_checkin": _iso(self.last_checkin_at), "last_success": _iso(self.last_success_at),
+            "next_due": _iso(self.next_due_at), "next_reminder": _iso(self.next_reminder_at),
+            "every": self.every_s, "schedule": self.schedule, "timezone": str(self.tz),
+            "grace": self.grace_s, "notify_every": self.notify_every_s, "max_runtime": self.max_runtime_s,
+            "channels": list(self.channels), "started_at": _iso(self.started_at),
+            "last_duration": self.last_duration_s, "last_exit_status": self.last_exit_status,
+            "reason": self.reason, "down_since": _iso(self.down_since), "paused_until": _iso(self.paused_until),
+        }
+
+
+def _iso(at: float | None) -> str | None:
+    return None if at is None else format_time(at)
+
+
+def _column(row: Mapping[str, Any], name: str) -> Any:
+    """A column that a file not yet migrated (read by ``check``) may lack."""
+    return row[name] if name in row.keys() else None
+
+
+def alert_views(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
+                pings: Mapping[str, list[Mapping[str, Any]]] | None = None,
+                legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[AlertView]:
+    """Every configured alert's view at ``now``, in config order.
+
+    ``rows`` are the stored check rows by name, ``pings`` each alert's recent
+    signals in arrival order (for the last check-in and exit status).  An
+    alert missing from ``rows`` is shown as the server would start it at
+    ``now``: with its Caduceus 0.0.11 state from ``legacy``, if any, or as
+    first seen.  An alert past its deadline is down even before the sweeper
+    has marked it so, with the reason the sweeper will give.
+    """
+    views = []
+    for spec in config.checks.values():
+        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
+        recent = (pings or {}).get(spec.name, [])
+        views.append(_view(spec, row, recent, now))
+    return views
+
+
+def _view(spec: CheckSpec, row: Mapping[str, Any], recent: list[Mapping[str, Any]], now: float) -> AlertView:
+    if row["status"] == PAUSED and _column(row, "paused_until") is not None and now >= row["paused_until"]:
+        # Over, though the sweeper has not said so yet: as it will (Monitor._unpause).
+        row = {**{key: row[key] for key in row.keys()}, "paused_until": None, "resumed_at": row["paused_until"],
+               "status": UP if row["last_ping_at"] is not None else NEW}
+    status, reason = row["status"], None
+    due = reminder = None
+    paused_until = _column(row, "paused_until")
+    if status == DOWN:
+        reason = row["down_reason"] or REASON_MISSED
+        reminder = next_event_at(spec, row)
+    elif status == PAUSED:
+        due = spec.due_after(paused_until) if paused_until is not None else None
+    else:
+        due, why = deadline(spec, row)
+        if now >= due:
+            status, reason, due = DOWN, why, None
+            reminder = now + spec.notify_every_s
+        elif row["started_at"] is not None:
+            status = RUNNING
+        elif spec.grace_s and now >= due - spec.grace_s:
+            status = GRACE
+    ends = [ping for ping in recent if ping["kind"] in (SUCCESS, FAIL)]
+    return AlertView(
+        name=spec.name, status=status, description=spec.describe(),
+        schedule=spec.schedule.expression if spec.schedule else None, every_s=spec.every_s, tz=spec.tz,
+        grace_s=spec.grace_s, notify_every_s=spec.notify_every_s, max_runtime_s=spec.max_runtime_s,
+        channels=tuple(spec.channels), first_seen_at=row["first_seen_at"],
+        last_checkin_at=recent[-1]["at"] if recent else None, last_success_at=row["last_ping_at"],
+        next_due_at=due, next_reminder_at=reminder,
+        started_at=row["started_at"] if status != PAUSED else None,
+        last_duration_s=_column(row, "last_duration_s"),
+        last_exit_status=ends[-1]["exit_status"] if ends else None, reason=reason,
+        down_since=row["down_at"] if row["status"] == DOWN else None,
+        paused_until=paused_until if status == PAUSED else None)
+
+
+def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
+    """The row the server would give an alert at its first start at ``now``."""
+    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
+           "down_at": None, "down_reason": ""}
+    state = legacy_check_state(spec, *legacy)
+    if state is not None:
+        status, last_ping_at, down_at, notified_at = state
+        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
+                   down_reason=REASON_MISSED if status == DOWN else "")
+    return row
+
+
+def sort_views(views: list[AlertView]) -> list[AlertView]:
+    """The worst first (STATUS_ORDER), then by name."""
+    return sorted(views, key=lambda view: (STATUS_ORDER.index(view.status), view.name))
 
 
 ###############################################################################
@@ -3680,6 +4046,71 @@ def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
     return any(address in network for network in trusted)
 
 
+#: Sent with every answer.  Nothing is loaded from elsewhere (a page is one
+#: request: inline CSS, inline SVG); no type sniffing; no Referer leaves with a
+#: ``?key=`` in it; no framing.
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'; img-src data:; "
+                                "base-uri 'none'; form-action 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+)
+#: The Content-Type of plain text answers (check-ins, errors).
+TEXT_TYPE = "text/plain; charset=utf-8"
+
+
+@dataclasses.dataclass(frozen=True)
+class Response:
+    """What a page returns: status, body, its Content-Type and any extra headers.
+    ``Handler._send`` adds Content-Length and SECURITY_HEADERS."""
+
+    status: int = 200
+    body: bytes = b""
+    content_type: str = TEXT_TYPE
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+def text_response(text: str, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A plain text answer, exactly ``text``."""
+    return Response(status, text.encode(), TEXT_TYPE, tuple((headers or {}).items()))
+
+
+def json_response(data: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    """A JSON answer (UTF-8, indented, with a final newline)."""
+    body = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return Response(status, body.encode(), "application/json; charset=utf-8", tuple((headers or {}).items()))
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One request as a page sees it.  ``config`` is read once per request, so a
+    reload is never seen half-way; ``path`` is percent-decoded; ``query`` is
+    ``parse_qs``'s; ``body`` is the kept tail of ``body_length`` bytes."""
+
+    method: str
+    target: str
+    path: str
+    query: Mapping[str, list[str]]
+    headers: Any  # http.client.HTTPMessage
+    body: bytes
+    body_length: int
+    client: str
+    config: Config
+    server: Server
+
+    @property
+    def monitor(self) -> Monitor:
+        return self.server.monitor
+
+    def header_key(self) -> str | None:
+        """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
+        key = self.headers.get("X-Caduceus-Key")
+        if key is None:
+            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
+            key = token.strip() if scheme.lower() == "bearer" else None
+        return key
+
+
 class _RateLimit:
     """Lets one event per key through every ``interval_s``, and counts the rest.
 
@@ -3732,13 +4163,15 @@ class Server(http.server.ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
                  max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
                  idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S,
-                 listen_socket: socket.socket | None = None) -> None:
+                 listen_socket: socket.socket | None = None, routes: tuple | None = None) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
         #: What /healthz asks (None: healthy while it answers), and what
         #: POST /api/v1/reload calls: ``reloader() -> (done, message)``.
         self.watchdog: Watchdog | None = None
         self.reloader: Callable[[], tuple[bool, str]] | None = None
+        #: ``(methods, pattern, page)`` (see Handler); ROUTES, at the end of the Pages section.
+        self.routes = ROUTES if routes is None else routes
         self.connections = _Connections(max_connections, slow_request_s)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
@@ -3846,11 +4279,13 @@ class Server(http.server.ThreadingHTTPServer):
 
 
 class Handler(http.server.BaseHTTPRequestHandler):
-    """Routes check-ins to ``self.server.monitor``; see the module docstring.
+    """Reads a request and answers it from the first of ``server.routes`` whose
+    pattern matches its whole path: ``(methods, pattern, page)``, where
+    ``page(request, match)`` returns a ``Response`` or raises ``HTTPError``.
 
-    Every answer, errors from http.server included, is short plain text
-    written by ``_reply``.  The key may come in the URL or, on check-ins, in an
-    ``X-Caduceus-Key`` or ``Authorization: Bearer`` header.
+    Every answer, errors from http.server included, is written by ``_send``.
+    Errors are short plain text, or JSON under /api/.  OPTIONS answers with
+    ``Allow``; another method not listed gets 405 with ``Allow``.
     """
 
     protocol_version = "HTTP/1.1"
@@ -3859,14 +4294,6 @@ class Handler(http.server.BaseHTTPRequestHandler):
     #: writes on a keep-alive connection stall 40 ms on Nagle + delayed ACK.
     wbufsize = 64 * 1024
     disable_nagle_algorithm = True
-
-    _ROUTES = (
-        (re.compile(r"/"), ("GET", "HEAD"), "_home"),
-        (re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), ("GET", "HEAD", "POST"), "_reset"),
-        (re.compile(r"/ping/(?P<rest>.+)"), ("GET", "HEAD", "POST"), "_ping"),
-        (re.compile(r"/healthz"), ("GET", "HEAD"), "_healthz"),
-        (re.compile(r"/api/v1/reload"), ("POST",), "_api_reload"),
-    )
 
     def setup(self) -> None:
         super().setup()
@@ -3933,7 +4360,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.0"  # so the answer has a status line and headers
         text = (message or self.responses.get(code, ("Error",))[0]).partition(" (")[0]
         self.log_error("code %d, message %s", code, message or text)
-        self._reply(code, f"{text}.\n")
+        self._send(text_response(f"{text}.\n", code))
 
     def do_GET(self) -> None:
         self._route()
@@ -3951,7 +4378,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 self.server.connections.mark(self._conn, HANDLING)
                 self._dispatch(body)
             except sqlite3.OperationalError as exc:
-                self._database_unavailable(exc, "")
+                self._send(error_response(self.path, database_unavailable(self.server, exc, "")))
             except (ConnectionError, socket.timeout) as exc:  # _TooSlow included
                 self.close_connection = True
                 log.debug("%s went away during %s: %s", self.client, self._safe_request_line(), exc)
@@ -3959,28 +4386,35 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 log.exception("error handling %s", self._safe_request_line())
                 self.close_connection = True
                 with contextlib.suppress(OSError):  # the client may be gone too
-                    self._reply(500, "Internal server error.\n")
+                    self._send(text_response("Internal server error.\n", 500))
 
     def _dispatch(self, body: tuple[bytes, int]) -> None:
         # The config is read once per request: a reload swaps it whole.
-        self.config = self.server.monitor.config
-        self.client = self._client_of(self.config.trusted_proxies)
+        config = self.server.monitor.config
+        self.client = self._client_of(config.trusted_proxies)
         split = urllib.parse.urlsplit(self.path)
-        path = urllib.parse.unquote(split.path)
-        for pattern, methods, handler in self._ROUTES:
-            match = pattern.fullmatch(path)
+        request = Request(self.command, self.path, urllib.parse.unquote(split.path),
+                          urllib.parse.parse_qs(split.query, keep_blank_values=True), self.headers,
+                          body[0], body[1], self.client, config, self.server)
+        try:
+            response = self._page(request)
+        except HTTPError as exc:
+            response = error_response(request.target, exc)
+        self._send(response)
+
+    def _page(self, request: Request) -> Response:
+        """The answer of the first route whose pattern matches the whole path."""
+        for methods, pattern, page in self.server.routes:
+            match = pattern.fullmatch(request.path)
             if match is None:
                 continue
             allow = ", ".join((*methods, "OPTIONS"))
-            if self.command == "OPTIONS":
-                self._reply(200, "", extra={"Allow": allow})
-            elif self.command not in methods:
-                self._reply(405, "Method not allowed.\n", extra={"Allow": allow})
-            else:
-                query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
-                getattr(self, handler)(match, query, body)
-            return
-        self._reply(404, "Not found.\n")
+            if request.method == "OPTIONS":
+                return Response(headers=(("Allow", allow),))
+            if request.method not in methods:
+                raise HTTPError(405, "Method not allowed.", {"Allow": allow})
+            return page(request, match)
+        raise HTTPError(404, "Not found.")
 
     def _body(self) -> tuple[bytes, int] | None:
         """Read the request body: return its last MAX_PING_BODY bytes and its length,
@@ -4003,7 +4437,7 @@ class Handler(http.server.BaseHTTPRequestHandler):
             problem = (413, "Body too large.\n")
         if problem is not None:
             self.close_connection = True
-            self._reply(*problem)
+            self._send(text_response(problem[1], problem[0]))
             return None
         kept, length = b"", int(next(iter(lengths), "0"))
         remaining = length
@@ -4039,154 +4473,28 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
         return str(hop)
 
-    def _home(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        monitor, config = self.server.monitor, self.config
-        down = sum(row["status"] == DOWN for row in monitor.store.checks()
-                   if row["name"] in config.checks)
-        self._reply(200, f"Caduceus {__version__}: watching {len(config.checks)} alerts, "
-                         f"{down} failing.\n")
-
-    def _healthz(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """200 "OK" while the sweeper, the database and the couriers work; else
-        503 with the reasons (see Watchdog).  For Docker's and Kubernetes' checks."""
-        watchdog = self.server.watchdog
-        problems = watchdog.problems() if watchdog is not None else []
-        if problems:
-            self._reply(503, f"Unhealthy: {'; '.join(problems)}.\n")
-        else:
-            self._reply(200, "OK\n")
-
-    def _api_reload(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """Re-read the config file, as SIGHUP does; needs ``secret_key`` as the key."""
-        key = self._header_key()
-        if key is None:
-            key = query.get("key", [""])[0]
-        secret = self.config.secret_key
-        if not secret:
-            self._reply(403, "Reloading over HTTP needs a secret_key in [config]; send SIGHUP instead.\n")
-        elif not hmac.compare_digest(key.encode(), secret.encode()):
-            why = "reload with a wrong key" if key else "reload without a key"
-            self._reject(403, "Wrong or missing key.\n", "", why)
-        elif self.server.reloader is None:
-            self._reply(503, "Reloading is not available here.\n")
-        else:
-            done, message = self.server.reloader()
-            self._reply(200 if done else 400, message + "\n")
-
-    def _header_key(self) -> str | None:
-        """The key from an ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, if any."""
-        key = self.headers.get("X-Caduceus-Key")
-        if key is None:
-            scheme, _, token = self.headers.get("Authorization", "").strip().partition(" ")
-            key = token.strip() if scheme.lower() == "bearer" else None
-        return key
-
-    def _reset(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>, or the key in a header."""
-        key = self._header_key()
-        if key is None:
-            key = query.get("key", [""])[0]
-        recorded = self._signal(match["name"], key, match["signal"] or "", body)
-        if recorded is not None:
-            kind, note = recorded
-            if key and not self.config.secret_key:
-                note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
-                         " the check-in counted.\n")
-            self._reply(200, _RESET_ANSWERS[kind] + note)
-
-    def _ping(self, match: re.Match, query: dict[str, list[str]], body: tuple[bytes, int]) -> None:
-        """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]; with the
-        key in a header, /ping/<name>[/<signal>]."""
-        parts = match["rest"].split("/")
-        key = self._header_key()
-        if key is None and self.config.secret_key:
-            key = parts.pop(0)
-        if not 1 <= len(parts) <= 2:
-            self._reject(404, "Not found.\n", "", "not a check-in URL")
-            return
-        recorded = self._signal(parts[0], key or "", parts[1] if len(parts) == 2 else "", body)
-        if recorded is not None:
-            self._reply(200, "OK" + recorded[1])
-
-    def _signal(self, name: str, key: str, signal_text: str,
-                body: tuple[bytes, int]) -> tuple[str, str] | None:
-        """Check the key and record the signal with the body's kept tail.
-
-        Returns its kind and a note for the answer ("" or that the body was
-        truncated), or None after replying with an error.
-        """
-        monitor, config = self.server.monitor, self.config
-        secret = config.secret_key
-        # Compare even for unknown names, so timing does not tell which names exist.
-        key_ok = hmac.compare_digest(key.encode(), secret.encode())
-        if name not in config.checks or (secret and not key_ok):
-            why = "no such alert" if name not in config.checks else "wrong key" if key else "no key"
-            self._reject(404, "Not found.\n", name, why)
-            return None
-        try:
-            kind, exit_status = parse_signal(signal_text)
-        except ValueError as exc:
-            message = str(exc)
-            self._reject(400, f"{message[0].upper()}{message[1:]}.\n", name, "bad signal")
-            return None
-        data, length = body
-        note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
-                if length > len(data) else "")
-        ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), self.client,
-                    self.headers.get("User-Agent", "")[:200])
-        try:
-            monitor.ping(name, ping)
-        except sqlite3.OperationalError as exc:
-            self._database_unavailable(exc, "; the check-in was not recorded")
-            return None
-        except KeyError:  # removed by a reload since this request read the config
-            self._reject(404, "Not found.\n", name, "no such alert")
-            return None
-        self.server.database_worked(monitor.clock())
-        what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
-        log.info("%s: %s from %s", name, what, self.client)
-        return kind, note
-
-    def _reject(self, code: int, text: str, name: str, why: str) -> None:
-        """Answer a refused check-in, and log it once a minute per client and alert."""
-        self._reply(code, text)
-        client = self.client
-        held = self.server.rejections.allow((client, name[:LOG_QUOTE_MAX]), self.server.monitor.clock())
-        if held is not None:
-            more = f" ({held} more since the last such line)" if held else ""
-            log.warning("refused check-in from %s: %s %s: %s%s", client, self.command,
-                        self._mask(self.path), why, more)
-
-    def _database_unavailable(self, exc: sqlite3.OperationalError, consequence: str) -> None:
-        problem = _database_problem(exc)
-        self.server.database_failed(problem, self.server.monitor.clock())
-        self._reply(503, f"Database unavailable: {problem}{consequence}.\n")
-
-    def _reply(self, code: int, body: str, extra: Mapping[str, str] | None = None) -> None:
-        payload = body.encode()
+    def _send(self, response: Response) -> None:
+        """Write an answer: status, headers (Content-Type, Content-Length, the
+        security headers, the page's own) and body (not for HEAD), in one write."""
         # Writes get the time a whole request gets (a read may have left little).
         self.connection.settimeout(self.server.request_timeout_s)
-        self.send_response(code)
-        self.send_header("Content-Type", "text/plain; charset=utf-8")
-        self.send_header("Content-Length", str(len(payload)))
-        for name, value in (extra or {}).items():
+        self.send_response(response.status)
+        self.send_header("Content-Type", response.content_type)
+        self.send_header("Content-Length", str(len(response.body)))
+        for name, value in SECURITY_HEADERS + response.headers:
             self.send_header(name, value)
         if self.close_connection:
             self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
-            self.wfile.write(payload)
+            self.wfile.write(response.body)
 
     def version_string(self) -> str:
         return self.server_version  # without the Python version
 
     def _mask(self, text: str) -> str:
-        """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
         monitor = self.server.monitor
-        secret = monitor.config.secret_key if monitor else ""
-        cut = len(text) > LOG_QUOTE_MAX
-        masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
-        return f"{masked}... ({len(text)} characters)" if cut else masked
+        return _log_quote(text, monitor.config.secret_key if monitor else "")
 
     def _safe_request_line(self) -> str:
         return self._mask(getattr(self, "requestline", ""))
@@ -4198,6 +4506,635 @@ class Handler(http.server.BaseHTTPRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:
         # Error lines from http.server may quote the raw request line: mask keys there too.
         log.info("%s %s", self.client, self._mask(format % args))
+
+
+def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:
+    """The 503 for a database fault (which the server logs, rate-limited)."""
+    problem = _database_problem(exc)
+    server.database_failed(problem, server.monitor.clock())
+    return HTTPError(503, f"Database unavailable: {problem}{consequence}.")
+
+
+def error_response(path: str, exc: HTTPError) -> Response:
+    """An HTTPError as an answer: ``{"error": text}`` under /api/, else plain text."""
+    if urllib.parse.unquote(urllib.parse.urlsplit(path).path).startswith("/api/"):
+        return json_response({"error": exc.text}, exc.status, exc.headers)
+    return text_response(exc.text + "\n", exc.status, exc.headers)
+
+
+def _log_quote(text: str, secret: str) -> str:
+    """``text`` cut to LOG_QUOTE_MAX characters, with every key in it masked."""
+    cut = len(text) > LOG_QUOTE_MAX
+    masked = mask_keys(text[:LOG_QUOTE_MAX], secret, key_in_ping_path=bool(secret))
+    return f"{masked}... ({len(text)} characters)" if cut else masked
+
+
+###############################################################################
+# Pages: check-ins ############################################################
+###############################################################################
+
+
+def reset_page(request: Request, match: re.Match) -> Response:
+    """Caduceus's own URLs: /reset/<name>/[<signal>]?key=<secret_key>, or the key in a header."""
+    key = request.header_key()
+    if key is None:
+        key = request.query.get("key", [""])[0]
+    kind, note = _check_in(request, match["name"], key, match["signal"] or "")
+    if key and not request.config.secret_key:
+        note += ("\nWarning: this server has no secret_key configured, so the key was ignored;"
+                 " the check-in counted.\n")
+    return text_response(_RESET_ANSWERS[kind] + note)
+
+
+def ping_page(request: Request, match: re.Match) -> Response:
+    """healthchecks.io's URLs: /ping/[<secret_key>/]<name>[/<signal>]; with the
+    key in a header, /ping/<name>[/<signal>]."""
+    parts = match["rest"].split("/")
+    key = request.header_key()
+    if key is None and request.config.secret_key:
+        key = parts.pop(0)
+    if not 1 <= len(parts) <= 2:
+        raise _refused(request, 404, "Not found.", "", "not a check-in URL")
+    _, note = _check_in(request, parts[0], key or "", parts[1] if len(parts) == 2 else "")
+    return text_response("OK" + note)
+
+
+def _check_in(request: Request, name: str, key: str, signal_text: str) -> tuple[str, str]:
+    """Check the key and record the signal with the body's kept tail.
+
+    Returns its kind and a note for the answer ("" or that the body was
+    truncated); raises HTTPError (404 for an unknown name or a wrong key,
+    alike; 400 for a bad signal; 503 when the database failed).
+    """
+    monitor, config = request.monitor, request.config
+    secret = config.secret_key
+    # Compare even for unknown names, so timing does not tell which names exist.
+    key_ok = hmac.compare_digest(key.encode(), secret.encode())
+    if name not in config.checks or (secret and not key_ok):
+        why = "no such alert" if name not in config.checks else "wrong key" if key else "no key"
+        raise _refused(request, 404, "Not found.", name, why)
+    try:
+        kind, exit_status = parse_signal(signal_text)
+    except ValueError as exc:
+        message = str(exc)
+        raise _refused(request, 400, f"{message[0].upper()}{message[1:]}.", name, "bad signal") from None
+    data, length = request.body, request.body_length
+    note = (f"\nThe body was truncated: its last {len(data)} of {length} bytes were kept.\n"
+            if length > len(data) else "")
+    ping = Ping(kind, exit_status, data.decode("utf-8", "replace"), request.client,
+                request.headers.get("User-Agent", "")[:200])
+    try:
+        monitor.ping(name, ping)
+    except sqlite3.OperationalError as exc:
+        raise database_unavailable(request.server, exc, "; the check-in was not recorded") from None
+    except KeyError:  # removed by a reload since this request read the config
+        raise _refused(request, 404, "Not found.", name, "no such alert") from None
+    request.server.database_worked(monitor.clock())
+    what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
+    log.info("%s: %s from %s", name, what, request.client)
+    return kind, note
+
+
+def _refused(request: Request, code: int, text: str, name: str, why: str) -> HTTPError:
+    """The answer to a refused check-in; it is logged once a minute per client and alert."""
+    held = request.server.rejections.allow((request.client, name[:LOG_QUOTE_MAX]), request.monitor.clock())
+    if held is not None:
+        more = f" ({held} more since the last such line)" if held else ""
+        log.warning("refused check-in from %s: %s %s: %s%s", request.client, request.method,
+                    _log_quote(request.target, request.config.secret_key), why, more)
+    return HTTPError(code, text)
+
+
+###############################################################################
+# Pages: HTML #################################################################
+###############################################################################
+
+# Access ----------------------------------------------------------------------
+
+
+def _key_matches(request: Request, basic: bool = True) -> bool:
+    """True when no secret_key is set, or the request carries it: ``?key=``, an
+    ``X-Caduceus-Key`` or ``Authorization: Bearer`` header, or (with ``basic``)
+    HTTP basic auth with the key as the password, any user name."""
+    secret = request.config.secret_key.encode()
+    if not secret:
+        return True
+    given = [request.query.get("key", [None])[0], request.header_key()]
+    if basic:
+        scheme, _, token = request.headers.get("Authorization", "").strip().partition(" ")
+        if scheme.lower() == "basic":
+            with contextlib.suppress(ValueError):  # binascii.Error is a ValueError
+                given.append(base64.b64decode(token.strip(), validate=True).partition(b":")[2])
+    matched = False
+    for key in given:  # compare every candidate, so timing tells nothing
+        if key is not None:
+            key = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+            matched |= hmac.compare_digest(key, secret)
+    return matched
+
+
+def require_key(request: Request, public: bool = False, html: bool = False) -> None:
+    """Raise 401 unless the view is ``public`` or the request has the key.
+
+    An HTML page asks the browser to log in (basic auth, the key as the
+    password); the API and metrics ask for a bearer token.  The answer names
+    no alert and counts none.
+    """
+    if public or _key_matches(request):
+        return
+    challenge = 'Basic realm="Caduceus", charset="UTF-8"' if html else 'Bearer realm="Caduceus"'
+    raise HTTPError(401, "The key is needed: log in with it as the password, or send ?key=KEY "
+                         "or Authorization: Bearer KEY.", {"WWW-Authenticate": challenge})
+
+
+def read_views(request: Request) -> tuple[list[AlertView], dict[str, list[sqlite3.Row]], float]:
+    """Every alert's view now, with the recent pings it was computed from."""
+    store = request.monitor.store
+    now = request.monitor.clock()
+    pings = store.recent_pings()
+    rows = {row["name"]: row for row in store.checks()}
+    return alert_views(request.config, rows, now, pings), pings, now
+
+
+def _find_view(request: Request, name: str) -> tuple[AlertView, list[sqlite3.Row], float]:
+    if name not in request.config.checks:
+        raise HTTPError(404, "No such alert.")
+    views, pings, now = read_views(request)
+    return next(view for view in views if view.name == name), pings.get(name, []), now
+
+
+# Dashboard and alert page ----------------------------------------------------
+
+#: Seconds between the dashboard's reloads of itself.
+REFRESH_S = 30
+#: Cells in a dashboard row's strip of recent runs; bars in an alert page's chart.
+STRIP_CELLS, CHART_BARS = 30, 50
+#: Characters of a check-in's body shown in the alert page's history.
+BODY_EXCERPT = 300
+
+#: The whole style sheet: system fonts, light and dark, a table on a desktop, cards on a phone.
+_CSS = """
+:root{color-scheme:light dark;--bg:#f6f8fa;--card:#fff;--fg:#1f2328;--muted:#59636e;--line:#d1d9e0;
+--up:#1a7f37;--grace:#9a6700;--running:#0969da;--down:#cf222e;--paused:#6e7781;--new:#8250df;--missed:#bc4c00}
+@media (prefers-color-scheme:dark){:root{--bg:#0d1117;--card:#151b23;--fg:#e6edf3;--muted:#9198a1;
+--line:#3d444d;--up:#3fb950;--grace:#d29922;--running:#4493f8;--down:#f85149;--paused:#9198a1;--new:#ab7df8;
+--missed:#db6d28;--on-badge:#0d1117}}
+*{box-sizing:border-box}
+body{margin:0;padding:16px;background:var(--bg);color:var(--fg);
+font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif}
+main{max-width:1200px;margin:0 auto}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:24px 0 8px}
+a{color:var(--running)}.muted,.sub{color:var(--muted)}.sub{font-size:13px}
+.summary{margin:0 0 16px;color:var(--muted)}
+table{width:100%;border-collapse:collapse;background:var(--card);border:1px solid var(--line);border-radius:8px}
+th,td{text-align:left;padding:8px 10px;border-bottom:1px solid var(--line);vertical-align:top}
+th{font-size:13px;color:var(--muted);font-weight:600}
+tr:last-child td{border-bottom:0}
+.badge{display:inline-block;padding:1px 8px;border-radius:10px;color:var(--on-badge,#fff);font-size:13px;
+font-weight:600}
+.up{background:var(--up)}.grace{background:var(--grace)}.running{background:var(--running)}
+.down{background:var(--down)}.paused{background:var(--paused)}.new{background:var(--new)}
+tr.is-down td:first-child{box-shadow:inset 4px 0 var(--down)}
+.name{font-weight:600;word-break:break-all}
+svg{display:block;max-width:100%}
+.chart{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:6px;height:auto}
+pre{margin:0;white-space:pre-wrap;word-break:break-all;font-size:13px}
+pre.code{background:var(--card);border:1px solid var(--line);border-radius:6px;padding:8px;user-select:all}
+dl{display:grid;grid-template-columns:max-content 1fr;gap:4px 16px;margin:0}dt{color:var(--muted)}dd{margin:0}
+.reason{color:var(--down);font-weight:600}.scroll{overflow-x:auto}
+@media (max-width:700px){body{padding:10px}table.cards,table.cards tbody,table.cards tr,table.cards td{display:block}
+table.cards{border:0;background:none}table.cards thead{display:none}
+table.cards tr{background:var(--card);border:1px solid var(--line);border-radius:8px;margin-bottom:10px}
+table.cards tr{display:grid;grid-template-columns:1fr 1fr;padding:6px 0}
+table.cards td{border:0;padding:4px 12px;min-width:0}table.cards td:first-child{grid-column:1/3}
+table.cards td[data-label]::before{content:attr(data-label);display:block;color:var(--muted);font-size:12px}
+.wide{display:none}}
+"""
+
+#: Colours of a run strip's cells, by outcome (the CSS variables above).
+_OUTCOME_COLOURS = {"success": "var(--up)", "fail": "var(--down)", "missed": "var(--missed)"}
+
+
+def _page(title: str, body: str, refresh: bool = False) -> Response:
+    """A whole HTML page: ``title`` and ``body`` must be escaped already."""
+    meta = f'<meta http-equiv="refresh" content="{REFRESH_S}">' if refresh else ""
+    text = ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f'<meta name="color-scheme" content="light dark">{meta}<title>{title}</title>'
+            f"<style>{_CSS}</style></head><body><main>{body}</main></body></html>\n")
+    return Response(200, text.encode(), "text/html; charset=utf-8")
+
+
+def _e(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _when(at: float | None, now: float) -> str:
+    """A time relative to now ("5m ago", "in 2h"), the exact UTC time on hover."""
+    if at is None:
+        return '<span class="muted">never</span>'
+    delta = now - at
+    words = "just now" if abs(delta) < 1 else (
+        f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}")
+    return f'<time datetime="{format_time(at)}" title="{format_time(at)}">{words}</time>'
+
+
+def _badge(status: str) -> str:
+    return f'<span class="badge {status}">{status}</span>'
+
+
+def _signal_words(ping: Mapping[str, Any]) -> str:
+    """"success", or "fail (exit status 3)"."""
+    if ping["exit_status"] is None:
+        return ping["kind"]
+    return f"{ping['kind']} (exit status {ping['exit_status']})"
+
+
+def _runs(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]]) -> list[tuple[float, str, str]]:
+    """Recent runs, oldest first: (at, outcome, words), one per success or
+    failure and one per missed deadline."""
+    runs = [(ping["at"], ping["kind"], _signal_words(ping)) for ping in pings if ping["kind"] in (SUCCESS, FAIL)]
+    runs += [(flip["at"], "missed", flip["reason"]) for flip in flips
+             if flip["new"] == DOWN and not flip["reason"].startswith((REASON_FAILED, "exit status"))]
+    return sorted(runs, key=lambda run: run[0])
+
+
+def run_strip(runs: list[tuple[float, str, str]]) -> str:
+    """An inline SVG strip, one cell per run (the latest STRIP_CELLS), coloured by outcome."""
+    runs = runs[-STRIP_CELLS:]
+    if not runs:
+        return '<span class="muted">no runs yet</span>'
+    cells = "".join(f'<rect x="{i * 7}" y="0" width="5" height="18" rx="1" fill="{_OUTCOME_COLOURS[outcome]}">'
+                    f"<title>{format_time(at)}: {_e(words)}</title></rect>"
+                    for i, (at, outcome, words) in enumerate(runs))
+    width = len(runs) * 7 - 2
+    return (f'<svg role="img" aria-label="recent runs" width="{width}" height="18" '
+            f'viewBox="0 0 {width} 18">{cells}</svg>')
+
+
+def _last_run(view: AlertView, now: float) -> str:
+    parts = []
+    if view.last_duration_s is not None:
+        parts.append(f"took {format_duration(view.last_duration_s, 2)}")
+    if view.last_exit_status is not None:
+        parts.append(f"exit status {view.last_exit_status}")
+    text = _e(", ".join(parts)) or '<span class="muted">-</span>'
+    if view.status == RUNNING:
+        text += f'<div class="sub">running, started {_when(view.started_at, now)}</div>'
+    return text
+
+
+def _due(view: AlertView, now: float) -> str:
+    if view.status == PAUSED:
+        return f"paused until {_when(view.paused_until, now)}" if view.paused_until else "paused"
+    if view.next_due_at is None:
+        return f"reminder {_when(view.next_reminder_at, now)}"
+    return _when(view.next_due_at, now)
+
+
+def dashboard_page(request: Request, match: re.Match) -> Response:
+    """Every alert, the worst first: status, last check-in, next deadline,
+    schedule, last run, recent runs, channels.  It reloads itself."""
+    require_key(request, request.config.public_dashboard, html=True)
+    views, pings, now = read_views(request)
+    store = request.monitor.store
+    rows = []
+    for view in sort_views(views):
+        link = f"/alerts/{urllib.parse.quote(view.name, safe='')}"
+        reason = f'<div class="sub reason">{_e(view.reason)}</div>' if view.reason else ""
+        strip = run_strip(_runs(pings.get(view.name, []), store.flips(view.name)))
+        rows.append(
+            f'<tr class="is-{view.status}"><td><a class="name" href="{_e(link)}">{_e(view.name)}</a>'
+            f'<div class="sub">{_e(view.description)}</div></td>'
+            f'<td data-label="Status">{_badge(view.status)}{reason}</td>'
+            f'<td data-label="Last check-in">{_when(view.last_checkin_at, now)}</td>'
+            f'<td data-label="Next deadline">{_due(view, now)}</td>'
+            f'<td data-label="Last run">{_last_run(view, now)}</td>'
+            f'<td data-label="Recent runs">{strip}</td>'
+            f'<td data-label="Channels">{_e(", ".join(view.channels))}</td></tr>')
+    counts = {status: sum(view.status == status for view in views) for status in STATUS_ORDER}
+    down = counts[DOWN]
+    title = f"{down} down · Caduceus" if down else "All good · Caduceus"
+    summary = ", ".join(f"{count} {status}" for status, count in counts.items() if count) or "no alerts"
+    table = ('<table class="cards"><thead><tr><th>Alert</th><th>Status</th><th>Last check-in</th>'
+             '<th>Next deadline</th><th>Last run</th><th>Recent runs</th><th>Channels</th></tr></thead>'
+             f'<tbody>{"".join(rows)}</tbody></table>') if rows else "<p>No alerts are configured.</p>"
+    body = (f'<h1>Caduceus</h1><p class="summary">{_e(summary)} · updated '
+            f'<time title="{format_time(now)}">{format_time(now)}</time></p>{table}')
+    return _page(_e(title), body, refresh=True)
+
+
+def duration_chart(pings: list[Mapping[str, Any]], max_runtime_s: float | None) -> str:
+    """An inline SVG bar chart of the last CHART_BARS run durations, with
+    ``max_runtime`` as a dashed line."""
+    runs = [ping for ping in pings if ping["duration_s"] is not None][-CHART_BARS:]
+    if not runs:
+        return '<p class="muted">No timed runs yet: send a start signal before the job (or use run).</p>'
+    longest = max(ping["duration_s"] for ping in runs)
+    # A limit far above every run would flatten the bars: then it is named, not drawn.
+    drawn = max_runtime_s is not None and max_runtime_s <= 4 * longest
+    top = max(longest, max_runtime_s if drawn else 0.0) * 1.1 or 1.0
+    height, bar = 120, 12
+    bars = []
+    for i, ping in enumerate(runs):
+        tall = max(ping["duration_s"] / top * height, 1.0)
+        colour = _OUTCOME_COLOURS["fail" if ping["kind"] == FAIL else "success"]
+        bars.append(f'<rect x="{i * (bar + 3)}" y="{height - tall:.1f}" width="{bar}" height="{tall:.1f}" '
+                    f'fill="{colour}"><title>{format_time(ping["at"])}: '
+                    f'{format_duration(ping["duration_s"], 2)}</title></rect>')
+    width = max(len(runs) * (bar + 3), 60)
+    if drawn:
+        y = height - max_runtime_s / top * height
+        bars.append(f'<line x1="0" x2="{width}" y1="{y:.1f}" y2="{y:.1f}" stroke="var(--down)" '
+                    f'stroke-dasharray="4 3"><title>max_runtime {format_duration(max_runtime_s)}</title></line>')
+    return (f'<svg class="chart" role="img" aria-label="run durations" width="{width}" height="{height}" '
+            f'viewBox="0 0 {width} {height}">{"".join(bars)}</svg>'
+            f'<p class="sub">Longest: {format_duration(longest, 2)}; max_runtime: '
+            f'{format_duration(max_runtime_s) + ("" if drawn else " (far above)") if max_runtime_s else "none"}</p>')
+
+
+def _examples(request: Request, name: str) -> str:
+    """The check-in URL (under ``base_url``, else the Host the browser used) and
+    copyable curl, wget and run lines, with KEY for the key."""
+    base = request.config.base_url or f"http://{request.headers.get('Host', '') or 'localhost:5000'}"
+    quoted = urllib.parse.quote(name, safe="")
+    url = f"{base}/ping/KEY/{quoted}" if request.config.secret_key else f"{base}/ping/{quoted}"
+    lines = [f'curl -fsS -m 10 --retry 5 -o /dev/null "{url}"',
+             f'curl -fsS -m 10 --retry 5 -o /dev/null --data-binary @job.log "{url}/fail"',
+             f'wget -q -T 10 -O /dev/null "{url}"',
+             f'python3 caduceus.py run "{url}" -- /path/to/job.sh',
+             f'curl -fsS -X POST -H "Authorization: Bearer KEY" "{base}/api/v1/alerts/{quoted}/pause?until=2h"']
+    return "".join(f'<pre class="code">{_e(line)}</pre>' for line in lines)
+
+
+def _history_table(title: str, headings: list[str], rows: list[list[str]]) -> str:
+    """A titled table, newest row first; cells must be escaped already.  A
+    heading starting with "~" is hidden on a phone."""
+    head = "".join(f'<th class="wide">{heading[1:]}</th>' if heading.startswith("~") else f"<th>{heading}</th>"
+                   for heading in headings)
+    wide = [heading.startswith("~") for heading in headings]
+    body = "".join("<tr>" + "".join(f'<td class="wide">{cell}</td>' if hide else f"<td>{cell}</td>"
+                                    for cell, hide in zip(row, wide)) + "</tr>" for row in reversed(rows))
+    return (f'<h2>{title}</h2><div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f'<tbody>{body or "<tr><td class=muted>none yet</td></tr>"}</tbody></table></div>')
+
+
+def _history_tables(pings: list[Mapping[str, Any]], flips: list[Mapping[str, Any]],
+                    notices: list[Mapping[str, Any]]) -> str:
+    checkins = [[format_time(ping["at"]), _e(_signal_words(ping)),
+                 "" if ping["duration_s"] is None else format_duration(ping["duration_s"], 2),
+                 _e(ping["remote_addr"]), _e(ping["user_agent"]), f'<pre>{_e(ping["body"][-BODY_EXCERPT:])}</pre>']
+                for ping in pings]
+    changes = [[format_time(flip["at"]), f'{_e(flip["old"])} → {_e(flip["new"])}', _e(flip["reason"])]
+               for flip in flips]
+    sent = [[format_time(notice["at"]), _e(notice["channel"]), _e(notice["kind"]), _e(notice["result"]),
+             _e(notice["error"])] for notice in notices]
+    return (_history_table("Check-ins", ["When (UTC)", "Signal", "Took", "From", "~User agent", "Body"], checkins)
+            + _history_table("State changes", ["When (UTC)", "Change", "Reason"], changes)
+            + _history_table("Notifications", ["When (UTC)", "Channel", "Notice", "Result", "Error"], sent))
+
+
+def alert_page(request: Request, match: re.Match) -> Response:
+    """One alert: status, settings, run durations, check-in examples, history."""
+    require_key(request, request.config.public_dashboard, html=True)
+    view, pings, now = _find_view(request, match["name"])
+    store = request.monitor.store
+    settings = [("Schedule", _e(view.description)), ("Time zone", _e(view.tz)),
+                ("Grace", format_duration(view.grace_s)),
+                ("Reminders", f"every {format_duration(view.notify_every_s)}"),
+                ("Max runtime", format_duration(view.max_runtime_s) if view.max_runtime_s else "none"),
+                ("Channels", _e(", ".join(view.channels))), ("Last check-in", _when(view.last_checkin_at, now)),
+                ("Last success", _when(view.last_success_at, now)), ("Next deadline", _due(view, now)),
+                ("Last run", _last_run(view, now)), ("Watched since", _when(view.first_seen_at, now))]
+    reason = f'<p class="reason">{_e(view.reason)}</p>' if view.reason else ""
+    body = (f'<p><a href="/">← all alerts</a></p><h1>{_e(view.name)} {_badge(view.status)}</h1>{reason}'
+            f'<dl>{"".join(f"<dt>{key}</dt><dd>{value}</dd>" for key, value in settings)}</dl>'
+            f"<h2>Run durations</h2>{duration_chart(pings, view.max_runtime_s)}"
+            f"<h2>Checking in</h2>{_examples(request, view.name)}"
+            f"{_history_tables(pings, store.flips(view.name), store.notice_history(view.name))}")
+    return _page(f"{_e(view.name)}: {view.status} · Caduceus", body, refresh=True)
+
+
+###############################################################################
+# Pages: API, badges, metrics #################################################
+###############################################################################
+
+
+def api_alerts_page(request: Request, match: re.Match) -> Response:
+    """``GET /api/v1/alerts``: ``{"alerts": [every alert's fields]}``, in config order."""
+    require_key(request, request.config.public_dashboard)
+    return json_response({"alerts": [view.as_json() for view in read_views(request)[0]]})
+
+
+def api_alert_page(request: Request, match: re.Match) -> Response:
+    """``GET /api/v1/alerts/<name>``: one alert's fields and its ``history``."""
+    require_key(request, request.config.public_dashboard)
+    view, pings, _ = _find_view(request, match["name"])
+    store = request.monitor.store
+    data = view.as_json()
+    data["history"] = {
+        "checkins": [{"at": format_time(ping["at"]), "signal": ping["kind"], "exit_status": ping["exit_status"],
+                      "duration": ping["duration_s"], "remote_addr": ping["remote_addr"],
+                      "user_agent": ping["user_agent"], "body": ping["body"][-BODY_EXCERPT:]} for ping in pings],
+        "flips": [{"at": format_time(flip["at"]), "old": flip["old"], "new": flip["new"], "reason": flip["reason"]}
+                  for flip in store.flips(view.name)],
+        "notifications": [{"at": format_time(notice["at"]), "channel": notice["channel"], "kind": notice["kind"],
+                           "result": notice["result"], "error": notice["error"]}
+                          for notice in store.notice_history(view.name)],
+    }
+    return json_response(data)
+
+
+def _may_change(request: Request) -> None:
+    """Raise 401 unless the request has the key in the query or a header.  Not
+    basic auth: a browser sends that by itself, so another site's form could
+    pause an alert for a logged-in user."""
+    if not _key_matches(request, basic=False):
+        raise HTTPError(401, "The key is needed: send ?key=KEY or Authorization: Bearer KEY.",
+                        {"WWW-Authenticate": 'Bearer realm="Caduceus"'})
+
+
+def parse_until(text: str, now: float) -> float:
+    """A pause's end: an ISO 8601 time (UTC unless it names an offset) or a
+    duration from ``now`` ("2h", "1d 12h").  Raises ValueError."""
+    seconds = _parse_duration(text)
+    if seconds is not None and seconds > 0:
+        return now + seconds
+    try:
+        moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"until: expected an ISO 8601 time such as 2026-12-24T18:00:00Z or a duration "
+                         f"such as 2h, got {json.dumps(text)}") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return moment.timestamp()
+
+
+def api_pause_page(request: Request, match: re.Match) -> Response:
+    """``POST /api/v1/alerts/<name>/pause[?until=2h]``: pause it (see Monitor.pause); the alert."""
+    _may_change(request)
+    name = match["name"]
+    if name not in request.config.checks:
+        raise HTTPError(404, "No such alert.")
+    until = request.query.get("until", [""])[0]
+    try:
+        request.monitor.pause(name, parse_until(until, request.monitor.clock()) if until else None,
+                              by=request.client)
+    except ValueError as exc:
+        raise HTTPError(400, f"{exc}.") from None
+    except KeyError:  # the config changed meanwhile
+        raise HTTPError(404, "No such alert.") from None
+    return json_response(_find_view(request, name)[0].as_json())
+
+
+def api_resume_page(request: Request, match: re.Match) -> Response:
+    """``POST /api/v1/alerts/<name>/resume``: end its pause, if any; the alert."""
+    _may_change(request)
+    name = match["name"]
+    try:
+        request.monitor.resume(name, by=request.client)
+    except KeyError:
+        raise HTTPError(404, "No such alert.") from None
+    return json_response(_find_view(request, name)[0].as_json())
+
+
+#: What a badge says, and its colour (shields.io's names), by status.
+_BADGE_WORDS = {UP: ("up", "brightgreen"), RUNNING: ("up", "brightgreen"), GRACE: ("late", "yellow"),
+                DOWN: ("down", "red"), PAUSED: ("paused", "lightgrey"), NEW: ("new", "blue")}
+#: shields.io's colour names as SVG colours.
+_BADGE_COLOURS = {"brightgreen": "#4c1", "yellow": "#dfb317", "red": "#e05d44", "lightgrey": "#9f9f9f",
+                  "blue": "#007ec6"}
+
+
+def _badge_view(request: Request, match: re.Match) -> AlertView:
+    require_key(request, request.config.public_badges)
+    return _find_view(request, match["name"])[0]
+
+
+def _text_width(text: str) -> int:
+    """About the width of ``text`` in 11px Verdana, as shields.io lays it out."""
+    return sum(4 if c in "ijlt.:,;!|'()[] " else 9 if c in "mwMW" else 7 for c in text) + 10
+
+
+def badge_svg_page(request: Request, match: re.Match) -> Response:
+    """``GET /badge/<name>.svg``: a shields-style badge, name | up, late, down, paused or new."""
+    view = _badge_view(request, match)
+    message, colour = _BADGE_WORDS[view.status]
+    left, right = _text_width(view.name), _text_width(message)
+    label = _e(view.name)
+    svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{left + right}" height="20" role="img" '
+           f'aria-label="{label}: {message}"><title>{label}: {message}</title>'
+           f'<linearGradient id="s" x2="0" y2="100%"><stop offset="0" stop-color="#bbb" stop-opacity=".1"/>'
+           f'<stop offset="1" stop-opacity=".1"/></linearGradient>'
+           f'<clipPath id="r"><rect width="{left + right}" height="20" rx="3" fill="#fff"/></clipPath>'
+           f'<g clip-path="url(#r)"><rect width="{left}" height="20" fill="#555"/>'
+           f'<rect x="{left}" width="{right}" height="20" fill="{_BADGE_COLOURS[colour]}"/>'
+           f'<rect width="{left + right}" height="20" fill="url(#s)"/></g>'
+           f'<g fill="#fff" text-anchor="middle" font-family="Verdana,Geneva,DejaVu Sans,sans-serif" '
+           f'font-size="11"><text x="{left / 2:.1f}" y="14">{label}</text>'
+           f'<text x="{left + right / 2:.1f}" y="14">{message}</text></g></svg>\n')
+    return Response(200, svg.encode(), "image/svg+xml; charset=utf-8", (("Cache-Control", "no-cache"),))
+
+
+def badge_json_page(request: Request, match: re.Match) -> Response:
+    """``GET /badge/<name>.json``: the badge in shields.io's endpoint format."""
+    view = _badge_view(request, match)
+    message, colour = _BADGE_WORDS[view.status]
+    return json_response({"schemaVersion": 1, "label": view.name, "message": message, "color": colour},
+                         headers={"Cache-Control": "no-cache"})
+
+
+def _label_value(value: str) -> str:
+    """A Prometheus label value, escaped as the text format asks: \\\\, \\" and \\n."""
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list[str], name: str, kind: str, help_text: str,
+            samples: list[tuple[dict[str, str], float]]) -> None:
+    lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+    for labels, value in samples:
+        text = ",".join(f'{key}="{_label_value(str(label))}"' for key, label in labels.items())
+        lines.append(f"{name}{{{text}}} {value!r}" if text else f"{name} {value!r}")
+
+
+def metrics_page(request: Request, match: re.Match) -> Response:
+    """``GET /metrics``: Prometheus text exposition format 0.0.4."""
+    require_key(request, request.config.public_dashboard)
+    views = read_views(request)[0]
+    monitor = request.monitor
+    lines: list[str] = []
+    alert = [({"alert": view.name}, view) for view in views]
+    _metric(lines, "caduceus_alert_up", "gauge", "1 unless the alert is down.",
+            [(labels, float(not view.failing)) for labels, view in alert])
+    _metric(lines, "caduceus_alert_status", "gauge", "The alert's status: 1 for the current one.",
+            [({"alert": view.name, "status": status}, float(view.status == status))
+             for view in views for status in STATUS_ORDER])
+    for name, field, help_text in (
+            ("caduceus_alert_last_checkin_timestamp_seconds", "last_checkin_at", "When the latest signal came."),
+            ("caduceus_alert_next_due_timestamp_seconds", "next_due_at", "When the alert will be down."),
+            ("caduceus_alert_last_duration_seconds", "last_duration_s", "How long the last timed run took.")):
+        _metric(lines, name, "gauge", help_text, [(labels, float(getattr(view, field)))
+                                                  for labels, view in alert if getattr(view, field) is not None])
+    checkins = monitor.tally.counts("checkins")
+    _metric(lines, "caduceus_checkins_total", "counter", "Signals received since the start, by alert and signal.",
+            [({"alert": view.name, "signal": kind}, float(checkins.get((view.name, kind), 0)))
+             for view in views for kind in (SUCCESS, FAIL, START, LOG)])
+    _metric(lines, "caduceus_notifications_total", "counter",
+            "Notice deliveries since the start, by channel and result (sent, failed, given_up).",
+            [({"channel": channel, "result": result}, float(count))
+             for (channel, result), count in sorted(monitor.tally.counts("notifications").items())])
+    _metric(lines, "caduceus_outbox_pending", "gauge", "Notices waiting to be delivered.",
+            [({}, float(len(monitor.store.pending_notices())))])
+    _metric(lines, "caduceus_build_info", "gauge", "The running version.", [({"version": __version__}, 1.0)])
+    body = "\n".join(lines) + "\n"
+    return Response(200, body.encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def healthz_page(request: Request, match: re.Match) -> Response:
+    """200 "OK" while the sweeper, the database and the couriers work; else
+    503 with the reasons (see Watchdog).  For Docker's and Kubernetes' checks;
+    open to all, as it names no alert."""
+    watchdog = request.server.watchdog
+    problems = watchdog.problems() if watchdog is not None else []
+    if problems:
+        return text_response(f"Unhealthy: {'; '.join(problems)}.\n", 503)
+    return text_response("OK\n")
+
+
+def api_reload_page(request: Request, match: re.Match) -> Response:
+    """Re-read the config file, as SIGHUP does: ``{"reloaded": true, "message":
+    what changed}``, or 400 with the config's one-line error (the running
+    config is kept).  Needs ``secret_key``, in the query or a header."""
+    if not request.config.secret_key:
+        raise HTTPError(403, "Reloading over HTTP needs a secret_key in [config]; send SIGHUP instead.")
+    if not _key_matches(request, basic=False):
+        why = "reload with a wrong key" if request.header_key() or request.query.get("key") else \
+            "reload without a key"
+        raise _refused(request, 403, "Wrong or missing key.", "", why)
+    if request.server.reloader is None:
+        raise HTTPError(503, "Reloading is not available here.")
+    done, message = request.server.reloader()
+    if not done:
+        raise HTTPError(400, message)
+    return json_response({"reloaded": True, "message": message})
+
+
+#: The routes, one line each: (methods, pattern of the decoded path, page).
+ROUTES = (
+    (("GET", "HEAD"), re.compile(r"/"), dashboard_page),
+    (("GET", "HEAD"), re.compile(r"/alerts/(?P<name>[^/]+)"), alert_page),
+    (("GET", "HEAD", "POST"), re.compile(r"/reset/(?P<name>[^/]+)(?:/(?P<signal>[^/]*))?"), reset_page),
+    (("GET", "HEAD", "POST"), re.compile(r"/ping/(?P<rest>.+)"), ping_page),
+    (("GET", "HEAD"), re.compile(r"/api/v1/alerts"), api_alerts_page),
+    (("GET", "HEAD"), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)"), api_alert_page),
+    (("POST",), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)/pause"), api_pause_page),
+    (("POST",), re.compile(r"/api/v1/alerts/(?P<name>[^/]+)/resume"), api_resume_page),
+    (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.svg"), badge_svg_page),
+    (("GET", "HEAD"), re.compile(r"/badge/(?P<name>[^/]+)\.json"), badge_json_page),
+    (("GET", "HEAD"), re.compile(r"/metrics"), metrics_page),
+    (("GET", "HEAD"), re.compile(r"/healthz"), healthz_page),
+    (("POST",), re.compile(r"/api/v1/reload"), api_reload_page),
+)
 
 
 ###############################################################################
@@ -4793,12 +5730,17 @@ def _run_main(argv: list[str]) -> int:
 # The check command -------------------------------------------------------------
 
 
-def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
-    """The check rows of a database, and the Caduceus 0.0.11 state the server
-    would import at its next start (see read_legacy_state), read-only; both {}
-    when there is no such file.  Raises sqlite3.Error if it cannot be read."""
+#: What ``check`` and ``status`` read: check rows by name, the 0.0.11 state, recent pings by name.
+_State = "tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]], dict[str, list]]"
+
+
+def _read_state(db: str) -> _State:
+    """The check rows of a database, the Caduceus 0.0.11 state the server
+    would import at its next start (see read_legacy_state) and the recent
+    pings, read-only; all {} when there is no such file.  Raises sqlite3.Error
+    if it cannot be read."""
     if not os.path.exists(db):
-        return {}, {}
+        return {}, {}, {}
     uri = f"file:{urllib.parse.quote(os.path.abspath(db))}"
     try:
         return _read_checks(f"{uri}?mode=ro")
@@ -4808,60 +5750,41 @@ def _read_state(db: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[
         return _read_checks(f"{uri}?immutable=1")
 
 
-def _read_checks(uri: str) -> tuple[dict[str, Mapping[str, Any]], dict[str, tuple[float | None, float | None]]]:
+def _read_checks(uri: str) -> _State:
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as conn:
         conn.row_factory = sqlite3.Row
         tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         checks = {row["name"]: row for row in conn.execute("SELECT * FROM checks")} if "checks" in tables else {}
+        pings = read_recent_pings(conn) if "pings" in tables else {}
         # The server imports 0.0.11's state while no alert is recorded (Monitor.start).
-        return checks, ({} if checks else read_legacy_state(conn))
+        return checks, ({} if checks else read_legacy_state(conn)), pings
 
 
 def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
-                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None) -> list[dict]:
-    """What ``check`` prints, per alert: schedule, channels, status (with the
-    reason, when down) and next deadline.
-
-    Alerts missing from ``rows`` are reported as the server would start them
-    at ``now``: with their Caduceus 0.0.11 state from ``legacy``, if any, or
-    as first seen.
-    """
+                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None,
+                 pings: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[dict]:
+    """What ``check`` prints, per alert (see alert_views): schedule, channels,
+    status (with the reason, when down) and next deadline or reminder."""
     report = []
-    for spec in config.checks.values():
-        row = rows.get(spec.name) or _first_row(spec, (legacy or {}).get(spec.name, (None, None)), now)
-        event_at = next_event_at(spec, row)
-        down = row["status"] == DOWN
-        due, reminder = (None, event_at) if down else (event_at, None)
+    for view in alert_views(config, rows, now, pings, legacy):
         report.append({
-            "name": spec.name,
-            "schedule": spec.schedule.expression if spec.schedule else None,
-            "every": spec.every_s,
-            "description": spec.describe(),
-            "timezone": str(spec.tz),
-            "grace": spec.grace_s,
-            "max_runtime": spec.max_runtime_s,
-            "notify_every": spec.notify_every_s,
-            "channels": list(spec.channels),
-            "status": row["status"],
-            "reason": (row["down_reason"] or REASON_MISSED) if down else None,
-            "last_success": format_time(row["last_ping_at"]) if row["last_ping_at"] is not None else None,
-            "next_due": format_time(due) if due is not None else None,
-            "next_due_local": _local_time(due, spec.tz) if due is not None else None,
-            "next_reminder": format_time(reminder) if reminder is not None else None,
+            "name": view.name,
+            "schedule": view.schedule,
+            "every": view.every_s,
+            "description": view.description,
+            "timezone": str(view.tz),
+            "grace": view.grace_s,
+            "max_runtime": view.max_runtime_s,
+            "notify_every": view.notify_every_s,
+            "channels": list(view.channels),
+            "status": view.status,
+            "reason": view.reason,
+            "last_success": _iso(view.last_success_at),
+            "next_due": _iso(view.next_due_at),
+            "next_due_local": _local_time(view.next_due_at, view.tz) if view.next_due_at is not None else None,
+            "next_reminder": _iso(view.next_reminder_at),
         })
     return report
-
-
-def _first_row(spec: CheckSpec, legacy: tuple[float | None, float | None], now: float) -> dict[str, Any]:
-    """The row the server would give an alert at its first start at ``now``."""
-    row = {"status": NEW, "first_seen_at": now, "last_ping_at": None, "started_at": None, "notified_at": None,
-           "down_at": None, "down_reason": ""}
-    state = legacy_check_state(spec, *legacy)
-    if state is not None:
-        status, last_ping_at, down_at, notified_at = state
-        row.update(status=status, last_ping_at=last_ping_at, down_at=down_at, notified_at=notified_at,
-                   down_reason=REASON_MISSED if status == DOWN else "")
-    return row
 
 
 def _local_time(at: float, tz: datetime.tzinfo) -> str:
@@ -4970,26 +5893,31 @@ examples:
 """
 
 
-def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
-    parser = argparse.ArgumentParser(
-        prog="caduceus.py check", description="Validate the config and show each alert's next deadline.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog=CHECK_EPILOG)
+def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
+                  ) -> tuple[argparse.Namespace, Config, _State] | None:
+    """Parse ``check``'s or ``status``'s arguments and read config and database,
+    read-only; None after printing a one-line error (exit status 2)."""
+    parser = argparse.ArgumentParser(prog=f"caduceus.py {name}", description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     _add_file_args(parser)
     parser.add_argument("--json", action="store_true", help="print JSON for scripts")
     args = parser.parse_args(argv)
     if not _usable_db_name(args.db):
-        return 2
+        return None
     config = _load_config_or_say(args.config)
     if config is None:
-        return 2
+        return None
     try:
-        state, legacy = _read_state(args.db)
+        return args, config, _read_state(args.db)
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
-        return 2
-    report = check_report(config, state, clock(), legacy)
+        return None
+
+
+def _printed(write: Callable[[], None]) -> bool:
+    """Run ``write`` and flush stdout; False if the reader went away (``| head``)."""
     try:
-        _print_report(args.config, report, args.json)
+        write()
         sys.stdout.flush()
     except BrokenPipeError:
         # As the Python docs advise (signal module, "Note on SIGPIPE"), for
@@ -4998,8 +5926,78 @@ def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
-        return 1
-    return 0
+        return False
+    return True
+
+
+def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    read = _read_command("check", "Validate the config and show each alert's next deadline.", argv,
+                         CHECK_EPILOG)
+    if read is None:
+        return 2
+    args, config, (state, legacy, pings) = read
+    report = check_report(config, state, clock(), legacy, pings)
+    return 0 if _printed(lambda: _print_report(args.config, report, args.json)) else 1
+
+
+# The status command ------------------------------------------------------------
+
+
+def status_report(views: list[AlertView], now: float) -> tuple[int, list[str]]:
+    """The exit status (0, or 1 when any alert is down) and the lines of ``status``:
+    a Nagios-style summary, then the dashboard's table, the worst first."""
+    down = [view.name for view in sort_views(views) if view.failing]
+    if down:
+        first = f"CADUCEUS CRITICAL - {len(down)} of {len(views)} down: {', '.join(down)}"
+    elif all(view.status == UP for view in views):
+        first = f"CADUCEUS OK - {_count(len(views), 'alert')} up"
+    else:
+        counts = ", ".join(f"{sum(view.status == status for view in views)} {status}"
+                           for status in STATUS_ORDER if any(view.status == status for view in views))
+        first = f"CADUCEUS OK - {_count(len(views), 'alert')}, none down ({counts})"
+    table = [("ALERT", "STATUS", "LAST CHECK-IN", "NEXT DEADLINE", "LAST RUN", "SCHEDULE")]
+    for view in sort_views(views):
+        status = f"{view.status} ({view.reason})" if view.reason else view.status
+        if view.status == PAUSED:
+            due = f"paused until {format_time(view.paused_until)}" if view.paused_until else "paused"
+        elif view.next_due_at is None:
+            due = f"reminder {_relative(view.next_reminder_at, now)}"
+        else:
+            due = _relative(view.next_due_at, now)
+        run = format_duration(view.last_duration_s, 2) if view.last_duration_s is not None else "-"
+        if view.last_exit_status is not None:
+            run += f", exit {view.last_exit_status}"
+        table.append((view.name, status, _relative(view.last_checkin_at, now), due, run, view.description))
+    widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]
+    lines = [first] + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
+                       for row in table] if views else [first]
+    return (1 if down else 0), lines
+
+
+def _relative(at: float | None, now: float) -> str:
+    if at is None:
+        return "never"
+    delta = now - at
+    if abs(delta) < 1:
+        return "now"
+    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
+
+
+def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
+    read = _read_command("status", "Show every alert's status; exit 0 when none is down, 1 when any is, "
+                                   "2 on error.", argv)
+    if read is None:
+        return 2
+    args, config, (state, legacy, pings) = read
+    now = clock()
+    views = alert_views(config, state, now, pings, legacy)
+    code, lines = status_report(views, now)
+    if args.json:
+        text = json.dumps({"status": "critical" if code else "ok",
+                           "alerts": [view.as_json() for view in sort_views(views)]}, indent=2)
+    else:
+        text = "\n".join(lines)
+    return code if _printed(lambda: print(text)) else 2
 
 
 def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
@@ -5014,7 +6012,7 @@ def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
         print(f"  status:        {status}, last success {alert['last_success'] or 'never'}")
         if alert["next_due"]:
             print(f"  next deadline: {alert['next_due_local']} ({alert['next_due']})")
-        else:
+        elif alert["next_reminder"]:
             print(f"  next reminder: {alert['next_reminder']}")
 
 
@@ -5031,6 +6029,7 @@ SERVICE_EPILOG = """\
 commands (each has its own --help):
   caduceus.py run URL -- COMMAND   run a job and report its start, exit status and output
   caduceus.py check                validate the config and show each alert's next deadline
+  caduceus.py status               each alert's status, Nagios-style (exit 1 when any is down)
   caduceus.py test-notify          send a test notice through an alert's channels now
   caduceus.py reload               make the running service re-read its config
 
@@ -5199,6 +6198,16 @@ examples:
 """
 
 
+def _answer_text(body: bytes, field: str) -> str:
+    """``field`` of a JSON answer of the API, or the answer as text."""
+    text = body.decode("utf-8", "replace").strip()
+    with contextlib.suppress(ValueError):
+        data = json.loads(text)
+        if isinstance(data, dict) and isinstance(data.get(field), str):
+            return data[field]
+    return text
+
+
 def _reload_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="caduceus.py reload", description="Make the running service re-read its config file.",
@@ -5231,12 +6240,12 @@ def _reload_main(argv: list[str]) -> int:
         "User-Agent": f"caduceus-reload/{__version__}", "X-Caduceus-Key": key})
     try:
         with urllib.request.urlopen(request, timeout=args.timeout) as response:
-            print(response.read(HTTP_MAX_ANSWER_BYTES).decode("utf-8", "replace").rstrip())
+            print(_answer_text(response.read(HTTP_MAX_ANSWER_BYTES), "message"))
             return 0
     except urllib.error.HTTPError as exc:
         with exc:
-            answer = exc.read(HTTP_MAX_ANSWER_BYTES).decode("utf-8", "replace").rstrip()
-            print(f"caduceus: {exc.code}: {answer}", file=sys.stderr)
+            print(f"caduceus: {exc.code}: {_answer_text(exc.read(HTTP_MAX_ANSWER_BYTES), 'error')}",
+                  file=sys.stderr)
         return 1
     except (OSError, http.client.HTTPException) as exc:
         print(f"caduceus: cannot reach {mask_keys(args.url)}: {getattr(exc, 'reason', None) or exc}",
@@ -5281,6 +6290,8 @@ def main(argv: list[str] | None = None) -> int:
         return _check_main(argv[1:])
     if argv[:1] == ["reload"]:
         return _reload_main(argv[1:])
+    if argv[:1] == ["status"]:
+        return _status_main(argv[1:])
     if argv[:1] == ["test-notify"]:
         return _test_notify_main(argv[1:])
     args = _parse_args(argv)
@@ -5314,7 +6325,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         with server:
             try:
-                store = Store(args.db)
+                store = Store(args.db, history=config.history)
             except (sqlite3.Error, CaduceusError) as exc:
                 print(f"caduceus: {args.db}: cannot open the database: {exc}", file=sys.stderr)
                 return 2
@@ -5336,6 +6347,17 @@ def _run_service(server: Server, store: Store, config: Config, config_path: str)
     server.monitor = monitor = Monitor(store, config, senders)
     monitor.start()
     return _serve(server, monitor, config_path)
+
+
+def _warn_if_open(config: Config, host: str) -> None:
+    """Say so at start-up when a server without a secret_key listens beyond loopback."""
+    if config.secret_key:
+        return
+    with contextlib.suppress(ValueError):  # a name, not an address: say it too
+        if ipaddress.ip_address(host.split("%")[0]).is_loopback:
+            return
+    log.warning("no secret_key: anyone who can reach %s can read the dashboard, API and metrics, check in, "
+                "and pause alerts; set [config] secret_key", host)
 
 
 class _Reloader:
@@ -5372,6 +6394,7 @@ class _Reloader:
             except sqlite3.Error as exc:
                 log.error("reload failed, the running config is kept: the database: %s", exc)
                 return False, f"Reload failed, the running config is kept: the database: {exc}"
+            self.monitor.store.history = config.history
             if config.max_connections != old.max_connections:
                 self.server.connections.max_connections = raise_open_files_limit(config.max_connections)
             self.on_reload(self.monitor.clock())
@@ -5399,6 +6422,7 @@ def _serve(server: Server, monitor: Monitor, config_path: str = "") -> int:
             host, port = server.server_address[:2]
             log.info("caduceus %s listening on http://%s:%d/ watching %d alerts", __version__,
                      f"[{host}]" if ":" in host else host, port, len(monitor.config.checks))
+            _warn_if_open(monitor.config, host)
             for worker in workers:
                 worker.start()
             while True:

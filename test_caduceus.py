@@ -15,6 +15,7 @@ import datetime
 import email
 import email.header
 import email.policy
+import html
 import http.client
 import http.server
 import io
@@ -1252,7 +1253,14 @@ SCHEMA_2 = SCHEMA_1.replace("    n_pings       INTEGER NOT NULL DEFAULT 0\n", " 
 #: Schema 3 added outbox.facts.
 SCHEMA_3 = SCHEMA_2.replace("    failed          INTEGER NOT NULL DEFAULT 0\n", "    failed          INTEGER NOT NULL"
                             " DEFAULT 0,\n    facts           TEXT NOT NULL DEFAULT ''\n")
-OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3}
+#: Schema 4 added pauses, the deliveries history, and pings numbered by arrival.
+SCHEMA_4 = SCHEMA_3.replace("    clock_step_s  REAL NOT NULL DEFAULT 0\n", "    clock_step_s  REAL NOT NULL DEFAULT 0,\n"
+                            "    paused_until  REAL,\n    resumed_at    REAL\n") + """
+CREATE TABLE deliveries (id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at REAL NOT NULL,
+    channel TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL, error TEXT NOT NULL DEFAULT '');
+CREATE INDEX deliveries_by_check ON deliveries (check_name, id);
+"""
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3, 4: SCHEMA_4}
 
 
 def make_old_db(path: str, version: int) -> None:
@@ -1307,33 +1315,33 @@ class StoreTest(unittest.TestCase):
 
     def test_check_in_history_is_bounded(self):
         self.store.sync_checks(["job"], 0.0)
-        for i in range(caduceus.PING_HISTORY * 2 + 7):
+        for i in range(caduceus.HISTORY * 2 + 7):
             self.store.record_ping("job", float(i), caduceus.Ping())
         pings = self.store.pings("job")
-        self.assertEqual(len(pings), caduceus.PING_HISTORY)
-        self.assertEqual(pings[-1]["at"], caduceus.PING_HISTORY * 2 + 6)
-        self.assertEqual(self.store.check("job")["n_pings"], caduceus.PING_HISTORY * 2 + 7)
+        self.assertEqual(len(pings), caduceus.HISTORY)
+        self.assertEqual(pings[-1]["at"], caduceus.HISTORY * 2 + 6)
+        self.assertEqual(self.store.check("job")["n_pings"], caduceus.HISTORY * 2 + 7)
 
     def test_state_change_history_is_bounded(self):
         self.store.sync_checks(["job", "other"], 0.0)
         self.store.add_flip("other", 0.0, NEW, DOWN, "kept")
         with self.store.transaction():  # one commit: quicker
-            for i in range(caduceus.FLIP_HISTORY + 5):
+            for i in range(caduceus.HISTORY + 5):
                 self.store.add_flip("job", float(i), UP, DOWN, f"flip {i}")
         flips = self.store.flips("job")
-        self.assertEqual(len(flips), caduceus.FLIP_HISTORY)
+        self.assertEqual(len(flips), caduceus.HISTORY)
         self.assertEqual((flips[0]["reason"], flips[-1]["reason"]),
-                         ("flip 5", f"flip {caduceus.FLIP_HISTORY + 4}"))
+                         ("flip 5", f"flip {caduceus.HISTORY + 4}"))
         self.assertEqual([flip["reason"] for flip in self.store.flips("other")], ["kept"], "per alert")
 
     def test_history_keeps_arrival_order_through_the_ring(self):
         self.store.sync_checks(["job"], 0.0)
         with self.store.transaction():
-            for i in range(caduceus.PING_HISTORY + 3):  # the wall clock going back all along
+            for i in range(caduceus.HISTORY + 3):  # the wall clock going back all along
                 self.store.record_ping("job", 1000.0 - i, caduceus.Ping(caduceus.LOG, body=f"{i}"))
         bodies = [ping["body"] for ping in self.store.pings("job")]
-        self.assertEqual(bodies, [str(i) for i in range(3, caduceus.PING_HISTORY + 3)])
-        self.assertEqual(self.store.last_body("job"), str(caduceus.PING_HISTORY + 2))
+        self.assertEqual(bodies, [str(i) for i in range(3, caduceus.HISTORY + 3)])
+        self.assertEqual(self.store.last_body("job"), str(caduceus.HISTORY + 2))
         self.store.sync_checks(["job", "quiet"], 0.0)
         self.assertEqual(self.store.last_body("quiet"), "")
 
@@ -1344,13 +1352,34 @@ class StoreTest(unittest.TestCase):
             conn.execute("INSERT INTO checks (name, status, first_seen_at) VALUES ('job', 'new', 5.0)")
             conn.execute("PRAGMA user_version = 1")
         config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
-        rows, legacy = caduceus._read_state(path)  # `check` reads it as it is
+        rows, legacy, _ = caduceus._read_state(path)  # `check` reads it as it is
         report = caduceus.check_report(config, rows, 10.0, legacy)
         self.assertEqual(report[0]["next_due"], caduceus.format_time(3605.0))
         store = open_store(self, path)
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
         with contextlib.closing(sqlite3.connect(path)) as conn:
             self.assertEqual(conn.execute("PRAGMA user_version").fetchone()[0], caduceus.SCHEMA_VERSION)
+
+    def test_a_schema_3_ring_of_pings_keeps_its_order_through_the_upgrade(self):
+        path = os.path.join(temp_dir(self), "v3.sqlite3")
+        make_old_db(path, 3)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE checks SET n_pings = 250 WHERE name = 'job'")  # the ring went round 2.5 times
+            for number in range(150, 250):
+                conn.execute("INSERT INTO pings (check_name, slot, at, kind, body, remote_addr, user_agent) "
+                             "VALUES ('job', ?, ?, 'log', ?, '', '')", (number % 100, 1000.0 - number, str(number)))
+        config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        self.assertEqual([ping["body"] for ping in caduceus._read_state(path)[2]["job"]],
+                         [str(number) for number in range(150, 250)], "status reads the ring before the upgrade")
+        store = open_store(self, path)
+        self.assertEqual([ping["body"] for ping in store.pings("job")], [str(number) for number in range(150, 250)])
+        self.assertEqual(store.last_body("job"), "249")
+        monitor = caduceus.Monitor(store, config, {}, FakeClock(5000.0))
+        monitor.start()
+        monitor.ping("job", caduceus.Ping(caduceus.LOG, body="next"))
+        self.assertEqual([ping["body"] for ping in store.pings("job")][-2:], ["249", "next"])
+        self.assertEqual(len(store.pings("job")), caduceus.HISTORY)
+        self.assertEqual((store.check("job")["paused_until"], store.notice_history("job")), (None, []))
 
     def test_every_earlier_schema_upgrades_to_the_tables_of_a_new_file(self):
         fresh = os.path.join(temp_dir(self), "new.sqlite3")
@@ -3535,9 +3564,9 @@ class HTTPTest(unittest.TestCase):
                          [caduceus.NOTICE_DOWN, caduceus.NOTICE_UP])
 
     def test_home_page_counts_alerts(self):
-        status, body, _ = self.request("GET", "/")
+        status, body, _ = self.request("GET", "/?key=s3cret")
         self.assertEqual(status, 200)
-        self.assertIn("watching 2 alerts, 0 failing", body)
+        self.assertIn("<title>All good · Caduceus</title>", body)
 
     def test_keep_alive_serves_many_requests_on_one_connection(self):
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
@@ -3628,7 +3657,7 @@ class HTTPTest(unittest.TestCase):
 
     def test_home_page_counts_failing_alerts(self):
         self.assertEqual(self.request("GET", "/reset/hourly/fail?key=s3cret")[0], 200)
-        self.assertIn("watching 2 alerts, 1 failing", self.request("GET", "/")[1])
+        self.assertIn("<title>1 down · Caduceus</title>", self.request("GET", "/?key=s3cret")[1])
 
     def test_drain_waits_for_a_request_in_progress(self):
         inside, release = threading.Event(), threading.Event()
@@ -3812,7 +3841,7 @@ class HTTPTest(unittest.TestCase):
         locked = sqlite3.OperationalError("database is locked")
         with unittest.mock.patch.object(self.monitor.store, "checks", side_effect=locked), \
                 self.assertLogs("caduceus", "WARNING"):
-            self.assertEqual(self.request("GET", "/")[:2], (503, "Database unavailable: busy.\n"))
+            self.assertEqual(self.request("GET", "/?key=s3cret")[:2], (503, "Database unavailable: busy.\n"))
 
 
 def read_to_end(sock: socket.socket) -> bytes:
@@ -3855,7 +3884,7 @@ class ConnectionLimitTest(unittest.TestCase):
     def idle(self) -> socket.socket:
         """A keep-alive connection that has had an answer and waits for its next request."""
         sock = self.connect()
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.sendall(b"OPTIONS / HTTP/1.1\r\nHost: x\r\n\r\n")
         self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
         return sock
 
@@ -3996,6 +4025,519 @@ class ConnectionLimitTest(unittest.TestCase):
 ###############################################################################
 # Sweeper #####################################################################
 ###############################################################################
+
+
+#: An alert name made to break HTML, XML, JSON and Prometheus labels if anything forgets to escape.
+HOSTILE_NAME = '<img src=x onerror=alert(1)>&"q\\'
+PAGES_CONFIG = """
+    [config]
+    secret_key = "s3cret"
+
+    [alerts]
+    default_channels = ["console"]
+
+    [alerts.hourly]
+    every = "1h"
+    grace = "10m"
+    max_runtime = "20m"
+
+    [alerts.'%s']
+    every = "1d"
+""" % HOSTILE_NAME
+
+
+class PagesTestCase(unittest.TestCase):
+    """A real Server with PAGES_CONFIG (or another) on a fake clock; request() returns
+    (status, headers, body)."""
+
+    config_text = PAGES_CONFIG
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.start(self.config_text)
+
+    def start(self, text: str, db: str | None = None) -> None:
+        db = db or os.path.join(temp_dir(self), "db.sqlite3")
+        store = open_store(self, db)
+        self.monitor = caduceus.Monitor(store, config_from(self, text), {"console": Recorder()}, self.clock)
+        self.monitor.start()
+        self.port = serve(self, caduceus.Server(("127.0.0.1", 0), self.monitor)).server_address[1]
+
+    def request(self, method: str, path: str, headers: dict | None = None,
+                body: bytes | None = None) -> tuple[int, http.client.HTTPMessage, str]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=WAIT_S)
+        with contextlib.closing(conn):
+            conn.request(method, path, body=body, headers=headers or {})
+            response = conn.getresponse()
+            return response.status, response.headers, response.read().decode()
+
+    def get(self, path: str, key: bool = True) -> tuple[int, http.client.HTTPMessage, str]:
+        return self.request("GET", path, {"Authorization": "Bearer s3cret"} if key else {})
+
+    def ping(self, name: str, signal_text: str = "", body: bytes = b"", agent: str = "test") -> None:
+        path = f"/ping/s3cret/{urllib.parse.quote(name, safe='')}" + (f"/{signal_text}" if signal_text else "")
+        self.assertEqual(self.request("POST", path, {"User-Agent": agent}, body)[0], 200)
+
+
+class DashboardTest(PagesTestCase):
+    """GET / and /alerts/<name>: what a person sees."""
+
+    def test_dashboard_lists_every_alert_the_failing_first_and_counts_them_in_the_title(self):
+        self.ping(HOSTILE_NAME)
+        self.ping("hourly", "fail")
+        status, headers, page = self.get("/")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/html; charset=utf-8"))
+        self.assertIn("<title>1 down · Caduceus</title>", page)
+        self.assertLess(page.index(">hourly<"), page.index(html.escape(HOSTILE_NAME)), "down first")
+        self.assertIn('<span class="badge down">down</span>', page)
+        self.assertIn('<span class="badge up">up</span>', page)
+        self.assertIn("reported failure", page)
+        self.assertIn('<meta http-equiv="refresh"', page)
+        self.assertIn("prefers-color-scheme:dark", page)
+        self.assertIn(f'title="{caduceus.format_time(self.clock.now)}">just now</time>', page)
+
+    def test_everything_user_controlled_is_escaped(self):
+        self.ping(HOSTILE_NAME, "fail", b"<script>alert(2)</script>", agent="<b>agent</b>")
+        for path in ["/", "/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe="")]:
+            with self.subTest(path=path):
+                status, _, page = self.get(path)
+                self.assertEqual(status, 200)
+                for raw in ["<img src=x", "<script>alert(2)", "<b>agent"]:
+                    self.assertNotIn(raw, page)
+                self.assertIn(html.escape(HOSTILE_NAME), page)
+        page = self.get("/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe=""))[2]
+        self.assertIn("&lt;script&gt;alert(2)&lt;/script&gt;", page)
+        self.assertIn("&lt;b&gt;agent&lt;/b&gt;", page)
+
+    def test_every_answer_carries_the_security_headers(self):
+        for path in ["/", "/alerts/hourly", "/api/v1/alerts", "/badge/hourly.svg", "/metrics", "/nosuch",
+                     "/reset/hourly/?key=s3cret"]:
+            with self.subTest(path=path):
+                _, headers, body = self.get(path)
+                self.assertIn("default-src 'none'", headers["Content-Security-Policy"])
+                self.assertEqual(headers["X-Content-Type-Options"], "nosniff")
+                self.assertEqual(headers["Referrer-Policy"], "no-referrer")
+                self.assertEqual(int(headers["Content-Length"]), len(body.encode()))
+                self.assertIn("charset=utf-8", headers["Content-Type"])
+
+    def test_alert_page_shows_settings_history_and_examples_but_never_the_key(self):
+        self.ping("hourly", "start")
+        self.clock.advance(90)
+        self.ping("hourly", "", b"backed up 3 files", agent="cron-job/1.0")
+        self.clock.advance(3600 + 600)
+        self.monitor.sweep()
+        status, _, page = self.get("/alerts/hourly")
+        self.assertEqual(status, 200)
+        self.assertIn("<title>hourly: down · Caduceus</title>", page)
+        for text in ["every 1h, 10m grace, runs at most 20m", "cron-job/1.0", "backed up 3 files", "127.0.0.1",
+                     "up → down", "missed deadline", "1m 30s", "/ping/KEY/hourly", "curl -fsS", "wget -q",
+                     "caduceus.py run", "/pause?until=2h"]:
+            self.assertIn(html.escape(text, quote=False), page)
+        self.assertNotIn("s3cret", page)
+        self.assertIn(f"http://127.0.0.1:{self.port}/ping/KEY/hourly", page)
+        self.assertEqual(self.get("/alerts/nosuch")[0], 404)
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\n'
+                                        'base_url = "https://cron.example.com/caduceus/"'))
+        self.assertIn("&quot;https://cron.example.com/caduceus/ping/KEY/hourly&quot;", self.get("/alerts/hourly")[2])
+
+    def test_run_strip_has_a_cell_per_run_and_missed_deadline_and_the_chart_a_bar_per_timed_run(self):
+        for seconds in (60, 300):
+            self.ping("hourly", "start")
+            self.clock.advance(seconds)
+            self.ping("hourly")
+        self.ping("hourly", "fail")
+        self.clock.advance(7 * 3600)
+        self.monitor.sweep()  # the failure's reminder, not a missed deadline
+        self.ping("hourly")
+        self.clock.advance(3600 + 600)
+        self.monitor.sweep()  # missed
+        page = self.get("/")[2]
+        strip = page[page.index('aria-label="recent runs"'):].split("</svg>")[0]
+        self.assertEqual([fill.split('"')[0] for fill in strip.split('fill="')[1:]],
+                         ["var(--up)", "var(--up)", "var(--down)", "var(--up)", "var(--missed)"])
+        chart = self.get("/alerts/hourly")[2].split('aria-label="run durations"')[1].split("</svg>")[0]
+        self.assertEqual(chart.count("<rect"), 2)
+        self.assertIn('stroke-dasharray', chart, "max_runtime (20m) is drawn: it is within reach of 5m")
+
+    def test_statuses(self):
+        monitor, now = self.monitor, self.clock
+        config = monitor.config
+
+        def status() -> str:
+            rows = {row["name"]: row for row in monitor.store.checks()}
+            views = caduceus.alert_views(config, rows, now(), monitor.store.recent_pings())
+            return {view.name: view.status for view in views}["hourly"]
+
+        self.assertEqual(status(), NEW)
+        self.ping("hourly")
+        self.assertEqual(status(), UP)
+        self.clock.advance(3600 - 1)
+        self.assertEqual(status(), UP)
+        self.clock.advance(1)
+        self.assertEqual(status(), caduceus.GRACE, "past every, within grace")
+        self.ping("hourly", "start")
+        self.assertEqual(status(), caduceus.RUNNING)
+        self.clock.advance(1200)
+        self.assertEqual(status(), DOWN, "overdue: down before the sweep marks it so")
+        self.monitor.sweep()
+        self.assertEqual(status(), DOWN)
+
+
+class APITest(PagesTestCase):
+    """/api/v1: every field, every status code."""
+
+    FIELDS = {"name", "status", "last_checkin", "next_due", "every", "schedule", "timezone", "grace",
+              "notify_every", "max_runtime", "channels", "last_duration", "last_exit_status", "reason",
+              "paused_until"}
+
+    def get_json(self, path: str, key: bool = True) -> tuple[int, Any]:
+        status, headers, body = self.get(path, key)
+        self.assertEqual(headers["Content-Type"], "application/json; charset=utf-8")
+        return status, json.loads(body)
+
+    def test_alerts_have_every_field(self):
+        self.ping("hourly", "start")
+        self.clock.advance(42)
+        self.ping("hourly", "0")
+        status, data = self.get_json("/api/v1/alerts")
+        self.assertEqual(status, 200)
+        alerts = {alert["name"]: alert for alert in data["alerts"]}
+        self.assertEqual(set(alerts), {"hourly", HOSTILE_NAME})
+        self.assertLessEqual(self.FIELDS, set(alerts["hourly"]))
+        fmt = caduceus.format_time
+        self.assertEqual({key: alerts["hourly"][key] for key in self.FIELDS}, {
+            "name": "hourly", "status": "up", "last_checkin": fmt(self.clock.now),
+            "next_due": fmt(self.clock.now + 4200), "every": 3600.0, "schedule": None, "timezone": "UTC",
+            "grace": 600.0, "notify_every": 3600.0, "max_runtime": 1200.0, "channels": ["console"],
+            "last_duration": 42.0, "last_exit_status": 0, "reason": None, "paused_until": None})
+        self.assertEqual((alerts[HOSTILE_NAME]["status"], alerts[HOSTILE_NAME]["last_checkin"]), ("new", None))
+
+    def test_one_alert_has_its_history(self):
+        self.ping("hourly", "fail", b"disk full", agent="job/2")
+        status, data = self.get_json("/api/v1/alerts/hourly")
+        self.assertEqual((status, data["status"], data["reason"]), (200, "down", "reported failure"))
+        self.assertEqual(data["history"]["checkins"][-1]["body"], "disk full")
+        self.assertEqual(data["history"]["checkins"][-1]["user_agent"], "job/2")
+        self.assertEqual(data["history"]["flips"][-1]["new"], "down")
+        self.assertEqual(self.get_json("/api/v1/alerts/" + urllib.parse.quote(HOSTILE_NAME, safe=""))[1]["name"],
+                         HOSTILE_NAME)
+
+    def test_errors_are_json_with_proper_codes(self):
+        self.assertEqual(self.get_json("/api/v1/alerts/nosuch"), (404, {"error": "No such alert."}))
+        self.assertEqual(self.get_json("/api/v1/nosuch"), (404, {"error": "Not found."}))
+        status, headers, body = self.request("DELETE", "/api/v1/alerts", {"Authorization": "Bearer s3cret"})
+        self.assertEqual((status, json.loads(body)), (405, {"error": "Method not allowed."}))
+        self.assertEqual(headers["Allow"], "GET, HEAD, OPTIONS")
+        status, body = self.get_json("/api/v1/alerts", key=False)
+        self.assertEqual(status, 401)
+        self.assertIn("error", body)
+
+
+def parse_exposition(text: str) -> dict[str, Any]:
+    """A small parser of Prometheus' text format 0.0.4, strict where Caduceus must be:
+    every sample's family has # HELP and # TYPE before it, names and label names
+    are valid, label values are escaped (\\\\, \\", \\n only), values are floats.
+    Returns {"types": {family: type}, "samples": {(name, ((label, value), ...)): float}}."""
+    name_re = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+    types, helps, samples = {}, {}, {}
+    assert text.endswith("\n")
+    for line in text[:-1].split("\n"):
+        if line.startswith("# HELP ") or line.startswith("# TYPE "):
+            _, word, name, rest = line.split(" ", 3)
+            assert name_re.fullmatch(name), name
+            (helps if word == "HELP" else types)[name] = rest
+            continue
+        match = re.fullmatch(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})? (\S+)", line)
+        assert match, line
+        name, labels_text, value = match.groups()
+        labels = []
+        rest = labels_text or ""
+        while rest:
+            label = re.match(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"(,|$)', rest)
+            assert label, rest
+            unescaped = re.sub(r'\\(.)', lambda m: {"n": "\n"}.get(m[1], m[1]), label[2])
+            labels.append((label[1], unescaped))
+            rest = rest[label.end():]
+        assert name in types and name in helps, f"{name}: no HELP/TYPE before it"
+        samples[(name, tuple(labels))] = float(value)
+    return {"types": types, "samples": samples}
+
+
+class BadgeMetricsTest(PagesTestCase):
+    """/badge/<name>.svg and .json, and /metrics."""
+
+    def test_svg_badge_is_well_formed_xml_with_the_name_escaped(self):
+        import xml.etree.ElementTree as ElementTree
+        self.ping(HOSTILE_NAME, "fail")
+        for name, message in [("hourly", "new"), (HOSTILE_NAME, "down")]:
+            with self.subTest(name=name):
+                status, headers, body = self.get(f"/badge/{urllib.parse.quote(name, safe='')}.svg", key=False)
+                self.assertEqual((status, headers["Content-Type"]), (200, "image/svg+xml; charset=utf-8"))
+                root = ElementTree.fromstring(body)
+                texts = [element.text for element in root.iter("{http://www.w3.org/2000/svg}text")]
+                self.assertEqual(texts, [name, message])
+        self.ping("hourly")
+        self.clock.advance(3600)
+        self.assertIn(">late</text>", self.get("/badge/hourly.svg")[2])
+        self.assertEqual(self.get("/badge/nosuch.svg")[0], 404)
+
+    def test_json_badge_is_in_the_shields_endpoint_format(self):
+        self.ping("hourly")
+        status, _, body = self.get("/badge/hourly.json", key=False)
+        self.assertEqual((status, json.loads(body)),
+                         (200, {"schemaVersion": 1, "label": "hourly", "message": "up", "color": "brightgreen"}))
+
+    def test_metrics_parse_and_say_what_the_api_says(self):
+        self.ping("hourly", "start")
+        self.clock.advance(30)
+        self.ping("hourly")
+        self.ping(HOSTILE_NAME, "fail")
+        self.ping(HOSTILE_NAME, "log")
+        status, headers, body = self.get("/metrics")
+        self.assertEqual((status, headers["Content-Type"]), (200, "text/plain; version=0.0.4; charset=utf-8"))
+        parsed = parse_exposition(body)
+        samples = parsed["samples"]
+        self.assertEqual(samples[("caduceus_alert_up", (("alert", HOSTILE_NAME),))], 0.0)
+        self.assertEqual(samples[("caduceus_alert_up", (("alert", "hourly"),))], 1.0)
+        statuses = {labels[1][1]: value for (name, labels), value in samples.items()
+                    if name == "caduceus_alert_status" and labels[0][1] == HOSTILE_NAME}
+        self.assertEqual(statuses, {"down": 1.0, "grace": 0.0, "running": 0.0, "new": 0.0, "up": 0.0,
+                                    "paused": 0.0})
+        self.assertEqual(samples[("caduceus_alert_last_checkin_timestamp_seconds", (("alert", "hourly"),))],
+                         self.clock.now)
+        self.assertEqual(samples[("caduceus_alert_next_due_timestamp_seconds", (("alert", "hourly"),))],
+                         self.clock.now + 4200)
+        self.assertEqual(samples[("caduceus_alert_last_duration_seconds", (("alert", "hourly"),))], 30.0)
+        self.assertEqual(samples[("caduceus_checkins_total", (("alert", "hourly"), ("signal", "start")))], 1.0)
+        self.assertEqual(samples[("caduceus_checkins_total", (("alert", HOSTILE_NAME), ("signal", "log")))], 1.0)
+        self.assertEqual(samples[("caduceus_outbox_pending", ())], 1.0)
+        self.assertEqual(samples[("caduceus_build_info", (("version", caduceus.__version__),))], 1.0)
+        self.assertEqual(parsed["types"]["caduceus_checkins_total"], "counter")
+        self.assertEqual(self.monitor.deliver("console"), None)
+        samples = parse_exposition(self.get("/metrics")[2])["samples"]
+        self.assertEqual(samples[("caduceus_notifications_total", (("channel", "console"), ("result", "sent")))],
+                         1.0)
+
+    def test_label_values_are_escaped(self):
+        self.assertEqual(caduceus._label_value('a\\b"c\nd'), 'a\\\\b\\"c\\nd')
+
+
+class AccessTest(PagesTestCase):
+    """Who may read: the key (query, bearer, basic auth), public_dashboard, public_badges."""
+
+    READ_PATHS = ["/", "/alerts/hourly", "/api/v1/alerts", "/api/v1/alerts/hourly", "/metrics"]
+
+    def test_with_a_secret_key_the_views_need_it_and_tell_nothing_without_it(self):
+        self.ping("hourly", "fail")
+        for path in self.READ_PATHS + ["/alerts/nosuch"]:
+            for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": "Basic " + basic("u", "nope")}]:
+                with self.subTest(path=path, headers=headers):
+                    status, answer, body = self.request("GET", path + "?key=wrong" if not headers else path,
+                                                        headers)
+                    self.assertEqual(status, 401)
+                    self.assertNotIn("hourly", body)
+                    self.assertNotRegex(body, r"[0-9]")
+                    html_page = not path.startswith(("/api", "/metrics"))
+                    self.assertEqual(answer["WWW-Authenticate"].split()[0], "Basic" if html_page else "Bearer")
+
+    def test_the_key_opens_them_as_query_bearer_or_basic_password(self):
+        for path in self.READ_PATHS:
+            for suffix, headers in [("?key=s3cret", {}), ("", {"Authorization": "Bearer s3cret"}),
+                                    ("", {"Authorization": "Basic " + basic("anyone", "s3cret")}),
+                                    ("", {"X-Caduceus-Key": "s3cret"})]:
+                with self.subTest(path=path, suffix=suffix, headers=headers):
+                    self.assertEqual(self.request("GET", path + suffix, headers)[0], 200)
+
+    def test_public_dashboard_opens_the_read_only_views_and_badges_can_be_closed(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\n'
+                                        'public_dashboard = true\npublic_badges = false'))
+        for path in self.READ_PATHS:
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 200)
+        self.assertEqual(self.request("GET", "/badge/hourly.svg")[0], 401)
+        self.assertEqual(self.request("GET", "/badge/hourly.svg?key=s3cret")[0], 200)
+
+    def test_badges_are_public_by_default(self):
+        self.assertEqual(self.request("GET", "/badge/hourly.json")[0], 200)
+
+    def test_without_a_secret_key_everything_is_open_and_a_public_address_is_warned_about(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', ""))
+        for path in self.READ_PATHS:
+            with self.subTest(path=path):
+                self.assertEqual(self.request("GET", path)[0], 200)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            caduceus._warn_if_open(self.monitor.config, "0.0.0.0")
+        self.assertIn("no secret_key", logs.output[0])
+        with self.assertNoLogs("caduceus", "WARNING") if hasattr(self, "assertNoLogs") else contextlib.nullcontext():
+            caduceus._warn_if_open(self.monitor.config, "127.0.0.1")
+            caduceus._warn_if_open(self.monitor.config, "::1")
+
+
+def basic(user: str, password: str) -> str:
+    return base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+class PauseTest(PagesTestCase):
+    """Pause and resume through the API: the rule, the record, a restart in between."""
+
+    def post(self, path: str, key: bool = True) -> tuple[int, Any]:
+        status, _, body = self.request("POST", path, {"Authorization": "Bearer s3cret"} if key else {})
+        return status, json.loads(body)
+
+    def test_a_paused_alert_sends_nothing_until_resumed_and_is_then_judged_from_then(self):
+        self.ping("hourly")
+        status, data = self.post("/api/v1/alerts/hourly/pause")
+        self.assertEqual((status, data["status"], data["paused_until"]), (200, "paused", None))
+        self.clock.advance(10 * 3600)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.assertEqual(self.monitor.store.pending_notices(), [])
+        self.assertEqual(self.get_status("hourly"), "paused")
+        status, data = self.post("/api/v1/alerts/hourly/resume")
+        self.assertEqual((status, data["status"]), (200, "up"))
+        self.assertEqual(data["next_due"], caduceus.format_time(self.clock.now + 4200))
+        self.clock.advance(4200 - 1)
+        self.assertEqual(self.monitor.sweep(), [])
+        self.clock.advance(1)
+        self.assertEqual([flip.new for flip in self.monitor.sweep()], [DOWN])
+
+    def test_with_every_alert_paused_for_good_the_sweeper_still_comes_back(self):
+        for name in ("hourly", HOSTILE_NAME):
+            self.post(f"/api/v1/alerts/{urllib.parse.quote(name, safe='')}/pause")
+        self.assertIsNone(self.monitor.next_sweep_at(), "None: the sweeper then waits its longest, not forever")
+
+    def test_a_check_in_ends_the_pause(self):
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "start")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], caduceus.PAUSED, "a start is no check-in")
+        self.ping("hourly")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], UP)
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "fail")
+        self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
+
+    def test_pause_until_ends_by_itself_and_survives_a_restart(self):
+        db = os.path.join(temp_dir(self), "db.sqlite3")
+        self.start(PAGES_CONFIG, db)
+        self.ping("hourly")
+        status, data = self.post("/api/v1/alerts/hourly/pause?until=2h")
+        self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(self.clock.now + 7200)))
+        deadlines = []
+        self.monitor.on_deadline(deadlines.append)
+        self.clock.advance(3600)
+        self.start(PAGES_CONFIG, db)  # a restart
+        self.monitor.on_deadline(deadlines.append)
+        self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 3600, "the sweeper wakes at the end")
+        self.assertEqual(self.get_status("hourly"), "paused")
+        self.clock.advance(3600)
+        self.assertEqual(self.get_status("hourly"), "up", "over, even before the sweep says so")
+        self.assertEqual(self.monitor.sweep(), [])
+        self.assertEqual(self.get_status("hourly"), "up")
+        self.assertEqual(self.monitor.next_sweep_at(), self.clock.now + 4200, "judged from the window's end")
+        flips = self.monitor.store.flips("hourly")
+        self.assertEqual([(flip["old"], flip["new"]) for flip in flips], [("up", "paused"), ("paused", "up")])
+        self.assertIn("paused by 127.0.0.1 until", flips[0]["reason"])
+        self.assertIn("maintenance window over", flips[1]["reason"])
+
+    def get_status(self, name: str) -> str:
+        return json.loads(self.get(f"/api/v1/alerts/{name}")[2])["status"]
+
+    def test_until_takes_an_iso_time_or_a_duration_and_refuses_the_past(self):
+        later = datetime.datetime.fromtimestamp(self.clock.now + 90, datetime.timezone.utc)
+        for until, expected in [("90s", self.clock.now + 90),
+                                (later.strftime("%Y-%m-%dT%H:%M:%SZ"), self.clock.now + 90),
+                                (later.strftime("%Y-%m-%dT%H:%M:%S+00:00"), self.clock.now + 90)]:
+            with self.subTest(until=until):
+                status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
+                self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(expected)))
+        for until in ["soon", "2000-01-01T00:00:00Z", "-5m"]:
+            with self.subTest(until=until):
+                status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
+                self.assertEqual(status, 400)
+                self.assertIn("until", data["error"])
+
+    def test_pause_and_resume_always_need_the_key_and_a_post(self):
+        self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\npublic_dashboard = true'))
+        self.assertEqual(self.post("/api/v1/alerts/hourly/pause", key=False)[0], 401)
+        status, _, _ = self.request("POST", "/api/v1/alerts/hourly/pause",
+                                    {"Authorization": "Basic " + basic("u", "s3cret")})
+        self.assertEqual(status, 401, "not basic auth: a browser would send it for another site's form")
+        self.assertEqual(self.post("/api/v1/alerts/hourly/pause?key=s3cret", key=False)[0], 200)
+        self.assertEqual(self.request("GET", "/api/v1/alerts/hourly/pause?key=s3cret")[0], 405)
+        self.assertEqual(self.post("/api/v1/alerts/nosuch/pause"), (404, {"error": "No such alert."}))
+        self.assertEqual(self.post("/api/v1/alerts/nosuch/resume"), (404, {"error": "No such alert."}))
+
+    def test_pages_show_the_pause(self):
+        self.post("/api/v1/alerts/hourly/pause?until=1h")
+        page = self.get("/")[2]
+        self.assertIn('<span class="badge paused">paused</span>', page)
+        self.assertIn("paused until", page)
+        self.assertIn(">paused</text>", self.get("/badge/hourly.svg")[2])
+
+
+class DeliveryHistoryTest(unittest.TestCase):
+    """Each delivery attempt's result is kept, with the outbox's change, newest ``history`` per alert."""
+
+    def test_sent_failed_and_given_up_are_recorded_and_pruned(self):
+        clock = FakeClock()
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        store.history = 3
+        console = Recorder()
+        monitor = caduceus.Monitor(store, config_from(self, CONSOLE_CONFIG), {"console": console}, clock)
+        monitor.start()
+        monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        console.error = caduceus.NotifyError("mail server down")
+        monitor.deliver("console")
+        console.error = caduceus.NotifyError("no such chat", permanent=True)
+        clock.advance(60)
+        monitor.deliver("console")
+        console.error = None
+        monitor.ping("hourly")
+        monitor.deliver("console")
+        self.assertEqual([(row["kind"], row["result"], row["error"]) for row in store.notice_history("hourly")],
+                         [("down", "failed", "mail server down"), ("down", "given_up", "no such chat"),
+                          ("up", "sent", "")])
+        monitor.ping("hourly", caduceus.Ping(caduceus.FAIL))
+        monitor.deliver("console")
+        self.assertEqual([row["result"] for row in store.notice_history("hourly")], ["given_up", "sent", "sent"])
+        for _ in range(5):
+            monitor.ping("hourly", caduceus.Ping(caduceus.LOG, body="x"))
+        self.assertEqual(len(store.pings("hourly")), 3)
+        self.assertEqual(len(store.flips("hourly")), 3)
+
+
+def find_chromium() -> str | None:
+    """Chromium's path, or None."""
+    for candidate in ("/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+        if candidate and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+class DashboardBrowserTest(PagesTestCase):
+    """A real browser renders the dashboard (headless Chromium, where it can be had)."""
+
+    def test_chromium_renders_the_alerts(self):
+        chromium = find_chromium()
+        if chromium is None:
+            self.skipTest("Chromium is not installed (.ci/run installs Debian's chromium)")
+        self.ping(HOSTILE_NAME, "fail")
+        self.ping("hourly")
+        profile = temp_dir(self)
+        command = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                   f"--user-data-dir={profile}", "--dump-dom", f"http://127.0.0.1:{self.port}/?key=s3cret"]
+        try:
+            result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            self.skipTest(f"Chromium could not run here: {exc}")
+        if result.returncode != 0 or "<html" not in result.stdout:
+            self.skipTest(f"Chromium could not run here (exit {result.returncode}): {result.stderr[-300:]}")
+        dom = result.stdout
+        self.assertIn("<title>1 down · Caduceus</title>", dom)
+        self.assertIn('<a class="name" href="/alerts/hourly">hourly</a>', dom)
+        self.assertIn(html.escape(HOSTILE_NAME, quote=False), dom)
+        self.assertNotIn("<img src=x", dom, "the browser built no element from the name")
 
 
 class SweeperTest(unittest.TestCase):
@@ -4210,7 +4752,7 @@ class ReloadTest(unittest.TestCase):
         with self.assertLogs("caduceus", "ERROR") as logs:
             status, text = self.reload()
         self.assertEqual(status, 400)
-        self.assertEqual(text, f"Reload refused, the running config is kept: {error.exception}\n")
+        self.assertEqual(json.loads(text), {"error": f"Reload refused, the running config is kept: {error.exception}"})
         self.assertIn(str(error.exception), logs.output[0])
         self.assertIs(self.monitor.config, old)
         self.assertEqual(self.request("GET", "/reset/backups/?key=s3cret")[0], 200)
@@ -5320,6 +5862,69 @@ class CheckCommandTest(unittest.TestCase):
 ###############################################################################
 # Command line ################################################################
 ###############################################################################
+
+
+class StatusCommandTest(unittest.TestCase):
+    """caduceus.py status: the dashboard's table, Nagios-style, read-only."""
+
+    def setUp(self):
+        directory = temp_dir(self)
+        self.config = write_config(self, LIFECYCLE_CONFIG, directory)
+        self.db = os.path.join(directory, "db.sqlite3")
+        self.clock = FakeClock(time.time())
+
+    def run_status(self, *argv: str) -> tuple[int, str, str]:
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = caduceus._status_main(["-c", self.config, "-b", self.db, *argv], self.clock)
+        return code, out.getvalue(), err.getvalue()
+
+    def monitor(self) -> caduceus.Monitor:
+        store = open_store(self, self.db)
+        monitor = caduceus.Monitor(store, caduceus.load_config(self.config), {}, self.clock)
+        monitor.start()
+        return monitor
+
+    def test_all_up_is_ok_and_exit_0(self):
+        monitor = self.monitor()
+        monitor.ping("plain")
+        monitor.ping("nightly")
+        code, out, _ = self.run_status()
+        lines = out.splitlines()
+        self.assertEqual((code, lines[0]), (0, "CADUCEUS OK - 2 alerts up"))
+        self.assertEqual(lines[1].split(), ["ALERT", "STATUS", "LAST", "CHECK-IN", "NEXT", "DEADLINE", "LAST",
+                                            "RUN", "SCHEDULE"])
+        self.assertTrue(lines[2].startswith("nightly "))
+        self.assertIn("now", lines[2])
+
+    def test_new_running_and_grace_are_not_failures(self):
+        self.monitor().ping("nightly", caduceus.Ping(caduceus.START))
+        code, out, _ = self.run_status()
+        self.assertEqual((code, out.splitlines()[0]), (0, "CADUCEUS OK - 2 alerts, none down (1 running, 1 new)"))
+
+    def test_any_down_is_critical_and_exit_1(self):
+        monitor = self.monitor()
+        monitor.ping("plain", caduceus.Ping(caduceus.FAIL))
+        monitor.ping("nightly")
+        code, out, _ = self.run_status()
+        self.assertEqual((code, out.splitlines()[0]), (1, "CADUCEUS CRITICAL - 1 of 2 down: plain"))
+        self.assertIn("down (reported failure)", out.splitlines()[2])
+        self.clock.advance(2 * 86400)  # nightly overdue, not yet swept: down all the same
+        code, out, _ = self.run_status("--json")
+        data = json.loads(out)
+        self.assertEqual((code, data["status"]), (1, "critical"))
+        self.assertEqual([(alert["name"], alert["status"]) for alert in data["alerts"]],
+                         [("nightly", "down"), ("plain", "down")])
+
+    def test_errors_exit_2(self):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            self.assertEqual(caduceus.main(["status", "-c", os.path.join(temp_dir(self), "missing.toml")]), 2)
+        self.assertIn("cannot read the config file", err.getvalue())
+        with open(self.db, "wb") as file:
+            file.write(b"not a database" * 100)
+        code, _, err = self.run_status()
+        self.assertEqual(code, 2)
+        self.assertIn("cannot read the database", err)
 
 
 class MainTest(unittest.TestCase):
