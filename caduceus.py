@@ -2531,6 +2531,19 @@ def _create_private(path: str) -> None:
         pass
 
 
+class _GroupCall:
+    """One caller's work in a group commit, and how it ended (see Store.group_commit)."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        self.work = work
+        self.result: Any = None
+        self.error: BaseException | None = None
+        #: Set once: the batch with this call is committed (or failed), or ``lead`` is True.
+        self.done = threading.Event()
+        #: Handed the lead: this caller runs the next batch itself.
+        self.lead = False
+
+
 class Store:
     """The SQLite file that holds all state.
 
@@ -2547,6 +2560,11 @@ class Store:
         self.history = history
         self._lock = threading.RLock()
         self._depth = 0
+        # Group commit (see group_commit): the calls waiting for the next batch,
+        # and whether a leader is running one; both under _group_lock.
+        self._group_lock = threading.Lock()
+        self._group_queue: list[_GroupCall] = []
+        self._group_leading = False
         if path not in ("", ":memory:"):
             _create_private(path)
         # timeout=5 is SQLite's busy timeout (5000 ms, what Litestream asks for):
@@ -2610,6 +2628,82 @@ class Store:
                 raise
             finally:
                 self._depth = 0
+
+    def group_commit(self, work: Callable[[], Any]) -> Any:
+        """Run ``work()`` in a transaction shared with the callers that arrive while
+        another batch commits (group commit); return its result once committed.
+
+        The first caller to find no commit in progress leads: it takes every
+        queued call, runs each in its own SAVEPOINT (a call that raises is
+        rolled back alone and its caller gets its own exception), commits once,
+        wakes each caller of the batch (one Event each), and hands the lead to
+        the first caller queued meanwhile.  So the fsync is paid once per
+        batch, and a return still means committed: if the COMMIT fails (or
+        SQLite aborts the transaction), every call of the batch that had not
+        failed already raises that error.  ``work`` runs in the leader's thread
+        with the store's lock held; store methods it calls join the batch.
+        """
+        call = _GroupCall(work)
+        with self._group_lock:
+            self._group_queue.append(call)
+            lead = not self._group_leading
+            self._group_leading = True
+        if not lead:
+            call.done.wait()
+            lead = call.lead
+        if lead:
+            self._lead_batch()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _lead_batch(self) -> None:
+        """Commit every queued call as one transaction, then wake their callers
+        and hand the lead on (see group_commit)."""
+        with self._group_lock:
+            batch, self._group_queue = self._group_queue, []
+        try:
+            with self._lock:
+                self._run_batch(batch)
+        finally:
+            with self._group_lock:
+                if self._group_queue:
+                    self._group_queue[0].lead = True
+                    self._group_queue[0].done.set()
+                else:
+                    self._group_leading = False
+            for call in batch:
+                call.done.set()
+
+    def _run_batch(self, batch: list[_GroupCall]) -> None:
+        """Run each call in a SAVEPOINT of one transaction and commit (store lock held)."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            for call in batch:
+                call.error = exc
+            return
+        self._depth = 1
+        try:
+            for call in batch:
+                self._conn.execute("SAVEPOINT checkin")
+                try:
+                    call.result = call.work()
+                except BaseException as exc:  # handed to its own caller, in its own thread
+                    call.error = exc
+                    if not self._conn.in_transaction:  # SQLite gave up the whole transaction
+                        raise
+                    self._conn.execute("ROLLBACK TO checkin")
+                self._conn.execute("RELEASE checkin")
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            for call in batch:
+                if call.error is None or call.error is exc:
+                    call.result, call.error = None, exc
+        finally:
+            self._depth = 0
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -3287,8 +3381,33 @@ class Monitor:
 
         Raises ``KeyError`` for a name that is not configured (read inside the
         transaction, so a reload cannot remove it halfway).  When it returns,
-        the signal is committed and any notice it caused is queued.
+        the signal is committed and any notice it caused is queued.  Signals
+        from several threads at once are committed together (Store.group_commit).
         """
+        offsets: list[tuple[float | None, float | None]] = []
+
+        def record() -> tuple[Flip | None, CheckSpec, Mapping[str, Any], float]:
+            before = self._clock_offset
+            result = self._record_signal(name, ping)
+            offsets.append((before, self._clock_offset))
+            return result
+
+        try:
+            flip, spec, row, now = self.store.group_commit(record)
+        except BaseException:
+            # The batch's commit failed: a clock step found in it was rolled back too.
+            if offsets and self._clock_offset == offsets[0][1]:
+                self._clock_offset = offsets[0][0]
+            raise
+        self.tally.add("checkins", (name, ping.kind))
+        if flip:
+            self._tell(self._outbox_listeners, now)
+        if row["status"] != DOWN:
+            self._tell(self._deadline_listeners, next_event_at(spec, row))
+        return flip
+
+    def _record_signal(self, name: str, ping: Ping) -> tuple[Flip | None, CheckSpec, Mapping[str, Any], float]:
+        """Ping's work in the database: ``(flip, spec, row after, now)``."""
         flip = None
         with self._operation() as now:
             spec = self.config.checks[name]
@@ -3309,12 +3428,7 @@ class Monitor:
                 reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
                 flip = self._flip(spec, row, DOWN, reason, now, now)
             row = self.store.check(name)
-        self.tally.add("checkins", (name, ping.kind))
-        if flip:
-            self._tell(self._outbox_listeners, now)
-        if row["status"] != DOWN:
-            self._tell(self._deadline_listeners, next_event_at(spec, row))
-        return flip
+        return flip, spec, row, now
 
     # Pauses ----------------------------------------------------------------
 

@@ -1439,6 +1439,129 @@ class StoreTest(unittest.TestCase):
         self.assertIn("newer", str(caught.exception))
 
 
+class _Queued(list):
+    """A group-commit queue that says when ``size`` calls wait in it."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__()
+        self.size, self.full = size, threading.Event()
+
+    def append(self, item) -> None:
+        super().append(item)
+        if len(self) >= self.size:
+            self.full.set()
+
+
+class GroupCommitTest(unittest.TestCase):
+    """Store.group_commit: concurrent check-ins share one transaction, each in its own savepoint."""
+
+    def setUp(self):
+        self.path = os.path.join(temp_dir(self), "db.sqlite3")
+        self.store = open_store(self, self.path)
+        self.store.sync_checks([f"job{i}" for i in range(4)], 0.0)
+        self.commits = []
+        self.store._conn.set_trace_callback(lambda sql: self.commits.append(sql) if sql == "COMMIT" else None)
+
+    def batch_behind_a_leader(self, works: list) -> list:
+        """Run ``works`` while a first call holds the lead, so they queue and go
+        in one batch; return each one's result or exception."""
+        gate, leading = threading.Event(), threading.Event()
+
+        def first():
+            leading.set()
+            self.assertTrue(gate.wait(WAIT_S))
+            self.store.record_ping("job0", 1.0, caduceus.Ping())
+
+        leader = threading.Thread(target=self.store.group_commit, args=(first,))
+        leader.start()
+        self.assertTrue(leading.wait(WAIT_S))
+        queued = _Queued(len(works))
+        with self.store._group_lock:
+            self.store._group_queue = queued
+        results = [None] * len(works)
+
+        def call(index, work):
+            try:
+                results[index] = self.store.group_commit(work)
+            except Exception as exc:
+                results[index] = exc
+
+        threads = [threading.Thread(target=call, args=(index, work)) for index, work in enumerate(works)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(queued.full.wait(WAIT_S))
+        self.commits.clear()
+        gate.set()
+        for thread in threads + [leader]:
+            thread.join(WAIT_S)
+        return results
+
+    def ping(self, name: str, result: str):
+        def work():
+            self.store.record_ping(name, 2.0, caduceus.Ping(caduceus.LOG, body=name))
+            return result
+        return work
+
+    def test_calls_queued_behind_a_commit_go_together_in_one_commit(self):
+        results = self.batch_behind_a_leader([self.ping(f"job{i}", f"done {i}") for i in (1, 2, 3)])
+        self.assertEqual(results, ["done 1", "done 2", "done 3"])
+        self.assertEqual(self.commits, ["COMMIT"] * 2, "the leader's, then one for the three of them")
+        with contextlib.closing(sqlite3.connect(self.path)) as other:
+            self.assertEqual(other.execute("SELECT SUM(n_pings) FROM checks").fetchone()[0], 4)
+
+    def test_a_failing_call_in_a_batch_rolls_back_alone_and_gets_its_own_error(self):
+        def failing():
+            self.store.record_ping("job2", 2.0, caduceus.Ping(caduceus.LOG, body="lost"))
+            raise ValueError("job2's own error")
+
+        results = self.batch_behind_a_leader([self.ping("job1", "one"), failing, self.ping("job3", "three")])
+        self.assertEqual(results[0], "one")
+        self.assertIsInstance(results[1], ValueError)
+        self.assertEqual(str(results[1]), "job2's own error")
+        self.assertEqual(results[2], "three")
+        self.assertEqual(self.commits, ["COMMIT"] * 2, "the leader's, then one for the batch")
+        self.assertEqual([self.store.check(f"job{i}")["n_pings"] for i in range(4)], [1, 1, 0, 1])
+        self.assertEqual(self.store.pings("job2"), [])
+        self.assertEqual(self.store.last_body("job3"), "job3")
+
+    def test_a_failed_commit_fails_every_call_of_the_batch(self):
+        conn = self.store._conn  # a deferred foreign key is the one way to make COMMIT itself fail
+        conn.execute("PRAGMA foreign_keys = ON")
+        with self.store.transaction():
+            conn.execute("CREATE TABLE child (parent TEXT REFERENCES checks (name) DEFERRABLE INITIALLY DEFERRED)")
+
+        def orphan():
+            conn.execute("INSERT INTO child VALUES ('nobody')")
+
+        results = self.batch_behind_a_leader([self.ping("job1", "one"), orphan])
+        self.assertTrue(all(isinstance(result, sqlite3.IntegrityError) for result in results), results)
+        self.assertEqual(self.store.check("job1")["n_pings"], 0, "not answered as saved, not saved")
+        self.assertFalse(conn.in_transaction)
+        self.assertEqual(self.store.group_commit(self.ping("job1", "later")), "later")
+
+    def test_check_ins_from_many_threads_are_all_committed_and_answered(self):
+        config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
+            f"[alerts.job{i}]\nevery = \"1h\"\n" for i in range(4)))
+        monitor = caduceus.Monitor(self.store, config, {"console": Recorder()}, FakeClock())
+        monitor.start()
+        answered = []
+
+        def client(index):
+            for _ in range(25):
+                monitor.ping(f"job{index % 4}", caduceus.Ping(caduceus.LOG, body=str(index)))
+                answered.append(index)
+
+        threads = [threading.Thread(target=client, args=(index,)) for index in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT_S)
+        self.assertEqual(len(answered), 16 * 25)
+        with contextlib.closing(sqlite3.connect(self.path)) as other:
+            self.assertEqual(other.execute("SELECT SUM(n_pings) FROM checks").fetchone()[0], 16 * 25)
+        self.assertLess(len(self.commits), 16 * 25, "some check-ins shared a commit")
+
+
 ###############################################################################
 # Monitor #####################################################################
 ###############################################################################
@@ -6123,6 +6246,38 @@ class ProcessTest(unittest.TestCase):
                              .fetchone()[0], first_seen)
         process.send_signal(signal.SIGTERM)
         self.assertEqual(process.wait(WAIT_S), 0)
+
+
+    def test_kill_9_during_a_burst_of_check_ins_loses_none_that_was_answered(self):
+        process, port = self.start()
+        answered, enough, stop = [], threading.Event(), threading.Event()
+
+        def client():
+            while not stop.is_set():
+                try:
+                    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+                    with contextlib.closing(connection):
+                        while not stop.is_set():
+                            connection.request("GET", "/reset/hourly/?key=s3cret")
+                            if connection.getresponse().read() == b"Alert reset." and not stop.is_set():
+                                answered.append(1)
+                                if len(answered) >= 200:
+                                    enough.set()
+                except (OSError, http.client.HTTPException):  # killed under us
+                    return
+
+        threads = [threading.Thread(target=client) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        self.assertTrue(enough.wait(WAIT_S * 3))
+        process.kill()  # in the middle of the burst: batches in flight
+        process.wait(WAIT_S)
+        stop.set()
+        for thread in threads:
+            thread.join(WAIT_S)
+        with contextlib.closing(sqlite3.connect(self.db)) as conn:
+            committed = conn.execute("SELECT n_pings FROM checks WHERE name = 'hourly'").fetchone()[0]
+        self.assertGreaterEqual(committed, len(answered))
 
 
 class OperationsProcessTest(unittest.TestCase):
