@@ -751,8 +751,9 @@ class _Table:
 
     def finish(self, extra_known: tuple[str, ...] = ()) -> None:
         known = self.known + list(extra_known)
+        members = set(known)  # a set: [alerts] passes every alert's name (a list made this quadratic)
         for key in self.data:
-            if key not in known:
+            if key not in members:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f'; did you mean "{close[0]}"?' if close else f"; known keys: {', '.join(known)}"
                 raise ConfigError(f"{self.file}: {self.path(key)}: unknown key{hint}")
