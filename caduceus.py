@@ -2371,6 +2371,10 @@ def _spec_changes(old: CheckSpec, new: CheckSpec) -> str:
 HISTORY = 100
 #: Bytes of a request body kept with a signal (the tail, where errors are).
 MAX_PING_BODY = 10 * 1024
+#: Bytes of bodies kept per alert, newest first: an older signal beyond them
+#: keeps its time, kind and exit status but loses its body.  So the database
+#: is bounded in bytes (HISTORY full bodies would be 1 MiB per alert).
+HISTORY_BYTES = 100 * 1024
 #: Notices that could not be delivered at all, kept for inspection.
 FAILED_NOTICE_HISTORY = 100
 
@@ -2416,17 +2420,19 @@ CREATE TABLE IF NOT EXISTS checks (
     resumed_at    REAL
 );
 CREATE TABLE IF NOT EXISTS pings (
+    id          INTEGER PRIMARY KEY,
     check_name  TEXT NOT NULL,
     slot        INTEGER NOT NULL,
     at          REAL NOT NULL,
     kind        TEXT NOT NULL,
     exit_status INTEGER,
     duration_s  REAL,
-    body        TEXT NOT NULL,
     remote_addr TEXT NOT NULL,
     user_agent  TEXT NOT NULL,
-    PRIMARY KEY (check_name, slot)
-) WITHOUT ROWID;
+    body_bytes  INTEGER NOT NULL DEFAULT 0,
+    body        TEXT NOT NULL
+);
+CREATE UNIQUE INDEX IF NOT EXISTS pings_by_slot ON pings (check_name, slot);
 CREATE TABLE IF NOT EXISTS flips (
     id         INTEGER PRIMARY KEY,
     check_name TEXT NOT NULL,
@@ -2490,6 +2496,18 @@ MIGRATIONS = (
          "UPDATE pings SET slot = -1 - slot WHERE slot < 0"]),
     # 5: small facts about Caduceus itself: last_alive_at, see Monitor.downtime.
     (5, ["CREATE TABLE meta (key TEXT PRIMARY KEY, value)"]),
+    # 6: pings in an ordinary rowid table (WITHOUT ROWID gave each row with a
+    # body its own overflow page: 4.7 bytes on disk per byte of body), the
+    # body last and its size beside it, for the byte budget (HISTORY_BYTES).
+    (6, ["CREATE TABLE pings_6 (id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, slot INTEGER NOT NULL, "
+         "at REAL NOT NULL, kind TEXT NOT NULL, exit_status INTEGER, duration_s REAL, remote_addr TEXT NOT NULL, "
+         "user_agent TEXT NOT NULL, body_bytes INTEGER NOT NULL DEFAULT 0, body TEXT NOT NULL)",
+         "INSERT INTO pings_6 (check_name, slot, at, kind, exit_status, duration_s, remote_addr, user_agent, "
+         "body_bytes, body) SELECT check_name, slot, at, kind, exit_status, duration_s, remote_addr, user_agent, "
+         "length(CAST(body AS BLOB)), body FROM pings ORDER BY check_name, slot",
+         "DROP TABLE pings",
+         "ALTER TABLE pings_6 RENAME TO pings",
+         "CREATE UNIQUE INDEX pings_by_slot ON pings (check_name, slot)"]),
 )
 #: The schema this release writes (PRAGMA user_version).
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -2559,6 +2577,8 @@ class Store:
         self.path = path
         #: Check-ins, state changes and delivery results kept per alert.
         self.history = history
+        #: Bytes of check-in bodies kept per alert (see HISTORY_BYTES).
+        self.history_bytes = HISTORY_BYTES
         self._lock = threading.RLock()
         self._depth = 0
         # Group commit (see group_commit): the calls waiting for the next batch,
@@ -2767,12 +2787,24 @@ class Store:
                 conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
             conn.execute("UPDATE checks SET n_pings = n_pings + 1 WHERE name = ?", (name,))
             # slot: the arrival number (the clock may step back, so not ``at``).
+            body_bytes = len(ping.body.encode("utf-8", "surrogatepass"))
             conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, exit_status, duration_s,"
-                         " body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                         " body_bytes, body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                          (name, row["n_pings"], at, ping.kind, ping.exit_status, duration_s,
-                          ping.body, ping.remote_addr, ping.user_agent))
+                          body_bytes, ping.body, ping.remote_addr, ping.user_agent))
             conn.execute("DELETE FROM pings WHERE check_name = ? AND slot <= ?",
                          (name, row["n_pings"] - self.history))
+            if body_bytes:  # an empty body cannot take the alert over its budget
+                self._trim_bodies(conn, name)
+
+    def _trim_bodies(self, conn: sqlite3.Connection, name: str) -> None:
+        """Empty the bodies of the alert's older signals beyond HISTORY_BYTES
+        (counted from the newest; the newest keeps its body whatever its size)."""
+        conn.execute("UPDATE pings SET body = '', body_bytes = 0 WHERE check_name = ?1 AND body_bytes > 0 "
+                     "AND slot < (SELECT MAX(slot) FROM pings WHERE check_name = ?1) AND slot <= "
+                     "(SELECT slot FROM (SELECT slot, SUM(body_bytes) OVER (ORDER BY slot DESC) AS kept "
+                     "FROM pings WHERE check_name = ?1) WHERE kept > ?2 ORDER BY slot DESC LIMIT 1)",
+                     (name, self.history_bytes))
 
     def pings(self, name: str) -> list[sqlite3.Row]:
         """The alert's recent signals in the order they arrived (not by ``at``:

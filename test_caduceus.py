@@ -1260,7 +1260,9 @@ CREATE TABLE deliveries (id INTEGER PRIMARY KEY, check_name TEXT NOT NULL, at RE
     channel TEXT NOT NULL, kind TEXT NOT NULL, result TEXT NOT NULL, error TEXT NOT NULL DEFAULT '');
 CREATE INDEX deliveries_by_check ON deliveries (check_name, id);
 """
-OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3, 4: SCHEMA_4}
+#: Schema 5 added the meta table (last_alive_at).
+SCHEMA_5 = SCHEMA_4 + "CREATE TABLE meta (key TEXT PRIMARY KEY, value);\n"
+OLD_SCHEMAS = {1: SCHEMA_1, 2: SCHEMA_2, 3: SCHEMA_3, 4: SCHEMA_4, 5: SCHEMA_5}
 
 
 def make_old_db(path: str, version: int) -> None:
@@ -1380,6 +1382,39 @@ class StoreTest(unittest.TestCase):
         self.assertEqual([ping["body"] for ping in store.pings("job")][-2:], ["249", "next"])
         self.assertEqual(len(store.pings("job")), caduceus.HISTORY)
         self.assertEqual((store.check("job")["paused_until"], store.notice_history("job")), (None, []))
+
+    def test_a_schema_5_history_moves_to_the_rowid_table_with_its_sizes(self):
+        path = os.path.join(temp_dir(self), "v5.sqlite3")
+        make_old_db(path, 5)
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("UPDATE checks SET n_pings = 3 WHERE name = 'job'")
+            for number, body in enumerate(["first", "", "d\u00e9j\u00e0 vu"]):
+                conn.execute("INSERT INTO pings (check_name, slot, at, kind, body, remote_addr, user_agent) "
+                             "VALUES ('job', ?, ?, 'log', ?, '10.0.0.1', 'curl')", (number, 10.0 - number, body))
+        store = open_store(self, path)
+        self.assertEqual([(ping["slot"], ping["body"], ping["body_bytes"]) for ping in store.pings("job")],
+                         [(0, "first", 5), (1, "", 0), (2, "d\u00e9j\u00e0 vu", 9)])
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            sql = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'pings'").fetchone()[0]
+        self.assertNotIn("WITHOUT ROWID", sql)
+        store.record_ping("job", 20.0, caduceus.Ping(caduceus.LOG, body="next"))
+        self.assertEqual(store.last_body("job"), "next")
+
+    def test_kept_bodies_stay_within_the_byte_budget_and_rows_within_the_ring(self):
+        self.store.sync_checks(["job", "other"], 0.0)
+        self.store.history_bytes = 10_000
+        self.store.record_ping("other", 0.0, caduceus.Ping(caduceus.LOG, body="o" * 3000))
+        with self.store.transaction():
+            for i in range(30):
+                self.store.record_ping("job", float(i), caduceus.Ping(caduceus.LOG, body=f"{i:04d}" * 250))
+            self.store.record_ping("job", 30.0, caduceus.Ping(caduceus.SUCCESS))
+        pings = self.store.pings("job")
+        self.assertEqual(len(pings), 31, "every signal keeps its row")
+        kept = [ping["slot"] for ping in pings if ping["body"]]
+        self.assertEqual(kept, [20, 21, 22, 23, 24, 25, 26, 27, 28, 29], "the newest 10,000 bytes")
+        self.assertEqual(sum(ping["body_bytes"] for ping in pings), 10_000)
+        self.assertTrue(all(ping["body_bytes"] == len(ping["body"]) for ping in pings))
+        self.assertEqual(self.store.last_body("other"), "o" * 3000, "per alert")
 
     def test_every_earlier_schema_upgrades_to_the_tables_of_a_new_file(self):
         fresh = os.path.join(temp_dir(self), "new.sqlite3")
