@@ -1400,6 +1400,10 @@ class StoreTest(unittest.TestCase):
         store.record_ping("job", 20.0, caduceus.Ping(caduceus.LOG, body="next"))
         self.assertEqual(store.last_body("job"), "next")
 
+    def test_a_new_file_has_8_kib_pages_and_full_synchronous_commits(self):
+        self.assertEqual(self.store._conn.execute("PRAGMA page_size").fetchone()[0], 8192)
+        self.assertEqual(self.store._conn.execute("PRAGMA synchronous").fetchone()[0], 2, "FULL")
+
     def test_kept_bodies_stay_within_the_byte_budget_and_rows_within_the_ring(self):
         self.store.sync_checks(["job", "other"], 0.0)
         self.store.history_bytes = 10_000
