@@ -81,6 +81,7 @@ import email.message
 import email.utils
 import errno
 import hashlib
+import heapq
 import hmac
 import html
 import http.client
@@ -3082,6 +3083,9 @@ TAIL_LINES, TAIL_CHARS = 10, 2000
 #: A change of the wall clock against elapsed time larger than this is a step (NTP
 #: slews by at most 0.5 ms per second, and a sweep runs at least every minute).
 CLOCK_STEP_TOLERANCE_S = 1.0
+#: The sweep rebuilds its heap of next events from every row this often (elapsed
+#: time), as a safety net; also after a start, a reload, a clock step or a failure.
+REINDEX_EVERY_S = 600.0
 
 
 def elapsed_time() -> float:
@@ -3341,6 +3345,17 @@ class Monitor:
         self.sending: dict[str, float] = {}
         #: Signals by (alert, kind) and deliveries by (channel, result) since the start.
         self.tally = _Tally()
+        # Each alert's next event (next_event_at) in a heap of (at, version, name):
+        # an entry counts while its version is the alert's latest (lazy
+        # invalidation), so a sweep pops only what is due.  Updated inside the
+        # transactions that change a check; rebuilt from every row when dirty
+        # (a failed operation, a start, a reload, a clock step) and every
+        # REINDEX_EVERY_S.  Under _heap_lock.
+        self._heap_lock = threading.Lock()
+        self._heap: list[tuple[float, int, str]] = []
+        self._heap_version: dict[str, int] = {}
+        self._heap_dirty = True
+        self._indexed_at = -math.inf
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -3356,6 +3371,7 @@ class Monitor:
         with self._operation() as now:
             first_run = self.store.is_empty()
             self.store.sync_checks(list(self.config.checks), now)
+            self._heap_dirty = True
             if first_run:
                 self._import_legacy()
             last_alive_at = self.store.last_alive_at()
@@ -3387,6 +3403,7 @@ class Monitor:
             changed = [name for name in config.checks if name in old and config.checks[name] != old[name]]
             self.store.sync_checks(list(config.checks), now)
             self.config = config
+            self._heap_dirty = True
         next_at = self.next_sweep_at()
         if next_at is not None:
             self._tell(self._deadline_listeners, next_at)
@@ -3432,7 +3449,9 @@ class Monitor:
         try:
             flip, spec, row, now = self.store.group_commit(record)
         except BaseException:
-            # The batch's commit failed: a clock step found in it was rolled back too.
+            # The batch's commit failed: a clock step found in it was rolled back too,
+            # and so was the heap's new entry.
+            self._heap_dirty = True
             if offsets and self._clock_offset == offsets[0][1]:
                 self._clock_offset = offsets[0][0]
             raise
@@ -3465,6 +3484,7 @@ class Monitor:
                 reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
                 flip = self._flip(spec, row, DOWN, reason, now, now)
             row = self.store.check(name)
+            self._schedule(spec, row)
         return flip, spec, row, now
 
     # Pauses ----------------------------------------------------------------
@@ -3489,6 +3509,7 @@ class Monitor:
             self.store.pause(name, row["status"], until)
             words = f"paused by {by or 'someone'}" + (f" until {format_time(until)}" if until is not None else "")
             self.store.add_flip(name, now, row["status"], PAUSED, words)
+            self._schedule(self.config.checks[name], self.store.check(name))
         log.warning("%s: %s", name, words)
         if until is not None:
             self._tell(self._deadline_listeners, until)
@@ -3503,6 +3524,7 @@ class Monitor:
             if resumed:
                 self._unpause(spec, row, now, f"resumed by {by or 'someone'}")
                 row = self.store.check(name)
+                self._schedule(spec, row)
         if resumed:
             self._tell(self._deadline_listeners, next_event_at(spec, row))
         return resumed
@@ -3523,31 +3545,75 @@ class Monitor:
         reminded = False
         with self._operation() as now:
             config = self.config  # once: a reload waits for the transaction
-            for row in self.store.checks():
-                spec = config.checks.get(row["name"])
-                if spec is None:
+            if self._heap_dirty or self.monotonic() - self._indexed_at >= REINDEX_EVERY_S:
+                self._reindex(config)
+            # Only what is due, not a scan of every row; in name order, as always.
+            for name in sorted(self._pop_due(now)):
+                spec, row = config.checks.get(name), self.store.check(name)
+                if spec is None or row is None:
                     continue
-                if row["status"] == PAUSED:
-                    if row["paused_until"] is None or now < row["paused_until"]:
-                        continue
-                    self._unpause(spec, row, row["paused_until"], "maintenance window over")
-                    row = self.store.check(spec.name)
-                if row["status"] != DOWN:
-                    due, reason = deadline(spec, row)
-                    if now >= due:
-                        flip = self._flip(spec, row, DOWN, reason, due, now)
-                        if flip:
-                            flips.append(flip)
-                elif now - row["notified_at"] >= spec.notify_every_s:
-                    # Keep reminders on their grid, even after Caduceus was stopped for a while.
-                    missed = (now - row["notified_at"]) // spec.notify_every_s
-                    self.store.set_notified(spec.name, row["notified_at"] + missed * spec.notify_every_s)
-                    self._enqueue(NOTICE_REMINDER, spec, row["down_reason"], now)
-                    reminded = True
-                    log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
+                flip, reminder = self._sweep_one(spec, row, now)
+                flips += [flip] if flip else []
+                reminded = reminded or reminder
+                self._schedule(spec, self.store.check(name))
         if flips or reminded:
             self._tell(self._outbox_listeners, now)
         return flips
+
+    def _sweep_one(self, spec: CheckSpec, row: Mapping[str, Any], now: float) -> tuple[Flip | None, bool]:
+        """Sweep one check (in the caller's transaction): its flip, and whether a reminder was queued."""
+        if row["status"] == PAUSED:
+            if row["paused_until"] is None or now < row["paused_until"]:
+                return None, False
+            self._unpause(spec, row, row["paused_until"], "maintenance window over")
+            row = self.store.check(spec.name)
+        if row["status"] != DOWN:
+            due, reason = deadline(spec, row)
+            return (self._flip(spec, row, DOWN, reason, due, now) if now >= due else None), False
+        if now - row["notified_at"] >= spec.notify_every_s:
+            # Keep reminders on their grid, even after Caduceus was stopped for a while.
+            missed = (now - row["notified_at"]) // spec.notify_every_s
+            self.store.set_notified(spec.name, row["notified_at"] + missed * spec.notify_every_s)
+            self._enqueue(NOTICE_REMINDER, spec, row["down_reason"], now)
+            log.warning("%s: still down since %s", spec.name, format_time(row["down_at"]))
+            return None, True
+        return None, False
+
+    def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> None:
+        """Put the check's next event in the heap (in the transaction that changed it),
+        replacing its earlier entry; none while paused without an end."""
+        at = next_event_at(spec, row) if row is not None else math.inf
+        with self._heap_lock:
+            version = self._heap_version.get(spec.name, 0) + 1
+            self._heap_version[spec.name] = version
+            if at != math.inf:
+                heapq.heappush(self._heap, (at, version, spec.name))
+            if len(self._heap) > 2 * len(self._heap_version) + 1024:  # mostly stale: compact
+                self._heap = [entry for entry in self._heap if self._heap_version.get(entry[2]) == entry[1]]
+                heapq.heapify(self._heap)
+
+    def _reindex(self, config: Config) -> None:
+        """Rebuild the heap from every row (in the caller's transaction)."""
+        entries = [(next_event_at(config.checks[row["name"]], row), 1, row["name"])
+                   for row in self.store.checks() if row["name"] in config.checks]
+        with self._heap_lock:
+            self._heap = [entry for entry in entries if entry[0] != math.inf]
+            heapq.heapify(self._heap)
+            self._heap_version = {entry[2]: 1 for entry in entries}
+            self._heap_dirty = False
+            self._indexed_at = self.monotonic()
+
+    def _pop_due(self, now: float) -> list[str]:
+        """Take the alerts whose next event is at or before ``now`` off the heap
+        (the sweep puts each back with its new next event)."""
+        due = []
+        with self._heap_lock:
+            while self._heap and self._heap[0][0] <= now:
+                _, version, name = heapq.heappop(self._heap)
+                if self._heap_version.get(name) == version:
+                    del self._heap_version[name]
+                    due.append(name)
+        return due
 
     @contextlib.contextmanager
     def _operation(self) -> Iterator[float]:
@@ -3562,6 +3628,7 @@ class Monitor:
                     self._clock_stepped(offset - previous)
                 yield now
         except BaseException:
+            self._heap_dirty = True  # its entries may have gone with the rollback
             # The shift was rolled back with the rest: let the next operation find the step again.
             if offset is not None and self._clock_offset == offset:
                 self._clock_offset = previous
@@ -3571,14 +3638,20 @@ class Monitor:
         log.warning("wall clock stepped %s by %s; deadlines keep their elapsed time",
                     "forward" if step_s > 0 else "back", format_duration(abs(step_s), 2))
         self.store.shift_times(step_s)
+        self._heap_dirty = True
 
     def next_sweep_at(self) -> float | None:
         """When the next check goes overdue, is due a reminder or ends its pause;
-        None with nothing to wait for (no checks, or all paused without an end)."""
-        checks = self.config.checks  # once, as a reload may swap it
-        at = min((next_event_at(checks[row["name"]], row) for row in self.store.checks()
-                  if row["name"] in checks), default=math.inf)
-        return None if at == math.inf else at
+        None with nothing to wait for (no checks, or all paused without an end).
+        Read from the heap (rebuilt first when it may be wrong)."""
+        if self._heap_dirty:
+            with self.store.transaction():
+                self._reindex(self.config)
+        with self._heap_lock:
+            heap = self._heap
+            while heap and self._heap_version.get(heap[0][2]) != heap[0][1]:
+                heapq.heappop(heap)
+            return heap[0][0] if heap else None
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:

@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import queue
+import random
 import re
 import selectors
 import shutil
@@ -1871,6 +1872,68 @@ STEP_CONFIG = """
     schedule = "0 3 * * *"
     grace = "15m"
 """
+
+
+class SweepHeapTest(unittest.TestCase):
+    """The sweep's heap of next events agrees with a scan of every row, whatever happens."""
+
+    NAMES = [f"job{i}" for i in range(8)]
+
+    def config(self, rng: random.Random) -> caduceus.Config:
+        lines = ["[alerts]", 'default_channels = ["console"]']
+        for name in rng.sample(self.NAMES, rng.randint(4, len(self.NAMES))):
+            lines += [f"[alerts.{name}]", rng.choice(['every = "1h"', 'every = "20m"', 'schedule = "*/30 * * * *"']),
+                      rng.choice(["", 'max_runtime = "10m"']), rng.choice(["", 'notify_every = "45m"'])]
+        return config_from(self, "\n".join(lines) + "\n")
+
+    def scan(self, monitor: caduceus.Monitor) -> float | None:
+        checks = monitor.config.checks
+        at = min((caduceus.next_event_at(checks[row["name"]], row) for row in monitor.store.checks()
+                  if row["name"] in checks), default=math.inf)
+        return None if at == math.inf else at
+
+    def test_random_pings_pauses_reloads_and_clock_moves(self):
+        rng = random.Random(10)
+        clock = SteppingClock()
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")),
+                                   self.config(rng), {"console": Recorder()}, clock, clock.monotonic)
+        monitor.start()
+        kinds = [caduceus.SUCCESS, caduceus.FAIL, caduceus.START, caduceus.LOG]
+        for step in range(400):
+            names = sorted(monitor.config.checks)
+            name, op = rng.choice(names), rng.random()
+            if op < 0.35:
+                monitor.ping(name, caduceus.Ping(rng.choice(kinds)))
+            elif op < 0.45:
+                monitor.pause(name, rng.choice([None, clock.now + rng.uniform(60, 7200)]))
+            elif op < 0.55:  # a paused one, mostly
+                paused = [row["name"] for row in monitor.store.checks() if row["status"] == caduceus.PAUSED
+                          and row["name"] in names]
+                monitor.resume(rng.choice(paused or [name]))
+            elif op < 0.6:
+                monitor.reload(self.config(rng))
+            elif op < 0.85:
+                clock.advance(rng.uniform(0, 3 * 3600))
+            elif op < 0.9:
+                clock.step(rng.choice([-1, 1]) * rng.uniform(2, 3600))
+            else:
+                monitor.sweep()
+                scanned = self.scan(monitor)
+                self.assertTrue(scanned is None or scanned > clock.now, f"step {step}: a due alert was left")
+            self.assertEqual(monitor.next_sweep_at(), self.scan(monitor), f"step {step}")
+            self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor), f"step {step}")
+
+    @staticmethod
+    def heap_entries(monitor: caduceus.Monitor) -> dict[str, float]:
+        """Each alert's next event as the heap has it (its latest entry)."""
+        return {name: at for at, version, name in monitor._heap if monitor._heap_version.get(name) == version}
+
+    @staticmethod
+    def scan_entries(monitor: caduceus.Monitor) -> dict[str, float]:
+        checks = monitor.config.checks
+        events = {row["name"]: caduceus.next_event_at(checks[row["name"]], row) for row in monitor.store.checks()
+                  if row["name"] in checks}
+        return {name: at for name, at in events.items() if at != math.inf}
 
 
 class ClockStepTest(unittest.TestCase):
