@@ -2555,6 +2555,10 @@ def _create_private(path: str) -> None:
         pass
 
 
+#: UPDATE ... RETURNING (SQLite 3.35, 2021) saves a SELECT per check-in; older ones select.
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
+
+
 class _GroupCall:
     """One caller's work in a group commit, and how it ended (see Store.group_commit)."""
 
@@ -2711,16 +2715,11 @@ class Store:
             return
         self._depth = 1
         try:
-            for call in batch:
-                self._conn.execute("SAVEPOINT checkin")
-                try:
-                    call.result = call.work()
-                except BaseException as exc:  # handed to its own caller, in its own thread
-                    call.error = exc
-                    if not self._conn.in_transaction:  # SQLite gave up the whole transaction
-                        raise
-                    self._conn.execute("ROLLBACK TO checkin")
-                self._conn.execute("RELEASE checkin")
+            if len(batch) == 1:  # alone: the transaction is its savepoint
+                batch[0].result = batch[0].work()
+            else:
+                for call in batch:
+                    self._run_savepoint(call)
             self._conn.execute("COMMIT")
         except BaseException as exc:
             if self._conn.in_transaction:
@@ -2730,6 +2729,18 @@ class Store:
                     call.result, call.error = None, exc
         finally:
             self._depth = 0
+
+    def _run_savepoint(self, call: _GroupCall) -> None:
+        """Run one call of a batch in its own SAVEPOINT: if it raises, only it is rolled back."""
+        self._conn.execute("SAVEPOINT checkin")
+        try:
+            call.result = call.work()
+        except BaseException as exc:  # handed to its own caller, in its own thread
+            call.error = exc
+            if not self._conn.in_transaction:  # SQLite gave up the whole transaction
+                raise
+            self._conn.execute("ROLLBACK TO checkin")
+        self._conn.execute("RELEASE checkin")
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -2767,8 +2778,9 @@ class Store:
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
         return rows[0] if rows else None
 
-    def record_ping(self, name: str, at: float, ping: Ping) -> None:
-        """Store a signal in the alert's ring of recent pings and update its run state.
+    def record_ping(self, name: str, at: float, ping: Ping) -> sqlite3.Row:
+        """Store a signal in the alert's ring of recent pings and update its run
+        state; return the check's row as it is now.
 
         A success moves ``last_ping_at`` (and clears ``clock_step_s``); a
         start sets ``started_at``; a success or failure ends the run and
@@ -2776,31 +2788,36 @@ class Store:
         A log changes nothing but the history.
         """
         with self.transaction() as conn:
-            row = conn.execute("SELECT n_pings, started_at FROM checks WHERE name = ?", (name,)).fetchone()
-            duration_s = None
-            if ping.kind in (SUCCESS, FAIL) and row["started_at"] is not None:
-                # Monitor moves started_at with a wall clock step; 0 only if one went unseen (a restart).
-                duration_s = max(at - row["started_at"], 0.0)
+            # One UPDATE (its SET reads the row as it was): on the hot path of every check-in.
+            # Monitor moves started_at with a wall clock step; 0 only if one went unseen (a restart).
             # A run without a start has no known duration: forget the previous one.
-            if ping.kind == SUCCESS:
-                conn.execute("UPDATE checks SET last_ping_at = ?, started_at = NULL, last_duration_s = ?, "
-                             "clock_step_s = 0 WHERE name = ?", (at, duration_s, name))
-            elif ping.kind == FAIL:
-                conn.execute("UPDATE checks SET started_at = NULL, last_duration_s = ? WHERE name = ?",
-                             (duration_s, name))
-            elif ping.kind == START:
-                conn.execute("UPDATE checks SET started_at = ? WHERE name = ?", (at, name))
-            conn.execute("UPDATE checks SET n_pings = n_pings + 1 WHERE name = ?", (name,))
+            update = ("UPDATE checks SET n_pings = n_pings + 1, "
+                      "last_ping_at = CASE WHEN ?1 = 'success' THEN ?2 ELSE last_ping_at END, "
+                      "clock_step_s = CASE WHEN ?1 = 'success' THEN 0 ELSE clock_step_s END, "
+                      "last_duration_s = CASE WHEN ?1 NOT IN ('success', 'fail') THEN last_duration_s "
+                      "WHEN started_at IS NULL THEN NULL ELSE MAX(?2 - started_at, 0.0) END, "
+                      "started_at = CASE ?1 WHEN 'start' THEN ?2 WHEN 'log' THEN started_at END "
+                      "WHERE name = ?3")
+            params = (ping.kind, at, name)
+            if _HAS_RETURNING:
+                row = conn.execute(update + " RETURNING *", params).fetchone()
+            else:
+                conn.execute(update, params)
+                row = conn.execute("SELECT * FROM checks WHERE name = ?", (name,)).fetchone()
+            duration_s = row["last_duration_s"] if ping.kind in (SUCCESS, FAIL) else None
+            row_n_pings = row["n_pings"] - 1
             # slot: the arrival number (the clock may step back, so not ``at``).
             body_bytes = len(ping.body.encode("utf-8", "surrogatepass"))
             conn.execute("INSERT OR REPLACE INTO pings (check_name, slot, at, kind, exit_status, duration_s,"
                          " body_bytes, body, remote_addr, user_agent) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                         (name, row["n_pings"], at, ping.kind, ping.exit_status, duration_s,
+                         (name, row_n_pings, at, ping.kind, ping.exit_status, duration_s,
                           body_bytes, ping.body, ping.remote_addr, ping.user_agent))
-            conn.execute("DELETE FROM pings WHERE check_name = ? AND slot <= ?",
-                         (name, row["n_pings"] - self.history))
+            if row_n_pings >= self.history:  # the ring is full
+                conn.execute("DELETE FROM pings WHERE check_name = ? AND slot <= ?",
+                             (name, row_n_pings - self.history))
             if body_bytes:  # an empty body cannot take the alert over its budget
                 self._trim_bodies(conn, name)
+        return row
 
     def _trim_bodies(self, conn: sqlite3.Connection, name: str) -> None:
         """Empty the bodies of the alert's older signals beyond HISTORY_BYTES
@@ -3471,10 +3488,12 @@ class Monitor:
             if row is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
                 row = self.store.check(name)
-            self.store.record_ping(name, now, ping)
-            if row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL):
+            after = self.store.record_ping(name, now, ping)
+            changed = True  # the status or the pause: read the row again
+            unpaused = row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL)
+            if unpaused:
                 # A paused alert's next check-in ends the pause (healthchecks.io's rule).
-                self._unpause(spec, self.store.check(name), now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
+                self._unpause(spec, after, now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
                 row = self.store.check(name)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
@@ -3483,7 +3502,9 @@ class Monitor:
             elif ping.kind == FAIL and row["status"] != DOWN:
                 reason = f"exit status {ping.exit_status}" if ping.exit_status else REASON_FAILED
                 flip = self._flip(spec, row, DOWN, reason, now, now)
-            row = self.store.check(name)
+            else:
+                changed = unpaused
+            row = self.store.check(name) if changed else after
             self._schedule(spec, row)
         return flip, spec, row, now
 

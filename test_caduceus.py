@@ -1401,6 +1401,30 @@ class StoreTest(unittest.TestCase):
         store.record_ping("job", 20.0, caduceus.Ping(caduceus.LOG, body="next"))
         self.assertEqual(store.last_body("job"), "next")
 
+    def test_a_check_in_of_an_up_alert_takes_six_statements_with_returning(self):
+        config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n[alerts.job]\nevery = \"1h\"\n")
+        for returning in (True, False):
+            with self.subTest(returning=returning), unittest.mock.patch.object(caduceus, "_HAS_RETURNING", returning):
+                store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+                clock = FakeClock()
+                monitor = caduceus.Monitor(store, config, {}, clock)
+                monitor.start()
+                monitor.ping("job")
+                monitor.ping("job", caduceus.Ping(caduceus.START))
+                statements = []
+                store._conn.set_trace_callback(statements.append)
+                clock.advance(30)
+                monitor.ping("job", caduceus.Ping(body="done"))
+                store._conn.set_trace_callback(None)
+                # BEGIN, SELECT, UPDATE [RETURNING], INSERT, UPDATE (bodies' budget), COMMIT; no RETURNING: a SELECT more.
+                self.assertEqual(len(statements), 6 if returning else 7, statements)
+                row = store.check("job")
+                self.assertEqual((row["status"], row["n_pings"], row["last_ping_at"], row["started_at"],
+                                  row["last_duration_s"]), (UP, 3, clock.now, None, 30.0))
+                self.assertEqual([(ping["kind"], ping["duration_s"], ping["body_bytes"]) for ping in store.pings("job")],
+                                 [(caduceus.SUCCESS, None, 0), (caduceus.START, None, 0), (caduceus.SUCCESS, 30.0, 4)])
+                self.assertEqual(monitor.next_sweep_at(), clock.now + 3600)
+
     def test_a_new_file_has_8_kib_pages_and_full_synchronous_commits(self):
         self.assertEqual(self.store._conn.execute("PRAGMA page_size").fetchone()[0], 8192)
         self.assertEqual(self.store._conn.execute("PRAGMA synchronous").fetchone()[0], 2, "FULL")
