@@ -2555,6 +2555,8 @@ def _create_private(path: str) -> None:
         pass
 
 
+#: Idle read-only connections a Store keeps (see Store._reading); more are opened when needed.
+READERS_KEPT = 4
 #: UPDATE ... RETURNING (SQLite 3.35, 2021) saves a SELECT per check-in; older ones select.
 _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 
@@ -2595,6 +2597,14 @@ class Store:
         self._group_lock = threading.Lock()
         self._group_queue: list[_GroupCall] = []
         self._group_leading = False
+        #: The thread running the transaction in progress (its reads see its writes).
+        self._owner: int | None = None
+        # Read-only connections for reads outside a transaction (pages, the API,
+        # metrics, couriers): WAL lets them read beside the writer, so a page
+        # never waits for a commit.  Idle ones wait here (at most READERS_KEPT).
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._closed = False
         if path not in ("", ":memory:"):
             _create_private(path)
         # timeout=5 is SQLite's busy timeout (5000 ms, what Litestream asks for):
@@ -2630,6 +2640,36 @@ class Store:
         """Close the database once any running transaction has finished."""
         with self._lock:
             self._conn.close()
+        with self._readers_lock:
+            self._closed = True
+            readers, self._readers = self._readers, []
+        for reader in readers:
+            reader.close()
+
+    @contextlib.contextmanager
+    def _reading(self) -> Iterator[sqlite3.Connection]:
+        """A connection to read committed state through: the transaction's own,
+        in the thread running it (under the lock); else a read-only one of the
+        pool, without the lock (a file in memory has only the one connection)."""
+        if self.path in ("", ":memory:") or self._owner == threading.get_ident():
+            with self._lock:
+                yield self._conn
+            return
+        with self._readers_lock:
+            reader = self._readers.pop() if self._readers else None
+        if reader is None:
+            uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
+            reader = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=5)
+            reader.row_factory = sqlite3.Row
+        try:
+            yield reader
+        finally:
+            with self._readers_lock:
+                keep = not self._closed and len(self._readers) < READERS_KEPT
+                if keep:
+                    self._readers.append(reader)
+            if not keep:
+                reader.close()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
@@ -2648,7 +2688,7 @@ class Store:
                     self._depth -= 1
                 return
             self._conn.execute("BEGIN IMMEDIATE")
-            self._depth = 1
+            self._depth, self._owner = 1, threading.get_ident()
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
@@ -2657,7 +2697,7 @@ class Store:
                     self._conn.execute("ROLLBACK")
                 raise
             finally:
-                self._depth = 0
+                self._depth, self._owner = 0, None
 
     def group_commit(self, work: Callable[[], Any]) -> Any:
         """Run ``work()`` in a transaction shared with the callers that arrive while
@@ -2713,7 +2753,7 @@ class Store:
             for call in batch:
                 call.error = exc
             return
-        self._depth = 1
+        self._depth, self._owner = 1, threading.get_ident()
         try:
             if len(batch) == 1:  # alone: the transaction is its savepoint
                 batch[0].result = batch[0].work()
@@ -2728,7 +2768,7 @@ class Store:
                 if call.error is None or call.error is exc:
                     call.result, call.error = None, exc
         finally:
-            self._depth = 0
+            self._depth, self._owner = 0, None
 
     def _run_savepoint(self, call: _GroupCall) -> None:
         """Run one call of a batch in its own SAVEPOINT: if it raises, only it is rolled back."""
@@ -2743,8 +2783,8 @@ class Store:
         self._conn.execute("RELEASE checkin")
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+        with self._reading() as conn:
+            return conn.execute(sql, params).fetchall()
 
     # Checks ----------------------------------------------------------------
 
@@ -2835,8 +2875,8 @@ class Store:
 
     def recent_pings(self) -> dict[str, list[sqlite3.Row]]:
         """Every alert's recent signals, in arrival order (see read_recent_pings)."""
-        with self._lock:
-            return read_recent_pings(self._conn)
+        with self._reading() as conn:
+            return read_recent_pings(conn)
 
     def last_ping(self, name: str) -> sqlite3.Row | None:
         """The alert's latest-arrived signal, or None: an older run's output would

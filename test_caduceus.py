@@ -1603,6 +1603,32 @@ class GroupCommitTest(unittest.TestCase):
         self.assertFalse(conn.in_transaction)
         self.assertEqual(self.store.group_commit(self.ping("job1", "later")), "later")
 
+    def test_reads_from_other_threads_do_not_wait_for_a_transaction_and_see_what_is_committed(self):
+        self.store.record_ping("job1", 1.0, caduceus.Ping(caduceus.LOG, body="committed"))
+        inside, gate = threading.Event(), threading.Event()
+
+        def writer():
+            with self.store.transaction():
+                self.store.record_ping("job1", 2.0, caduceus.Ping(caduceus.LOG, body="not yet"))
+                self.assertEqual(self.store.last_body("job1"), "not yet", "the writer reads its own writes")
+                inside.set()
+                self.assertTrue(gate.wait(WAIT_S))
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        self.addCleanup(thread.join, WAIT_S)
+        self.addCleanup(gate.set)
+        self.assertTrue(inside.wait(WAIT_S))
+        read = []
+        reader = threading.Thread(target=lambda: read.append((len(self.store.checks()), self.store.last_body("job1"),
+                                                              len(self.store.recent_pings()["job1"]))))
+        reader.start()
+        reader.join(WAIT_S)
+        self.assertEqual(read, [(4, "committed", 1)], "read while the transaction held the lock")
+        gate.set()
+        thread.join(WAIT_S)
+        self.assertEqual(self.store.last_body("job1"), "not yet")
+
     def test_check_ins_from_many_threads_are_all_committed_and_answered(self):
         config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
             f"[alerts.job{i}]\nevery = \"1h\"\n" for i in range(4)))
