@@ -2637,14 +2637,15 @@ class Store:
             raise
 
     def close(self) -> None:
-        """Close the database once any running transaction has finished."""
-        with self._lock:
-            self._conn.close()
+        """Close the database once any running transaction has finished.  The
+        readers go first: the last connection to close checkpoints the WAL."""
         with self._readers_lock:
             self._closed = True
             readers, self._readers = self._readers, []
         for reader in readers:
             reader.close()
+        with self._lock:
+            self._conn.close()
 
     @contextlib.contextmanager
     def _reading(self) -> Iterator[sqlite3.Connection]:

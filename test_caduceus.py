@@ -1629,6 +1629,15 @@ class GroupCommitTest(unittest.TestCase):
         thread.join(WAIT_S)
         self.assertEqual(self.store.last_body("job1"), "not yet")
 
+    def test_closing_checkpoints_the_wal_after_reads_from_other_threads(self):
+        self.store.record_ping("job1", 1.0, caduceus.Ping(caduceus.LOG, body="x"))
+        reader = threading.Thread(target=self.store.checks)
+        reader.start()
+        reader.join(WAIT_S)
+        self.assertTrue(os.path.exists(self.path + "-wal"))
+        self.store.close()
+        self.assertFalse(os.path.exists(self.path + "-wal"), "the last connection to close checkpoints")
+
     def test_check_ins_from_many_threads_are_all_committed_and_answered(self):
         config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
             f"[alerts.job{i}]\nevery = \"1h\"\n" for i in range(4)))
