@@ -4745,8 +4745,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
         IP address stops the walk at the last trusted hop.
         """
         peer = self.client_address[0]
+        if not trusted:  # the usual case: no parsing on every request
+            return peer
         hop = _ip(peer)
-        if not trusted or hop is None or not _trusted(hop, trusted):
+        if hop is None or not _trusted(hop, trusted):
             return peer
         entries = [entry.strip() for header in self.headers.get_all("X-Forwarded-For", [])
                    for entry in header.split(",")]
