@@ -5347,6 +5347,89 @@ def _origin(url: str) -> str:
     return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}/..."
 
 
+#: While the database cannot be written, the sweeper tries again after this,
+#: doubling up to OUTAGE_RETRY_MAX_S ...
+OUTAGE_RETRY_S, OUTAGE_RETRY_MAX_S = 5.0, 60.0
+#: ... and says so in the log at most this often.
+OUTAGE_LOG_EVERY_S = 60.0
+
+
+class GuardedSweep:
+    """The sweeper's work: ``Monitor.sweep()``, and what to do while the
+    database cannot be written (disk full, read-only, locked).
+
+    Then no state change can be recorded and no notice queued, so without
+    more a dead man's switch would go quiet, just when a full disk (a common
+    reason for jobs to fail) needs saying.  So each alert that is overdue is
+    announced straight through its channels, once per channel per outage,
+    with a reason that says why; the database being back, the ordinary sweep
+    records the failure and queues its notice, which may repeat the
+    announcement: twice is better than never.  The outage is logged at most
+    once a minute, without a traceback.  Call it; it returns when to run again.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self._since: float | None = None
+        self._failures = 0
+        self._logged_at = -math.inf
+        self._announced: set[tuple[str, str]] = set()
+
+    def __call__(self) -> float | None:
+        try:
+            self.monitor.sweep()
+        except sqlite3.OperationalError as exc:
+            return self._failed(exc)
+        if self._since is not None:
+            log.warning("the database works again after %s; state changes are recorded again",
+                        format_duration(self.monitor.clock() - self._since, 2))
+            self._since, self._failures, self._logged_at = None, 0, -math.inf
+            self._announced.clear()
+        return self.monitor.next_sweep_at()
+
+    def _failed(self, exc: sqlite3.OperationalError) -> float:
+        now = self.monitor.clock()
+        problem = _database_problem(exc)
+        if self._since is None:
+            self._since = now
+        self._failures += 1
+        if now - self._logged_at >= OUTAGE_LOG_EVERY_S:
+            self._logged_at = now
+            log.error("cannot record state changes, the database is unavailable: %s (%d failed sweeps since "
+                      "%s); overdue alerts are announced directly", problem, self._failures,
+                      format_time(self._since))
+        self._announce_overdue(problem, now)
+        return now + min(OUTAGE_RETRY_S * 2 ** min(self._failures - 1, 16), OUTAGE_RETRY_MAX_S)
+
+    def _announce_overdue(self, problem: str, now: float) -> None:
+        monitor = self.monitor
+        config = monitor.config
+        for row in monitor.store.checks():
+            spec = config.checks.get(row["name"])
+            if spec is None or row["status"] in (DOWN, PAUSED):
+                continue
+            due, reason = deadline(spec, row)
+            if now < due:
+                continue
+            reason = (f"{reason} (Caduceus cannot write its database: {problem}; this notice was sent "
+                      "directly and may come again once the database works)")
+            notice = notice_facts(FAILING, spec, row, reason, monitor.store.last_ping(spec.name), now, config)
+            for channel in spec.channels:
+                instance = config.channels.get(channel)
+                send = monitor.senders.get(instance.kind) if instance is not None else None
+                if send is None or (spec.name, channel) in self._announced:
+                    continue
+                try:
+                    send(instance.conf, _for_channel(notice, config, channel))
+                except Exception as exc:  # NotifyError, or a channel's bug: try again next time
+                    log.error("%s: could not announce the failure to %s directly: %s", spec.name, channel,
+                              exc)
+                    continue
+                self._announced.add((spec.name, channel))
+                log.warning("%s: down: %s; announced to %s directly, as it cannot be recorded", spec.name,
+                            reason, channel)
+
+
 class Watchdog:
     """Is this Caduceus working?  The answer ``GET /healthz`` gives, and the
     condition for fetching ``[config] heartbeat_url``.
@@ -6453,11 +6536,7 @@ def _serve(server: Server, monitor: Monitor, config_path: str = "") -> int:
 def _start_workers(server: Server, monitor: Monitor, config_path: str) -> list[Sweeper]:
     """The sweeper, the couriers, the liveness recorder and the heartbeat, wired
     to ``monitor`` and ``server`` (health and reload), not yet started."""
-    def sweep() -> float | None:
-        monitor.sweep()
-        return monitor.next_sweep_at()
-
-    sweeper = Sweeper(sweep)
+    sweeper = Sweeper(GuardedSweep(monitor))
     monitor.on_deadline(sweeper.poke)
     couriers = Couriers(monitor)
     server.watchdog = watchdog = Watchdog(monitor, sweeper)

@@ -4675,6 +4675,64 @@ RELOADED_CONFIG = """
 """
 
 
+class DatabaseOutageTest(unittest.TestCase):
+    """A sweep that cannot write (disk full, read-only) must not go quiet."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.console, self.email = Recorder(), Recorder()
+        config = config_from(self, """
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            from_addr = "caduceus@example.com"
+            [alerts.job]
+            every = "1h"
+            channels = ["console", "email"]
+            [alerts.fine]
+            every = "1d"
+            channels = ["console"]
+        """)
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config, {"console": self.console, "email": self.email}, self.clock)
+        self.monitor.start()
+        self.sweep = caduceus.GuardedSweep(self.monitor)
+
+    def unwritable(self, on: bool) -> None:
+        self.monitor.store._conn.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+
+    def test_an_overdue_alert_is_announced_directly_once_while_nothing_can_be_recorded(self):
+        self.clock.advance(3600 + 5)
+        self.unwritable(True)
+        self.email.error = caduceus.NotifyError("mail server down")
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            retry_at = self.sweep()
+        self.assertEqual(retry_at, self.clock.now + caduceus.OUTAGE_RETRY_S)
+        self.assertEqual(self.console.subjects, ['Caduceus: Alert "job" is failing.'])
+        self.assertIn("cannot write its database: read-only", self.console.notices[0].body)
+        self.assertTrue(any("cannot record state changes" in line for line in logs.output))
+        self.assertFalse(any("Traceback" in line for line in logs.output))
+        self.email.error = None
+        self.clock.advance(retry_at - self.clock.now)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.sweep(), self.clock.now + 2 * caduceus.OUTAGE_RETRY_S)  # backing off
+        self.assertEqual(len(self.console.notices), 1, "announced once per channel per outage")
+        self.assertEqual(self.email.subjects, ['Caduceus: Alert "job" is failing.'], "a failed one is tried again")
+        self.assertFalse(any("cannot record state changes" in line for line in logs.output), "once a minute")
+        self.assertEqual(self.monitor.store.check("job")["status"], caduceus.NEW, "nothing was recorded")
+        self.unwritable(False)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.sweep()
+        self.assertTrue(any("the database works again" in line for line in logs.output))
+        self.assertEqual(self.monitor.store.check("job")["status"], DOWN, "recorded once it can be")
+
+    def test_alerts_not_yet_due_are_not_announced(self):
+        self.clock.advance(60)
+        self.unwritable(True)
+        with self.assertLogs("caduceus", "ERROR"):
+            self.sweep()
+        self.assertEqual((self.console.notices, self.email.notices), ([], []))
+
+
 class ReloadTest(unittest.TestCase):
     """Reloading the config on a running server: POST /api/v1/reload and _Reloader."""
 
