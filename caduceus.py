@@ -2392,7 +2392,8 @@ def parse_signal(text: str) -> tuple[str, int | None]:
     if re.fullmatch(r"[0-9]{1,3}", text) and int(text) <= 255:
         status = int(text)
         return (FAIL if status else SUCCESS), status
-    raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
+    shown = json.dumps(text[:40]) + ("..." if len(text) > 40 else "")  # an answer never echoes much
+    raise ValueError(f"unknown signal {shown}: use start, fail, log or an exit status 0-255")
 
 
 #: Caduceus's tables as they are now: a new database file is made with them
@@ -5991,10 +5992,16 @@ def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
     if config is None:
         return None
     try:
-        return args, config, _read_state(args.db)
+        state = _read_state(args.db)
+        alert_views(config, state[0], 0.0, state[2], state[1])  # rows of another program fail here
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return None
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        print(f"caduceus: {args.db}: cannot read the database: it is not Caduceus's "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    return args, config, state
 
 
 def _printed(write: Callable[[], None]) -> bool:

@@ -3727,6 +3727,11 @@ class HTTPTest(unittest.TestCase):
                                + b"\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
 
+    def test_a_bad_signal_is_not_echoed_at_length(self):
+        status, body, _ = self.request("GET", "/reset/hourly/" + "9" * 5000 + "?key=s3cret")
+        self.assertEqual(status, 400)
+        self.assertLess(len(body), 200)
+
     def test_http_0_9_requests_are_refused(self):
         answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
@@ -5903,6 +5908,17 @@ class CheckCommandTest(unittest.TestCase):
         self.assertIn("status:        down (exit status 3), last success never", text)
         code, out, _ = self.run_check("-c", config, "-b", db, "--json")
         self.assertEqual(json.loads(out)["alerts"][0]["reason"], "exit status 3")
+
+    def test_a_database_of_another_program_is_one_line_not_a_traceback(self):
+        path = os.path.join(temp_dir(self), "other.sqlite3")
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE checks (name TEXT, status TEXT, first_seen_at TEXT)")
+            conn.execute("INSERT INTO checks VALUES ('backups', 'up', 'yesterday')")
+        config = write_config(self, "[alerts.backups]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        status, out, err = self.run_check("-c", config, "-b", path)
+        self.assertEqual(status, 2)
+        self.assertRegex(err, r"^caduceus: .*other.sqlite3: cannot read the database: it is not Caduceus's "
+                              r"\(\w+: .*\)\n$")
 
     def test_a_closed_output_ends_check_quietly(self):
         # caduceus.py check --json | head -1, with head gone before check writes.
