@@ -3940,7 +3940,7 @@ class _RequestReader(io.RawIOBase):
 
 
 ###############################################################################
-# HTTP ########################################################################
+# HTTP: addresses and keys ####################################################
 ###############################################################################
 
 #: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
@@ -4046,6 +4046,10 @@ def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
              trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     return any(address in network for network in trusted)
 
+
+###############################################################################
+# HTTP: requests, answers, the server #########################################
+###############################################################################
 
 #: Sent with every answer.  Nothing is loaded from elsewhere (a page is one
 #: request: inline CSS, inline SVG); no type sniffing; no Referer leaves with a
@@ -5139,7 +5143,7 @@ ROUTES = (
 
 
 ###############################################################################
-# Sweeper #####################################################################
+# Workers #####################################################################
 ###############################################################################
 
 #: Caduceus records that it is running this often (see Monitor.downtime); the
@@ -6106,7 +6110,9 @@ def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
             print(f"  next reminder: {alert['next_reminder']}")
 
 
-# The service -------------------------------------------------------------------
+###############################################################################
+# Service #####################################################################
+###############################################################################
 
 def _port_arg(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 65535:
