@@ -3729,6 +3729,17 @@ def sort_views(views: list[AlertView]) -> list[AlertView]:
     return sorted(views, key=lambda view: (STATUS_ORDER.index(view.status), view.name))
 
 
+def relative_time(at: float | None, now: float) -> str:
+    """``"5m ago"``, ``"in 2h"``, ``"now"`` or ``"never"``: the largest unit only,
+    as the dashboard and ``status`` show times."""
+    if at is None:
+        return "never"
+    delta = now - at
+    if abs(delta) < 1:
+        return "now"
+    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
+
+
 ###############################################################################
 # Connections #################################################################
 ###############################################################################
@@ -4738,9 +4749,7 @@ def _when(at: float | None, now: float) -> str:
     """A time relative to now ("5m ago", "in 2h"), the exact UTC time on hover."""
     if at is None:
         return '<span class="muted">never</span>'
-    delta = now - at
-    words = "just now" if abs(delta) < 1 else (
-        f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}")
+    words = relative_time(at, now)
     return f'<time datetime="{format_time(at)}" title="{format_time(at)}">{words}</time>'
 
 
@@ -6055,26 +6064,17 @@ def status_report(views: list[AlertView], now: float) -> tuple[int, list[str]]:
         if view.status == PAUSED:
             due = f"paused until {format_time(view.paused_until)}" if view.paused_until else "paused"
         elif view.next_due_at is None:
-            due = f"reminder {_relative(view.next_reminder_at, now)}"
+            due = f"reminder {relative_time(view.next_reminder_at, now)}"
         else:
-            due = _relative(view.next_due_at, now)
+            due = relative_time(view.next_due_at, now)
         run = format_duration(view.last_duration_s, 2) if view.last_duration_s is not None else "-"
         if view.last_exit_status is not None:
             run += f", exit {view.last_exit_status}"
-        table.append((view.name, status, _relative(view.last_checkin_at, now), due, run, view.description))
+        table.append((view.name, status, relative_time(view.last_checkin_at, now), due, run, view.description))
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]
     lines = [first] + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
                        for row in table] if views else [first]
     return (1 if down else 0), lines
-
-
-def _relative(at: float | None, now: float) -> str:
-    if at is None:
-        return "never"
-    delta = now - at
-    if abs(delta) < 1:
-        return "now"
-    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
 
 
 def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
