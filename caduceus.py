@@ -102,6 +102,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -2136,7 +2137,11 @@ def _secret_key(value: Any) -> str:
 
 
 def _alert_name(file: str, name: str) -> str:
-    if not name or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    # Control characters (C0, C1), line and paragraph separators, surrogates and
+    # non-characters would forge log lines or break the XML of a badge.
+    if not name or "/" in name or any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")
+                                      or 0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE
+                                      for c in name):
         raise ConfigError(f"{file}: alerts.{json.dumps(name)}: an alert name is a URL segment; "
                           "it must be non-empty, without / or control characters")
     return name
@@ -2797,6 +2802,12 @@ class Store:
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_alive_at', ?)", (at,))
 
+    def last_signal_at(self) -> float | None:
+        """When the latest success or start of any alert arrived, or None."""
+        rows = self._all("SELECT MAX(MAX(COALESCE(last_ping_at, 0), COALESCE(started_at, 0))) AS at "
+                         "FROM checks")
+        return rows[0]["at"] if rows else None
+
     def last_alive_at(self) -> float | None:
         """When Caduceus was last recorded running, or None if never."""
         rows = self._all("SELECT value FROM meta WHERE key = 'last_alive_at'")
@@ -3229,6 +3240,9 @@ class Monitor:
             if first_run:
                 self._import_legacy()
             last_alive_at = self.store.last_alive_at()
+            if last_alive_at is not None:
+                # Alive is written every few seconds: a later check-in proves it ran longer.
+                last_alive_at = max(last_alive_at, self.store.last_signal_at() or last_alive_at)
             if last_alive_at is not None and last_alive_at < now:
                 self.downtime = (last_alive_at, now)
             self.store.record_alive(now)
@@ -3332,6 +3346,8 @@ class Monitor:
         with self._operation() as now:
             if until is not None and until <= now:
                 raise ValueError(f"until: {format_time(until)} is not in the future")
+            if until is not None and until > now + MAX_DURATION_S:
+                raise ValueError("until: expected at most 10 years from now")
             row = self.store.check(name)
             if row is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
@@ -4973,7 +4989,7 @@ def parse_until(text: str, now: float) -> float:
     duration from ``now`` ("2h", "1d 12h").  Raises ValueError."""
     seconds = _parse_duration(text)
     if seconds is not None and seconds > 0:
-        return now + seconds
+        return now + min(seconds, MAX_DURATION_S + 1)  # past the cap: Monitor.pause says so
     try:
         moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -4981,7 +4997,10 @@ def parse_until(text: str, now: float) -> float:
                          f"such as 2h, got {json.dumps(text)}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):
+        return now + MAX_DURATION_S + 1
 
 
 def api_pause_page(request: Request, match: re.Match) -> Response:
@@ -5348,11 +5367,12 @@ class Couriers:
 
 
 def _fetch(url: str, timeout_s: float) -> None:
-    """GET ``url``; raise OSError (urllib's errors) or http.client.HTTPException
-    unless it answers 2xx."""
-    request = urllib.request.Request(url, headers={"User-Agent": f"caduceus/{__version__}"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        response.read(HTTP_MAX_ANSWER_BYTES)
+    """GET ``url``, all of it within ``timeout_s`` (a server that drips its answer
+    must not stall the heartbeat, or the outside monitor would think Caduceus
+    dead); raise OSError or http.client.HTTPException unless it answers 2xx."""
+    status, _, _ = _http_request("GET", url, None, {"User-Agent": f"caduceus/{__version__}"}, timeout_s)
+    if not 200 <= status < 300:
+        raise http.client.HTTPException(f"HTTP {status} {http.client.responses.get(status, '')}".rstrip())
 
 
 def _origin(url: str) -> str:
@@ -6083,6 +6103,10 @@ def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int
     if read is None:
         return 2
     args, config, (state, legacy, pings) = read
+    if not os.path.exists(args.db):
+        # A check run from the wrong directory, or with -b mistyped, must not say OK forever.
+        print(f"CADUCEUS UNKNOWN - no database at {args.db} (has the service started? is -b right?)")
+        return 2
     now = clock()
     views = alert_views(config, state, now, pings, legacy)
     code, lines = status_report(views, now)

@@ -1169,6 +1169,16 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
             channels = ["console"]
         """, "URL segment")
+        # Characters that forge log lines or make a badge's XML ill-formed.
+        for bad in ["a\\u0085b", "a\\u2028b", "a\\u2029b", "a\\uffffb", "a\\ufdd0b", "a\\u0007b"]:
+            with self.subTest(name=bad):
+                self.assertConfigError(f"""
+                    [alerts."{bad}"]
+                    every = "1h"
+                    channels = ["console"]
+                """, "URL segment")
+        config = config_from(self, '[alerts."café-ü"]\nevery = "1h"\nchannels = ["console"]\n')
+        self.assertIn("café-ü", config.checks)
 
     def test_example_config_loads_and_uses_the_console(self):
         config = caduceus.load_config(os.path.join(HERE, "caduceus.toml.example"))
@@ -4455,11 +4465,14 @@ class PauseTest(PagesTestCase):
             with self.subTest(until=until):
                 status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
                 self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(expected)))
-        for until in ["soon", "2000-01-01T00:00:00Z", "-5m"]:
+        # Beyond 10 years is refused before anything is written: a time past year 9999 broke every view.
+        for until in ["soon", "2000-01-01T00:00:00Z", "-5m", "9999-12-31T23:59:00Z", "10000w", "100000000000d"]:
             with self.subTest(until=until):
                 status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
                 self.assertEqual(status, 400)
                 self.assertIn("until", data["error"])
+        self.assertEqual(self.get_status("hourly"), "paused", "the 90 s pause stands")
+        self.assertEqual(self.get("/api/v1/alerts")[0], 200)
 
     def test_pause_and_resume_always_need_the_key_and_a_post(self):
         self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\npublic_dashboard = true'))
@@ -4950,6 +4963,29 @@ class WatchdogTest(unittest.TestCase):
     def beats(self) -> list[str]:
         return [self.stand_in.paths.get_nowait() for _ in range(self.stand_in.paths.qsize())]
 
+    def test_a_heartbeat_server_that_drips_is_cut_off_at_the_deadline(self):
+        # urllib's per-read timeout never trips on a byte every 0.1 s.
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            def drip():
+                conn = listener.accept()[0]
+                with conn:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(50):  # 5 s at most, so a fetch without the deadline fails, not hangs
+                        if stop.wait(0.1):
+                            break
+                        with contextlib.suppress(OSError):
+                            conn.sendall(b"X")
+            dripper = threading.Thread(target=drip)
+            dripper.start()
+            self.addCleanup(dripper.join)
+            started = time.monotonic()
+            with self.assertRaises(OSError):
+                caduceus._fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/ping/uuid", 0.5)
+            self.assertLess(time.monotonic() - started, 2.0)
+            stop.set()
+
     def test_heartbeat_on_cadence_while_healthy_and_not_while_the_database_is_unwritable(self):
         self.watchdog.record_alive()
         self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
@@ -5061,6 +5097,17 @@ class DowntimeTest(unittest.TestCase):
         monitor.deliver("console")
         self.assertEqual(len(console.notices), 3)
         self.assertNotIn("not running", console.notices[2].body)
+
+    def test_the_downtime_starts_no_earlier_than_the_last_check_in_the_old_process_took(self):
+        monitor, _ = self.start()
+        monitor.record_alive()
+        self.clock.advance(3)  # alive is recorded every few seconds: a check-in came after the last record
+        monitor.ping("hourly")
+        checked_in_at = self.clock.now
+        monitor.store.close()
+        self.clock.advance(3 * 3600)
+        monitor, _ = self.start()
+        self.assertEqual(monitor.downtime, (checked_in_at, self.clock.now))
 
     def test_a_deadline_after_the_restart_has_no_note(self):
         monitor, _ = self.start()
@@ -5958,6 +6005,11 @@ class StatusCommandTest(unittest.TestCase):
         monitor = caduceus.Monitor(store, caduceus.load_config(self.config), {}, self.clock)
         monitor.start()
         return monitor
+
+    def test_no_database_is_unknown_and_exit_2_not_ok(self):
+        code, out, _ = self.run_status()
+        self.assertEqual(code, 2)
+        self.assertTrue(out.startswith("CADUCEUS UNKNOWN - no database at "), out)
 
     def test_all_up_is_ok_and_exit_0(self):
         monitor = self.monitor()
