@@ -2767,6 +2767,12 @@ class Store:
                      "(SELECT check_name FROM outbox WHERE id = ?1) ORDER BY id DESC LIMIT ?2)",
                      (notice_id, self.history))
 
+    def paused_from(self, name: str) -> str | None:
+        """The status the alert had when its latest pause began, or None."""
+        rows = self._all("SELECT old FROM flips WHERE check_name = ? AND new = ? AND old != ? "
+                         "ORDER BY id DESC LIMIT 1", (name, PAUSED, PAUSED))
+        return rows[0]["old"] if rows else None
+
     def last_down_flip(self, name: str) -> int | None:
         """The id of the alert's latest change to down: it names the failure
         (the same for its reminders and its recovery)."""
@@ -3313,8 +3319,12 @@ class Monitor:
                 row = self.store.check(name)
             self.store.record_ping(name, now, ping)
             if row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL):
-                # A paused alert's next check-in ends the pause (healthchecks.io's rule).
-                self._unpause(spec, self.store.check(name), now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
+                # A paused alert's next check-in ends the pause (healthchecks.io's rule).  One
+                # paused while down ends down: a success is then its recovery, told (so a
+                # PagerDuty incident closes), and a failure is no new failure.
+                back_to = DOWN if self.store.paused_from(name) == DOWN else None
+                self._unpause(spec, self.store.check(name), now, f"{ping.kind} from {ping.remote_addr or 'a job'}",
+                              back_to)
                 row = self.store.check(name)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
@@ -3373,10 +3383,11 @@ class Monitor:
             self._tell(self._deadline_listeners, next_event_at(spec, row))
         return resumed
 
-    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str) -> None:
-        """End a pause at ``at`` (in the caller's transaction): up (new, never
-        having succeeded), with its deadline counted from ``at``."""
-        new = UP if row["last_ping_at"] is not None else NEW
+    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str,
+                 back_to: str | None = None) -> None:
+        """End a pause at ``at`` (in the caller's transaction): ``back_to``, or up
+        (new, never having succeeded), with its deadline counted from ``at``."""
+        new = back_to or (UP if row["last_ping_at"] is not None else NEW)
         if self.store.resume(spec.name, new, at):
             self.store.add_flip(spec.name, at, PAUSED, new, f"pause ended: {why}")
             log.warning("%s: pause ended: %s", spec.name, why)

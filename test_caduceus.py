@@ -4431,6 +4431,18 @@ class PauseTest(PagesTestCase):
         self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
         self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
 
+    def test_a_pause_begun_while_down_ends_down_so_a_success_is_a_told_recovery(self):
+        self.ping("hourly", "fail")
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "fail")  # ends the pause: still the same failure, nothing new to tell
+        self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly")  # the job works again: "reporting again", and a PagerDuty incident resolves
+        self.assertEqual(self.monitor.store.check("hourly")["status"], UP)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()],
+                         [caduceus.NOTICE_DOWN, caduceus.NOTICE_UP])
+
     def test_pause_until_ends_by_itself_and_survives_a_restart(self):
         db = os.path.join(temp_dir(self), "db.sqlite3")
         self.start(PAGES_CONFIG, db)
