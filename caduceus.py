@@ -103,6 +103,7 @@ import subprocess
 import sys
 import threading
 import time
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -2138,7 +2139,11 @@ def _secret_key(value: Any) -> str:
 
 
 def _alert_name(file: str, name: str) -> str:
-    if not name or "/" in name or any(ord(c) < 32 or ord(c) == 127 for c in name):
+    # Control characters (C0, C1), line and paragraph separators, surrogates and
+    # non-characters would forge log lines or break the XML of a badge.
+    if not name or "/" in name or any(unicodedata.category(c) in ("Cc", "Cs", "Zl", "Zp")
+                                      or 0xFDD0 <= ord(c) <= 0xFDEF or ord(c) & 0xFFFE == 0xFFFE
+                                      for c in name):
         raise ConfigError(f"{file}: alerts.{json.dumps(name)}: an alert name is a URL segment; "
                           "it must be non-empty, without / or control characters")
     return name
@@ -2398,7 +2403,8 @@ def parse_signal(text: str) -> tuple[str, int | None]:
     if re.fullmatch(r"[0-9]{1,3}", text) and int(text) <= 255:
         status = int(text)
         return (FAIL if status else SUCCESS), status
-    raise ValueError(f"unknown signal {json.dumps(text)}: use start, fail, log or an exit status 0-255")
+    shown = json.dumps(text[:40]) + ("..." if len(text) > 40 else "")  # an answer never echoes much
+    raise ValueError(f"unknown signal {shown}: use start, fail, log or an exit status 0-255")
 
 
 #: Caduceus's tables as they are now: a new database file is made with them
@@ -2951,6 +2957,12 @@ class Store:
                      "(SELECT check_name FROM outbox WHERE id = ?1) ORDER BY id DESC LIMIT ?2)",
                      (notice_id, self.history))
 
+    def paused_from(self, name: str) -> str | None:
+        """The status the alert had when its latest pause began, or None."""
+        rows = self._all("SELECT old FROM flips WHERE check_name = ? AND new = ? AND old != ? "
+                         "ORDER BY id DESC LIMIT 1", (name, PAUSED, PAUSED))
+        return rows[0]["old"] if rows else None
+
     def last_down_flip(self, name: str) -> int | None:
         """The id of the alert's latest change to down: it names the failure
         (the same for its reminders and its recovery)."""
@@ -2985,6 +2997,12 @@ class Store:
         so a restart knows when the previous run stopped)."""
         with self.transaction() as conn:
             conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('last_alive_at', ?)", (at,))
+
+    def last_signal_at(self) -> float | None:
+        """When the latest success or start of any alert arrived, or None."""
+        rows = self._all("SELECT MAX(MAX(COALESCE(last_ping_at, 0), COALESCE(started_at, 0))) AS at "
+                         "FROM checks")
+        return rows[0]["at"] if rows else None
 
     def last_alive_at(self) -> float | None:
         """When Caduceus was last recorded running, or None if never."""
@@ -3433,6 +3451,9 @@ class Monitor:
             if first_run:
                 self._import_legacy()
             last_alive_at = self.store.last_alive_at()
+            if last_alive_at is not None:
+                # Alive is written every few seconds: a later check-in proves it ran longer.
+                last_alive_at = max(last_alive_at, self.store.last_signal_at() or last_alive_at)
             if last_alive_at is not None and last_alive_at < now:
                 self.downtime = (last_alive_at, now)
             self.store.record_alive(now)
@@ -3533,8 +3554,11 @@ class Monitor:
             changed = True  # the status or the pause: read the row again
             unpaused = row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL)
             if unpaused:
-                # A paused alert's next check-in ends the pause (healthchecks.io's rule).
-                self._unpause(spec, after, now, f"{ping.kind} from {ping.remote_addr or 'a job'}")
+                # A paused alert's next check-in ends the pause (healthchecks.io's rule).  One
+                # paused while down ends down: a success is then its recovery, told (so a
+                # PagerDuty incident closes), and a failure is no new failure.
+                back_to = DOWN if self.store.paused_from(name) == DOWN else None
+                self._unpause(spec, after, now, f"{ping.kind} from {ping.remote_addr or 'a job'}", back_to)
                 row = self.store.check(name)
             if ping.kind == SUCCESS and row["status"] == NEW:
                 self.store.set_status(name, NEW, UP)
@@ -3564,6 +3588,8 @@ class Monitor:
         with self._operation() as now:
             if until is not None and until <= now:
                 raise ValueError(f"until: {format_time(until)} is not in the future")
+            if until is not None and until > now + MAX_DURATION_S:
+                raise ValueError("until: expected at most 10 years from now")
             row = self.store.check(name)
             if row is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
@@ -3591,10 +3617,11 @@ class Monitor:
             self._tell(self._deadline_listeners, next_event_at(spec, row))
         return resumed
 
-    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str) -> None:
-        """End a pause at ``at`` (in the caller's transaction): up (new, never
-        having succeeded), with its deadline counted from ``at``."""
-        new = UP if row["last_ping_at"] is not None else NEW
+    def _unpause(self, spec: CheckSpec, row: Mapping[str, Any], at: float, why: str,
+                 back_to: str | None = None) -> None:
+        """End a pause at ``at`` (in the caller's transaction): ``back_to``, or up
+        (new, never having succeeded), with its deadline counted from ``at``."""
+        new = back_to or (UP if row["last_ping_at"] is not None else NEW)
         if self.store.resume(spec.name, new, at):
             self.store.add_flip(spec.name, at, PAUSED, new, f"pause ended: {why}")
             log.warning("%s: pause ended: %s", spec.name, why)
@@ -4014,6 +4041,17 @@ def sort_views(views: list[AlertView]) -> list[AlertView]:
     return sorted(views, key=lambda view: (STATUS_ORDER.index(view.status), view.name))
 
 
+def relative_time(at: float | None, now: float) -> str:
+    """``"5m ago"``, ``"in 2h"``, ``"now"`` or ``"never"``: the largest unit only,
+    as the dashboard and ``status`` show times."""
+    if at is None:
+        return "never"
+    delta = now - at
+    if abs(delta) < 1:
+        return "now"
+    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
+
+
 ###############################################################################
 # Connections #################################################################
 ###############################################################################
@@ -4225,7 +4263,7 @@ class _RequestReader(io.RawIOBase):
 
 
 ###############################################################################
-# HTTP ########################################################################
+# HTTP: addresses and keys ####################################################
 ###############################################################################
 
 #: Largest request body accepted (only its last MAX_PING_BODY bytes are kept).
@@ -4331,6 +4369,10 @@ def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
              trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
     return any(address in network for network in trusted)
 
+
+###############################################################################
+# HTTP: requests, answers, the server #########################################
+###############################################################################
 
 #: Sent with every answer.  Nothing is loaded from elsewhere (a page is one
 #: request: inline CSS, inline SVG); no type sniffing; no Referer leaves with a
@@ -5021,9 +5063,7 @@ def _when(at: float | None, now: float) -> str:
     """A time relative to now ("5m ago", "in 2h"), the exact UTC time on hover."""
     if at is None:
         return '<span class="muted">never</span>'
-    delta = now - at
-    words = "just now" if abs(delta) < 1 else (
-        f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}")
+    words = relative_time(at, now)
     return f'<time datetime="{format_time(at)}" title="{format_time(at)}">{words}</time>'
 
 
@@ -5247,7 +5287,7 @@ def parse_until(text: str, now: float) -> float:
     duration from ``now`` ("2h", "1d 12h").  Raises ValueError."""
     seconds = _parse_duration(text)
     if seconds is not None and seconds > 0:
-        return now + seconds
+        return now + min(seconds, MAX_DURATION_S + 1)  # past the cap: Monitor.pause says so
     try:
         moment = datetime.datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -5255,7 +5295,10 @@ def parse_until(text: str, now: float) -> float:
                          f"such as 2h, got {json.dumps(text)}") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=datetime.timezone.utc)
-    return moment.timestamp()
+    try:
+        return moment.timestamp()
+    except (OverflowError, ValueError):
+        return now + MAX_DURATION_S + 1
 
 
 def api_pause_page(request: Request, match: re.Match) -> Response:
@@ -5426,7 +5469,7 @@ ROUTES = (
 
 
 ###############################################################################
-# Sweeper #####################################################################
+# Workers #####################################################################
 ###############################################################################
 
 #: Caduceus records that it is running this often (see Monitor.downtime); the
@@ -5622,17 +5665,101 @@ class Couriers:
 
 
 def _fetch(url: str, timeout_s: float) -> None:
-    """GET ``url``; raise OSError (urllib's errors) or http.client.HTTPException
-    unless it answers 2xx."""
-    request = urllib.request.Request(url, headers={"User-Agent": f"caduceus/{__version__}"})
-    with urllib.request.urlopen(request, timeout=timeout_s) as response:
-        response.read(HTTP_MAX_ANSWER_BYTES)
+    """GET ``url``, all of it within ``timeout_s`` (a server that drips its answer
+    must not stall the heartbeat, or the outside monitor would think Caduceus
+    dead); raise OSError or http.client.HTTPException unless it answers 2xx."""
+    status, _, _ = _http_request("GET", url, None, {"User-Agent": f"caduceus/{__version__}"}, timeout_s)
+    if not 200 <= status < 300:
+        raise http.client.HTTPException(f"HTTP {status} {http.client.responses.get(status, '')}".rstrip())
 
 
 def _origin(url: str) -> str:
     """Scheme and host of a URL, for logs: a heartbeat URL's path is a secret (hc-ping.com/UUID)."""
     parts = urllib.parse.urlsplit(url)
     return f"{parts.scheme}://{parts.hostname or ''}{f':{parts.port}' if parts.port else ''}/..."
+
+
+#: While the database cannot be written, the sweeper tries again after this,
+#: doubling up to OUTAGE_RETRY_MAX_S ...
+OUTAGE_RETRY_S, OUTAGE_RETRY_MAX_S = 5.0, 60.0
+#: ... and says so in the log at most this often.
+OUTAGE_LOG_EVERY_S = 60.0
+
+
+class GuardedSweep:
+    """The sweeper's work: ``Monitor.sweep()``, and what to do while the
+    database cannot be written (disk full, read-only, locked).
+
+    Then no state change can be recorded and no notice queued, so without
+    more a dead man's switch would go quiet, just when a full disk (a common
+    reason for jobs to fail) needs saying.  So each alert that is overdue is
+    announced straight through its channels, once per channel per outage,
+    with a reason that says why; the database being back, the ordinary sweep
+    records the failure and queues its notice, which may repeat the
+    announcement: twice is better than never.  The outage is logged at most
+    once a minute, without a traceback.  Call it; it returns when to run again.
+    """
+
+    def __init__(self, monitor: Monitor) -> None:
+        self.monitor = monitor
+        self._since: float | None = None
+        self._failures = 0
+        self._logged_at = -math.inf
+        self._announced: set[tuple[str, str]] = set()
+
+    def __call__(self) -> float | None:
+        try:
+            self.monitor.sweep()
+        except sqlite3.OperationalError as exc:
+            return self._failed(exc)
+        if self._since is not None:
+            log.warning("the database works again after %s; state changes are recorded again",
+                        format_duration(self.monitor.clock() - self._since, 2))
+            self._since, self._failures, self._logged_at = None, 0, -math.inf
+            self._announced.clear()
+        return self.monitor.next_sweep_at()
+
+    def _failed(self, exc: sqlite3.OperationalError) -> float:
+        now = self.monitor.clock()
+        problem = _database_problem(exc)
+        if self._since is None:
+            self._since = now
+        self._failures += 1
+        if now - self._logged_at >= OUTAGE_LOG_EVERY_S:
+            self._logged_at = now
+            log.error("cannot record state changes, the database is unavailable: %s (%d failed sweeps since "
+                      "%s); overdue alerts are announced directly", problem, self._failures,
+                      format_time(self._since))
+        self._announce_overdue(problem, now)
+        return now + min(OUTAGE_RETRY_S * 2 ** min(self._failures - 1, 16), OUTAGE_RETRY_MAX_S)
+
+    def _announce_overdue(self, problem: str, now: float) -> None:
+        monitor = self.monitor
+        config = monitor.config
+        for row in monitor.store.checks():
+            spec = config.checks.get(row["name"])
+            if spec is None or row["status"] in (DOWN, PAUSED):
+                continue
+            due, reason = deadline(spec, row)
+            if now < due:
+                continue
+            reason = (f"{reason} (Caduceus cannot write its database: {problem}; this notice was sent "
+                      "directly and may come again once the database works)")
+            notice = notice_facts(FAILING, spec, row, reason, monitor.store.last_ping(spec.name), now, config)
+            for channel in spec.channels:
+                instance = config.channels.get(channel)
+                send = monitor.senders.get(instance.kind) if instance is not None else None
+                if send is None or (spec.name, channel) in self._announced:
+                    continue
+                try:
+                    send(instance.conf, _for_channel(notice, config, channel))
+                except Exception as exc:  # NotifyError, or a channel's bug: try again next time
+                    log.error("%s: could not announce the failure to %s directly: %s", spec.name, channel,
+                              exc)
+                    continue
+                self._announced.add((spec.name, channel))
+                log.warning("%s: down: %s; announced to %s directly, as it cannot be recorded", spec.name,
+                            reason, channel)
 
 
 class Watchdog:
@@ -6196,10 +6323,16 @@ def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
     if config is None:
         return None
     try:
-        return args, config, _read_state(args.db)
+        state = _read_state(args.db)
+        alert_views(config, state[0], 0.0, state[2], state[1])  # rows of another program fail here
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return None
+    except (IndexError, KeyError, TypeError, ValueError) as exc:
+        print(f"caduceus: {args.db}: cannot read the database: it is not Caduceus's "
+              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        return None
+    return args, config, state
 
 
 def _printed(write: Callable[[], None]) -> bool:
@@ -6249,26 +6382,17 @@ def status_report(views: list[AlertView], now: float) -> tuple[int, list[str]]:
         if view.status == PAUSED:
             due = f"paused until {format_time(view.paused_until)}" if view.paused_until else "paused"
         elif view.next_due_at is None:
-            due = f"reminder {_relative(view.next_reminder_at, now)}"
+            due = f"reminder {relative_time(view.next_reminder_at, now)}"
         else:
-            due = _relative(view.next_due_at, now)
+            due = relative_time(view.next_due_at, now)
         run = format_duration(view.last_duration_s, 2) if view.last_duration_s is not None else "-"
         if view.last_exit_status is not None:
             run += f", exit {view.last_exit_status}"
-        table.append((view.name, status, _relative(view.last_checkin_at, now), due, run, view.description))
+        table.append((view.name, status, relative_time(view.last_checkin_at, now), due, run, view.description))
     widths = [max(len(row[column]) for row in table) for column in range(len(table[0]) - 1)]
     lines = [first] + ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[-1]
                        for row in table] if views else [first]
     return (1 if down else 0), lines
-
-
-def _relative(at: float | None, now: float) -> str:
-    if at is None:
-        return "never"
-    delta = now - at
-    if abs(delta) < 1:
-        return "now"
-    return f"{format_duration(delta, 1)} ago" if delta > 0 else f"in {format_duration(-delta, 1)}"
 
 
 def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
@@ -6277,6 +6401,10 @@ def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int
     if read is None:
         return 2
     args, config, (state, legacy, pings) = read
+    if not os.path.exists(args.db):
+        # A check run from the wrong directory, or with -b mistyped, must not say OK forever.
+        print(f"CADUCEUS UNKNOWN - no database at {args.db} (has the service started? is -b right?)")
+        return 2
     now = clock()
     views = alert_views(config, state, now, pings, legacy)
     code, lines = status_report(views, now)
@@ -6304,7 +6432,9 @@ def _print_report(config_path: str, report: list[dict], as_json: bool) -> None:
             print(f"  next reminder: {alert['next_reminder']}")
 
 
-# The service -------------------------------------------------------------------
+###############################################################################
+# Service #####################################################################
+###############################################################################
 
 def _port_arg(text: str) -> int:
     if not re.fullmatch(r"[0-9]{1,5}", text) or int(text) > 65535:
@@ -6741,11 +6871,7 @@ def _serve(server: Server, monitor: Monitor, config_path: str = "") -> int:
 def _start_workers(server: Server, monitor: Monitor, config_path: str) -> list[Sweeper]:
     """The sweeper, the couriers, the liveness recorder and the heartbeat, wired
     to ``monitor`` and ``server`` (health and reload), not yet started."""
-    def sweep() -> float | None:
-        monitor.sweep()
-        return monitor.next_sweep_at()
-
-    sweeper = Sweeper(sweep)
+    sweeper = Sweeper(GuardedSweep(monitor))
     monitor.on_deadline(sweeper.poke)
     couriers = Couriers(monitor)
     server.watchdog = watchdog = Watchdog(monitor, sweeper)

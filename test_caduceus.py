@@ -1170,6 +1170,16 @@ class ConfigTest(unittest.TestCase):
             every = "1h"
             channels = ["console"]
         """, "URL segment")
+        # Characters that forge log lines or make a badge's XML ill-formed.
+        for bad in ["a\\u0085b", "a\\u2028b", "a\\u2029b", "a\\uffffb", "a\\ufdd0b", "a\\u0007b"]:
+            with self.subTest(name=bad):
+                self.assertConfigError(f"""
+                    [alerts."{bad}"]
+                    every = "1h"
+                    channels = ["console"]
+                """, "URL segment")
+        config = config_from(self, '[alerts."café-ü"]\nevery = "1h"\nchannels = ["console"]\n')
+        self.assertIn("café-ü", config.checks)
 
     def test_example_config_loads_and_uses_the_console(self):
         config = caduceus.load_config(os.path.join(HERE, "caduceus.toml.example"))
@@ -4011,6 +4021,11 @@ class HTTPTest(unittest.TestCase):
                                + b"\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 200 "), answer)
 
+    def test_a_bad_signal_is_not_echoed_at_length(self):
+        status, body, _ = self.request("GET", "/reset/hourly/" + "9" * 5000 + "?key=s3cret")
+        self.assertEqual(status, 400)
+        self.assertLess(len(body), 200)
+
     def test_http_0_9_requests_are_refused(self):
         answer = self.exchange(b"GET /reset/hourly/?key=s3cret\r\n")
         self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
@@ -4378,7 +4393,7 @@ class DashboardTest(PagesTestCase):
         self.assertIn("reported failure", page)
         self.assertIn('<meta http-equiv="refresh"', page)
         self.assertIn("prefers-color-scheme:dark", page)
-        self.assertIn(f'title="{caduceus.format_time(self.clock.now)}">just now</time>', page)
+        self.assertIn(f'title="{caduceus.format_time(self.clock.now)}">now</time>', page)
 
     def test_everything_user_controlled_is_escaped(self):
         self.ping(HOSTILE_NAME, "fail", b"<script>alert(2)</script>", agent="<b>agent</b>")
@@ -4700,6 +4715,18 @@ class PauseTest(PagesTestCase):
         self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
         self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
 
+    def test_a_pause_begun_while_down_ends_down_so_a_success_is_a_told_recovery(self):
+        self.ping("hourly", "fail")
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly", "fail")  # ends the pause: still the same failure, nothing new to tell
+        self.assertEqual(self.monitor.store.check("hourly")["status"], DOWN)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()], [caduceus.NOTICE_DOWN])
+        self.post("/api/v1/alerts/hourly/pause")
+        self.ping("hourly")  # the job works again: "reporting again", and a PagerDuty incident resolves
+        self.assertEqual(self.monitor.store.check("hourly")["status"], UP)
+        self.assertEqual([row["kind"] for row in self.monitor.store.pending_notices()],
+                         [caduceus.NOTICE_DOWN, caduceus.NOTICE_UP])
+
     def test_pause_until_ends_by_itself_and_survives_a_restart(self):
         db = os.path.join(temp_dir(self), "db.sqlite3")
         self.start(PAGES_CONFIG, db)
@@ -4734,11 +4761,14 @@ class PauseTest(PagesTestCase):
             with self.subTest(until=until):
                 status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
                 self.assertEqual((status, data["paused_until"]), (200, caduceus.format_time(expected)))
-        for until in ["soon", "2000-01-01T00:00:00Z", "-5m"]:
+        # Beyond 10 years is refused before anything is written: a time past year 9999 broke every view.
+        for until in ["soon", "2000-01-01T00:00:00Z", "-5m", "9999-12-31T23:59:00Z", "10000w", "100000000000d"]:
             with self.subTest(until=until):
                 status, data = self.post(f"/api/v1/alerts/hourly/pause?until={urllib.parse.quote(until)}")
                 self.assertEqual(status, 400)
                 self.assertIn("until", data["error"])
+        self.assertEqual(self.get_status("hourly"), "paused", "the 90 s pause stands")
+        self.assertEqual(self.get("/api/v1/alerts")[0], 200)
 
     def test_pause_and_resume_always_need_the_key_and_a_post(self):
         self.start(PAGES_CONFIG.replace('secret_key = "s3cret"', 'secret_key = "s3cret"\npublic_dashboard = true'))
@@ -4959,6 +4989,64 @@ RELOADED_CONFIG = """
 """
 
 
+class DatabaseOutageTest(unittest.TestCase):
+    """A sweep that cannot write (disk full, read-only) must not go quiet."""
+
+    def setUp(self):
+        self.clock = FakeClock()
+        self.console, self.email = Recorder(), Recorder()
+        config = config_from(self, """
+            [alerting.email]
+            recipient_emails = ["ops@example.com"]
+            from_addr = "caduceus@example.com"
+            [alerts.job]
+            every = "1h"
+            channels = ["console", "email"]
+            [alerts.fine]
+            every = "1d"
+            channels = ["console"]
+        """)
+        store = open_store(self, os.path.join(temp_dir(self), "db.sqlite3"))
+        self.monitor = caduceus.Monitor(store, config, {"console": self.console, "email": self.email}, self.clock)
+        self.monitor.start()
+        self.sweep = caduceus.GuardedSweep(self.monitor)
+
+    def unwritable(self, on: bool) -> None:
+        self.monitor.store._conn.execute(f"PRAGMA query_only = {'ON' if on else 'OFF'}")
+
+    def test_an_overdue_alert_is_announced_directly_once_while_nothing_can_be_recorded(self):
+        self.clock.advance(3600 + 5)
+        self.unwritable(True)
+        self.email.error = caduceus.NotifyError("mail server down")
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            retry_at = self.sweep()
+        self.assertEqual(retry_at, self.clock.now + caduceus.OUTAGE_RETRY_S)
+        self.assertEqual(self.console.subjects, ['Caduceus: Alert "job" is failing.'])
+        self.assertIn("cannot write its database: read-only", self.console.notices[0].body)
+        self.assertTrue(any("cannot record state changes" in line for line in logs.output))
+        self.assertFalse(any("Traceback" in line for line in logs.output))
+        self.email.error = None
+        self.clock.advance(retry_at - self.clock.now)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.assertEqual(self.sweep(), self.clock.now + 2 * caduceus.OUTAGE_RETRY_S)  # backing off
+        self.assertEqual(len(self.console.notices), 1, "announced once per channel per outage")
+        self.assertEqual(self.email.subjects, ['Caduceus: Alert "job" is failing.'], "a failed one is tried again")
+        self.assertFalse(any("cannot record state changes" in line for line in logs.output), "once a minute")
+        self.assertEqual(self.monitor.store.check("job")["status"], caduceus.NEW, "nothing was recorded")
+        self.unwritable(False)
+        with self.assertLogs("caduceus", "WARNING") as logs:
+            self.sweep()
+        self.assertTrue(any("the database works again" in line for line in logs.output))
+        self.assertEqual(self.monitor.store.check("job")["status"], DOWN, "recorded once it can be")
+
+    def test_alerts_not_yet_due_are_not_announced(self):
+        self.clock.advance(60)
+        self.unwritable(True)
+        with self.assertLogs("caduceus", "ERROR"):
+            self.sweep()
+        self.assertEqual((self.console.notices, self.email.notices), ([], []))
+
+
 class ReloadTest(unittest.TestCase):
     """Reloading the config on a running server: POST /api/v1/reload and _Reloader."""
 
@@ -5171,6 +5259,29 @@ class WatchdogTest(unittest.TestCase):
     def beats(self) -> list[str]:
         return [self.stand_in.paths.get_nowait() for _ in range(self.stand_in.paths.qsize())]
 
+    def test_a_heartbeat_server_that_drips_is_cut_off_at_the_deadline(self):
+        # urllib's per-read timeout never trips on a byte every 0.1 s.
+        stop = threading.Event()
+        self.addCleanup(stop.set)
+        with socket.create_server(("127.0.0.1", 0)) as listener:
+            def drip():
+                conn = listener.accept()[0]
+                with conn:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
+                    for _ in range(50):  # 5 s at most, so a fetch without the deadline fails, not hangs
+                        if stop.wait(0.1):
+                            break
+                        with contextlib.suppress(OSError):
+                            conn.sendall(b"X")
+            dripper = threading.Thread(target=drip)
+            dripper.start()
+            self.addCleanup(dripper.join)
+            started = time.monotonic()
+            with self.assertRaises(OSError):
+                caduceus._fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/ping/uuid", 0.5)
+            self.assertLess(time.monotonic() - started, 2.0)
+            stop.set()
+
     def test_heartbeat_on_cadence_while_healthy_and_not_while_the_database_is_unwritable(self):
         self.watchdog.record_alive()
         self.assertEqual(self.watchdog.heartbeat(), self.clock.now + 60)
@@ -5282,6 +5393,17 @@ class DowntimeTest(unittest.TestCase):
         monitor.deliver("console")
         self.assertEqual(len(console.notices), 3)
         self.assertNotIn("not running", console.notices[2].body)
+
+    def test_the_downtime_starts_no_earlier_than_the_last_check_in_the_old_process_took(self):
+        monitor, _ = self.start()
+        monitor.record_alive()
+        self.clock.advance(3)  # alive is recorded every few seconds: a check-in came after the last record
+        monitor.ping("hourly")
+        checked_in_at = self.clock.now
+        monitor.store.close()
+        self.clock.advance(3 * 3600)
+        monitor, _ = self.start()
+        self.assertEqual(monitor.downtime, (checked_in_at, self.clock.now))
 
     def test_a_deadline_after_the_restart_has_no_note(self):
         monitor, _ = self.start()
@@ -6130,6 +6252,17 @@ class CheckCommandTest(unittest.TestCase):
         code, out, _ = self.run_check("-c", config, "-b", db, "--json")
         self.assertEqual(json.loads(out)["alerts"][0]["reason"], "exit status 3")
 
+    def test_a_database_of_another_program_is_one_line_not_a_traceback(self):
+        path = os.path.join(temp_dir(self), "other.sqlite3")
+        with contextlib.closing(sqlite3.connect(path)) as conn, conn:
+            conn.execute("CREATE TABLE checks (name TEXT, status TEXT, first_seen_at TEXT)")
+            conn.execute("INSERT INTO checks VALUES ('backups', 'up', 'yesterday')")
+        config = write_config(self, "[alerts.backups]\nevery = \"1h\"\nchannels = [\"console\"]\n")
+        status, out, err = self.run_check("-c", config, "-b", path)
+        self.assertEqual(status, 2)
+        self.assertRegex(err, r"^caduceus: .*other.sqlite3: cannot read the database: it is not Caduceus's "
+                              r"\(\w+: .*\)\n$")
+
     def test_a_closed_output_ends_check_quietly(self):
         # caduceus.py check --json | head -1, with head gone before check writes.
         directory = temp_dir(self)
@@ -6168,6 +6301,11 @@ class StatusCommandTest(unittest.TestCase):
         monitor = caduceus.Monitor(store, caduceus.load_config(self.config), {}, self.clock)
         monitor.start()
         return monitor
+
+    def test_no_database_is_unknown_and_exit_2_not_ok(self):
+        code, out, _ = self.run_status()
+        self.assertEqual(code, 2)
+        self.assertTrue(out.startswith("CADUCEUS UNKNOWN - no database at "), out)
 
     def test_all_up_is_ok_and_exit_0(self):
         monitor = self.monitor()
