@@ -3519,14 +3519,14 @@ class Monitor:
         """
         offsets: list[tuple[float | None, float | None]] = []
 
-        def record() -> tuple[Flip | None, CheckSpec, Mapping[str, Any], float]:
+        def record() -> tuple[Flip | None, str, float, float]:
             before = self._clock_offset
             result = self._record_signal(name, ping)
             offsets.append((before, self._clock_offset))
             return result
 
         try:
-            flip, spec, row, now = self.store.group_commit(record)
+            flip, status, next_at, now = self.store.group_commit(record)
         except BaseException:
             # The batch's commit failed: a clock step found in it was rolled back too,
             # and so was the heap's new entry.
@@ -3537,12 +3537,12 @@ class Monitor:
         self.tally.add("checkins", (name, ping.kind))
         if flip:
             self._tell(self._outbox_listeners, now)
-        if row["status"] != DOWN:
-            self._tell(self._deadline_listeners, next_event_at(spec, row))
+        if status != DOWN:
+            self._tell(self._deadline_listeners, next_at)
         return flip
 
-    def _record_signal(self, name: str, ping: Ping) -> tuple[Flip | None, CheckSpec, Mapping[str, Any], float]:
-        """Ping's work in the database: ``(flip, spec, row after, now)``."""
+    def _record_signal(self, name: str, ping: Ping) -> tuple[Flip | None, str, float, float]:
+        """Ping's work in the database: ``(flip, status after, next event, now)``."""
         flip = None
         with self._operation() as now:
             spec = self.config.checks[name]
@@ -3570,8 +3570,8 @@ class Monitor:
             else:
                 changed = unpaused
             row = self.store.check(name) if changed else after
-            self._schedule(spec, row)
-        return flip, spec, row, now
+            next_at = self._schedule(spec, row)
+        return flip, row["status"], next_at, now
 
     # Pauses ----------------------------------------------------------------
 
@@ -3668,9 +3668,9 @@ class Monitor:
             return None, True
         return None, False
 
-    def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> None:
+    def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> float:
         """Put the check's next event in the heap (in the transaction that changed it),
-        replacing its earlier entry; none while paused without an end."""
+        replacing its earlier entry; none while paused without an end.  Returns it."""
         at = next_event_at(spec, row) if row is not None else math.inf
         with self._heap_lock:
             version = self._heap_version.get(spec.name, 0) + 1
@@ -3680,6 +3680,7 @@ class Monitor:
             if len(self._heap) > 2 * len(self._heap_version) + 1024:  # mostly stale: compact
                 self._heap = [entry for entry in self._heap if self._heap_version.get(entry[2]) == entry[1]]
                 heapq.heapify(self._heap)
+        return at
 
     def _reindex(self, config: Config) -> None:
         """Rebuild the heap from every row (in the caller's transaction)."""
