@@ -2544,6 +2544,73 @@ SQLITE_PRAGMAS = (
 
 
 ###############################################################################
+# Storage: the outbox #########################################################
+###############################################################################
+
+class _Outbox:
+    """The outbox half of ``Store``: notices queued per channel instance, their
+    delivery attempts and history.  A mixin: it uses the store's ``transaction()``,
+    ``_all()`` and ``history``."""
+
+    def enqueue(self, name: str, channel: str, kind: str, subject: str, facts: str, now: float) -> None:
+        """Queue a notice (its facts, as JSON) for a channel instance; ``subject``
+        is for people reading the outbox.  A reminder replaces an undelivered older one."""
+        with self.transaction() as conn:
+            if kind == NOTICE_REMINDER:
+                conn.execute("DELETE FROM outbox WHERE check_name = ? AND channel = ? AND kind = ? "
+                             "AND failed = 0", (name, channel, NOTICE_REMINDER))
+            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, facts, created_at,"
+                         " next_attempt_at) VALUES (?, ?, ?, ?, '', ?, ?, ?)",
+                         (name, channel, kind, subject, facts, now, now))
+
+    def next_notice(self, channel: str, skip: Collection[int] = ()) -> sqlite3.Row | None:
+        """The oldest undelivered notice for a channel whose id is not in ``skip``:
+        notices leave in order."""
+        rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT ?",
+                         (channel, len(skip) + 1))
+        return next((row for row in rows if row["id"] not in skip), None)
+
+    def pending_channels(self) -> list[str]:
+        """The channel instances with notices still to be delivered."""
+        return [row["channel"] for row in self._all("SELECT DISTINCT channel FROM outbox WHERE failed = 0")]
+
+    def pending_notices(self) -> list[sqlite3.Row]:
+        """Notices still to be delivered, all channels, in queue order."""
+        return self._all("SELECT * FROM outbox WHERE failed = 0 ORDER BY id")
+
+    def failed_notices(self) -> list[sqlite3.Row]:
+        """Notices given up on, newest FAILED_NOTICE_HISTORY of them."""
+        return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
+
+    def notice_sent(self, notice_id: int, at: float | None = None) -> None:
+        """Drop a delivered notice from the outbox; with ``at``, add "sent" to
+        the alert's delivery history, in the same transaction."""
+        with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "sent", "")
+            conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
+
+    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None,
+                      at: float | None = None) -> None:
+        """Record that the notice failed ``attempts`` times so far (a count, not an
+        increment, so recording it again changes nothing): retry at ``retry_at``,
+        or give up when it is None.  With ``at``, the attempt joins the alert's
+        delivery history ("failed" or "given_up", with the error)."""
+        with self.transaction() as conn:
+            if at is not None:
+                self._add_delivery(conn, notice_id, at, "failed" if retry_at is not None else "given_up", error)
+            if retry_at is None:
+                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, failed = 1 WHERE id = ?",
+                             (attempts, error, notice_id))
+                conn.execute("DELETE FROM outbox WHERE failed = 1 AND id NOT IN "
+                             "(SELECT id FROM outbox WHERE failed = 1 ORDER BY id DESC LIMIT ?)",
+                             (FAILED_NOTICE_HISTORY,))
+            else:
+                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? "
+                             "WHERE id = ?", (attempts, error, retry_at, notice_id))
+
+
+###############################################################################
 # Storage #####################################################################
 ###############################################################################
 
@@ -2580,7 +2647,7 @@ class _GroupCall:
         self.lead = False
 
 
-class Store:
+class Store(_Outbox):
     """The SQLite file that holds all state.
 
     One connection shared by all threads; every write goes through
@@ -3009,65 +3076,6 @@ class Store:
         rows = self._all("SELECT value FROM meta WHERE key = 'last_alive_at'")
         return float(rows[0]["value"]) if rows else None
 
-    # Outbox ----------------------------------------------------------------
-
-    def enqueue(self, name: str, channel: str, kind: str, subject: str, facts: str, now: float) -> None:
-        """Queue a notice (its facts, as JSON) for a channel instance; ``subject``
-        is for people reading the outbox.  A reminder replaces an undelivered older one."""
-        with self.transaction() as conn:
-            if kind == NOTICE_REMINDER:
-                conn.execute("DELETE FROM outbox WHERE check_name = ? AND channel = ? AND kind = ? "
-                             "AND failed = 0", (name, channel, NOTICE_REMINDER))
-            conn.execute("INSERT INTO outbox (check_name, channel, kind, subject, body, facts, created_at,"
-                         " next_attempt_at) VALUES (?, ?, ?, ?, '', ?, ?, ?)",
-                         (name, channel, kind, subject, facts, now, now))
-
-    def next_notice(self, channel: str, skip: Collection[int] = ()) -> sqlite3.Row | None:
-        """The oldest undelivered notice for a channel whose id is not in ``skip``:
-        notices leave in order."""
-        rows = self._all("SELECT * FROM outbox WHERE channel = ? AND failed = 0 ORDER BY id LIMIT ?",
-                         (channel, len(skip) + 1))
-        return next((row for row in rows if row["id"] not in skip), None)
-
-    def pending_channels(self) -> list[str]:
-        """The channel instances with notices still to be delivered."""
-        return [row["channel"] for row in self._all("SELECT DISTINCT channel FROM outbox WHERE failed = 0")]
-
-    def pending_notices(self) -> list[sqlite3.Row]:
-        """Notices still to be delivered, all channels, in queue order."""
-        return self._all("SELECT * FROM outbox WHERE failed = 0 ORDER BY id")
-
-    def failed_notices(self) -> list[sqlite3.Row]:
-        """Notices given up on, newest FAILED_NOTICE_HISTORY of them."""
-        return self._all("SELECT * FROM outbox WHERE failed = 1 ORDER BY id")
-
-    def notice_sent(self, notice_id: int, at: float | None = None) -> None:
-        """Drop a delivered notice from the outbox; with ``at``, add "sent" to
-        the alert's delivery history, in the same transaction."""
-        with self.transaction() as conn:
-            if at is not None:
-                self._add_delivery(conn, notice_id, at, "sent", "")
-            conn.execute("DELETE FROM outbox WHERE id = ?", (notice_id,))
-
-    def notice_failed(self, notice_id: int, attempts: int, error: str, retry_at: float | None,
-                      at: float | None = None) -> None:
-        """Record that the notice failed ``attempts`` times so far (a count, not an
-        increment, so recording it again changes nothing): retry at ``retry_at``,
-        or give up when it is None.  With ``at``, the attempt joins the alert's
-        delivery history ("failed" or "given_up", with the error)."""
-        with self.transaction() as conn:
-            if at is not None:
-                self._add_delivery(conn, notice_id, at, "failed" if retry_at is not None else "given_up", error)
-            if retry_at is None:
-                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, failed = 1 WHERE id = ?",
-                             (attempts, error, notice_id))
-                conn.execute("DELETE FROM outbox WHERE failed = 1 AND id NOT IN "
-                             "(SELECT id FROM outbox WHERE failed = 1 ORDER BY id DESC LIMIT ?)",
-                             (FAILED_NOTICE_HISTORY,))
-            else:
-                conn.execute("UPDATE outbox SET attempts = ?, last_error = ?, next_attempt_at = ? "
-                             "WHERE id = ?", (attempts, error, retry_at, notice_id))
-
     # Caduceus 0.0.11 -------------------------------------------------------
 
     def legacy_state(self) -> dict[str, tuple[float | None, float | None]]:
@@ -3085,6 +3093,10 @@ class Store:
                          (status, last_ping_at, down_at, notified_at,
                           REASON_MISSED if status == DOWN else "", name))
 
+
+###############################################################################
+# Caduceus 0.0.11's tables ####################################################
+###############################################################################
 
 def read_legacy_state(conn: sqlite3.Connection) -> dict[str, tuple[float | None, float | None]]:
     """Read the tables of Caduceus 0.0.11 through ``conn``, without changing them.
@@ -3325,6 +3337,131 @@ def _tail(output: str) -> list[str]:
 
 
 ###############################################################################
+# Delivery ####################################################################
+###############################################################################
+
+class _Delivery:
+    """The delivery half of ``Monitor``: sending the outbox's notices through the
+    channels, with retries and backoff, and recording how each attempt went.  A
+    mixin: it uses the monitor's ``store``, ``config``, ``senders``, ``clock``,
+    ``sending``, ``tally`` and ``_unrecorded``."""
+
+    def deliver(self, channel: str) -> float | None:
+        """Send the queued notices of a channel instance, oldest first; return when
+        to call again.
+
+        Stops at the first failure, so notices never overtake each other: the
+        failed one is retried after 5 s, doubling up to 5 minutes (or after the
+        wait the channel asked for, at most an hour), and given up (and logged
+        as an error) after a day or at a permanent error.  Returns None when
+        nothing is queued.
+
+        When the database cannot record an outcome (disk full, read-only), this
+        process keeps it and tries again every RETRY_FIRST_S: a notice that was
+        sent is not sent again, and a failure still counts.  Only one courier
+        may call this for a given channel instance at a time.
+        """
+        unrecorded = self._unrecorded.setdefault(channel, {})
+        for outcome in list(unrecorded.values()):
+            if not self._record(outcome, unrecorded):
+                break  # the next write would fail too (and a locked database makes each wait)
+        while True:
+            settled = [notice_id for notice_id, outcome in unrecorded.items() if outcome.settled]
+            row = self.store.next_notice(channel, skip=settled)
+            now = self.clock()
+            if row is None:
+                return self._come_back(unrecorded, None, now)
+            known = unrecorded.get(row["id"])
+            attempts = known.attempts if known else row["attempts"]
+            next_attempt_at = known.retry_at if known else row["next_attempt_at"]
+            if next_attempt_at > now:
+                return self._come_back(unrecorded, next_attempt_at, now)
+            outcome = self._attempt(channel, row, attempts + 1)
+            self.tally.add("notifications", (channel, outcome.result))
+            self._record(outcome, unrecorded)
+            if not outcome.settled:
+                return self._come_back(unrecorded, outcome.retry_at, self.clock())
+
+    def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
+        """Send one queued notice and log how it went."""
+        notice = self._queued_notice(row)
+        subject = render_text(notice)[0]
+        try:
+            instance = self.config.channels.get(channel)
+            if instance is None:
+                raise NotifyError(f"channel {channel!r} is no longer configured", permanent=True)
+            send = self.senders.get(instance.kind)
+            if send is None:
+                raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
+            self.sending[channel] = self.clock()
+            try:
+                send(instance.conf, notice)
+            except NotifyError:
+                raise
+            except Exception as exc:
+                # A notifier bug must cost an attempt, not block its channel forever.
+                log.exception("%s: %s notifier failed unexpectedly", notice.alert, channel)
+                raise NotifyError(f"unexpected {type(exc).__name__}") from None
+            finally:
+                self.sending.pop(channel, None)
+        except NotifyError as exc:
+            now = self.clock()  # a send can take its whole timeout before failing
+            delay = min(RETRY_FIRST_S * 2 ** min(attempt - 1, 32), RETRY_MAX_S)
+            delay = max(delay, _retry_wait_s(exc.retry_after_s) or 0.0)
+            if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
+                log.error("%s: gave up sending %r to %s after %d attempts: %s",
+                          notice.alert, subject, channel, attempt, exc)
+                return _Outcome(row["id"], attempt, error=str(exc), at=now)
+            log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
+                        notice.alert, subject, channel, attempt, exc, format_duration(delay))
+            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay, at=now)
+        log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
+        return _Outcome(row["id"], attempt, sent=True, at=self.clock())
+
+    def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
+        """The notice an outbox row holds.  One queued by schema 1 or 2 (before
+        facts were kept) has only its finished text: its recipients are the
+        alert's.  Facts that cannot be read leave the subject: a notice with
+        too little said beats a channel blocked for ever."""
+        if row["facts"]:
+            try:
+                return Notice.from_json(row["facts"])
+            except (ValueError, TypeError, RecursionError):  # the file was edited: send what is left
+                log.error("%s: notice %d's facts cannot be read; sending its subject alone",
+                          row["check_name"], row["id"])
+                row = {**dict(row), "body": "(The details of this notice could not be read.)\n"}
+        spec = self.config.checks.get(row["check_name"])
+        events = {kind: event for event, kind in EVENT_KINDS.items()}
+        notice = Notice(alert=row["check_name"], event=events.get(row["kind"], FAILING), at=row["created_at"],
+                        status=UP if row["kind"] == NOTICE_UP else DOWN,
+                        recipients=spec.recipient_emails if spec else (), text=(row["subject"], row["body"]))
+        return _for_channel(notice, self.config, row["channel"])
+
+    def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
+        """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again
+        (and return False)."""
+        try:
+            outcome.record(self.store)
+        except sqlite3.Error as exc:
+            if outcome.notice_id not in unrecorded:
+                log.error("the database cannot record that notice %d was %s (%s); "
+                          "keeping it in memory and trying again every %s", outcome.notice_id,
+                          "sent" if outcome.sent else "attempted", exc, format_duration(RETRY_FIRST_S))
+            unrecorded[outcome.notice_id] = outcome
+            return False
+        if unrecorded.pop(outcome.notice_id, None) is not None:
+            log.info("the database recorded notice %d after all", outcome.notice_id)
+        return True
+
+    @staticmethod
+    def _come_back(unrecorded: dict[int, _Outcome], at: float | None, now: float) -> float | None:
+        """``at``, or sooner when there are outcomes still to record."""
+        if not unrecorded:
+            return at
+        return now + RETRY_FIRST_S if at is None else min(at, now + RETRY_FIRST_S)
+
+
+###############################################################################
 # Monitor #####################################################################
 ###############################################################################
 
@@ -3346,7 +3483,7 @@ class _Tally:
             return dict(self._counts.get(family, {}))
 
 
-class Monitor:
+class Monitor(_Delivery):
     """The rules: signals, deadlines, and which notices to send.
 
     =============  ====================  =====================================
@@ -3784,120 +3921,6 @@ class Monitor:
         for channel in spec.channels:
             facts = _for_channel(notice, self.config, channel).to_json()
             self.store.enqueue(spec.name, channel, kind, subject, facts, now)
-
-    def deliver(self, channel: str) -> float | None:
-        """Send the queued notices of a channel instance, oldest first; return when
-        to call again.
-
-        Stops at the first failure, so notices never overtake each other: the
-        failed one is retried after 5 s, doubling up to 5 minutes (or after the
-        wait the channel asked for, at most an hour), and given up (and logged
-        as an error) after a day or at a permanent error.  Returns None when
-        nothing is queued.
-
-        When the database cannot record an outcome (disk full, read-only), this
-        process keeps it and tries again every RETRY_FIRST_S: a notice that was
-        sent is not sent again, and a failure still counts.  Only one courier
-        may call this for a given channel instance at a time.
-        """
-        unrecorded = self._unrecorded.setdefault(channel, {})
-        for outcome in list(unrecorded.values()):
-            if not self._record(outcome, unrecorded):
-                break  # the next write would fail too (and a locked database makes each wait)
-        while True:
-            settled = [notice_id for notice_id, outcome in unrecorded.items() if outcome.settled]
-            row = self.store.next_notice(channel, skip=settled)
-            now = self.clock()
-            if row is None:
-                return self._come_back(unrecorded, None, now)
-            known = unrecorded.get(row["id"])
-            attempts = known.attempts if known else row["attempts"]
-            next_attempt_at = known.retry_at if known else row["next_attempt_at"]
-            if next_attempt_at > now:
-                return self._come_back(unrecorded, next_attempt_at, now)
-            outcome = self._attempt(channel, row, attempts + 1)
-            self.tally.add("notifications", (channel, outcome.result))
-            self._record(outcome, unrecorded)
-            if not outcome.settled:
-                return self._come_back(unrecorded, outcome.retry_at, self.clock())
-
-    def _attempt(self, channel: str, row: Mapping[str, Any], attempt: int) -> _Outcome:
-        """Send one queued notice and log how it went."""
-        notice = self._queued_notice(row)
-        subject = render_text(notice)[0]
-        try:
-            instance = self.config.channels.get(channel)
-            if instance is None:
-                raise NotifyError(f"channel {channel!r} is no longer configured", permanent=True)
-            send = self.senders.get(instance.kind)
-            if send is None:
-                raise NotifyError(f"no notifier for channel {channel!r}", permanent=True)
-            self.sending[channel] = self.clock()
-            try:
-                send(instance.conf, notice)
-            except NotifyError:
-                raise
-            except Exception as exc:
-                # A notifier bug must cost an attempt, not block its channel forever.
-                log.exception("%s: %s notifier failed unexpectedly", notice.alert, channel)
-                raise NotifyError(f"unexpected {type(exc).__name__}") from None
-            finally:
-                self.sending.pop(channel, None)
-        except NotifyError as exc:
-            now = self.clock()  # a send can take its whole timeout before failing
-            delay = min(RETRY_FIRST_S * 2 ** min(attempt - 1, 32), RETRY_MAX_S)
-            delay = max(delay, _retry_wait_s(exc.retry_after_s) or 0.0)
-            if exc.permanent or now - row["created_at"] >= RETRY_FOR_S:
-                log.error("%s: gave up sending %r to %s after %d attempts: %s",
-                          notice.alert, subject, channel, attempt, exc)
-                return _Outcome(row["id"], attempt, error=str(exc), at=now)
-            log.warning("%s: could not send %r to %s (attempt %d): %s; retrying in %s",
-                        notice.alert, subject, channel, attempt, exc, format_duration(delay))
-            return _Outcome(row["id"], attempt, error=str(exc), retry_at=now + delay, at=now)
-        log.info("%s: sent %r to %s (attempt %d)", notice.alert, subject, channel, attempt)
-        return _Outcome(row["id"], attempt, sent=True, at=self.clock())
-
-    def _queued_notice(self, row: Mapping[str, Any]) -> Notice:
-        """The notice an outbox row holds.  One queued by schema 1 or 2 (before
-        facts were kept) has only its finished text: its recipients are the
-        alert's.  Facts that cannot be read leave the subject: a notice with
-        too little said beats a channel blocked for ever."""
-        if row["facts"]:
-            try:
-                return Notice.from_json(row["facts"])
-            except (ValueError, TypeError, RecursionError):  # the file was edited: send what is left
-                log.error("%s: notice %d's facts cannot be read; sending its subject alone",
-                          row["check_name"], row["id"])
-                row = {**dict(row), "body": "(The details of this notice could not be read.)\n"}
-        spec = self.config.checks.get(row["check_name"])
-        events = {kind: event for event, kind in EVENT_KINDS.items()}
-        notice = Notice(alert=row["check_name"], event=events.get(row["kind"], FAILING), at=row["created_at"],
-                        status=UP if row["kind"] == NOTICE_UP else DOWN,
-                        recipients=spec.recipient_emails if spec else (), text=(row["subject"], row["body"]))
-        return _for_channel(notice, self.config, row["channel"])
-
-    def _record(self, outcome: _Outcome, unrecorded: dict[int, _Outcome]) -> bool:
-        """Write an outcome to the outbox, or keep it in ``unrecorded`` to try again
-        (and return False)."""
-        try:
-            outcome.record(self.store)
-        except sqlite3.Error as exc:
-            if outcome.notice_id not in unrecorded:
-                log.error("the database cannot record that notice %d was %s (%s); "
-                          "keeping it in memory and trying again every %s", outcome.notice_id,
-                          "sent" if outcome.sent else "attempted", exc, format_duration(RETRY_FIRST_S))
-            unrecorded[outcome.notice_id] = outcome
-            return False
-        if unrecorded.pop(outcome.notice_id, None) is not None:
-            log.info("the database recorded notice %d after all", outcome.notice_id)
-        return True
-
-    @staticmethod
-    def _come_back(unrecorded: dict[int, _Outcome], at: float | None, now: float) -> float | None:
-        """``at``, or sooner when there are outcomes still to record."""
-        if not unrecorded:
-            return at
-        return now + RETRY_FIRST_S if at is None else min(at, now + RETRY_FIRST_S)
 
     @staticmethod
     def _tell(listeners: list[Callable[[float], None]], at: float) -> None:
