@@ -87,6 +87,30 @@ def serve(test: unittest.TestCase, server: socketserver.BaseServer) -> socketser
     return server
 
 
+def dripping_server(test: unittest.TestCase) -> int:
+    """A server that answers one connection with a status line, then a byte
+    every 0.1 s for at most 5 s (a per-read timeout never trips on it); its port."""
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    test.addCleanup(listener.close)
+
+    def drip():
+        conn = listener.accept()[0]
+        with conn:
+            conn.sendall(b"HTTP/1.1 200 OK\r\n")
+            for _ in range(50):  # 5 s at most, so a client without a deadline fails, not hangs
+                if stop.wait(0.1):
+                    break
+                with contextlib.suppress(OSError):
+                    conn.sendall(b"X")
+
+    dripper = threading.Thread(target=drip)
+    dripper.start()
+    test.addCleanup(dripper.join)
+    test.addCleanup(stop.set)
+    return listener.getsockname()[1]
+
+
 def temp_dir(test: unittest.TestCase) -> str:
     directory = tempfile.TemporaryDirectory()
     test.addCleanup(directory.cleanup)
@@ -5260,27 +5284,11 @@ class WatchdogTest(unittest.TestCase):
         return [self.stand_in.paths.get_nowait() for _ in range(self.stand_in.paths.qsize())]
 
     def test_a_heartbeat_server_that_drips_is_cut_off_at_the_deadline(self):
-        # urllib's per-read timeout never trips on a byte every 0.1 s.
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            def drip():
-                conn = listener.accept()[0]
-                with conn:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                    for _ in range(50):  # 5 s at most, so a fetch without the deadline fails, not hangs
-                        if stop.wait(0.1):
-                            break
-                        with contextlib.suppress(OSError):
-                            conn.sendall(b"X")
-            dripper = threading.Thread(target=drip)
-            dripper.start()
-            self.addCleanup(dripper.join)
-            started = time.monotonic()
-            with self.assertRaises(OSError):
-                caduceus._fetch(f"http://127.0.0.1:{listener.getsockname()[1]}/ping/uuid", 0.5)
-            self.assertLess(time.monotonic() - started, 2.0)
-            stop.set()
+        port = dripping_server(self)
+        started = time.monotonic()
+        with self.assertRaises(OSError):
+            caduceus._fetch(f"http://127.0.0.1:{port}/ping/uuid", 0.5)
+        self.assertLess(time.monotonic() - started, 2.0)
 
     def test_heartbeat_on_cadence_while_healthy_and_not_while_the_database_is_unwritable(self):
         self.watchdog.record_alive()
@@ -6123,29 +6131,12 @@ class RunWrapperTest(unittest.TestCase):
         self.assertIn("/reset/nightly/5?key=***: gave up after 3 attempts\n", err)
 
     def test_an_answer_that_drips_is_cut_off_at_the_timeout(self):
-        # A per-read timeout never trips on a server that sends a byte every 0.1 s.
-        stop = threading.Event()
-        self.addCleanup(stop.set)
-        with socket.create_server(("127.0.0.1", 0)) as listener:
-            def drip():
-                conn = listener.accept()[0]
-                with conn:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\n")
-                    for _ in range(50):  # 5 s at most, so a wrapper without the deadline fails, not hangs
-                        if stop.wait(0.1):
-                            break
-                        with contextlib.suppress(OSError):
-                            conn.sendall(b"X")
-            dripper = threading.Thread(target=drip)
-            dripper.start()
-            self.addCleanup(dripper.join)
-            url = f"http://127.0.0.1:{listener.getsockname()[1]}/reset/nightly/0?key=s3cret"
-            err = io.StringIO()
-            started = time.monotonic()
-            with contextlib.redirect_stderr(err):
-                delivered = caduceus._send_signal(url, b"", 0, 0.5, sleep=lambda s: None, clock=time.monotonic)
-            self.assertLess(time.monotonic() - started, 2.0)
-            stop.set()
+        url = f"http://127.0.0.1:{dripping_server(self)}/reset/nightly/0?key=s3cret"
+        err = io.StringIO()
+        started = time.monotonic()
+        with contextlib.redirect_stderr(err):
+            delivered = caduceus._send_signal(url, b"", 0, 0.5, sleep=lambda s: None, clock=time.monotonic)
+        self.assertLess(time.monotonic() - started, 2.0)
         self.assertFalse(delivered)
         self.assertIn("gave up after 1 attempt", err.getvalue())
 
