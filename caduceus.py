@@ -6199,13 +6199,11 @@ def _read_checks(uri: str) -> _State:
         return checks, ({} if checks else read_legacy_state(conn)), pings
 
 
-def check_report(config: Config, rows: Mapping[str, Mapping[str, Any]], now: float,
-                 legacy: Mapping[str, tuple[float | None, float | None]] | None = None,
-                 pings: Mapping[str, list[Mapping[str, Any]]] | None = None) -> list[dict]:
-    """What ``check`` prints, per alert (see alert_views): schedule, channels,
-    status (with the reason, when down) and next deadline or reminder."""
+def check_report(views: list[AlertView]) -> list[dict]:
+    """What ``check`` prints, per alert view: schedule, channels, status (with
+    the reason, when down) and next deadline or reminder."""
     report = []
-    for view in alert_views(config, rows, now, pings, legacy):
+    for view in views:
         report.append({
             "name": view.name,
             "schedule": view.schedule,
@@ -6332,10 +6330,11 @@ examples:
 """
 
 
-def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
-                  ) -> tuple[argparse.Namespace, Config, _State] | None:
-    """Parse ``check``'s or ``status``'s arguments and read config and database,
-    read-only; None after printing a one-line error (exit status 2)."""
+def _read_command(name: str, description: str, argv: list[str], clock: Callable[[], float],
+                  epilog: str = "") -> tuple[argparse.Namespace, Config, list[AlertView], float] | None:
+    """Parse ``check``'s or ``status``'s arguments, read config and database
+    (read-only) and return each alert's view now; None after printing a
+    one-line error (exit status 2)."""
     parser = argparse.ArgumentParser(prog=f"caduceus.py {name}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=epilog)
     _add_file_args(parser)
@@ -6346,9 +6345,10 @@ def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
     config = _load_config_or_say(args.config)
     if config is None:
         return None
+    now = clock()
     try:
-        state = _read_state(args.db)
-        alert_views(config, state[0], 0.0, state[2], state[1])  # rows of another program fail here
+        rows, legacy, pings = _read_state(args.db)
+        views = alert_views(config, rows, now, pings, legacy)  # rows of another program fail here
     except sqlite3.Error as exc:
         print(f"caduceus: {args.db}: cannot read the database: {exc}", file=sys.stderr)
         return None
@@ -6356,7 +6356,7 @@ def _read_command(name: str, description: str, argv: list[str], epilog: str = ""
         print(f"caduceus: {args.db}: cannot read the database: it is not Caduceus's "
               f"({type(exc).__name__}: {exc})", file=sys.stderr)
         return None
-    return args, config, state
+    return args, config, views, now
 
 
 def _printed(write: Callable[[], None]) -> bool:
@@ -6376,12 +6376,12 @@ def _printed(write: Callable[[], None]) -> bool:
 
 
 def _check_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
-    read = _read_command("check", "Validate the config and show each alert's next deadline.", argv,
+    read = _read_command("check", "Validate the config and show each alert's next deadline.", argv, clock,
                          CHECK_EPILOG)
     if read is None:
         return 2
-    args, config, (state, legacy, pings) = read
-    report = check_report(config, state, clock(), legacy, pings)
+    args, _, views, _ = read
+    report = check_report(views)
     return 0 if _printed(lambda: _print_report(args.config, report, args.json)) else 1
 
 
@@ -6421,16 +6421,14 @@ def status_report(views: list[AlertView], now: float) -> tuple[int, list[str]]:
 
 def _status_main(argv: list[str], clock: Callable[[], float] = time.time) -> int:
     read = _read_command("status", "Show every alert's status; exit 0 when none is down, 1 when any is, "
-                                   "2 on error.", argv)
+                                   "2 on error.", argv, clock)
     if read is None:
         return 2
-    args, config, (state, legacy, pings) = read
+    args, _, views, now = read
     if not os.path.exists(args.db):
         # A check run from the wrong directory, or with -b mistyped, must not say OK forever.
         print(f"CADUCEUS UNKNOWN - no database at {args.db} (has the service started? is -b right?)")
         return 2
-    now = clock()
-    views = alert_views(config, state, now, pings, legacy)
     code, lines = status_report(views, now)
     if args.json:
         text = json.dumps({"status": "critical" if code else "ok",

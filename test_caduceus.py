@@ -1390,7 +1390,7 @@ class StoreTest(unittest.TestCase):
             conn.execute("PRAGMA user_version = 1")
         config = config_from(self, "[alerts.job]\nevery = \"1h\"\nchannels = [\"console\"]\n")
         rows, legacy, _ = caduceus._read_state(path)  # `check` reads it as it is
-        report = caduceus.check_report(config, rows, 10.0, legacy)
+        report = caduceus.check_report(caduceus.alert_views(config, rows, 10.0, None, legacy))
         self.assertEqual(report[0]["next_due"], caduceus.format_time(3605.0))
         store = open_store(self, path)
         self.assertEqual((store.check("job")["clock_step_s"], store.check("job")["first_seen_at"]), (0, 5.0))
@@ -5219,6 +5219,14 @@ class ReloadTest(unittest.TestCase):
         self.assertTrue(done)
         self.assertIn("changed [config] max_connections", text)
         self.assertEqual(self.server.connections.max_connections, 3)
+
+    def test_a_new_history_length_applies_to_the_next_check_ins(self):
+        write_config(self, RELOAD_CONFIG.replace('secret_key = "s3cret"',
+                                                 'secret_key = "s3cret"\n    history = 3'), self.dir)
+        self.assertTrue(self.server.reloader()[0])
+        for _ in range(5):
+            self.assertEqual(self.request("GET", "/reset/hourly/?key=s3cret")[0], 200)
+        self.assertEqual(len(self.monitor.store.pings("hourly")), 3)
 
     def test_config_changes_name_secrets_without_showing_them(self):
         old = self.monitor.config
