@@ -92,7 +92,9 @@ import json
 import logging
 import math
 import os
+import queue
 import re
+import selectors
 import signal
 import smtplib
 import socket
@@ -4080,11 +4082,12 @@ def relative_time(at: float | None, now: float) -> str:
 # Connections #################################################################
 ###############################################################################
 
-#: Connections open at once (``[config] max_connections``); each holds a thread
-#: and a file descriptor.
+#: Connections open at once (``[config] max_connections``); each holds a file
+#: descriptor and a buffer, and no thread while it waits.
 MAX_CONNECTIONS = 512
 #: A request's line, headers and body must all arrive within this many seconds
-#: of its first byte, however slowly they trickle in.
+#: of its first byte, however slowly they trickle in; an answer must be taken
+#: within as long.
 REQUEST_TIMEOUT_S = 10.0
 #: A connection waiting for its (next) request is closed after this many seconds.
 IDLE_TIMEOUT_S = 30.0
@@ -4094,9 +4097,15 @@ SLOW_REQUEST_S = 2.0
 #: File descriptors kept for everything but connections: the database, the log,
 #: notifiers, and connections being closed or refused.
 RESERVED_FDS = 64
+#: Threads that answer requests.  Connections wait for requests in one thread
+#: (the connection loop), so a connection costs a thread only while its
+#: complete request is being answered; more threads would only queue up at
+#: the database, whose commits they share (Store.group_commit).
+HANDLER_THREADS = 16
 
-#: States of a connection: waiting for a request, receiving one, answering it.
-IDLE, READING, HANDLING = "idle", "reading", "handling"
+#: States of a connection: waiting for a request, receiving one, being
+#: answered by a handler thread, sending the rest of an answer.
+IDLE, READING, HANDLING, WRITING = "idle", "reading", "handling", "writing"
 
 
 def raise_open_files_limit(max_connections: int) -> int:
@@ -4126,13 +4135,25 @@ def raise_open_files_limit(max_connections: int) -> int:
     return fit
 
 
-@dataclasses.dataclass(eq=False)
 class _Connection:
-    """One open connection: IDLE, READING or HANDLING since ``since`` (monotonic seconds)."""
+    """One open connection: its state since ``since`` (monotonic seconds), the
+    bytes received and not yet used (``inbuf``), the request being read
+    (``reading``) and the answer still to send (``out``)."""
 
-    sock: socket.socket
-    state: str
-    since: float
+    __slots__ = ("sock", "peer", "state", "since", "inbuf", "reading", "out", "close_after")
+
+    def __init__(self, sock: socket.socket, peer: str, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.state = IDLE
+        self.since = now
+        self.inbuf = bytearray()
+        self.reading: _Incoming | None = None
+        self.out = b""
+        self.close_after = False
+
+    def move(self, state: str, now: float) -> None:
+        self.state, self.since = state, now
 
 
 def _since(conn: _Connection) -> float:
@@ -4140,13 +4161,14 @@ def _since(conn: _Connection) -> float:
 
 
 class _Connections:
-    """The open connections of a server and their states, under one lock.
+    """The open connections of a server, the connection loop's to change.
 
     ``admit()`` registers a new connection.  At ``max_connections`` it first
     makes room by closing the connection idle the longest, else the one that
     has been sending its request the longest, if for over ``slow_request_s``;
-    if there is none, it returns False and the caller refuses the newcomer.
+    if there is none, it returns None and the caller refuses the newcomer.
     Closing to make room and refusing are logged at most every ``log_every_s``.
+    ``close`` is how the loop closes a connection (unregistering it first).
     """
 
     log_every_s = 10.0
@@ -4154,136 +4176,94 @@ class _Connections:
     def __init__(self, max_connections: int, slow_request_s: float) -> None:
         self.max_connections = max_connections
         self.slow_request_s = slow_request_s
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # states() is read from other threads
         self._open: dict[socket.socket, _Connection] = {}
         self._closed = self._refused = 0
         self._logged_at = -math.inf
 
-    def admit(self, sock: socket.socket, now: float) -> bool:
-        """Register ``sock`` as IDLE, making room if need be; False if there was none to make."""
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def all(self) -> list[_Connection]:
         with self._lock:
-            full = len(self._open) >= self.max_connections
-        if full and not self.make_room(now):
-            with self._lock:
-                self._refused += 1
+            return list(self._open.values())
+
+    def admit(self, sock: socket.socket, peer: str, now: float,
+              close: Callable[[_Connection], None]) -> _Connection | None:
+        """Register ``sock`` as IDLE, making room if need be; None if there was none to make."""
+        full = len(self._open) >= self.max_connections
+        if full and not self.make_room(now, close):
+            self._refused += 1
             self._log(now, "too many connections")
-            return False
+            return None
         if full:
             self._log(now, "too many connections")
+        conn = _Connection(sock, peer, now)
         with self._lock:
-            self._open[sock] = _Connection(sock, IDLE, now)
+            self._open[sock] = conn
+        return conn
+
+    def make_room(self, now: float, close: Callable[[_Connection], None]) -> bool:
+        """Close the connection idle the longest, else the oldest slow request; False if there is none."""
+        conns = self._open.values()
+        victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
+        if victim is None:
+            victim = min((conn for conn in conns if conn.state == READING
+                          and now - conn.since > self.slow_request_s), key=_since, default=None)
+        if victim is None:
+            return False
+        self._closed += 1
+        close(victim)
         return True
 
-    def make_room(self, now: float) -> bool:
-        """Close the connection idle the longest, else the oldest slow request; False if there is none."""
-        with self._lock:
-            conns = self._open.values()
-            victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
-            if victim is None:
-                victim = min((conn for conn in conns if conn.state == READING
-                              and now - conn.since > self.slow_request_s), key=_since, default=None)
-            if victim is None:
-                return False
-            del self._open[victim.sock]
-            self._closed += 1
-            # Its thread, blocked reading, wakes up to the end of the stream and closes it.
-            with contextlib.suppress(OSError):
-                victim.sock.shutdown(socket.SHUT_RDWR)
-            return True
-
-    def out_of_files(self, now: float) -> None:
+    def out_of_files(self, now: float, close: Callable[[_Connection], None]) -> None:
         """Accepting failed for want of file descriptors: an idle connection gives one back."""
-        self.make_room(now)
+        self.make_room(now, close)
         self._log(now, "out of file descriptors")
 
-    def get(self, sock: socket.socket) -> _Connection:
-        """The state of an open connection (a detached one if it was closed to make room)."""
+    def remove(self, conn: _Connection) -> None:
         with self._lock:
-            return self._open.get(sock) or _Connection(sock, IDLE, time.monotonic())
-
-    def mark(self, conn: _Connection, state: str) -> None:
-        """Move a connection to ``state`` as of now."""
-        with self._lock:
-            conn.state = state
-            conn.since = time.monotonic()
-
-    def remove(self, sock: socket.socket) -> None:
-        with self._lock:
-            self._open.pop(sock, None)
+            self._open.pop(conn.sock, None)
 
     def states(self) -> dict[str, int]:
         """How many connections are in each state now."""
         with self._lock:
             states = [conn.state for conn in self._open.values()]
-        return {state: states.count(state) for state in (IDLE, READING, HANDLING)}
+        return {state: states.count(state) for state in (IDLE, READING, HANDLING, WRITING)}
 
     def _log(self, now: float, what: str) -> None:
-        with self._lock:
-            if now - self._logged_at < self.log_every_s:
-                return
-            self._logged_at = now
-            closed, refused = self._closed, self._refused
+        if now - self._logged_at < self.log_every_s:
+            return
+        self._logged_at = now
         log.warning("%s (max_connections = %d): %d idle or slow connections closed to make room and "
-                    "%d new ones refused so far", what, self.max_connections, closed, refused)
+                    "%d new ones refused so far", what, self.max_connections, self._closed, self._refused)
 
 
-class _TooSlow(ConnectionError):
-    """A connection missed its deadline; it is closed without an answer (and
-    without the INFO line http.server gives a socket timeout)."""
+class _HandlerPool:
+    """``size`` threads that run the calls given to ``submit``, in order of arrival."""
 
+    def __init__(self, size: int, name: str) -> None:
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = [threading.Thread(target=self._work, name=f"{name} {number}", daemon=True)
+                         for number in range(size)]
+        for thread in self._threads:
+            thread.start()
 
-class _HeaderBudget:
-    """Hands http.server's header parser the lines of ``rfile`` until
-    ``budget_bytes`` have been read, then raises ``http.client.LineTooLong``
-    (which http.server answers with 431)."""
+    def submit(self, call: Callable[..., None], *args: Any) -> None:
+        self._calls.put((call, args))
 
-    def __init__(self, rfile: io.BufferedIOBase, budget_bytes: int) -> None:
-        self._rfile = rfile
-        self._left = budget_bytes
+    def stop(self) -> None:
+        """Let each thread finish its call in progress and end."""
+        for _ in self._threads:
+            self._calls.put(None)
 
-    def readline(self, limit: int = -1) -> bytes:
-        line = self._rfile.readline(limit)
-        self._left -= len(line)
-        if self._left < 0:
-            raise http.client.LineTooLong("header section")
-        return line
-
-
-class _RequestReader(io.RawIOBase):
-    """A connection's socket reads, each given only the time left before the
-    connection's deadline: a client that sends a byte at a time still cannot
-    hold a connection open.  The first bytes of a request make an IDLE
-    connection READING, which starts the request's own deadline."""
-
-    def __init__(self, connections: _Connections, conn: _Connection, idle_timeout_s: float,
-                 request_timeout_s: float) -> None:
-        super().__init__()
-        self._connections = connections
-        self._conn = conn
-        self._idle_timeout_s = idle_timeout_s
-        self._request_timeout_s = request_timeout_s
-
-    #: The stream has ended (the client closed it, or it was closed to make room).
-    ended = False
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any) -> int:
-        conn = self._conn
-        limit_s = self._idle_timeout_s if conn.state == IDLE else self._request_timeout_s
-        left_s = conn.since + limit_s - time.monotonic()
-        if left_s <= 0:
-            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}")
-        conn.sock.settimeout(left_s)
-        try:
-            count = conn.sock.recv_into(buffer)
-        except socket.timeout:
-            raise _TooSlow(f"{conn.state} for over {format_duration(limit_s)}") from None
-        if count and conn.state == IDLE:
-            self._connections.mark(conn, READING)
-        self.ended = not count
-        return count
+    def _work(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            call, args = item
+            call(*args)  # the caller's own boundary logs what it raises
 
 
 ###############################################################################
@@ -4395,6 +4375,169 @@ def _trusted(address: ipaddress.IPv4Address | ipaddress.IPv6Address,
 
 
 ###############################################################################
+# HTTP: reading requests ######################################################
+###############################################################################
+
+#: Longest request line, as http.server allows (longer: 414).
+MAX_REQUEST_LINE = 65536
+#: Most header lines in a request, as http.client allows (more: 431).
+MAX_HEADER_LINES = 100
+#: Methods a route may list; any other is answered 501.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_HTTP_VERSION = re.compile(r"HTTP/([0-9]{1,5})\.([0-9]{1,5})")
+_END_OF_HEAD = re.compile(rb"\r?\n\r?\n")
+
+
+class _BadRequest(Exception):
+    """A request that cannot be read: answered ``status`` with ``text``, then the connection closes."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(text)
+        self.status, self.text = status, text
+        #: The request line, as far as it came (for the log, masked).
+        self.line = ""
+
+
+class Headers:
+    """A request's header fields: names compared without case, values with
+    surrounding whitespace removed, in the order they came.  ``get`` gives
+    the first of a name, as ``email.message.Message`` does."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        self._fields = fields  # (lower-case name, value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        name = name.lower()
+        for key, value in self._fields:
+            if key == name:
+                return value
+        return default
+
+    def get_all(self, name: str, default: Any = None) -> Any:
+        name = name.lower()
+        values = [value for key, value in self._fields if key == name]
+        return values or default
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.get(name) is not None
+
+
+@dataclasses.dataclass
+class _Incoming:
+    """A request whose head has been read: what it asks, how its body is
+    framed, and (as the body arrives) the body's kept tail."""
+
+    method: str
+    target: str
+    headers: Headers
+    #: The connection closes after the answer (HTTP/1.0 without keep-alive, Connection: close).
+    close: bool
+    body_length: int
+    body: bytes = b""
+    remaining: int = 0
+
+
+def find_head(data: bytearray) -> int:
+    """Where the head (request line and headers) of the request at the start
+    of ``data`` ends (the index after its empty line), or -1 while it is still
+    arriving; raises _BadRequest (414, 431) when it is longer than allowed."""
+    match = _END_OF_HEAD.search(data, 0, MAX_HEADER_BYTES + 4)
+    line_end = data.find(b"\n", 0, MAX_REQUEST_LINE + 1)
+    if (line_end < 0 and len(data) > MAX_REQUEST_LINE) or line_end >= MAX_REQUEST_LINE:
+        raise _BadRequest(414, "Request-URI Too Long")
+    if match is None or match.end() > MAX_HEADER_BYTES + 2:
+        if match is None and len(data) <= MAX_HEADER_BYTES:
+            return -1
+        raise _BadRequest(431, "Line too long")
+    return match.end()
+
+
+def _check_request_line(data: bytearray) -> None:
+    """Refuse a request whose line has come and is not ``METHOD TARGET HTTP/x.y``
+    at once, without waiting for headers (an HTTP/0.9 request has none)."""
+    end = data.find(b"\n")
+    if end >= 0:
+        _request_line(bytes(data[:end]))
+
+
+def _request_line(line: bytes) -> tuple[str, str, tuple[int, int]]:
+    """``(method, target, (major, minor))`` of a request line; raises _BadRequest."""
+    text = line.decode("iso-8859-1")
+    words = text.split()
+    problem = None
+    if len(words) == 2:  # HTTP/0.9, "GET /path": no status line, no headers
+        problem = _BadRequest(400, "Bad request line: expected METHOD PATH HTTP/1.1")
+    elif len(words) != 3:
+        problem = _BadRequest(400, "Bad request syntax")
+    else:
+        match = _HTTP_VERSION.fullmatch(words[2])
+        if match is None:
+            problem = _BadRequest(400, "Bad request version")
+        elif int(match[1]) >= 2:
+            problem = _BadRequest(505, "Invalid HTTP version")
+    if problem is not None:
+        problem.line = text.rstrip("\r")
+        raise problem
+    return words[0], words[1], (int(match[1]), int(match[2]))
+
+
+def parse_head(head: bytes) -> _Incoming:
+    """Read a request's line and headers (``head``, up to its empty line) and
+    its body's framing; raise _BadRequest for anything not plain HTTP/1.x.
+
+    A header line that cannot be read ("Content-Length : 5", a line that starts
+    with a space) is a 400, as RFC 9112 section 5 asks: passing over it could
+    hide a framing header, and a body would be read as the next request.
+    Only one Content-Length is trusted, of digits only; any Transfer-Encoding
+    is refused, as two parties reading a body's end differently is how a
+    request is smuggled inside another.
+    """
+    lines = head.split(b"\n")
+    method, target, version = _request_line(lines[0])
+    fields = []
+    for line in lines[1:]:
+        line = line.rstrip(b"\r")
+        if not line:
+            break
+        name, colon, value = line.partition(b":")
+        if not colon or not _TOKEN.fullmatch(name):
+            raise _BadRequest(400, "Malformed header line")
+        if len(fields) == MAX_HEADER_LINES:
+            raise _BadRequest(431, "Too many headers")
+        fields.append((name.decode("ascii").lower(), value.decode("iso-8859-1").strip(" \t")))
+    headers = Headers(fields)
+    if method not in METHODS:
+        raise _BadRequest(501, "Unsupported method")
+    connection = {token.strip().lower() for token in headers.get("Connection", "").split(",")}
+    close = "close" in connection or (version < (1, 1) and "keep-alive" not in connection)
+    length = _body_length(headers)
+    return _Incoming(method, target, headers, close, length, remaining=length)
+
+
+def _body_length(headers: Headers) -> int:
+    """The body's length from Content-Length (0 without); raises _BadRequest
+    (400, 411, 413) when the framing is not one plain Content-Length."""
+    lengths = set(headers.get_all("Content-Length", ()))
+    if "transfer-encoding" in headers:
+        if lengths:
+            raise _BadRequest(400, "Transfer-Encoding and Content-Length together")
+        raise _BadRequest(411, "Send a Content-Length")
+    if len(lengths) > 1:
+        raise _BadRequest(400, "Conflicting Content-Length headers")
+    if not lengths:
+        return 0
+    text = next(iter(lengths))
+    if not _CONTENT_LENGTH.fullmatch(text):
+        raise _BadRequest(400, "Bad Content-Length")
+    if int(text) > MAX_BODY_BYTES:
+        raise _BadRequest(413, "Body too large")
+    return int(text)
+
+
+###############################################################################
 # HTTP: requests, answers, the server #########################################
 ###############################################################################
 
@@ -4497,41 +4640,60 @@ class _RateLimit:
 
 
 class Server(http.server.ThreadingHTTPServer):
-    """The check-in server: a thread per connection, keep-alive, one ``Monitor``.
+    """The check-in server: one connection loop, a pool of handler threads, keep-alive, one ``Monitor``.
+
+    The loop (``serve_forever``) accepts connections and reads requests from
+    all of them without blocking; a complete request (head and body) goes to
+    one of HANDLER_THREADS threads, which answers it and hands the connection
+    back.  So a connection costs no thread while it is idle or its request
+    trickles in, and a slow client holds no thread.
 
     At most ``max_connections`` are open at once (see ``_Connections`` for
     what makes room; a connection that finds none gets a ``503`` at once).  A
     connection must send the first byte of a request within
     ``idle_timeout_s`` of connecting or of its last answer, and all of the
-    request within ``request_timeout_s`` of that.  ``drain()`` waits for
-    requests being handled, for a clean shutdown.
+    request within ``request_timeout_s`` of that, and take its answer within
+    ``request_timeout_s``.  ``drain()`` waits for requests being answered,
+    for a clean shutdown.
     """
 
     #: Connections the kernel holds until they are accepted: the default of 5
     #: (and even 128) drops some under a burst, which then wait a second or more.
     request_queue_size = 1024
-    daemon_threads = True
 
     def __init__(self, address: tuple[str, int], monitor: Monitor | None = None,
                  max_connections: int = MAX_CONNECTIONS, request_timeout_s: float = REQUEST_TIMEOUT_S,
                  idle_timeout_s: float = IDLE_TIMEOUT_S, slow_request_s: float = SLOW_REQUEST_S,
-                 listen_socket: socket.socket | None = None, routes: tuple | None = None) -> None:
+                 listen_socket: socket.socket | None = None, routes: tuple | None = None,
+                 handler_threads: int = HANDLER_THREADS) -> None:
         #: Set before serve_forever() when the server is bound first (see main).
         self.monitor = monitor
         #: What /healthz asks (None: healthy while it answers), and what
         #: POST /api/v1/reload calls: ``reloader() -> (done, message)``.
         self.watchdog: Watchdog | None = None
         self.reloader: Callable[[], tuple[bool, str]] | None = None
-        #: ``(methods, pattern, page)`` (see Handler); ROUTES, at the end of the Pages section.
+        #: ``(methods, pattern, page)`` (see Exchange); ROUTES, at the end of the Pages section.
         self.routes = ROUTES if routes is None else routes
         self.connections = _Connections(max_connections, slow_request_s)
         self.request_timeout_s = request_timeout_s
         self.idle_timeout_s = idle_timeout_s
+        self.handler_threads = handler_threads
         self.rejections = _RateLimit(REJECTION_LOG_S)
         self._database_log = _RateLimit(DATABASE_LOG_S)
         self._database_failing = False
         self._busy = 0
         self._idle = threading.Condition()
+        # The loop's own: connections handed back by handler threads, and how they wake it.
+        self._selector: selectors.BaseSelector | None = None
+        self._returned: list[_Connection] = []
+        self._returned_lock = threading.Lock()
+        self._looping = False
+        self._stop_loop = False
+        self._loop_ended = threading.Event()
+        self._loop_ended.set()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
         if listen_socket is not None:
             self._adopt(listen_socket)
             return
@@ -4540,13 +4702,17 @@ class Server(http.server.ThreadingHTTPServer):
         # Prefer IPv4, as "localhost" may list ::1 first while cron jobs use 127.0.0.1.
         infos.sort(key=lambda info: info[0] != socket.AF_INET)
         self.address_family = infos[0][0]
-        super().__init__(infos[0][4][:2], Handler)
+        try:
+            super().__init__(infos[0][4][:2], None)
+        except BaseException:
+            self._wake_r.close()
+            self._wake_w.close()
+            raise
 
     def _adopt(self, sock: socket.socket) -> None:
         """Serve on a socket that is already listening (socket activation)."""
         self.address_family = sock.family
-        socketserver.BaseServer.__init__(self, sock.getsockname()[:2], Handler)
-        sock.setblocking(True)  # as socketserver expects, whatever systemd's NonBlocking=
+        socketserver.BaseServer.__init__(self, sock.getsockname()[:2], None)
         self.socket = sock
         self.server_address = sock.getsockname()
         self.server_name, self.server_port = self.server_address[:2]
@@ -4556,44 +4722,246 @@ class Server(http.server.ThreadingHTTPServer):
         socketserver.TCPServer.server_bind(self)
         self.server_name, self.server_port = self.server_address[:2]
 
-    def handle_error(self, request: Any, client_address: tuple) -> None:
-        # A client that resets its connection is not worth a traceback; anything
-        # else outside _route is a bug and must be seen.
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            log.debug("connection from %s failed", client_address[0], exc_info=True)
-        else:
-            log.exception("error serving %s", client_address[0])
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
-    # Connections -----------------------------------------------------------
+    # The connection loop ---------------------------------------------------
 
-    def get_request(self) -> tuple[socket.socket, Any]:
+    def serve_forever(self, poll_interval: float = 0.5) -> None:
+        """Accept, read and dispatch until ``shutdown()``; then close the
+        connections not being answered (those being answered close after it)."""
+        pool = _HandlerPool(self.handler_threads, "http handler")
+        self._selector = selector = selectors.DefaultSelector()
+        self.socket.setblocking(False)
+        selector.register(self.socket, selectors.EVENT_READ, "listen")
+        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._looping = True
+        self._loop_ended.clear()
+        #: Deadlines are checked this often, so a short one is kept within a quarter.
+        every_s = min(0.1, self.request_timeout_s / 4, self.idle_timeout_s / 4)
+        checked_at = time.monotonic()
         try:
-            return super().get_request()
-        except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                self.connections.out_of_files(time.monotonic())
-            raise
+            while not self._stop_loop:
+                for key, events in selector.select(min(poll_interval, every_s)):
+                    if key.data == "listen":
+                        self._accept(pool)
+                    elif key.data == "wake":
+                        self._take_returned(pool)
+                    elif events & selectors.EVENT_WRITE:
+                        self._flush(key.data, pool)
+                    else:
+                        self._receive(key.data, pool)
+                now = time.monotonic()
+                if now - checked_at >= every_s:
+                    checked_at = now
+                    self._expire(now)
+        finally:
+            with self._returned_lock:
+                self._looping = False
+            self._take_returned(pool)
+            for conn in self.connections.all():
+                if conn.state != HANDLING:
+                    self._close(conn)
+            pool.stop()
+            selector.close()
+            self._selector = None
+            self._stop_loop = False  # as socketserver does: a shutdown() before the loop began still counts
+            self._loop_ended.set()
 
-    def process_request(self, request: socket.socket, client_address: Any) -> None:
-        if self.connections.admit(request, time.monotonic()):
-            super().process_request(request, client_address)
-        else:
-            self._refuse(request)
+    def shutdown(self) -> None:
+        """Stop the loop and wait until it has ended (requests being answered go on)."""
+        self._stop_loop = True
+        self._wake()
+        self._loop_ended.wait()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):
+            self._wake_w.send(b"\0")
+
+    def _accept(self, pool: _HandlerPool) -> None:
+        """Take the connections waiting to be accepted (or refuse them with a 503)."""
+        for _ in range(64):  # then serve the others before taking more
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE):
+                    self.connections.out_of_files(time.monotonic(), self._close)
+                    return
+                if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                raise
+            sock.setblocking(False)
+            with contextlib.suppress(OSError):  # AF_UNIX has no Nagle
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            peer = address[0] if isinstance(address, tuple) else "local"
+            conn = self.connections.admit(sock, peer, time.monotonic(), self._close)
+            if conn is None:
+                self._refuse(sock)
+                continue
+            self._selector.register(sock, selectors.EVENT_READ, conn)
 
     def _refuse(self, sock: socket.socket) -> None:
-        """Answer 503 and close, without a thread and without waiting."""
-        sock.setblocking(False)
+        """Answer 503 and close, without waiting."""
         # Take what the client has sent already: closing with unread data would
         # reset the connection, and the client could lose the answer.
         with contextlib.suppress(OSError):
             sock.recv(64 * 1024)
         with contextlib.suppress(OSError):
             sock.send(_BUSY_REPLY)
-        self.shutdown_request(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)
+        sock.close()
 
-    def close_request(self, request: socket.socket) -> None:
-        self.connections.remove(request)
-        super().close_request(request)
+    def _receive(self, conn: _Connection, pool: _HandlerPool) -> None:
+        """Read what a connection has sent, and dispatch its request once whole."""
+        try:
+            data = conn.sock.recv(256 * 1024)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.debug("connection from %s failed: %s", conn.peer, exc)
+            data = b""
+        if not data:  # a request cut short is dropped, never acted on or answered
+            if conn.state == READING:
+                log.debug("%s closed the connection during a request", conn.peer)
+            self._close(conn)
+            return
+        if conn.state == IDLE:
+            conn.move(READING, time.monotonic())
+        conn.inbuf += data
+        self._advance(conn, pool)
+
+    def _advance(self, conn: _Connection, pool: _HandlerPool) -> None:
+        """Read the request in ``conn.inbuf`` as far as it has arrived; give it
+        to a handler thread once whole (or answer its error)."""
+        head = b""
+        try:
+            incoming = conn.reading
+            if incoming is None:
+                while conn.inbuf[:2] == b"\r\n":  # RFC 9112 section 2.2: empty lines before a request
+                    del conn.inbuf[:2]
+                end = find_head(conn.inbuf)
+                if end < 0:
+                    _check_request_line(conn.inbuf)
+                    return
+                head = bytes(conn.inbuf[:end])
+                del conn.inbuf[:end]
+                conn.reading = incoming = parse_head(head)
+                if incoming.remaining and incoming.headers.get("Expect", "").lower() == "100-continue":
+                    with contextlib.suppress(OSError):
+                        conn.sock.send(b"HTTP/1.1 100 Continue\r\n\r\n")
+            if incoming.remaining:
+                take = conn.inbuf[:incoming.remaining]
+                del conn.inbuf[:len(take)]
+                incoming.remaining -= len(take)
+                incoming.body = (incoming.body + take)[-MAX_PING_BODY:]
+                if incoming.remaining:
+                    return
+        except _BadRequest as exc:
+            if not exc.line:  # for the log: the request line, as far as it came
+                first = head if incoming is None and head else conn.inbuf
+                exc.line = bytes(first[:LOG_QUOTE_MAX + 1]).partition(b"\n")[0].decode("iso-8859-1")
+            conn.reading = None
+            self._dispatch(conn, pool, exc)
+            return
+        conn.reading = None
+        self._dispatch(conn, pool, incoming)
+
+    def _dispatch(self, conn: _Connection, pool: _HandlerPool, work: _Incoming | _BadRequest) -> None:
+        self._selector.unregister(conn.sock)
+        conn.move(HANDLING, time.monotonic())
+        pool.submit(self._answer, conn, work)
+
+    def _answer(self, conn: _Connection, work: _Incoming | _BadRequest) -> None:
+        """In a handler thread: answer one request, send what the socket takes
+        at once, and hand the connection back to the loop for the rest."""
+        with self.busy():
+            try:
+                exchange = Exchange(self, conn.peer)
+                data, close = exchange.answer(work)
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except Exception:  # a bug (Exchange answers every fault of a page): keep serving
+                log.exception("error answering %s", conn.peer)
+                data, close, sent = b"", True, 0
+            conn.out, conn.close_after = data[sent:], close
+            with self._returned_lock:
+                if self._looping:
+                    self._returned.append(conn)
+                    conn = None
+        if conn is None:
+            self._wake()
+        else:  # the server is shutting down: finish here
+            self._finish_alone(conn)
+
+    def _finish_alone(self, conn: _Connection) -> None:
+        with contextlib.suppress(OSError):
+            conn.sock.settimeout(self.request_timeout_s)
+            conn.sock.sendall(conn.out)
+        self._close(conn)
+
+    def _take_returned(self, pool: _HandlerPool) -> None:
+        """Connections answered: send the rest of each answer, or wait for the next request."""
+        with contextlib.suppress(OSError):
+            self._wake_r.recv(4096)
+        with self._returned_lock:
+            returned, self._returned = self._returned, []
+        for conn in returned:
+            now = time.monotonic()
+            if conn.out:
+                conn.move(WRITING, now)
+                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+            elif conn.close_after:
+                self._close(conn)
+            else:
+                conn.move(READING if conn.inbuf else IDLE, now)
+                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
+                if conn.inbuf:  # pipelined: the next request may be here already
+                    self._advance(conn, pool)
+
+    def _flush(self, conn: _Connection, pool: _HandlerPool) -> None:
+        """Send more of an answer the socket would not take at once."""
+        try:
+            sent = conn.sock.send(conn.out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._close(conn)
+            return
+        conn.out = conn.out[sent:]
+        if conn.out:
+            return
+        if conn.close_after:
+            self._close(conn)
+            return
+        conn.move(READING if conn.inbuf else IDLE, time.monotonic())
+        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
+        if conn.inbuf:
+            self._advance(conn, pool)
+
+    def _expire(self, now: float) -> None:
+        """Close connections past their deadline: idle too long, or a request or answer too slow."""
+        for conn in self.connections.all():
+            limit_s = self.idle_timeout_s if conn.state == IDLE else self.request_timeout_s
+            if conn.state != HANDLING and now - conn.since > limit_s:
+                log.debug("%s: connection %s for over %s; closed", conn.peer, conn.state,
+                          format_duration(limit_s))
+                self._close(conn)
+
+    def _close(self, conn: _Connection) -> None:
+        """Forget a connection and close it (from the loop, or a handler once the loop has ended)."""
+        self.connections.remove(conn)
+        if self._selector is not None and conn.state != HANDLING:
+            with contextlib.suppress(KeyError, ValueError):
+                self._selector.unregister(conn.sock)
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_RDWR)
+        conn.sock.close()
 
     # Faults and shutdown ---------------------------------------------------
 
@@ -4622,137 +4990,65 @@ class Server(http.server.ThreadingHTTPServer):
         finally:
             with self._idle:
                 self._busy -= 1
-                self._idle.notify_all()
+                if not self._busy:
+                    self._idle.notify_all()
 
     def drain(self, timeout_s: float) -> bool:
-        """Wait until no request is being handled; False if that took too long."""
+        """Wait until no request is being answered; False if that took too long."""
         with self._idle:
             return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
 
 
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Reads a request and answers it from the first of ``server.routes`` whose
-    pattern matches its whole path: ``(methods, pattern, page)``, where
-    ``page(request, match)`` returns a ``Response`` or raises ``HTTPError``.
+class Exchange:
+    """One request and its answer, in a handler thread: routes the request to
+    the first of ``server.routes`` whose pattern matches its whole path:
+    ``(methods, pattern, page)``, where ``page(request, match)`` returns a
+    ``Response`` or raises ``HTTPError``.
 
-    Every answer, errors from http.server included, is written by ``_send``.
-    Errors are short plain text, or JSON under /api/.  OPTIONS answers with
-    ``Allow``; another method not listed gets 405 with ``Allow``.
+    Every answer, errors included, is written by ``_encode``.  Errors are
+    short plain text, or JSON under /api/.  OPTIONS answers with ``Allow``;
+    another method not listed gets 405 with ``Allow``.
     """
 
-    protocol_version = "HTTP/1.1"
     server_version = f"Caduceus/{__version__}"
-    #: Buffer the response, so headers and body leave in one segment: two small
-    #: writes on a keep-alive connection stall 40 ms on Nagle + delayed ACK.
-    wbufsize = 64 * 1024
-    disable_nagle_algorithm = True
 
-    def setup(self) -> None:
-        super().setup()
-        server = self.server
-        self._conn = server.connections.get(self.connection)
-        self._reader = _RequestReader(server.connections, self._conn, server.idle_timeout_s,
-                                       server.request_timeout_s)
-        self.rfile.close()
-        self.rfile = io.BufferedReader(self._reader)
+    def __init__(self, server: Server, peer: str) -> None:
+        self.server = server
+        self.peer = peer
         #: The client's address: the peer's, or from X-Forwarded-For (see _client_of).
-        self.client = self.client_address[0]
+        self.client = peer
+        self.target = ""
 
-    def handle(self) -> None:
-        self.close_connection = True
-        self.handle_one_request()
-        while not self.close_connection:
-            self.server.connections.mark(self._conn, IDLE)
-            self.handle_one_request()
-
-    def parse_request(self) -> bool:
-        # http.server takes the end of the stream for the end of the request line
-        # or of the headers: a request cut short (the client went, or it was
-        # closed to make room) is dropped, never acted on or answered.
-        line = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        if self._reader.ended:
-            return self._cut_short(line)
-        if len(line.split()) == 2:  # HTTP/0.9, "GET /path": no status line, no headers
-            self.requestline, self.command, self.request_version = line, "", "HTTP/1.0"
-            self.send_error(400, "Bad request line: expected METHOD PATH HTTP/1.1")
-            return False
-        rfile = self.rfile
-        self.rfile = _HeaderBudget(rfile, MAX_HEADER_BYTES - len(self.raw_requestline))
+    def answer(self, work: _Incoming | _BadRequest) -> tuple[bytes, bool]:
+        """The answer's bytes, and whether the connection closes after it."""
+        if isinstance(work, _BadRequest):
+            log.info("%s code %d, message %s: %s", self.client, work.status, work.text, self._mask(work.line))
+            return self._encode(text_response(f"{work.text}.\n", work.status), "GET", True), True
+        self.target = work.target
+        close = work.close
         try:
-            if not super().parse_request():
-                return False
-        finally:
-            self.rfile = rfile
-        if self._reader.ended:
-            return self._cut_short(line)
-        # A line the parser cannot read ("Content-Length : 5", a first header
-        # that starts with a space) ends its headers early with only a "defect"
-        # noted: the framing headers after it would go unseen and the body be
-        # read as the next request.  RFC 9112 section 5.1 says 400.
-        if self.headers.defects or self.headers.get_payload():
-            self.send_error(400, "Malformed header line")
-            return False
-        return True
+            response = self._dispatch(work)
+        except sqlite3.OperationalError as exc:
+            response = error_response(work.target, database_unavailable(self.server, exc, ""))
+        except Exception:
+            log.exception("error handling %s %s", work.method, self._mask(work.target))
+            response, close = text_response("Internal server error.\n", 500), True
+        if log.isEnabledFor(logging.DEBUG):  # masking is not free; skip it when unused
+            log.debug('%s "%s %s" %s', self.client, work.method, self._mask(work.target), response.status)
+        return self._encode(response, work.method, close), close
 
-    def _cut_short(self, line: str) -> bool:
-        self.close_connection = True
-        log.debug("%s closed the connection during %s", self.client, self._mask(line))
-        return False
-
-    def handle_expect_100(self) -> bool:
-        super().handle_expect_100()
-        self.wfile.flush()  # else the buffered writer holds "100 Continue" back until the answer
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """http.server's errors (400, 414, 431, 501, 505) as short plain text,
-        without quoting the request back; the connection is closed after them."""
-        self.close_connection = True
-        if getattr(self, "request_version", "") == "HTTP/0.9":  # the default until a version is read
-            self.request_version = "HTTP/1.0"  # so the answer has a status line and headers
-        text = (message or self.responses.get(code, ("Error",))[0]).partition(" (")[0]
-        self.log_error("code %d, message %s", code, message or text)
-        self._send(text_response(f"{text}.\n", code))
-
-    def do_GET(self) -> None:
-        self._route()
-
-    do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_GET
-
-    def _route(self) -> None:
-        with self.server.busy():
-            try:
-                # Read the body whatever the answer, or a keep-alive connection
-                # would parse it as the next request.
-                body = self._body()
-                if body is None:
-                    return
-                self.server.connections.mark(self._conn, HANDLING)
-                self._dispatch(body)
-            except sqlite3.OperationalError as exc:
-                self._send(error_response(self.path, database_unavailable(self.server, exc, "")))
-            except (ConnectionError, socket.timeout) as exc:  # _TooSlow included
-                self.close_connection = True
-                log.debug("%s went away during %s: %s", self.client, self._safe_request_line(), exc)
-            except Exception:
-                log.exception("error handling %s", self._safe_request_line())
-                self.close_connection = True
-                with contextlib.suppress(OSError):  # the client may be gone too
-                    self._send(text_response("Internal server error.\n", 500))
-
-    def _dispatch(self, body: tuple[bytes, int]) -> None:
+    def _dispatch(self, work: _Incoming) -> Response:
         # The config is read once per request: a reload swaps it whole.
         config = self.server.monitor.config
-        self.client = self._client_of(config.trusted_proxies)
-        split = urllib.parse.urlsplit(self.path)
-        request = Request(self.command, self.path, urllib.parse.unquote(split.path),
-                          urllib.parse.parse_qs(split.query, keep_blank_values=True), self.headers,
-                          body[0], body[1], self.client, config, self.server)
+        self.client = self._client_of(work.headers, config.trusted_proxies)
+        split = urllib.parse.urlsplit(work.target)
+        request = Request(work.method, work.target, urllib.parse.unquote(split.path),
+                          urllib.parse.parse_qs(split.query, keep_blank_values=True), work.headers,
+                          work.body, work.body_length, self.client, config, self.server)
         try:
-            response = self._page(request)
+            return self._page(request)
         except HTTPError as exc:
-            response = error_response(request.target, exc)
-        self._send(response)
+            return error_response(request.target, exc)
 
     def _page(self, request: Request) -> Response:
         """The answer of the first route whose pattern matches the whole path."""
@@ -4768,40 +5064,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             return page(request, match)
         raise HTTPError(404, "Not found.")
 
-    def _body(self) -> tuple[bytes, int] | None:
-        """Read the request body: return its last MAX_PING_BODY bytes and its length,
-        or None (after replying, and closing) when its framing is not plain.
-
-        Only one Content-Length is trusted, of digits only; any Transfer-Encoding
-        is refused, as two parties reading a body's end differently is how a
-        request is smuggled inside another.
-        """
-        lengths = {value.strip(" \t") for value in self.headers.get_all("Content-Length", [])}
-        problem = None
-        if "Transfer-Encoding" in self.headers:
-            problem = (400, "Transfer-Encoding and Content-Length together.\n") if lengths else \
-                (411, "Send a Content-Length.\n")
-        elif len(lengths) > 1:
-            problem = (400, "Conflicting Content-Length headers.\n")
-        elif lengths and not _CONTENT_LENGTH.fullmatch(next(iter(lengths))):
-            problem = (400, "Bad Content-Length.\n")
-        elif lengths and int(next(iter(lengths))) > MAX_BODY_BYTES:
-            problem = (413, "Body too large.\n")
-        if problem is not None:
-            self.close_connection = True
-            self._send(text_response(problem[1], problem[0]))
-            return None
-        kept, length = b"", int(next(iter(lengths), "0"))
-        remaining = length
-        while remaining:
-            chunk = self.rfile.read(min(remaining, 64 * 1024))
-            if not chunk:
-                raise ConnectionError("request body cut short")
-            kept = (kept + chunk)[-MAX_PING_BODY:]
-            remaining -= len(chunk)
-        return kept, length
-
-    def _client_of(self, trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    def _client_of(self, headers: Headers,
+                   trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
         """The client's address: the peer's, unless the peer is a trusted proxy.
 
         Then X-Forwarded-For is read from the right (each proxy appends the
@@ -4810,13 +5074,13 @@ class Handler(http.server.BaseHTTPRequestHandler):
         forged by the client, so it is not believed.  An entry that is not an
         IP address stops the walk at the last trusted hop.
         """
-        peer = self.client_address[0]
+        peer = self.peer
         if not trusted:  # the usual case: no parsing on every request
             return peer
         hop = _ip(peer)
         if hop is None or not _trusted(hop, trusted):
             return peer
-        entries = [entry.strip() for header in self.headers.get_all("X-Forwarded-For", [])
+        entries = [entry.strip() for header in headers.get_all("X-Forwarded-For", [])
                    for entry in header.split(",")]
         for entry in reversed(entries):
             address = _ip(entry)
@@ -4827,39 +5091,32 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 break
         return str(hop)
 
-    def _send(self, response: Response) -> None:
-        """Write an answer: status, headers (Content-Type, Content-Length, the
-        security headers, the page's own) and body (not for HEAD), in one write."""
-        # Writes get the time a whole request gets (a read may have left little).
-        self.connection.settimeout(self.server.request_timeout_s)
-        self.send_response(response.status)
-        self.send_header("Content-Type", response.content_type)
-        self.send_header("Content-Length", str(len(response.body)))
-        for name, value in SECURITY_HEADERS + response.headers:
-            self.send_header(name, value)
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(response.body)
-
-    def version_string(self) -> str:
-        return self.server_version  # without the Python version
+    def _encode(self, response: Response, method: str, close: bool) -> bytes:
+        """An answer's bytes: status, headers (Content-Type, Content-Length, the
+        security headers, the page's own) and body (not for HEAD)."""
+        reason = _REASONS.get(response.status, "")
+        lines = [f"HTTP/1.1 {response.status} {reason}", f"Server: {self.server_version}",
+                 f"Date: {_http_date()}", f"Content-Type: {response.content_type}",
+                 f"Content-Length: {len(response.body)}", *_SECURITY_LINES]
+        lines += [f"{name}: {value}" for name, value in response.headers]
+        if close:
+            lines.append("Connection: close")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("iso-8859-1")
+        return head if method == "HEAD" else head + response.body
 
     def _mask(self, text: str) -> str:
         monitor = self.server.monitor
         return _log_quote(text, monitor.config.secret_key if monitor else "")
 
-    def _safe_request_line(self) -> str:
-        return self._mask(getattr(self, "requestline", ""))
 
-    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
-        if log.isEnabledFor(logging.DEBUG):  # masking is not free; skip it when unused
-            log.debug('%s "%s" %s', self.client, self._safe_request_line(), code)
+#: Reason phrases of status lines.
+_REASONS = {status.value: status.phrase for status in http.HTTPStatus}
+_SECURITY_LINES = tuple(f"{name}: {value}" for name, value in SECURITY_HEADERS)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        # Error lines from http.server may quote the raw request line: mask keys there too.
-        log.info("%s %s", self.client, self._mask(format % args))
+
+def _http_date(now: Callable[[], float] = time.time) -> str:
+    """The Date header's value for now (RFC 9110 section 5.6.7)."""
+    return email.utils.formatdate(now(), usegmt=True)
 
 
 def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:
