@@ -2871,9 +2871,10 @@ class Store(_Outbox):
     def sync_checks(self, names: list[str], now: float) -> None:
         """Add rows for new alert names (first seen ``now``); forget removed ones."""
         with self.transaction() as conn:
-            known = {row["name"] for row in conn.execute("SELECT name FROM checks")}
-            for name in names:
-                self.ensure_check(name, now)
+            known = {row[0] for row in conn.execute("SELECT name FROM checks")}
+            # One statement for all new names: a start over 10,000 alerts adds (or finds) them at once.
+            conn.executemany("INSERT OR IGNORE INTO checks (name, status, first_seen_at) VALUES (?, ?, ?)",
+                             [(name, NEW, now) for name in names if name not in known])
             for name in known - set(names):
                 for table, column in (("checks", "name"), ("pings", "check_name"), ("flips", "check_name"),
                                       ("outbox", "check_name"), ("deliveries", "check_name")):
