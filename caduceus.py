@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -4118,7 +4119,7 @@ HANDLER_THREADS = 16
 
 #: States of a connection: waiting for a request, receiving one, being
 #: answered by a handler thread, sending the rest of an answer.
-IDLE, READING, HANDLING, WRITING = "idle", "reading", "handling", "writing"
+IDLE, READING, HANDLING, WRITING, CLOSED = "idle", "reading", "handling", "writing", "closed"
 
 
 def raise_open_files_limit(max_connections: int) -> int:
@@ -4153,7 +4154,7 @@ class _Connection:
     bytes received and not yet used (``inbuf``), the request being read
     (``reading``) and the answer still to send (``out``)."""
 
-    __slots__ = ("sock", "peer", "state", "since", "inbuf", "reading", "out", "close_after")
+    __slots__ = ("sock", "peer", "state", "since", "inbuf", "reading", "out", "close_after", "ended", "watched")
 
     def __init__(self, sock: socket.socket, peer: str, now: float) -> None:
         self.sock = sock
@@ -4164,9 +4165,17 @@ class _Connection:
         self.reading: _Incoming | None = None
         self.out = b""
         self.close_after = False
+        #: The client has closed its side (it may still read the answer).
+        self.ended = False
+        #: Registered with the loop's selector.
+        self.watched = True
 
     def move(self, state: str, now: float) -> None:
-        self.state, self.since = state, now
+        # ``since`` first: the loop reads a connection a handler thread has
+        # just made IDLE without a lock, and must not pair IDLE with the time
+        # its answer began.
+        self.since = now
+        self.state = state
 
 
 def _since(conn: _Connection) -> float:
@@ -4619,6 +4628,54 @@ class Request:
         return key
 
 
+class _AccessLog:
+    """The check-in log lines ("backups: success from 10.0.0.5"), written by
+    a thread of their own rather than the request's.
+
+    A log line costs a lock shared by every thread and a write to stderr; on
+    the request thread, fifty check-ins at once queue up behind each other's
+    lines.  ``add`` only appends to a deque; the writer emits the lines every
+    ``every_s``, in order and each with the time it was added, and
+    ``stop()`` emits what is left.
+    """
+
+    def __init__(self, every_s: float = 0.1) -> None:
+        self.every_s = every_s
+        self._lines: collections.deque = collections.deque()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add(self, message: str, *args: Any) -> None:
+        """Log ``message % args`` at INFO, stamped now, soon."""
+        self._lines.append((time.time(), message, args))
+
+    def start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="access log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.flush()
+
+    def flush(self) -> None:
+        """Emit every line added so far."""
+        lines = self._lines
+        while lines:
+            created, message, args = lines.popleft()
+            if log.isEnabledFor(logging.INFO):
+                record = log.makeRecord(log.name, logging.INFO, __file__, 0, message, args, None)
+                record.created, record.msecs = created, created % 1 * 1000
+                log.handle(record)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every_s):
+            self.flush()
+
+
 class _RateLimit:
     """Lets one event per key through every ``interval_s``, and counts the rest.
 
@@ -4692,7 +4749,9 @@ class Server(http.server.ThreadingHTTPServer):
         self.idle_timeout_s = idle_timeout_s
         self.handler_threads = handler_threads
         self.rejections = _RateLimit(REJECTION_LOG_S)
+        self.access_log = _AccessLog()
         self._database_log = _RateLimit(DATABASE_LOG_S)
+        self._loop_log = _RateLimit(DATABASE_LOG_S)
         self._database_failing = False
         self._busy = 0
         self._idle = threading.Condition()
@@ -4737,6 +4796,7 @@ class Server(http.server.ThreadingHTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
+        self.access_log.flush()  # lines of requests answered after the loop ended
         self._wake_r.close()
         self._wake_w.close()
 
@@ -4752,20 +4812,14 @@ class Server(http.server.ThreadingHTTPServer):
         selector.register(self._wake_r, selectors.EVENT_READ, "wake")
         self._looping = True
         self._loop_ended.clear()
+        self.access_log.start()
         #: Deadlines are checked this often, so a short one is kept within a quarter.
         every_s = min(0.1, self.request_timeout_s / 4, self.idle_timeout_s / 4)
         checked_at = time.monotonic()
         try:
             while not self._stop_loop:
                 for key, events in selector.select(min(poll_interval, every_s)):
-                    if key.data == "listen":
-                        self._accept(pool)
-                    elif key.data == "wake":
-                        self._take_returned(pool)
-                    elif events & selectors.EVENT_WRITE:
-                        self._flush(key.data, pool)
-                    else:
-                        self._receive(key.data, pool)
+                    self._on_event(key.data, events, pool)
                 now = time.monotonic()
                 if now - checked_at >= every_s:
                     checked_at = now
@@ -4778,10 +4832,33 @@ class Server(http.server.ThreadingHTTPServer):
                 if conn.state != HANDLING:
                     self._close(conn)
             pool.stop()
+            self.access_log.stop()
             selector.close()
             self._selector = None
             self._stop_loop = False  # as socketserver does: a shutdown() before the loop began still counts
             self._loop_ended.set()
+
+    def _on_event(self, what: _Connection | str, events: int, pool: _HandlerPool) -> None:
+        """Serve one ready socket.  A bug met serving one connection closes
+        it and is logged; the loop, and every other connection, goes on."""
+        try:
+            if what == "listen":
+                self._accept(pool)
+            elif what == "wake":
+                self._take_returned(pool)
+            elif what.state == CLOSED:  # by an earlier event of the same round
+                return
+            elif events & selectors.EVENT_WRITE:
+                self._flush(what, pool)
+            else:
+                self._receive(what, pool)
+        except Exception:
+            now = time.monotonic()
+            if isinstance(what, _Connection):
+                log.exception("error serving the connection from %s; closed", what.peer)
+                self._close(what)
+            elif self._loop_log.allow(what, now) is not None:
+                log.exception("error in the connection loop (%s)", what)
 
     def shutdown(self) -> None:
         """Stop the loop and wait until it has ended (requests being answered go on)."""
@@ -4806,7 +4883,7 @@ class Server(http.server.ThreadingHTTPServer):
                     return
                 if exc.errno in (errno.ECONNABORTED, errno.EPROTO):
                     continue
-                raise
+                raise  # logged by _on_event, at most once a minute
             sock.setblocking(False)
             with contextlib.suppress(OSError):  # AF_UNIX has no Nagle
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -4830,7 +4907,12 @@ class Server(http.server.ThreadingHTTPServer):
         sock.close()
 
     def _receive(self, conn: _Connection, pool: _HandlerPool) -> None:
-        """Read what a connection has sent, and dispatch its request once whole."""
+        """Read what a connection has sent, and dispatch its request once whole.
+
+        A connection stays registered while its request is answered, so what
+        it sends meanwhile (a pipelined request, the end of its stream) is
+        read into its buffer, under ``_returned_lock``, for after the answer.
+        """
         try:
             data = conn.sock.recv(256 * 1024)
         except (BlockingIOError, InterruptedError):
@@ -4838,6 +4920,16 @@ class Server(http.server.ThreadingHTTPServer):
         except OSError as exc:
             log.debug("connection from %s failed: %s", conn.peer, exc)
             data = b""
+        with self._returned_lock:
+            conn.inbuf += data
+            answering = conn.state == HANDLING
+            if answering and (not data or len(conn.inbuf) > MAX_HEADER_BYTES):
+                # Wait for the answer before reading more (or seeing the end again).
+                self._selector.unregister(conn.sock)
+                conn.watched = False
+            conn.ended = not data
+        if answering:
+            return
         if not data:  # a request cut short is dropped, never acted on or answered
             if conn.state == READING:
                 log.debug("%s closed the connection during a request", conn.peer)
@@ -4845,12 +4937,11 @@ class Server(http.server.ThreadingHTTPServer):
             return
         if conn.state == IDLE:
             conn.move(READING, time.monotonic())
-        conn.inbuf += data
         self._advance(conn, pool)
 
-    def _advance(self, conn: _Connection, pool: _HandlerPool) -> None:
+    def _advance(self, conn: _Connection, pool: _HandlerPool) -> bool:
         """Read the request in ``conn.inbuf`` as far as it has arrived; give it
-        to a handler thread once whole (or answer its error)."""
+        to a handler thread once whole (or answer its error).  True if it did."""
         head = b""
         try:
             incoming = conn.reading
@@ -4860,7 +4951,7 @@ class Server(http.server.ThreadingHTTPServer):
                 end = find_head(conn.inbuf)
                 if end < 0:
                     _check_request_line(conn.inbuf)
-                    return
+                    return False
                 head = bytes(conn.inbuf[:end])
                 del conn.inbuf[:end]
                 conn.reading = incoming = parse_head(head)
@@ -4873,19 +4964,19 @@ class Server(http.server.ThreadingHTTPServer):
                 incoming.remaining -= len(take)
                 incoming.body = (incoming.body + take)[-MAX_PING_BODY:]
                 if incoming.remaining:
-                    return
+                    return False
         except _BadRequest as exc:
             if not exc.line:  # for the log: the request line, as far as it came
                 first = head if incoming is None and head else conn.inbuf
                 exc.line = bytes(first[:LOG_QUOTE_MAX + 1]).partition(b"\n")[0].decode("iso-8859-1")
             conn.reading = None
             self._dispatch(conn, pool, exc)
-            return
+            return True
         conn.reading = None
         self._dispatch(conn, pool, incoming)
+        return True
 
     def _dispatch(self, conn: _Connection, pool: _HandlerPool, work: _Incoming | _BadRequest) -> None:
-        self._selector.unregister(conn.sock)
         conn.move(HANDLING, time.monotonic())
         pool.submit(self._answer, conn, work)
 
@@ -4904,12 +4995,15 @@ class Server(http.server.ThreadingHTTPServer):
                 data, close, sent = b"", True, 0
             conn.out, conn.close_after = data[sent:], close
             with self._returned_lock:
-                if self._looping:
+                alone = not self._looping  # the server is shutting down: finish here
+                if alone:
+                    pass
+                elif conn.out or close or conn.inbuf or not conn.watched:
                     self._returned.append(conn)
-                    conn = None
-        if conn is None:
-            self._wake()
-        else:  # the server is shutting down: finish here
+                    self._wake()
+                else:  # the usual case: the loop sees the next request come
+                    conn.move(IDLE, time.monotonic())
+        if alone:
             self._finish_alone(conn)
 
     def _finish_alone(self, conn: _Connection) -> None:
@@ -4928,14 +5022,30 @@ class Server(http.server.ThreadingHTTPServer):
             now = time.monotonic()
             if conn.out:
                 conn.move(WRITING, now)
-                self._selector.register(conn.sock, selectors.EVENT_WRITE, conn)
+                self._watch(conn, selectors.EVENT_WRITE)
             elif conn.close_after:
                 self._close(conn)
             else:
-                conn.move(READING if conn.inbuf else IDLE, now)
-                self._selector.register(conn.sock, selectors.EVENT_READ, conn)
-                if conn.inbuf:  # pipelined: the next request may be here already
-                    self._advance(conn, pool)
+                self._next_request(conn, pool)
+
+    def _watch(self, conn: _Connection, events: int) -> None:
+        if conn.watched:
+            self._selector.modify(conn.sock, events, conn)
+        else:
+            self._selector.register(conn.sock, events, conn)
+            conn.watched = True
+
+    def _next_request(self, conn: _Connection, pool: _HandlerPool) -> None:
+        """An answer has gone: read the next request (it may be in the buffer already)."""
+        if conn.ended and not conn.inbuf:
+            self._close(conn)
+            return
+        conn.move(READING if conn.inbuf else IDLE, time.monotonic())
+        if not conn.ended:
+            self._watch(conn, selectors.EVENT_READ)
+        if conn.inbuf:  # pipelined: the next request may be here already
+            if not self._advance(conn, pool) and conn.ended:  # and it will never be whole
+                self._close(conn)
 
     def _flush(self, conn: _Connection, pool: _HandlerPool) -> None:
         """Send more of an answer the socket would not take at once."""
@@ -4952,10 +5062,10 @@ class Server(http.server.ThreadingHTTPServer):
         if conn.close_after:
             self._close(conn)
             return
-        conn.move(READING if conn.inbuf else IDLE, time.monotonic())
-        self._selector.modify(conn.sock, selectors.EVENT_READ, conn)
-        if conn.inbuf:
-            self._advance(conn, pool)
+        if conn.ended:
+            self._selector.unregister(conn.sock)
+            conn.watched = False
+        self._next_request(conn, pool)
 
     def _expire(self, now: float) -> None:
         """Close connections past their deadline: idle too long, or a request or answer too slow."""
@@ -4968,10 +5078,14 @@ class Server(http.server.ThreadingHTTPServer):
 
     def _close(self, conn: _Connection) -> None:
         """Forget a connection and close it (from the loop, or a handler once the loop has ended)."""
+        if conn.state == CLOSED:
+            return
         self.connections.remove(conn)
-        if self._selector is not None and conn.state != HANDLING:
+        conn.move(CLOSED, time.monotonic())
+        if self._selector is not None and conn.watched:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(conn.sock)
+            conn.watched = False
         with contextlib.suppress(OSError):
             conn.sock.shutdown(socket.SHUT_RDWR)
         conn.sock.close()
@@ -5215,7 +5329,7 @@ def _check_in(request: Request, name: str, key: str, signal_text: str) -> tuple[
         raise _refused(request, 404, "Not found.", name, "no such alert") from None
     request.server.database_worked(monitor.clock())
     what = kind if exit_status is None else f"{kind} (exit status {exit_status})"
-    log.info("%s: %s from %s", name, what, request.client)
+    request.server.access_log.add("%s: %s from %s", name, what, request.client)
     return kind, note
 
 
