@@ -207,7 +207,7 @@ class HTTPError(CaduceusError):
 
 
 ###############################################################################
-# Durations and schedules #####################################################
+# Durations ###################################################################
 ###############################################################################
 
 #: Seconds per unit, in the order 0.0.11 (pytimeparse 1.1.10) added them up.
@@ -365,6 +365,10 @@ def format_time(at: float) -> str:
     moment = datetime.datetime.fromtimestamp(at, datetime.timezone.utc)
     return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
 
+
+###############################################################################
+# Cron schedules ##############################################################
+###############################################################################
 
 #: Per field: name for error messages, lowest and highest value, and the names
 #: accepted in place of numbers (``names[i]`` stands for ``lowest + i``).
@@ -4560,7 +4564,7 @@ def _body_length(headers: Headers) -> int:
 
 
 ###############################################################################
-# HTTP: requests, answers, the server #########################################
+# HTTP: requests and answers ##################################################
 ###############################################################################
 
 #: Sent with every answer.  Nothing is loaded from elsewhere (a page is one
@@ -4708,6 +4712,10 @@ class _RateLimit:
             self._seen[key] = (now, 0)
             return held
 
+
+###############################################################################
+# HTTP: the server and its connection loop ####################################
+###############################################################################
 
 class Server(http.server.ThreadingHTTPServer):
     """The check-in server: one connection loop, a pool of handler threads, keep-alive, one ``Monitor``.
@@ -5125,6 +5133,10 @@ class Server(http.server.ThreadingHTTPServer):
         with self._idle:
             return self._idle.wait_for(lambda: self._busy == 0, timeout_s)
 
+
+###############################################################################
+# HTTP: answering one request #################################################
+###############################################################################
 
 class Exchange:
     """One request and its answer, in a handler thread: routes the request to
