@@ -4220,6 +4220,33 @@ class ConnectionLimitTest(unittest.TestCase):
             response.read()
         return response.status, time.monotonic() - began
 
+    def test_clients_that_close_right_after_their_answer_never_stop_the_server(self):
+        """A client that hangs up the moment it has its answer (urllib, curl with
+        Connection: close) must not take the connection loop down with it."""
+        self.start()
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            for number in range(60):
+                for close in (b"Connection: close\r\n", b""):
+                    sock = self.connect()
+                    sock.sendall(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n" + close + b"\r\n")
+                    self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "), number)
+                    sock.close()
+            time.sleep(0.05)  # for the loop to see the last hang-up
+            caduceus.log.error("the end")  # assertLogs needs one; no other error may come
+        self.assertEqual(logs.output, ["ERROR:caduceus:the end"])
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], 120)
+
+    def test_pipelined_requests_are_answered_in_order_even_after_the_client_stops_sending(self):
+        self.start()
+        sock = self.connect()
+        sock.sendall(b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /reset/hourly/?key=wrong HTTP/1.1\r\nHost: x\r\n\r\n"
+                     b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answers = read_to_end(sock)
+        self.assertEqual(re.findall(rb"HTTP/1.1 (\d{3}) ", answers), [b"200", b"404", b"200"])
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], 2)
+
     def test_idle_connections_make_way_for_a_check_in(self):
         self.start(max_connections=8)
         with self.assertLogs("caduceus", "WARNING") as logs:
