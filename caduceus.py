@@ -2653,16 +2653,31 @@ _HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
 
 
 class _GroupCall:
-    """One caller's work in a group commit, and how it ended (see Store.group_commit)."""
+    """One caller's work in a group commit, and how it ended (see Store.group_commit).
+
+    ``wait()`` returns once ``wake()`` has been called: when the batch with
+    this call is committed (or failed), or ``lead`` is set.  Each ``wait()``
+    is paired with one ``wake()``.  A bare lock, held from the start, is the
+    cheapest one-shot wake-up there is (an Event is a lock, a condition and a
+    second lock per waiter), and every check-in makes one.
+    """
+
+    __slots__ = ("work", "result", "error", "lead", "_done")
 
     def __init__(self, work: Callable[[], Any]) -> None:
         self.work = work
         self.result: Any = None
         self.error: BaseException | None = None
-        #: Set once: the batch with this call is committed (or failed), or ``lead`` is True.
-        self.done = threading.Event()
         #: Handed the lead: this caller runs the next batch itself.
         self.lead = False
+        self._done = threading.Lock()
+        self._done.acquire()
+
+    def wait(self) -> None:
+        self._done.acquire()
+
+    def wake(self) -> None:
+        self._done.release()
 
 
 class Store(_Outbox):
@@ -2811,7 +2826,7 @@ class Store(_Outbox):
             lead = not self._group_leading
             self._group_leading = True
         if not lead:
-            call.done.wait()
+            call.wait()
             lead = call.lead
         if lead:
             self._lead_batch()
@@ -2831,11 +2846,11 @@ class Store(_Outbox):
             with self._group_lock:
                 if self._group_queue:
                     self._group_queue[0].lead = True
-                    self._group_queue[0].done.set()
+                    self._group_queue[0].wake()
                 else:
                     self._group_leading = False
             for call in batch:
-                call.done.set()
+                call.wake()
 
     def _run_batch(self, batch: list[_GroupCall]) -> None:
         """Run each call in a SAVEPOINT of one transaction and commit (store lock held)."""
@@ -2911,9 +2926,10 @@ class Store(_Outbox):
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
         return rows[0] if rows else None
 
-    def record_ping(self, name: str, at: float, ping: Ping) -> sqlite3.Row:
+    def record_ping(self, name: str, at: float, ping: Ping) -> sqlite3.Row | None:
         """Store a signal in the alert's ring of recent pings and update its run
-        state; return the check's row as it is now.
+        state; return the check's row as it is now (None, storing nothing, when
+        the alert has no row).
 
         A success moves ``last_ping_at`` (and clears ``clock_step_s``); a
         start sets ``started_at``; a success or failure ends the run and
@@ -2937,6 +2953,8 @@ class Store(_Outbox):
             else:
                 conn.execute(update, params)
                 row = conn.execute("SELECT * FROM checks WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
             duration_s = row["last_duration_s"] if ping.kind in (SUCCESS, FAIL) else None
             row_n_pings = row["n_pings"] - 1
             # slot: the arrival number (the clock may step back, so not ``at``).
@@ -3702,11 +3720,12 @@ class Monitor(_Delivery):
         flip = None
         with self._operation() as now:
             spec = self.config.checks[name]
-            row = self.store.check(name)
-            if row is None:  # lost (the database was edited): start the alert afresh
+            # ``after`` serves as the row before too: recording changes only run fields,
+            # not the status, the pause or the down fields read below.
+            row = after = self.store.record_ping(name, now, ping)
+            if after is None:  # lost (the database was edited): start the alert afresh
                 self.store.ensure_check(name, now)
-                row = self.store.check(name)
-            after = self.store.record_ping(name, now, ping)
+                row = after = self.store.record_ping(name, now, ping)
             changed = True  # the status or the pause: read the row again
             unpaused = row["status"] == PAUSED and ping.kind in (SUCCESS, FAIL)
             if unpaused:
@@ -4761,6 +4780,7 @@ class Server(http.server.ThreadingHTTPServer):
         self._database_log = _RateLimit(DATABASE_LOG_S)
         self._loop_log = _RateLimit(DATABASE_LOG_S)
         self._database_failing = False
+        self._date = (0, "")  # (second, its Date header value); see http_date
         self._busy = 0
         self._idle = threading.Condition()
         # The loop's own: connections handed back by handler threads, and how they wake it.
@@ -5116,6 +5136,15 @@ class Server(http.server.ThreadingHTTPServer):
             if self._database_log.allow("recovered", now) is not None:
                 log.warning("database available again: check-ins are recorded")
 
+    def http_date(self) -> str:
+        """The Date header's value for now (RFC 9110 section 5.6.7): whole
+        seconds, so formatted once a second rather than for every answer."""
+        second = int(time.time())
+        date = self._date
+        if date[0] != second:
+            date = self._date = (second, email.utils.formatdate(second, usegmt=True))
+        return date[1]
+
     @contextlib.contextmanager
     def busy(self) -> Iterator[None]:
         with self._idle:
@@ -5235,7 +5264,7 @@ class Exchange:
         security headers, the page's own) and body (not for HEAD)."""
         reason = _REASONS.get(response.status, "")
         lines = [f"HTTP/1.1 {response.status} {reason}", f"Server: {self.server_version}",
-                 f"Date: {_http_date()}", f"Content-Type: {response.content_type}",
+                 f"Date: {self.server.http_date()}", f"Content-Type: {response.content_type}",
                  f"Content-Length: {len(response.body)}", *_SECURITY_LINES]
         lines += [f"{name}: {value}" for name, value in response.headers]
         if close:
@@ -5251,11 +5280,6 @@ class Exchange:
 #: Reason phrases of status lines.
 _REASONS = {status.value: status.phrase for status in http.HTTPStatus}
 _SECURITY_LINES = tuple(f"{name}: {value}" for name, value in SECURITY_HEADERS)
-
-
-def _http_date(now: Callable[[], float] = time.time) -> str:
-    """The Date header's value for now (RFC 9110 section 5.6.7)."""
-    return email.utils.formatdate(now(), usegmt=True)
 
 
 def database_unavailable(server: Server, exc: sqlite3.OperationalError, consequence: str) -> HTTPError:

@@ -15,6 +15,7 @@ import datetime
 import email
 import email.header
 import email.policy
+import email.utils
 import html
 import http.client
 import http.server
@@ -1435,7 +1436,14 @@ class StoreTest(unittest.TestCase):
         store.record_ping("job", 20.0, caduceus.Ping(caduceus.LOG, body="next"))
         self.assertEqual(store.last_body("job"), "next")
 
-    def test_a_check_in_of_an_up_alert_takes_six_statements_with_returning(self):
+    def test_a_signal_for_an_alert_without_a_row_stores_nothing(self):
+        self.store.sync_checks(["job"], 0.0)
+        for returning in (True, False):
+            with self.subTest(returning=returning), unittest.mock.patch.object(caduceus, "_HAS_RETURNING", returning):
+                self.assertIsNone(self.store.record_ping("gone", 1.0, caduceus.Ping(caduceus.LOG, body="x")))
+                self.assertEqual(self.store.pings("gone"), [])
+
+    def test_a_check_in_of_an_up_alert_takes_five_statements_with_returning(self):
         config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n[alerts.job]\nevery = \"1h\"\n")
         for returning in (True, False):
             with self.subTest(returning=returning), unittest.mock.patch.object(caduceus, "_HAS_RETURNING", returning):
@@ -1450,8 +1458,8 @@ class StoreTest(unittest.TestCase):
                 clock.advance(30)
                 monitor.ping("job", caduceus.Ping(body="done"))
                 store._conn.set_trace_callback(None)
-                # BEGIN, SELECT, UPDATE [RETURNING], INSERT, UPDATE (bodies' budget), COMMIT; no RETURNING: a SELECT more.
-                self.assertEqual(len(statements), 6 if returning else 7, statements)
+                # BEGIN, UPDATE [RETURNING], INSERT, UPDATE (bodies' budget), COMMIT; no RETURNING: a SELECT more.
+                self.assertEqual(len(statements), 5 if returning else 6, statements)
                 row = store.check("job")
                 self.assertEqual((row["status"], row["n_pings"], row["last_ping_at"], row["started_at"],
                                   row["last_duration_s"]), (UP, 3, clock.now, None, 30.0))
@@ -3821,6 +3829,16 @@ class HTTPTest(unittest.TestCase):
         self.assertEqual(response.getheader("Content-Type"), "text/plain; charset=utf-8")
         self.assertEqual(self.pings("hourly"), 1)
         self.assertEqual(self.monitor.store.check("hourly")["status"], UP)
+
+    def test_answers_carry_the_date_of_the_second_they_are_sent(self):
+        response = self.request("GET", "/reset/hourly/?key=s3cret")[2]
+        sent = email.utils.parsedate_to_datetime(response.getheader("Date")).timestamp()
+        self.assertLess(abs(sent - time.time()), 5)
+        dates = []
+        for at in (1700000000.2, 1700000000.9, 1700000001.0):
+            with unittest.mock.patch.object(caduceus.time, "time", return_value=at):
+                dates.append(self.server.http_date())
+        self.assertEqual(dates, ["Tue, 14 Nov 2023 22:13:20 GMT"] * 2 + ["Tue, 14 Nov 2023 22:13:21 GMT"])
 
     def test_wrong_missing_or_empty_key_is_not_found(self):
         for path in ["/reset/hourly/", "/reset/hourly/?key=wrong", "/reset/hourly/?key=",
