@@ -3840,6 +3840,16 @@ class HTTPTest(unittest.TestCase):
                 dates.append(self.server.http_date())
         self.assertEqual(dates, ["Tue, 14 Nov 2023 22:13:20 GMT"] * 2 + ["Tue, 14 Nov 2023 22:13:21 GMT"])
 
+    def test_each_check_in_is_logged_with_the_time_it_arrived(self):
+        with self.assertLogs("caduceus", "INFO") as logs:
+            with unittest.mock.patch.object(caduceus.time, "time", return_value=1700000000.25):
+                self.request("GET", "/reset/hourly/?key=s3cret")
+                self.request("GET", "/reset/hourly/start?key=s3cret")
+            self.server.access_log.flush()  # its thread writes them within every_s; do not wait
+        lines = [(record.getMessage(), record.created, record.msecs) for record in logs.records]
+        self.assertEqual(lines, [("hourly: success from 127.0.0.1", 1700000000.25, 250.0),
+                                 ("hourly: start from 127.0.0.1", 1700000000.25, 250.0)])
+
     def test_wrong_missing_or_empty_key_is_not_found(self):
         for path in ["/reset/hourly/", "/reset/hourly/?key=wrong", "/reset/hourly/?key=",
                      "/reset/hourly/?KEY=s3cret", "/reset/hourly/?key=x&key=s3cret"]:
@@ -4193,6 +4203,37 @@ def read_to_end(sock: socket.socket) -> bytes:
         if not chunk:
             return b"".join(chunks)
         chunks.append(chunk)
+
+
+class AccessLogTest(unittest.TestCase):
+    """Check-in log lines, written by a thread of their own."""
+
+    def test_its_thread_writes_lines_soon_and_stop_writes_the_rest_in_order(self):
+        access = caduceus._AccessLog(every_s=0.01)
+        with self.assertLogs("caduceus", "INFO") as logs:
+            access.start()
+            self.addCleanup(access.stop)
+            access.add("%s: %s from %s", "backups", "success", "10.0.0.5")
+            give_up_at = time.monotonic() + WAIT_S
+            while not logs.records and time.monotonic() < give_up_at:
+                time.sleep(0.005)  # waiting for the thread, not timing it
+            self.assertEqual([record.getMessage() for record in logs.records], ["backups: success from 10.0.0.5"])
+            access.every_s = 3600.0  # its next wait: nothing more is written until stop()
+            time.sleep(0.02)
+            access.add("%s: %s from %s", "backups", "start", "10.0.0.5")
+            access.add("%s: %s from %s", "reports", "fail", "10.0.0.6")
+            access.stop()
+        self.assertEqual([record.getMessage() for record in logs.records][1:],
+                         ["backups: start from 10.0.0.5", "reports: fail from 10.0.0.6"])
+
+    def test_nothing_is_formatted_when_info_is_off(self):
+        access = caduceus._AccessLog()
+        access.add("%s: %s from %s", "backups", "success", object())
+        logger = logging.getLogger("caduceus")
+        with unittest.mock.patch.object(logger, "handle") as handle, \
+                unittest.mock.patch.object(logger, "level", logging.WARNING):
+            access.flush()
+        handle.assert_not_called()
 
 
 class ConnectionLimitTest(unittest.TestCase):
