@@ -4279,6 +4279,18 @@ class ConnectionLimitTest(unittest.TestCase):
             response.read()
         return response.status, time.monotonic() - began
 
+    def test_requests_still_arriving_and_idle_connections_hold_no_handler_thread(self):
+        self.start(handler_threads=2, request_timeout_s=60.0, idle_timeout_s=60.0)
+        slow = [self.mid_request() for _ in range(3)]  # each has sent its head, not its body
+        idle = [self.idle() for _ in range(3)]
+        # With a thread per waiting connection, both threads would be stuck until the slow
+        # bodies came, which they do only after this check-in: it would never be answered.
+        self.assertEqual(self.check_in()[0], 200)
+        for sock in slow + idle:
+            sock.sendall(b"done" if sock in slow else b"GET /reset/hourly/?key=s3cret HTTP/1.1\r\nHost: x\r\n\r\n")
+            self.assertTrue(sock.recv(1024).startswith(b"HTTP/1.1 200 "))
+        self.assertEqual(self.monitor.store.check("hourly")["n_pings"], 7)
+
     def test_clients_that_close_right_after_their_answer_never_stop_the_server(self):
         """A client that hangs up the moment it has its answer (urllib, curl with
         Connection: close) must not take the connection loop down with it."""
