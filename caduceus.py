@@ -5936,7 +5936,7 @@ HEARTBEAT_TIMEOUT_S = 10.0
 
 
 class Sweeper:
-    """Calls ``work()`` on a re-armed ``threading.Timer``, when ``work`` asks to.
+    """Calls ``work()`` in a thread of its own, when ``work`` asks to.
 
     ``work()`` returns the epoch time it wants to run again (or None: nothing
     to wait for).  The wait is capped at ``max_wait_s``, so it runs at least
@@ -5945,6 +5945,10 @@ class Sweeper:
     queued notice) needs it sooner.  An exception in ``work`` is logged and
     retried after ``retry_s``: a sweeper that dies silently is a dead man's
     switch that never fires.
+
+    One thread waits on a condition for the whole life of the sweeper: a poke
+    wakes it, with no thread started per run (a notice is due within
+    milliseconds of its deadline, and a thread start costs some of them).
     """
 
     def __init__(self, work: Callable[[], float | None], name: str = "sweeper",
@@ -5956,9 +5960,13 @@ class Sweeper:
         self._max_wait_s = max_wait_s
         self._retry_s = retry_s
         self._lock = threading.Lock()
+        self._poked = threading.Condition(self._lock)
         self._running = threading.Lock()
-        self._timer: threading.Timer | None = None
-        self._timer_at = math.inf
+        self._thread: threading.Thread | None = None
+        #: The next run: when it was asked for (``clock``), and when it happens
+        #: (``time.monotonic()``, so a wall clock step neither hastens nor stalls it).
+        self._next_at = math.inf
+        self._next_monotonic = math.inf
         self._stopped = False
         #: When ``work`` last started (``clock``), and since when it runs now (None: it does not).
         self._ran_at: float | None = None
@@ -5990,45 +5998,52 @@ class Sweeper:
         self.poke(self._clock())
 
     def poke(self, at: float) -> None:
-        """Make sure ``work`` runs no later than ``at`` (epoch seconds)."""
+        """Make sure ``work`` runs no later than ``at`` (epoch seconds).  The
+        first poke (or ``start()``) starts the thread."""
         with self._lock:
-            if self._stopped or at >= self._timer_at:
+            if self._stopped or at >= self._next_at:
                 return
-            if self._timer is not None:
-                self._timer.cancel()
             delay = min(max(at - self._clock(), 0.0), self._max_wait_s)
-            self._timer_at = at if delay < self._max_wait_s else self._clock() + delay
-            self._timer = threading.Timer(delay, self._tick)
-            self._timer.name = self._name
-            self._timer.daemon = True
-            self._timer.start()
+            self._next_at = at if delay < self._max_wait_s else self._clock() + delay
+            self._next_monotonic = time.monotonic() + delay
+            self._poked.notify()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                self._thread.start()
 
-    def _tick(self) -> None:
-        with self._lock:
-            if self._timer is threading.current_thread():
-                self._timer = None
-                self._timer_at = math.inf
-        with self._running:
-            if self._stopped:
-                return
-            with self._lock:
-                self._ran_at = self._running_since = self._clock()
-            try:
-                next_at = self._work()
-            except Exception:
-                log.exception("%s failed; trying again in %s", self._name, format_duration(self._retry_s))
-                next_at = self._clock() + self._retry_s
-            finally:
+    def _loop(self) -> None:
+        while self._wait_for_next_run():
+            with self._running:
+                if self._stopped:
+                    return
                 with self._lock:
-                    self._running_since = None
-        self.poke(self._clock() + self._max_wait_s if next_at is None else next_at)
+                    self._ran_at = self._running_since = self._clock()
+                try:
+                    next_at = self._work()
+                except Exception:
+                    log.exception("%s failed; trying again in %s", self._name, format_duration(self._retry_s))
+                    next_at = self._clock() + self._retry_s
+                finally:
+                    with self._lock:
+                        self._running_since = None
+            self.poke(self._clock() + self._max_wait_s if next_at is None else next_at)
+
+    def _wait_for_next_run(self) -> bool:
+        """Wait until the next run is due and take it (False: stopped)."""
+        with self._lock:
+            while not self._stopped:
+                wait_s = self._next_monotonic - time.monotonic()
+                if wait_s <= 0:
+                    self._next_at = self._next_monotonic = math.inf
+                    return True
+                self._poked.wait(min(wait_s, self._max_wait_s))
+            return False
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Stop re-arming, and wait up to ``timeout_s`` for a run in progress."""
+        """Stop running ``work``, and wait up to ``timeout_s`` for a run in progress."""
         with self._lock:
             self._stopped = True
-            if self._timer is not None:
-                self._timer.cancel()
+            self._poked.notify()
         if self._running.acquire(timeout=timeout_s):
             self._running.release()
 

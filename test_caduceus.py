@@ -4986,6 +4986,18 @@ class SweeperTest(unittest.TestCase):
         sweeper.poke(time.time())
         runs.get(timeout=WAIT_S)
 
+    def test_every_run_is_in_the_one_thread_of_the_sweeper(self):
+        runs = queue.Queue()
+        sweeper = caduceus.Sweeper(lambda: runs.put(threading.get_ident()), name="test sweeper")
+        self.addCleanup(sweeper.stop)
+        sweeper.start()
+        threads = {runs.get(timeout=WAIT_S)}
+        for _ in range(20):
+            sweeper.poke(time.time())
+            threads.add(runs.get(timeout=WAIT_S))
+        self.assertEqual(len(threads), 1)
+        self.assertEqual([thread.name for thread in threading.enumerate()].count("test sweeper"), 1)
+
     def test_runs_at_the_time_work_asks_for(self):
         runs = queue.Queue()
 
