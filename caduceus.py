@@ -4835,14 +4835,26 @@ class Server(http.server.ThreadingHTTPServer):
 
     def serve_forever(self, poll_interval: float = 0.5) -> None:
         """Accept, read and dispatch until ``shutdown()``; then close the
-        connections not being answered (those being answered close after it)."""
-        pool = _HandlerPool(self.handler_threads, "http handler")
+        connections not being answered (those being answered close after it).
+        After a ``shutdown()`` that came first it returns at once, touching
+        nothing (the socket may be closed already)."""
+        with self._returned_lock:  # against shutdown(): it either finds the loop begun, or stops it here
+            if self._stop_loop:
+                self._stop_loop = False
+                return
+            self._loop_ended.clear()
         self._selector = selector = selectors.DefaultSelector()
-        self.socket.setblocking(False)
-        selector.register(self.socket, selectors.EVENT_READ, "listen")
-        selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        try:
+            self.socket.setblocking(False)
+            selector.register(self.socket, selectors.EVENT_READ, "listen")
+            selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        except BaseException:
+            selector.close()
+            self._selector = None
+            self._loop_ended.set()
+            raise
+        pool = _HandlerPool(self.handler_threads, "http handler")
         self._looping = True
-        self._loop_ended.clear()
         self.access_log.start()
         #: Deadlines are checked this often, so a short one is kept within a quarter.
         every_s = min(0.1, self.request_timeout_s / 4, self.idle_timeout_s / 4)
@@ -4866,7 +4878,7 @@ class Server(http.server.ThreadingHTTPServer):
             self.access_log.stop()
             selector.close()
             self._selector = None
-            self._stop_loop = False  # as socketserver does: a shutdown() before the loop began still counts
+            self._stop_loop = False
             self._loop_ended.set()
 
     def _on_event(self, what: _Connection | str, events: int, pool: _HandlerPool) -> None:
@@ -4892,8 +4904,10 @@ class Server(http.server.ThreadingHTTPServer):
                 log.exception("error in the connection loop (%s)", what)
 
     def shutdown(self) -> None:
-        """Stop the loop and wait until it has ended (requests being answered go on)."""
-        self._stop_loop = True
+        """Stop the loop and wait until it has ended (requests being answered go on).
+        Called before the loop began, it stops the loop from beginning."""
+        with self._returned_lock:
+            self._stop_loop = True
         self._wake()
         self._loop_ended.wait()
 

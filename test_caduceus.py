@@ -3850,6 +3850,14 @@ class HTTPTest(unittest.TestCase):
         self.assertEqual(lines, [("hourly: success from 127.0.0.1", 1700000000.25, 250.0),
                                  ("hourly: start from 127.0.0.1", 1700000000.25, 250.0)])
 
+    def test_a_shutdown_before_the_loop_begins_stops_it_from_beginning(self):
+        # A SIGTERM right after start: the service stops the loop, then closes its socket.
+        server = caduceus.Server(("127.0.0.1", 0), self.monitor)
+        server.shutdown()
+        server.server_close()
+        server.serve_forever()  # returns at once: it must not touch the closed socket
+        self.assertEqual(server.socket.fileno(), -1)
+
     def test_wrong_missing_or_empty_key_is_not_found(self):
         for path in ["/reset/hourly/", "/reset/hourly/?key=wrong", "/reset/hourly/?key=",
                      "/reset/hourly/?KEY=s3cret", "/reset/hourly/?key=x&key=s3cret"]:
