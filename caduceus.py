@@ -2629,28 +2629,8 @@ class _Outbox:
 
 
 ###############################################################################
-# Storage #####################################################################
+# Storage: group commit #######################################################
 ###############################################################################
-
-
-def _create_private(path: str) -> None:
-    """Create an empty database file readable by its owner only, unless there is one.
-
-    It holds job output and client addresses, and SQLite gives the -wal and
-    -shm files the database file's permissions.  An existing file keeps its
-    own.  Any other problem is left for SQLite to report as it opens the file.
-    """
-    try:
-        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-    except OSError:  # FileExistsError is the usual case
-        pass
-
-
-#: Idle read-only connections a Store keeps (see Store._reading); more are opened when needed.
-READERS_KEPT = 4
-#: UPDATE ... RETURNING (SQLite 3.35, 2021) saves a SELECT per check-in; older ones select.
-_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
-
 
 class _GroupCall:
     """One caller's work in a group commit, and how it ended (see Store.group_commit).
@@ -2680,7 +2660,122 @@ class _GroupCall:
         self._done.release()
 
 
-class Store(_Outbox):
+class _GroupCommit:
+    """The group-commit half of ``Store``: concurrent check-ins committed
+    together, so the fsync is paid once per batch.  A mixin: it uses the
+    store's ``_conn``, its ``_lock`` (held while a batch runs), ``_depth`` and
+    ``_owner`` (so store methods called by the work join the batch), and
+    ``_group_lock``, ``_group_queue`` and ``_group_leading``."""
+
+    def group_commit(self, work: Callable[[], Any]) -> Any:
+        """Run ``work()`` in a transaction shared with the callers that arrive while
+        another batch commits (group commit); return its result once committed.
+
+        The first caller to find no commit in progress leads: it takes every
+        queued call, runs each in its own SAVEPOINT (a call that raises is
+        rolled back alone and its caller gets its own exception), commits once,
+        wakes each caller of the batch (one wake-up each), and hands the lead to
+        the first caller queued meanwhile.  So the fsync is paid once per
+        batch, and a return still means committed: if the COMMIT fails (or
+        SQLite aborts the transaction), every call of the batch that had not
+        failed already raises that error.  ``work`` runs in the leader's thread
+        with the store's lock held; store methods it calls join the batch.
+        """
+        call = _GroupCall(work)
+        with self._group_lock:
+            self._group_queue.append(call)
+            lead = not self._group_leading
+            self._group_leading = True
+        if not lead:
+            call.wait()
+            lead = call.lead
+        if lead:
+            self._lead_batch()
+        if call.error is not None:
+            raise call.error
+        return call.result
+
+    def _lead_batch(self) -> None:
+        """Commit every queued call as one transaction, then wake their callers
+        and hand the lead on (see group_commit)."""
+        with self._group_lock:
+            batch, self._group_queue = self._group_queue, []
+        try:
+            with self._lock:
+                self._run_batch(batch)
+        finally:
+            with self._group_lock:
+                if self._group_queue:
+                    self._group_queue[0].lead = True
+                    self._group_queue[0].wake()
+                else:
+                    self._group_leading = False
+            for call in batch:
+                call.wake()
+
+    def _run_batch(self, batch: list[_GroupCall]) -> None:
+        """Run each call in a SAVEPOINT of one transaction and commit (store lock held)."""
+        try:
+            self._conn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:
+            for call in batch:
+                call.error = exc
+            return
+        self._depth, self._owner = 1, threading.get_ident()
+        try:
+            if len(batch) == 1:  # alone: the transaction is its savepoint
+                batch[0].result = batch[0].work()
+            else:
+                for call in batch:
+                    self._run_savepoint(call)
+            self._conn.execute("COMMIT")
+        except BaseException as exc:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            for call in batch:
+                if call.error is None or call.error is exc:
+                    call.result, call.error = None, exc
+        finally:
+            self._depth, self._owner = 0, None
+
+    def _run_savepoint(self, call: _GroupCall) -> None:
+        """Run one call of a batch in its own SAVEPOINT: if it raises, only it is rolled back."""
+        self._conn.execute("SAVEPOINT checkin")
+        try:
+            call.result = call.work()
+        except BaseException as exc:  # handed to its own caller, in its own thread
+            call.error = exc
+            if not self._conn.in_transaction:  # SQLite gave up the whole transaction
+                raise
+            self._conn.execute("ROLLBACK TO checkin")
+        self._conn.execute("RELEASE checkin")
+
+
+###############################################################################
+# Storage #####################################################################
+###############################################################################
+
+
+def _create_private(path: str) -> None:
+    """Create an empty database file readable by its owner only, unless there is one.
+
+    It holds job output and client addresses, and SQLite gives the -wal and
+    -shm files the database file's permissions.  An existing file keeps its
+    own.  Any other problem is left for SQLite to report as it opens the file.
+    """
+    try:
+        os.close(os.open(os.path.realpath(path), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:  # FileExistsError is the usual case
+        pass
+
+
+#: Idle read-only connections a Store keeps (see Store._reading); more are opened when needed.
+READERS_KEPT = 4
+#: UPDATE ... RETURNING (SQLite 3.35, 2021) saves a SELECT per check-in; older ones select.
+_HAS_RETURNING = sqlite3.sqlite_version_info >= (3, 35)
+
+
+class Store(_Outbox, _GroupCommit):
     """The SQLite file that holds all state.
 
     One connection shared by all threads; every write goes through
@@ -2805,89 +2900,6 @@ class Store(_Outbox):
                 raise
             finally:
                 self._depth, self._owner = 0, None
-
-    def group_commit(self, work: Callable[[], Any]) -> Any:
-        """Run ``work()`` in a transaction shared with the callers that arrive while
-        another batch commits (group commit); return its result once committed.
-
-        The first caller to find no commit in progress leads: it takes every
-        queued call, runs each in its own SAVEPOINT (a call that raises is
-        rolled back alone and its caller gets its own exception), commits once,
-        wakes each caller of the batch (one Event each), and hands the lead to
-        the first caller queued meanwhile.  So the fsync is paid once per
-        batch, and a return still means committed: if the COMMIT fails (or
-        SQLite aborts the transaction), every call of the batch that had not
-        failed already raises that error.  ``work`` runs in the leader's thread
-        with the store's lock held; store methods it calls join the batch.
-        """
-        call = _GroupCall(work)
-        with self._group_lock:
-            self._group_queue.append(call)
-            lead = not self._group_leading
-            self._group_leading = True
-        if not lead:
-            call.wait()
-            lead = call.lead
-        if lead:
-            self._lead_batch()
-        if call.error is not None:
-            raise call.error
-        return call.result
-
-    def _lead_batch(self) -> None:
-        """Commit every queued call as one transaction, then wake their callers
-        and hand the lead on (see group_commit)."""
-        with self._group_lock:
-            batch, self._group_queue = self._group_queue, []
-        try:
-            with self._lock:
-                self._run_batch(batch)
-        finally:
-            with self._group_lock:
-                if self._group_queue:
-                    self._group_queue[0].lead = True
-                    self._group_queue[0].wake()
-                else:
-                    self._group_leading = False
-            for call in batch:
-                call.wake()
-
-    def _run_batch(self, batch: list[_GroupCall]) -> None:
-        """Run each call in a SAVEPOINT of one transaction and commit (store lock held)."""
-        try:
-            self._conn.execute("BEGIN IMMEDIATE")
-        except BaseException as exc:
-            for call in batch:
-                call.error = exc
-            return
-        self._depth, self._owner = 1, threading.get_ident()
-        try:
-            if len(batch) == 1:  # alone: the transaction is its savepoint
-                batch[0].result = batch[0].work()
-            else:
-                for call in batch:
-                    self._run_savepoint(call)
-            self._conn.execute("COMMIT")
-        except BaseException as exc:
-            if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
-            for call in batch:
-                if call.error is None or call.error is exc:
-                    call.result, call.error = None, exc
-        finally:
-            self._depth, self._owner = 0, None
-
-    def _run_savepoint(self, call: _GroupCall) -> None:
-        """Run one call of a batch in its own SAVEPOINT: if it raises, only it is rolled back."""
-        self._conn.execute("SAVEPOINT checkin")
-        try:
-            call.result = call.work()
-        except BaseException as exc:  # handed to its own caller, in its own thread
-            call.error = exc
-            if not self._conn.in_transaction:  # SQLite gave up the whole transaction
-                raise
-            self._conn.execute("ROLLBACK TO checkin")
-        self._conn.execute("RELEASE checkin")
 
     def _all(self, sql: str, params: tuple = ()) -> list[sqlite3.Row]:
         with self._reading() as conn:
