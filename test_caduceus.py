@@ -16,6 +16,7 @@ import email
 import email.header
 import email.policy
 import email.utils
+import gc
 import html
 import http.client
 import http.server
@@ -41,6 +42,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import tracemalloc
 import time
 import unittest
 import unittest.mock
@@ -783,6 +785,23 @@ class ConfigTest(unittest.TestCase):
         for fragment in fragments:
             self.assertIn(fragment, message)
         return message
+
+    def test_a_loaded_config_keeps_its_alerts_not_the_parse(self):
+        # 2,000 alerts: what load_config keeps is a small part of what reading took.
+        text = "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
+            f"[alerts.job-{number:04d}]\nevery = \"1h\"\nnotify_every = \"1h\"\n" for number in range(2000))
+        path = write_config(self, text)
+        caduceus.load_config(path)  # once first: caches (parsed durations, time zones) are not what is measured
+        gc.collect()
+        tracemalloc.start()
+        self.addCleanup(tracemalloc.stop)
+        before = tracemalloc.get_traced_memory()[0]
+        config = caduceus.load_config(path)
+        gc.collect()
+        kept, peak = (size - before for size in tracemalloc.get_traced_memory())
+        self.assertEqual(len(config.checks), 2000)
+        self.assertLess(kept, peak / 3, f"kept {kept} of a peak of {peak} bytes")
+        self.assertLess(kept / 2000, 1024, "bytes kept per alert")
 
     def test_reads_the_original_format_unchanged(self):
         config = config_from(self, ORIGINAL_README_CONFIG)
