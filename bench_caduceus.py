@@ -40,7 +40,9 @@ What it measures, in this order:
   check-ins).  The run has a 3-minute budget: the 100,000-alert start-up
   is waited for until the budget is spent (``--startup-cap``, 120 s, at
   most; ``--budget 0`` waits that long) and shown as "> N s" if it takes
-  longer.
+  longer.  Also what reading a config of 10,000 alerts keeps and its
+  peak, measured with tracemalloc in a Python of its own: no parse peak
+  may be left behind.
 - Database size: 100,000 POSTs with 1 KiB bodies spread evenly over 10,000
   alerts (so Caduceus keeps every body: at most 100 signals per alert; the
   load stops early after 75 s, and says so), then SIGTERM, which
@@ -992,6 +994,42 @@ def measure_database(plan: Plan, pool: ClientPool, workdir: str, caduceus_path: 
                  "load_req_s": round(load["completed"] / load["wall_s"], 1), **latency_ms(load["latencies"])}
 
 
+#: Run by measure_config_memory in a Python of its own: load the config twice
+#: (the first fills caches), and measure the second with tracemalloc.
+_CONFIG_MEMORY_PROBE = """
+import gc, importlib.util, json, sys, tracemalloc
+spec = importlib.util.spec_from_file_location("caduceus_probe", sys.argv[1])
+caduceus = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # dataclasses look it up
+spec.loader.exec_module(caduceus)
+caduceus.load_config(sys.argv[2])
+gc.collect()
+tracemalloc.start()
+before = tracemalloc.get_traced_memory()[0]
+config = caduceus.load_config(sys.argv[2])
+gc.collect()
+kept, peak = (size - before for size in tracemalloc.get_traced_memory())
+print(json.dumps({"alerts": len(config.checks), "kept_bytes": kept, "peak_bytes": peak}))
+"""
+
+
+def measure_config_memory(plan: Plan, workdir: str, caduceus_path: str, tally: Tally,
+                          say: Callable[[str], None]) -> dict[str, Any] | None:
+    """What reading a config of ``db_alerts`` alerts keeps, and its peak (tracemalloc):
+    no parse peak may be left behind."""
+    say(f"config memory: {plan.db_alerts:,} alerts (tracemalloc)")
+    path = os.path.join(workdir, "config-memory.toml")
+    with open(path, "w", encoding="utf-8") as file:
+        file.write(render_config(dict.fromkeys(alert_names(plan.db_alerts), 3600.0)))
+    probe = subprocess.run([sys.executable, "-c", _CONFIG_MEMORY_PROBE, caduceus_path, path],
+                           capture_output=True, text=True, timeout=120)
+    if probe.returncode != 0:
+        tally.add(1, "config memory", [f"the probe failed: {probe.stderr.strip()[-300:]}"])
+        return None
+    figures = json.loads(probe.stdout)
+    figures["kept_per_alert_bytes"] = round(figures["kept_bytes"] / max(figures["alerts"], 1))
+    return figures
+
+
 def measure_big(plan: Plan, pool: ClientPool, workdir: str, caduceus_path: str, cap_s: float,
                 tally: Tally, say: Callable[[str], None]) -> dict[str, Any]:
     """Start-up and memory at ``big_alerts`` alerts, idle and after ``big_checkins`` check-ins."""
@@ -1158,7 +1196,13 @@ def format_report(result: Mapping[str, Any]) -> str:
     lines += _table(["alerts", "start-up s", "RSS idle MB", "RSS after MB", "after"],
                     [[_fmt(row["alerts"]), f"> {_fmt(row['cap_s'])}" if row["startup_s"] is None
                       else _fmt(row["startup_s"], 3), _fmt(row["rss_idle_mb"]), _fmt(row["rss_after_mb"]),
-                      row["load"]] for row in result["startup"]]) + [""]
+                      row["load"]] for row in result["startup"]])
+    memory = result.get("config_memory")
+    if memory:
+        lines += [f"  reading a config of {memory['alerts']:,} alerts (tracemalloc): keeps "
+                  f"{memory['kept_bytes'] / 2**20:.1f} MiB ({memory['kept_per_alert_bytes']:,} B per alert) "
+                  f"of a peak of {memory['peak_bytes'] / 2**20:.1f} MiB"]
+    lines += [""]
     db = result["database"]
     lines += [f"Database: {db['checkins']:,} check-ins with {db['body_bytes']} B bodies over {db['alerts']:,} "
               f"alerts ({db['load_req_s']:,.0f}/s, p99 {_fmt(db['p99_ms'], 2)} ms)"
@@ -1193,6 +1237,7 @@ def run(plan: Plan, caduceus_path: str, client_processes: int, cap_s: float,
         result["checkins"], first_row = run_checkin_servers(plan, pool, workdir, caduceus_path, cap_s, tally, say)
         result["lateness"] = measure_lateness(plan, workdir, caduceus_path, tally, say)
         db_row, result["database"] = measure_database(plan, pool, workdir, caduceus_path, cap_s, tally, say)
+        result["config_memory"] = measure_config_memory(plan, workdir, caduceus_path, tally, say)
         result["startup"] = [first_row, db_row]
         if plan.big_alerts:
             if plan.budget_s:  # what is left of the budget, less the load and the stop after it

@@ -7371,6 +7371,8 @@ class BenchmarkTest(unittest.TestCase):
         self.assertEqual(database["checkins"], database["planned_checkins"])
         self.assertGreater(database["disk_bytes"], 0)
         self.assertIsNotNone(database["disk_per_kept"])
+        self.assertEqual(result["config_memory"]["alerts"], 20)
+        self.assertLess(0, result["config_memory"]["kept_bytes"], result["config_memory"]["peak_bytes"])
         self.assertTrue(all(target["result"] in ("PASS", "MISS", "n/a") for target in result["targets"]))
 
 
