@@ -2953,13 +2953,13 @@ class Store(_Outbox, _GroupCommit):
             # Monitor moves started_at with a wall clock step; 0 only if one went unseen (a restart).
             # A run without a start has no known duration: forget the previous one.
             update = ("UPDATE checks SET n_pings = n_pings + 1, "
-                      "last_ping_at = CASE WHEN ?1 = 'success' THEN ?2 ELSE last_ping_at END, "
-                      "clock_step_s = CASE WHEN ?1 = 'success' THEN 0 ELSE clock_step_s END, "
-                      "last_duration_s = CASE WHEN ?1 NOT IN ('success', 'fail') THEN last_duration_s "
-                      "WHEN started_at IS NULL THEN NULL ELSE MAX(?2 - started_at, 0.0) END, "
-                      "started_at = CASE ?1 WHEN 'start' THEN ?2 WHEN 'log' THEN started_at END "
-                      "WHERE name = ?3")
-            params = (ping.kind, at, name)
+                      "last_ping_at = CASE WHEN :kind = 'success' THEN :at ELSE last_ping_at END, "
+                      "clock_step_s = CASE WHEN :kind = 'success' THEN 0 ELSE clock_step_s END, "
+                      "last_duration_s = CASE WHEN :kind NOT IN ('success', 'fail') THEN last_duration_s "
+                      "WHEN started_at IS NULL THEN NULL ELSE MAX(:at - started_at, 0.0) END, "
+                      "started_at = CASE :kind WHEN 'start' THEN :at WHEN 'log' THEN started_at END "
+                      "WHERE name = :name")
+            params = {"kind": ping.kind, "at": at, "name": name}
             if _HAS_RETURNING:
                 row = conn.execute(update + " RETURNING *", params).fetchone()
             else:
@@ -2985,11 +2985,11 @@ class Store(_Outbox, _GroupCommit):
     def _trim_bodies(self, conn: sqlite3.Connection, name: str) -> None:
         """Empty the bodies of the alert's older signals beyond HISTORY_BYTES
         (counted from the newest; the newest keeps its body whatever its size)."""
-        conn.execute("UPDATE pings SET body = '', body_bytes = 0 WHERE check_name = ?1 AND body_bytes > 0 "
-                     "AND slot < (SELECT MAX(slot) FROM pings WHERE check_name = ?1) AND slot <= "
+        conn.execute("UPDATE pings SET body = '', body_bytes = 0 WHERE check_name = :name AND body_bytes > 0 "
+                     "AND slot < (SELECT MAX(slot) FROM pings WHERE check_name = :name) AND slot <= "
                      "(SELECT slot FROM (SELECT slot, SUM(body_bytes) OVER (ORDER BY slot DESC) AS kept "
-                     "FROM pings WHERE check_name = ?1) WHERE kept > ?2 ORDER BY slot DESC LIMIT 1)",
-                     (name, self.history_bytes))
+                     "FROM pings WHERE check_name = :name) WHERE kept > :budget ORDER BY slot DESC LIMIT 1)",
+                     {"name": name, "budget": self.history_bytes})
 
     def pings(self, name: str) -> list[sqlite3.Row]:
         """The alert's recent signals in the order they arrived (not by ``at``:
@@ -3068,10 +3068,10 @@ class Store(_Outbox, _GroupCommit):
         conn.execute("INSERT INTO deliveries (check_name, at, channel, kind, result, error) "
                      "SELECT check_name, ?, channel, kind, ?, ? FROM outbox WHERE id = ?",
                      (at, result, error, notice_id))
-        conn.execute("DELETE FROM deliveries WHERE check_name = (SELECT check_name FROM outbox WHERE id = ?1) "
+        conn.execute("DELETE FROM deliveries WHERE check_name = (SELECT check_name FROM outbox WHERE id = :id) "
                      "AND id NOT IN (SELECT id FROM deliveries WHERE check_name = "
-                     "(SELECT check_name FROM outbox WHERE id = ?1) ORDER BY id DESC LIMIT ?2)",
-                     (notice_id, self.history))
+                     "(SELECT check_name FROM outbox WHERE id = :id) ORDER BY id DESC LIMIT :kept)",
+                     {"id": notice_id, "kept": self.history})
 
     def paused_from(self, name: str) -> str | None:
         """The status the alert had when its latest pause began, or None."""
@@ -3098,13 +3098,13 @@ class Store(_Outbox, _GroupCommit):
         History (pings, flips) keeps the times it was recorded at.
         """
         with self.transaction() as conn:
-            conn.execute("UPDATE checks SET first_seen_at = first_seen_at + ?1, "
-                         "last_ping_at = last_ping_at + ?1, started_at = started_at + ?1, "
-                         "down_at = down_at + ?1, notified_at = notified_at + ?1, "
-                         "paused_until = paused_until + ?1, resumed_at = resumed_at + ?1, "
-                         "clock_step_s = clock_step_s + ?1", (step_s,))
-            conn.execute("UPDATE outbox SET created_at = created_at + ?1, "
-                         "next_attempt_at = next_attempt_at + ?1 WHERE failed = 0", (step_s,))
+            conn.execute("UPDATE checks SET first_seen_at = first_seen_at + :step, "
+                         "last_ping_at = last_ping_at + :step, started_at = started_at + :step, "
+                         "down_at = down_at + :step, notified_at = notified_at + :step, "
+                         "paused_until = paused_until + :step, resumed_at = resumed_at + :step, "
+                         "clock_step_s = clock_step_s + :step", {"step": step_s})
+            conn.execute("UPDATE outbox SET created_at = created_at + :step, "
+                         "next_attempt_at = next_attempt_at + :step WHERE failed = 0", {"step": step_s})
 
     # Liveness --------------------------------------------------------------
 
