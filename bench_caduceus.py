@@ -1020,8 +1020,12 @@ def measure_config_memory(plan: Plan, workdir: str, caduceus_path: str, tally: T
     path = os.path.join(workdir, "config-memory.toml")
     with open(path, "w", encoding="utf-8") as file:
         file.write(render_config(dict.fromkeys(alert_names(plan.db_alerts), 3600.0)))
-    probe = subprocess.run([sys.executable, "-c", _CONFIG_MEMORY_PROBE, caduceus_path, path],
-                           capture_output=True, text=True, timeout=120)
+    try:
+        probe = subprocess.run([sys.executable, "-c", _CONFIG_MEMORY_PROBE, caduceus_path, path],
+                               capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        tally.add(1, "config memory", ["the probe took more than 120 s"])
+        return None
     if probe.returncode != 0:
         tally.add(1, "config memory", [f"the probe failed: {probe.stderr.strip()[-300:]}"])
         return None

@@ -4306,8 +4306,12 @@ class _HandlerPool:
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = [threading.Thread(target=self._work, name=f"{name} {number}", daemon=True)
                          for number in range(size)]
-        for thread in self._threads:
-            thread.start()
+        try:
+            for thread in self._threads:
+                thread.start()
+        except BaseException:  # "can't start new thread": end those that did start
+            self.stop()
+            raise
 
     def submit(self, call: Callable[..., None], *args: Any) -> None:
         self._calls.put((call, args))
@@ -4855,19 +4859,24 @@ class Server(http.server.ThreadingHTTPServer):
                 self._stop_loop = False
                 return
             self._loop_ended.clear()
-        self._selector = selector = selectors.DefaultSelector()
-        try:
+        selector = pool = None
+        try:  # a set-up that fails (out of threads or descriptors) must not leave shutdown() waiting
+            self._selector = selector = selectors.DefaultSelector()
             self.socket.setblocking(False)
             selector.register(self.socket, selectors.EVENT_READ, "listen")
             selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            pool = _HandlerPool(self.handler_threads, "http handler")
+            self.access_log.start()
         except BaseException:
-            selector.close()
+            if pool is not None:
+                pool.stop()
+            if selector is not None:
+                selector.close()
             self._selector = None
+            self._stop_loop = False
             self._loop_ended.set()
             raise
-        pool = _HandlerPool(self.handler_threads, "http handler")
         self._looping = True
-        self.access_log.start()
         #: Deadlines are checked this often, so a short one is kept within a quarter.
         every_s = min(0.1, self.request_timeout_s / 4, self.idle_timeout_s / 4)
         checked_at = time.monotonic()
@@ -5961,6 +5970,11 @@ SEND_WEDGED_S = 15 * 60.0
 HEARTBEAT_TIMEOUT_S = 10.0
 
 
+#: A poke for a run less than this much sooner than the one set changes nothing:
+#: the same deadline, read again through two clocks, must not wake the thread.
+POKE_SLACK_S = 0.001
+
+
 class Sweeper:
     """Calls ``work()`` in a thread of its own, when ``work`` asks to.
 
@@ -5989,9 +6003,8 @@ class Sweeper:
         self._poked = threading.Condition(self._lock)
         self._running = threading.Lock()
         self._thread: threading.Thread | None = None
-        #: The next run: when it was asked for (``clock``), and when it happens
-        #: (``time.monotonic()``, so a wall clock step neither hastens nor stalls it).
-        self._next_at = math.inf
+        #: When the next run happens, in ``time.monotonic()`` seconds, so that a
+        #: wall clock step neither postpones a run nor keeps a poke from bringing it forward.
         self._next_monotonic = math.inf
         self._stopped = False
         #: When ``work`` last started (``clock``), and since when it runs now (None: it does not).
@@ -6025,17 +6038,20 @@ class Sweeper:
 
     def poke(self, at: float) -> None:
         """Make sure ``work`` runs no later than ``at`` (epoch seconds).  The
-        first poke (or ``start()``) starts the thread."""
+        first poke (or ``start()``) starts the thread, as does a poke that finds
+        it killed."""
         with self._lock:
-            if self._stopped or at >= self._next_at:
+            if self._stopped:
                 return
-            delay = min(max(at - self._clock(), 0.0), self._max_wait_s)
-            self._next_at = at if delay < self._max_wait_s else self._clock() + delay
-            self._next_monotonic = time.monotonic() + delay
+            due = time.monotonic() + min(max(at - self._clock(), 0.0), self._max_wait_s)
+            if due >= self._next_monotonic - POKE_SLACK_S:
+                return
+            self._next_monotonic = due
             self._poked.notify()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
-                self._thread.start()
+            if self._thread is None or not self._thread.is_alive():  # not yet started, or killed
+                thread = threading.Thread(target=self._loop, name=self._name, daemon=True)
+                thread.start()
+                self._thread = thread
 
     def _loop(self) -> None:
         while self._wait_for_next_run():
@@ -6046,7 +6062,7 @@ class Sweeper:
                     self._ran_at = self._running_since = self._clock()
                 try:
                     next_at = self._work()
-                except Exception:
+                except BaseException:  # SystemExit too: this thread must outlive what its work raises
                     log.exception("%s failed; trying again in %s", self._name, format_duration(self._retry_s))
                     next_at = self._clock() + self._retry_s
                 finally:
@@ -6060,7 +6076,7 @@ class Sweeper:
             while not self._stopped:
                 wait_s = self._next_monotonic - time.monotonic()
                 if wait_s <= 0:
-                    self._next_at = self._next_monotonic = math.inf
+                    self._next_monotonic = math.inf
                     return True
                 self._poked.wait(min(wait_s, self._max_wait_s))
             return False

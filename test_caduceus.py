@@ -3869,6 +3869,17 @@ class HTTPTest(unittest.TestCase):
         self.assertEqual(lines, [("hourly: success from 127.0.0.1", 1700000000.25, 250.0),
                                  ("hourly: start from 127.0.0.1", 1700000000.25, 250.0)])
 
+    def test_a_loop_that_cannot_begin_leaves_shutdown_free_to_return(self):
+        server = caduceus.Server(("127.0.0.1", 0), self.monitor)
+        self.addCleanup(server.server_close)
+        with unittest.mock.patch.object(caduceus, "_HandlerPool", side_effect=RuntimeError("can't start new thread")):
+            with self.assertRaises(RuntimeError):
+                server.serve_forever()
+        stopper = threading.Thread(target=server.shutdown, daemon=True)
+        stopper.start()
+        stopper.join(WAIT_S)
+        self.assertFalse(stopper.is_alive(), "shutdown() waits for a loop that never began")
+
     def test_a_shutdown_before_the_loop_begins_stops_it_from_beginning(self):
         # A SIGTERM right after start: the service stops the loop, then closes its socket.
         server = caduceus.Server(("127.0.0.1", 0), self.monitor)
@@ -5024,6 +5035,73 @@ class SweeperTest(unittest.TestCase):
             threads.add(runs.get(timeout=WAIT_S))
         self.assertEqual(len(threads), 1)
         self.assertEqual([thread.name for thread in threading.enumerate()].count("test sweeper"), 1)
+
+    def test_a_run_killed_by_a_base_exception_is_not_the_last(self):
+        runs = queue.Queue()
+
+        def work():
+            runs.put(1)
+            if runs.qsize() == 1:
+                raise SystemExit  # not an Exception: it ends the sweeper's thread
+            return time.time() + 3600
+
+        sweeper = caduceus.Sweeper(work, retry_s=3600)
+        self.addCleanup(sweeper.stop)
+        with self.assertLogs("caduceus", "ERROR") as logs:
+            sweeper.start()
+            runs.get(timeout=WAIT_S)
+            sweeper.poke(time.time())
+            runs.get(timeout=WAIT_S)
+        self.assertIn("SystemExit", logs.output[0])
+
+    def test_a_poke_starts_a_new_thread_when_its_thread_was_killed(self):
+        clock = FakeClock()
+        failing = [False]
+
+        def read_clock():
+            if failing[0]:
+                failing[0] = False
+                raise OSError("the clock failed")  # read by the thread after work: it dies
+            return clock.now
+
+        runs = queue.Queue()
+
+        def work():
+            failing[0] = runs.empty()
+            runs.put(threading.current_thread())
+            return clock.now + 3600
+
+        sweeper = caduceus.Sweeper(work, clock=read_clock, max_wait_s=3600)
+        self.addCleanup(sweeper.stop)
+        with unittest.mock.patch.object(threading, "excepthook") as excepthook:
+            sweeper.start()
+            first = runs.get(timeout=WAIT_S)
+            first.join(WAIT_S)
+        self.assertEqual(excepthook.call_count, 1)
+        sweeper.poke(clock.now)
+        self.assertIsNot(runs.get(timeout=WAIT_S), first)
+
+    def test_a_wall_clock_step_forward_does_not_keep_a_due_poke_waiting(self):
+        clock = FakeClock()
+        runs = queue.Queue()
+        sweeper = caduceus.Sweeper(lambda: runs.put(1) or clock.now + 3600, clock=clock, max_wait_s=3600)
+        self.addCleanup(sweeper.stop)
+        sweeper.start()
+        runs.get(timeout=WAIT_S)
+        clock.advance(7200)  # the next run was asked for an hour ago, by the wall clock
+        sweeper.poke(clock.now)
+        runs.get(timeout=WAIT_S)
+
+    def test_a_wall_clock_step_back_does_not_put_off_a_run(self):
+        clock = FakeClock()
+        runs = queue.Queue()
+        sweeper = caduceus.Sweeper(lambda: runs.put(1) or clock.now + 0.05, clock=clock, max_wait_s=3600)
+        self.addCleanup(sweeper.stop)
+        sweeper.start()
+        runs.get(timeout=WAIT_S)
+        clock.advance(-3600)
+        sweeper.poke(clock.now + 60)  # a minute away by the stepped clock: later than the run set
+        runs.get(timeout=WAIT_S)
 
     def test_runs_at_the_time_work_asks_for(self):
         runs = queue.Queue()
