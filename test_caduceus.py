@@ -4243,6 +4243,38 @@ def read_to_end(sock: socket.socket) -> bytes:
         chunks.append(chunk)
 
 
+class HandlerPoolTest(unittest.TestCase):
+    """The handler threads' pool: one wake-up per call, the warmest thread first."""
+
+    def test_calls_one_at_a_time_all_go_to_the_thread_idle_the_shortest(self):
+        pool = caduceus._HandlerPool(4, "test pool")
+        self.addCleanup(pool.stop)
+        ran = queue.Queue()
+        threads = set()
+        for number in range(20):
+            give_up_at = time.monotonic() + WAIT_S
+            while len(pool._idle) < 4 and time.monotonic() < give_up_at:  # all waiting, as between requests
+                time.sleep(0.001)
+            pool.submit(lambda number=number: ran.put((number, threading.get_ident())))
+            got, thread = ran.get(timeout=WAIT_S)
+            self.assertEqual(got, number)
+            threads.add(thread)
+        self.assertEqual(len(threads), 1, "a rotating queue would have woken each thread in turn")
+
+    def test_calls_beyond_the_threads_wait_in_order_and_stop_lets_them_run(self):
+        pool = caduceus._HandlerPool(1, "test pool")
+        release, ran = threading.Event(), []
+        pool.submit(release.wait, WAIT_S)
+        for number in range(5):
+            pool.submit(ran.append, number)
+        pool.stop()
+        release.set()
+        for thread in pool._threads:
+            thread.join(WAIT_S)
+            self.assertFalse(thread.is_alive())
+        self.assertEqual(ran, [0, 1, 2, 3, 4])
+
+
 class AccessLogTest(unittest.TestCase):
     """Check-in log lines, written by a thread of their own."""
 
