@@ -5113,24 +5113,25 @@ class SweeperTest(unittest.TestCase):
         sweeper.poke(clock.now)
         self.assertIsNot(runs.get(timeout=WAIT_S), first)
 
-    def test_a_wall_clock_step_forward_does_not_keep_a_due_poke_waiting(self):
-        clock = FakeClock()
+    def ran_once(self, clock: FakeClock, again_in_s: float) -> tuple[caduceus.Sweeper, queue.Queue]:
+        """A sweeper on ``clock`` that has run once and asks to run again in ``again_in_s``."""
         runs = queue.Queue()
-        sweeper = caduceus.Sweeper(lambda: runs.put(1) or clock.now + 3600, clock=clock, max_wait_s=3600)
+        sweeper = caduceus.Sweeper(lambda: runs.put(1) or clock.now + again_in_s, clock=clock, max_wait_s=3600)
         self.addCleanup(sweeper.stop)
         sweeper.start()
         runs.get(timeout=WAIT_S)
+        return sweeper, runs
+
+    def test_a_wall_clock_step_forward_does_not_keep_a_due_poke_waiting(self):
+        clock = FakeClock()
+        sweeper, runs = self.ran_once(clock, 3600)
         clock.advance(7200)  # the next run was asked for an hour ago, by the wall clock
         sweeper.poke(clock.now)
         runs.get(timeout=WAIT_S)
 
     def test_a_wall_clock_step_back_does_not_put_off_a_run(self):
         clock = FakeClock()
-        runs = queue.Queue()
-        sweeper = caduceus.Sweeper(lambda: runs.put(1) or clock.now + 0.05, clock=clock, max_wait_s=3600)
-        self.addCleanup(sweeper.stop)
-        sweeper.start()
-        runs.get(timeout=WAIT_S)
+        sweeper, runs = self.ran_once(clock, 0.05)
         clock.advance(-3600)
         sweeper.poke(clock.now + 60)  # a minute away by the stepped clock: later than the run set
         runs.get(timeout=WAIT_S)
