@@ -1461,16 +1461,20 @@ def _retry_after(headers: http.client.HTTPMessage, answer: bytes) -> object:
             return float(value.strip())
         except ValueError:
             return None  # an HTTP date: the backoff will do
-    try:
-        data = json.loads(answer or b"{}")
-    except (ValueError, RecursionError):
-        return None
-    if not isinstance(data, dict):
-        return None
+    data = _json_object(answer)
     if "retry_after_ms" in data:  # Matrix
         wait = data["retry_after_ms"]
         return wait / 1000 if isinstance(wait, (int, float)) and not isinstance(wait, bool) else None
     return data.get("retry_after")  # Discord, in seconds
+
+
+def _json_object(answer: bytes) -> dict:
+    """An answer's JSON object, or {} when it is anything else."""
+    try:
+        data = json.loads(answer or b"{}")
+    except (ValueError, RecursionError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _header_text(value: str) -> str:
@@ -1630,12 +1634,7 @@ def send_telegram(conf: TelegramConf, notice: Notice) -> None:
         raise NotifyError(f"talking to Telegram at {where} failed: {type(exc).__name__}") from None
     if 200 <= status < 300:
         return
-    try:
-        answer = json.loads(answer_bytes or b"{}")
-    except (ValueError, RecursionError):
-        answer = None
-    if not isinstance(answer, dict):
-        answer = {}
+    answer = _json_object(answer_bytes)
     description = answer.get("description") or http.client.responses.get(status, "")
     if status == 429:
         parameters = answer.get("parameters")
@@ -2096,7 +2095,7 @@ class Config:
     #: Fetched every ``heartbeat_every_s`` while Caduceus is healthy ("": none).
     heartbeat_url: str = dataclasses.field(default="", repr=False)
     heartbeat_every_s: float = 60.0
-    #: Proxies whose X-Forwarded-For is believed (see Handler._client_of).
+    #: Proxies whose X-Forwarded-For is believed (see Exchange._client_of).
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     public_dashboard: bool = False  #: the read-only views open without the key
     public_badges: bool = True  #: badges open without the key
@@ -2360,13 +2359,10 @@ def config_changes(old: Config, new: Config) -> list[str]:
     changes += [f"removed channel {name}" for name in old.channels if name not in new.channels]
     changes += [f"changed channel {name}" for name, instance in new.channels.items()
                 if name in old.channels and old.channels[name] != instance]
-    for field, words in (("secret_key", "[config] secret_key"), ("base_url", "[config] base_url"),
-                         ("max_connections", "[config] max_connections"),
-                         ("heartbeat_url", "[config] heartbeat_url"),
-                         ("heartbeat_every_s", "[config] heartbeat_every"),
-                         ("trusted_proxies", "[config] trusted_proxies")):
+    for key in ("secret_key", "base_url", "max_connections", "heartbeat_url", "heartbeat_every", "trusted_proxies"):
+        field = "heartbeat_every_s" if key == "heartbeat_every" else key
         if getattr(old, field) != getattr(new, field):
-            changes.append(f"changed {words}")
+            changes.append(f"changed [config] {key}")
     return changes
 
 
@@ -4215,10 +4211,6 @@ class _Connection:
         self.state = state
 
 
-def _since(conn: _Connection) -> float:
-    return conn.since
-
-
 class _Connections:
     """The open connections of a server, the connection loop's to change.
 
@@ -4239,9 +4231,6 @@ class _Connections:
         self._open: dict[socket.socket, _Connection] = {}
         self._closed = self._refused = 0
         self._logged_at = -math.inf
-
-    def __len__(self) -> int:
-        return len(self._open)
 
     def all(self) -> list[_Connection]:
         with self._lock:
@@ -4265,10 +4254,10 @@ class _Connections:
     def make_room(self, now: float, close: Callable[[_Connection], None]) -> bool:
         """Close the connection idle the longest, else the oldest slow request; False if there is none."""
         conns = self._open.values()
-        victim = min((conn for conn in conns if conn.state == IDLE), key=_since, default=None)
+        victim = min((conn for conn in conns if conn.state == IDLE), key=lambda conn: conn.since, default=None)
         if victim is None:
             victim = min((conn for conn in conns if conn.state == READING
-                          and now - conn.since > self.slow_request_s), key=_since, default=None)
+                          and now - conn.since > self.slow_request_s), key=lambda conn: conn.since, default=None)
         if victim is None:
             return False
         self._closed += 1
@@ -4529,10 +4518,9 @@ class Headers:
                 return value
         return default
 
-    def get_all(self, name: str, default: Any = None) -> Any:
+    def get_all(self, name: str) -> list[str]:
         name = name.lower()
-        values = [value for key, value in self._fields if key == name]
-        return values or default
+        return [value for key, value in self._fields if key == name]
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and self.get(name) is not None
@@ -4633,7 +4621,7 @@ def parse_head(head: bytes) -> _Incoming:
 def _body_length(headers: Headers) -> int:
     """The body's length from Content-Length (0 without); raises _BadRequest
     (400, 411, 413) when the framing is not one plain Content-Length."""
-    lengths = set(headers.get_all("Content-Length", ()))
+    lengths = set(headers.get_all("Content-Length"))
     if "transfer-encoding" in headers:
         if lengths:
             raise _BadRequest(400, "Transfer-Encoding and Content-Length together")
@@ -4670,7 +4658,7 @@ TEXT_TYPE = "text/plain; charset=utf-8"
 @dataclasses.dataclass(frozen=True)
 class Response:
     """What a page returns: status, body, its Content-Type and any extra headers.
-    ``Handler._send`` adds Content-Length and SECURITY_HEADERS."""
+    ``Exchange._encode`` adds Content-Length and SECURITY_HEADERS."""
 
     status: int = 200
     body: bytes = b""
@@ -4699,7 +4687,7 @@ class Request:
     target: str
     path: str
     query: Mapping[str, list[str]]
-    headers: Any  # http.client.HTTPMessage
+    headers: Headers
     body: bytes
     body_length: int
     client: str
@@ -5335,7 +5323,7 @@ class Exchange:
         hop = _ip(peer)
         if hop is None or not _trusted(hop, trusted):
             return peer
-        entries = [entry.strip() for header in headers.get_all("X-Forwarded-For", [])
+        entries = [entry.strip() for header in headers.get_all("X-Forwarded-For")
                    for entry in header.split(",")]
         for entry in reversed(entries):
             address = _ip(entry)
@@ -6164,13 +6152,11 @@ class Couriers:
     def start(self) -> None:
         with self._lock:
             self._started = True
-        for courier in self._add_new():
-            courier.start()
+        self._start_new()
 
     def poke(self, at: float) -> None:
         """Notices were queued: run each courier by ``at`` (a new one at once)."""
-        for courier in self._add_new():
-            courier.start()
+        self._start_new()
         with self._lock:
             couriers = list(self._couriers.values())
         for courier in couriers:
@@ -6179,8 +6165,7 @@ class Couriers:
     def sync(self) -> None:
         """After a reload: start couriers for new channel instances, and stop those
         of removed ones that have no notices left to send or give up."""
-        for courier in self._add_new():
-            courier.start()
+        self._start_new()
         monitor = self._monitor
         keep = set(monitor.config.channels) | set(monitor.store.pending_channels())
         with self._lock:
@@ -6200,21 +6185,22 @@ class Couriers:
         for courier in couriers:
             courier.stop(timeout_s=max(give_up_at - time.monotonic(), 0.0))
 
-    def _add_new(self) -> list[Sweeper]:
-        """Make the couriers missing; return those to start now (none before start())."""
+    def _start_new(self) -> None:
+        """Make the couriers missing, and start those not yet running (none before start())."""
         monitor = self._monitor
         wanted = set(monitor.config.channels) | set(monitor.store.pending_channels())
         with self._lock:
             if self._stopped:
-                return []
+                return
             for channel in sorted(wanted - set(self._couriers)):
                 self._couriers[channel] = Sweeper(lambda channel=channel: monitor.deliver(channel),
                                                   name=f"{channel} courier")
             if not self._started:
-                return []
+                return
             fresh = [self._couriers[channel] for channel in sorted(set(self._couriers) - self._running)]
             self._running.update(self._couriers)
-            return fresh
+        for courier in fresh:
+            courier.start()
 
 
 def _fetch(url: str, timeout_s: float) -> None:
@@ -7253,16 +7239,10 @@ def main(argv: list[str] | None = None) -> int:
     clean shutdown.  ``run`` returns its command's exit status.
     """
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["run"]:
-        return _run_main(argv[1:])
-    if argv[:1] == ["check"]:
-        return _check_main(argv[1:])
-    if argv[:1] == ["reload"]:
-        return _reload_main(argv[1:])
-    if argv[:1] == ["status"]:
-        return _status_main(argv[1:])
-    if argv[:1] == ["test-notify"]:
-        return _test_notify_main(argv[1:])
+    commands = {"run": _run_main, "check": _check_main, "reload": _reload_main, "status": _status_main,
+                "test-notify": _test_notify_main}
+    if argv[:1] and argv[0] in commands:
+        return commands[argv[0]](argv[1:])
     args = _parse_args(argv)
     if not _usable_db_name(args.db):
         return 2
