@@ -2928,6 +2928,19 @@ class Store(_Outbox, _GroupCommit):
         """All check rows, in name order."""
         return self._all("SELECT * FROM checks ORDER BY name")
 
+    def checks_as_committed(self) -> list[sqlite3.Row]:
+        """All check rows as the last commit left them, read without holding up
+        writers: the snapshot is taken under the write lock, so no transaction
+        is half done in it, and read beside the writer (WAL)."""
+        with self._reading() as reader:
+            with self._lock:
+                reader.execute("BEGIN")
+                reader.execute("SELECT 1 FROM checks LIMIT 1").fetchall()  # the snapshot begins here
+            try:
+                return reader.execute("SELECT * FROM checks ORDER BY name").fetchall()
+            finally:
+                reader.execute("COMMIT")
+
     def check(self, name: str) -> sqlite3.Row | None:
         """One check's row, or None."""
         rows = self._all("SELECT * FROM checks WHERE name = ?", (name,))
@@ -3506,6 +3519,107 @@ class _Delivery:
 
 
 ###############################################################################
+# Monitor: the heap of next events ############################################
+###############################################################################
+
+class _NextEvents:
+    """The heap half of ``Monitor``: each alert's next event (``next_event_at``)
+    in a heap of ``(at, version, name)``, so a sweep takes only what is due.
+    An entry counts while its version is the alert's latest (lazy
+    invalidation).  A mixin: it uses the monitor's ``store``, ``config`` and
+    ``monotonic``, and ``_heap``, ``_heap_version``, ``_heap_dirty``,
+    ``_indexed_at`` and ``_rescheduled``, all under ``_heap_lock``.
+    """
+
+    def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> float:
+        """Put the check's next event in the heap (in the transaction that changed it),
+        replacing its earlier entry; none while paused without an end.  Returns it."""
+        at = next_event_at(spec, row) if row is not None else math.inf
+        with self._heap_lock:
+            version = self._heap_version.get(spec.name, 0) + 1
+            self._heap_version[spec.name] = version
+            if self._rescheduled is not None:
+                self._rescheduled.add(spec.name)
+            if at != math.inf:
+                heapq.heappush(self._heap, (at, version, spec.name))
+            if len(self._heap) > 2 * len(self._heap_version) + 1024:  # mostly stale: compact
+                self._heap = [entry for entry in self._heap if self._heap_version.get(entry[2]) == entry[1]]
+                heapq.heapify(self._heap)
+        return at
+
+    def _reindex(self, config: Config) -> None:
+        """Rebuild the heap from every row (in the caller's transaction)."""
+        # spec.name, not row["name"]: 10,000 entries share the config's strings instead of copies.
+        entries = [(next_event_at(spec, row), 1, spec.name) for row in self.store.checks()
+                   for spec in (config.checks.get(row["name"]),) if spec is not None]
+        with self._heap_lock:
+            self._heap = [entry for entry in entries if entry[0] != math.inf]
+            heapq.heapify(self._heap)
+            self._heap_version = {entry[2]: 1 for entry in entries}
+            self._heap_dirty = False
+            self._indexed_at = self.monotonic()
+
+    def _reindex_beside(self) -> None:
+        """The safety net's rebuild (every REINDEX_EVERY_S): from every row as
+        committed, read without the write lock, so check-ins go on meanwhile.
+
+        An alert scheduled after the rebuild began keeps its own entry, which is
+        at least as new as the row read.  Any schedule before that belongs to a
+        transaction that had ended when the snapshot was taken (under the write
+        lock), so the snapshot has it.  A rebuild overtaken by a reason for a
+        full one (the heap went dirty) gives way to it.
+        """
+        config = self.config
+        with self._heap_lock:
+            self._rescheduled = set()
+        try:
+            rows = self.store.checks_as_committed()
+            events = {spec.name: next_event_at(spec, row) for row in rows
+                      for spec in (config.checks.get(row["name"]),) if spec is not None}
+        finally:
+            with self._heap_lock:
+                rescheduled, self._rescheduled = self._rescheduled, None
+        with self._heap_lock:
+            if self._heap_dirty or config is not self.config:
+                return
+            versions = dict(self._heap_version)
+            heap = [entry for entry in self._heap if entry[2] in rescheduled and versions.get(entry[2]) == entry[1]]
+            for name, at in events.items():
+                if name not in rescheduled:
+                    versions[name] = versions.get(name, 0) + 1
+                    if at != math.inf:
+                        heap.append((at, versions[name], name))
+            heapq.heapify(heap)
+            self._heap, self._heap_version = heap, versions
+            self._indexed_at = self.monotonic()
+
+    def _pop_due(self, now: float) -> list[str]:
+        """Take the alerts whose next event is at or before ``now`` off the heap
+        (the sweep puts each back with its new next event)."""
+        due = []
+        with self._heap_lock:
+            while self._heap and self._heap[0][0] <= now:
+                _, version, name = heapq.heappop(self._heap)
+                if self._heap_version.get(name) == version:
+                    del self._heap_version[name]
+                    due.append(name)
+        return due
+
+    def next_sweep_at(self) -> float | None:
+        """When the next check goes overdue, is due a reminder or ends its pause;
+        None with nothing to wait for (no checks, or all paused without an end).
+        Read from the heap (rebuilt first when it may be wrong)."""
+        if self._heap_dirty:
+            with self.store.transaction():
+                self._reindex(self.config)
+        with self._heap_lock:
+            heap = self._heap
+            while heap and self._heap_version.get(heap[0][2]) != heap[0][1]:
+                heapq.heappop(heap)
+            return heap[0][0] if heap else None
+
+
+###############################################################################
 # Monitor #####################################################################
 ###############################################################################
 
@@ -3527,7 +3641,7 @@ class _Tally:
             return dict(self._counts.get(family, {}))
 
 
-class Monitor(_Delivery):
+class Monitor(_Delivery, _NextEvents):
     """The rules: signals, deadlines, and which notices to send.
 
     =============  ====================  =====================================
@@ -3602,17 +3716,18 @@ class Monitor(_Delivery):
         self.sending: dict[str, float] = {}
         #: Signals by (alert, kind) and deliveries by (channel, result) since the start.
         self.tally = _Tally()
-        # Each alert's next event (next_event_at) in a heap of (at, version, name):
-        # an entry counts while its version is the alert's latest (lazy
-        # invalidation), so a sweep pops only what is due.  Updated inside the
-        # transactions that change a check; rebuilt from every row when dirty
-        # (a failed operation, a start, a reload, a clock step) and every
-        # REINDEX_EVERY_S.  Under _heap_lock.
+        # The heap of next events (see _NextEvents): updated inside the
+        # transactions that change a check; rebuilt from every row under the
+        # write lock when dirty (a failed operation, a start, a reload, a clock
+        # step), and beside the writer every REINDEX_EVERY_S.  Under _heap_lock.
         self._heap_lock = threading.Lock()
         self._heap: list[tuple[float, int, str]] = []
         self._heap_version: dict[str, int] = {}
         self._heap_dirty = True
         self._indexed_at = -math.inf
+        #: While a rebuild reads beside the writer (_reindex_beside): the alerts
+        #: scheduled since it began, whose entries are newer than what it read.
+        self._rescheduled: set[str] | None = None
 
     def on_deadline(self, listener: Callable[[float], None]) -> None:
         """Call ``listener(at)`` when a check's next event may have moved to ``at``."""
@@ -3814,9 +3929,11 @@ class Monitor(_Delivery):
         """Mark overdue checks down and queue the notices that are due; return the flips."""
         flips = []
         reminded = False
+        if not self._heap_dirty and self.monotonic() - self._indexed_at >= REINDEX_EVERY_S:
+            self._reindex_beside()
         with self._operation() as now:
             config = self.config  # once: a reload waits for the transaction
-            if self._heap_dirty or self.monotonic() - self._indexed_at >= REINDEX_EVERY_S:
+            if self._heap_dirty:
                 self._reindex(config)
             # Only what is due, not a scan of every row; in name order, as always.
             for name in sorted(self._pop_due(now)):
@@ -3850,44 +3967,6 @@ class Monitor(_Delivery):
             return None, True
         return None, False
 
-    def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> float:
-        """Put the check's next event in the heap (in the transaction that changed it),
-        replacing its earlier entry; none while paused without an end.  Returns it."""
-        at = next_event_at(spec, row) if row is not None else math.inf
-        with self._heap_lock:
-            version = self._heap_version.get(spec.name, 0) + 1
-            self._heap_version[spec.name] = version
-            if at != math.inf:
-                heapq.heappush(self._heap, (at, version, spec.name))
-            if len(self._heap) > 2 * len(self._heap_version) + 1024:  # mostly stale: compact
-                self._heap = [entry for entry in self._heap if self._heap_version.get(entry[2]) == entry[1]]
-                heapq.heapify(self._heap)
-        return at
-
-    def _reindex(self, config: Config) -> None:
-        """Rebuild the heap from every row (in the caller's transaction)."""
-        # spec.name, not row["name"]: 10,000 entries share the config's strings instead of copies.
-        entries = [(next_event_at(spec, row), 1, spec.name) for row in self.store.checks()
-                   for spec in (config.checks.get(row["name"]),) if spec is not None]
-        with self._heap_lock:
-            self._heap = [entry for entry in entries if entry[0] != math.inf]
-            heapq.heapify(self._heap)
-            self._heap_version = {entry[2]: 1 for entry in entries}
-            self._heap_dirty = False
-            self._indexed_at = self.monotonic()
-
-    def _pop_due(self, now: float) -> list[str]:
-        """Take the alerts whose next event is at or before ``now`` off the heap
-        (the sweep puts each back with its new next event)."""
-        due = []
-        with self._heap_lock:
-            while self._heap and self._heap[0][0] <= now:
-                _, version, name = heapq.heappop(self._heap)
-                if self._heap_version.get(name) == version:
-                    del self._heap_version[name]
-                    due.append(name)
-        return due
-
     @contextlib.contextmanager
     def _operation(self) -> Iterator[float]:
         """One transaction, and the time it happens at: the clock is read inside
@@ -3912,19 +3991,6 @@ class Monitor(_Delivery):
                     "forward" if step_s > 0 else "back", format_duration(abs(step_s), 2))
         self.store.shift_times(step_s)
         self._heap_dirty = True
-
-    def next_sweep_at(self) -> float | None:
-        """When the next check goes overdue, is due a reminder or ends its pause;
-        None with nothing to wait for (no checks, or all paused without an end).
-        Read from the heap (rebuilt first when it may be wrong)."""
-        if self._heap_dirty:
-            with self.store.transaction():
-                self._reindex(self.config)
-        with self._heap_lock:
-            heap = self._heap
-            while heap and self._heap_version.get(heap[0][2]) != heap[0][1]:
-                heapq.heappop(heap)
-            return heap[0][0] if heap else None
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:

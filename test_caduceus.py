@@ -2043,6 +2043,37 @@ class SweepHeapTest(unittest.TestCase):
             self.assertEqual(monitor.next_sweep_at(), self.scan(monitor), f"step {step}")
             self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor), f"step {step}")
 
+    def test_the_periodic_rebuild_holds_up_no_check_in_and_keeps_what_they_scheduled(self):
+        clock = SteppingClock()
+        config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n"
+                             + "".join(f"[alerts.{name}]\nevery = \"1h\"\n" for name in ("a", "b", "c")))
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
+                                   {"console": Recorder()}, clock, clock.monotonic)
+        monitor.start()
+        monitor.sweep()  # the first rebuild, a full one
+        clock.advance(caduceus.REINDEX_EVERY_S + 1)  # the safety net's is due; no alert is
+        scanning, go = threading.Event(), threading.Event()
+        real_next_event_at = caduceus.next_event_at
+
+        def slow_scan(spec, row):
+            if threading.current_thread() is sweeper and not scanning.is_set():
+                scanning.set()  # the rebuild has read its rows and is working through them
+                go.wait(WAIT_S)
+            return real_next_event_at(spec, row)
+
+        sweeper = threading.Thread(target=monitor.sweep)
+        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
+            sweeper.start()
+            self.assertTrue(scanning.wait(WAIT_S))
+            check_in = threading.Thread(target=monitor.ping, args=("b",))
+            check_in.start()
+            check_in.join(WAIT_S)
+            self.assertFalse(check_in.is_alive(), "a check-in waited for the rebuild")
+            go.set()
+            sweeper.join(WAIT_S)
+        self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
+        self.assertEqual(self.heap_entries(monitor)["b"], clock.now + 3600, "b's check-in is not forgotten")
+
     @staticmethod
     def heap_entries(monitor: caduceus.Monitor) -> dict[str, float]:
         """Each alert's next event as the heap has it (its latest entry)."""
