@@ -2932,6 +2932,8 @@ class Store(_Outbox, _GroupCommit):
         """All check rows as the last commit left them, read without holding up
         writers: the snapshot is taken under the write lock, so no transaction
         is half done in it, and read beside the writer (WAL)."""
+        if self._owner == threading.get_ident():  # inside a transaction: its own view is the one
+            return self.checks()
         with self._reading() as reader:
             with self._lock:
                 reader.execute("BEGIN")
@@ -3230,6 +3232,7 @@ TAIL_LINES, TAIL_CHARS = 10, 2000
 CLOCK_STEP_TOLERANCE_S = 1.0
 #: The sweep rebuilds its heap of next events from every row this often (elapsed
 #: time), as a safety net; also after a start, a reload, a clock step or a failure.
+#: Each rebuild reads beside the writer: check-ins go on meanwhile.
 REINDEX_EVERY_S = 600.0
 
 
@@ -3528,7 +3531,8 @@ class _NextEvents:
     An entry counts while its version is the alert's latest (lazy
     invalidation).  A mixin: it uses the monitor's ``store``, ``config`` and
     ``monotonic``, and ``_heap``, ``_heap_version``, ``_heap_dirty``,
-    ``_indexed_at`` and ``_rescheduled``, all under ``_heap_lock``.
+    ``_heap_dirtied``, ``_indexed_at`` and ``_rescheduled``, all under
+    ``_heap_lock``.
     """
 
     def _schedule(self, spec: CheckSpec, row: Mapping[str, Any] | None) -> float:
@@ -3559,28 +3563,45 @@ class _NextEvents:
             self._heap_dirty = False
             self._indexed_at = self.monotonic()
 
+    def _heap_may_be_wrong(self) -> None:
+        """Have the heap rebuilt from every row before it is used again (a start,
+        a reload, a clock step, an operation that failed with its entries in)."""
+        with self._heap_lock:
+            self._heap_dirty = True
+            self._heap_dirtied += 1
+
     def _reindex_beside(self) -> None:
-        """The safety net's rebuild (every REINDEX_EVERY_S): from every row as
-        committed, read without the write lock, so check-ins go on meanwhile.
+        """Rebuild the heap from every row as committed, read without the write
+        lock, so check-ins go on meanwhile (at 100,000 alerts a rebuild takes
+        0.7 s): after a start, a reload or a failure, and every REINDEX_EVERY_S.
 
         An alert scheduled after the rebuild began keeps its own entry, which is
         at least as new as the row read.  Any schedule before that belongs to a
         transaction that had ended when the snapshot was taken (under the write
-        lock), so the snapshot has it.  A rebuild overtaken by a reason for a
-        full one (the heap went dirty) gives way to it.
+        lock), so the snapshot has it.  A rebuild that the heap went wrong
+        again during (or a reload) gives way: the heap stays marked for a
+        rebuild, which the caller then makes under the lock.  Called outside
+        any transaction; one rebuild at a time (the sweeper's, a reload's).
         """
-        config = self.config
-        with self._heap_lock:
-            self._rescheduled = set()
-        try:
-            rows = self.store.checks_as_committed()
-            events = {spec.name: next_event_at(spec, row) for row in rows
-                      for spec in (config.checks.get(row["name"]),) if spec is not None}
-        finally:
+        with self._rebuilding:
+            config = self.config
             with self._heap_lock:
-                rescheduled, self._rescheduled = self._rescheduled, None
+                self._rescheduled = set()
+                dirtied = self._heap_dirtied
+            try:
+                rows = self.store.checks_as_committed()
+                events = {spec.name: next_event_at(spec, row) for row in rows
+                          for spec in (config.checks.get(row["name"]),) if spec is not None}
+            finally:
+                with self._heap_lock:
+                    rescheduled, self._rescheduled = self._rescheduled, None
+            self._install(events, rescheduled, dirtied, config)
+
+    def _install(self, events: dict[str, float], rescheduled: set[str], dirtied: int, config: Config) -> None:
+        """Make ``events`` the heap, but for the alerts rescheduled meanwhile; not if
+        the heap went wrong again (or the config changed) since the rebuild began."""
         with self._heap_lock:
-            if self._heap_dirty or config is not self.config:
+            if self._heap_dirtied != dirtied or config is not self.config:
                 return
             versions = dict(self._heap_version)
             heap = [entry for entry in self._heap if entry[2] in rescheduled and versions.get(entry[2]) == entry[1]]
@@ -3591,6 +3612,7 @@ class _NextEvents:
                         heap.append((at, versions[name], name))
             heapq.heapify(heap)
             self._heap, self._heap_version = heap, versions
+            self._heap_dirty = False
             self._indexed_at = self.monotonic()
 
     def _pop_due(self, now: float) -> list[str]:
@@ -3610,6 +3632,8 @@ class _NextEvents:
         None with nothing to wait for (no checks, or all paused without an end).
         Read from the heap (rebuilt first when it may be wrong)."""
         if self._heap_dirty:
+            self._reindex_beside()
+        if self._heap_dirty:  # it went wrong again while being rebuilt: rebuild it under the lock
             with self.store.transaction():
                 self._reindex(self.config)
         with self._heap_lock:
@@ -3717,13 +3741,15 @@ class Monitor(_Delivery, _NextEvents):
         #: Signals by (alert, kind) and deliveries by (channel, result) since the start.
         self.tally = _Tally()
         # The heap of next events (see _NextEvents): updated inside the
-        # transactions that change a check; rebuilt from every row under the
-        # write lock when dirty (a failed operation, a start, a reload, a clock
-        # step), and beside the writer every REINDEX_EVERY_S.  Under _heap_lock.
+        # transactions that change a check; rebuilt from every row, beside the
+        # writer, when it may be wrong (a failed operation, a start, a reload, a
+        # clock step) and every REINDEX_EVERY_S.  Under _heap_lock.
         self._heap_lock = threading.Lock()
         self._heap: list[tuple[float, int, str]] = []
         self._heap_version: dict[str, int] = {}
         self._heap_dirty = True
+        self._heap_dirtied = 0  # times it went dirty: a rebuild that began before the last gives way
+        self._rebuilding = threading.Lock()  # one _reindex_beside at a time
         self._indexed_at = -math.inf
         #: While a rebuild reads beside the writer (_reindex_beside): the alerts
         #: scheduled since it began, whose entries are newer than what it read.
@@ -3743,7 +3769,7 @@ class Monitor(_Delivery, _NextEvents):
         with self._operation() as now:
             first_run = self.store.is_empty()
             self.store.sync_checks(list(self.config.checks), now)
-            self._heap_dirty = True
+            self._heap_may_be_wrong()
             if first_run:
                 self._import_legacy()
             last_alive_at = self.store.last_alive_at()
@@ -3778,7 +3804,7 @@ class Monitor(_Delivery, _NextEvents):
             changed = [name for name in config.checks if name in old and config.checks[name] != old[name]]
             self.store.sync_checks(list(config.checks), now)
             self.config = config
-            self._heap_dirty = True
+            self._heap_may_be_wrong()
         next_at = self.next_sweep_at()
         if next_at is not None:
             self._tell(self._deadline_listeners, next_at)
@@ -3826,7 +3852,7 @@ class Monitor(_Delivery, _NextEvents):
         except BaseException:
             # The batch's commit failed: a clock step found in it was rolled back too,
             # and so was the heap's new entry.
-            self._heap_dirty = True
+            self._heap_may_be_wrong()
             if offsets and self._clock_offset == offsets[0][1]:
                 self._clock_offset = offsets[0][0]
             raise
@@ -3929,11 +3955,11 @@ class Monitor(_Delivery, _NextEvents):
         """Mark overdue checks down and queue the notices that are due; return the flips."""
         flips = []
         reminded = False
-        if not self._heap_dirty and self.monotonic() - self._indexed_at >= REINDEX_EVERY_S:
+        if self._heap_dirty or self.monotonic() - self._indexed_at >= REINDEX_EVERY_S:
             self._reindex_beside()
         with self._operation() as now:
             config = self.config  # once: a reload waits for the transaction
-            if self._heap_dirty:
+            if self._heap_dirty:  # it went wrong again while being rebuilt: rebuild it under the lock
                 self._reindex(config)
             # Only what is due, not a scan of every row; in name order, as always.
             for name in sorted(self._pop_due(now)):
@@ -3980,7 +4006,7 @@ class Monitor(_Delivery, _NextEvents):
                     self._clock_stepped(offset - previous)
                 yield now
         except BaseException:
-            self._heap_dirty = True  # its entries may have gone with the rollback
+            self._heap_may_be_wrong()  # its entries may have gone with the rollback
             # The shift was rolled back with the rest: let the next operation find the step again.
             if offset is not None and self._clock_offset == offset:
                 self._clock_offset = previous
@@ -3990,7 +4016,7 @@ class Monitor(_Delivery, _NextEvents):
         log.warning("wall clock stepped %s by %s; deadlines keep their elapsed time",
                     "forward" if step_s > 0 else "back", format_duration(abs(step_s), 2))
         self.store.shift_times(step_s)
-        self._heap_dirty = True
+        self._heap_may_be_wrong()
 
     def _flip(self, spec: CheckSpec, row: Mapping[str, Any], new: str, reason: str, at: float,
               now: float) -> Flip | None:

@@ -2074,6 +2074,104 @@ class SweepHeapTest(unittest.TestCase):
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(self.heap_entries(monitor)["b"], clock.now + 3600, "b's check-in is not forgotten")
 
+    def test_a_rebuild_overtaken_by_a_reload_gives_way_to_one_of_the_new_config(self):
+        clock = SteppingClock()
+        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n[alerts.b]\nevery = \"2h\"\n"
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
+                                   {"console": Recorder()}, clock, clock.monotonic)
+        monitor.start()  # the heap must be rebuilt: the sweep does it beside the writer
+        scanning, go = threading.Event(), threading.Event()
+        real_next_event_at = caduceus.next_event_at
+
+        def slow_scan(spec, row):
+            if threading.current_thread() is sweeper and not scanning.is_set():
+                scanning.set()
+                go.wait(WAIT_S)
+            return real_next_event_at(spec, row)
+
+        new_config, failures = config_from(self, text.replace('"2h"', '"20m"')), []
+
+        def reload():
+            try:
+                monitor.reload(new_config)
+            except BaseException as exc:  # pragma: no cover - the failure this test is for
+                failures.append(exc)
+
+        sweeper, reloader = threading.Thread(target=monitor.sweep), threading.Thread(target=reload)
+        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
+            sweeper.start()
+            self.assertTrue(scanning.wait(WAIT_S))
+            reloader.start()  # b's deadline moves earlier while the old config's rebuild is under way
+            go.set()
+            sweeper.join(WAIT_S)
+            reloader.join(WAIT_S)
+        self.assertEqual(failures, [])
+        self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
+        self.assertEqual(monitor.next_sweep_at(), clock.now + 1200)
+
+    def test_two_rebuilds_at_once_one_waits_for_the_other(self):
+        clock = SteppingClock()
+        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n"
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
+                                   {"console": Recorder()}, clock, clock.monotonic)
+        monitor.start()
+        monitor.sweep()
+        scanning, go, failures = threading.Event(), threading.Event(), []
+        real_next_event_at = caduceus.next_event_at
+
+        def slow_scan(spec, row):
+            if threading.current_thread() is first and not scanning.is_set():
+                scanning.set()
+                go.wait(WAIT_S)
+            return real_next_event_at(spec, row)
+
+        def rebuild():
+            try:
+                monitor._reindex_beside()
+            except BaseException as exc:  # pragma: no cover - the failure this test is for
+                failures.append(exc)
+
+        first, second = threading.Thread(target=rebuild), threading.Thread(target=rebuild)
+        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
+            first.start()
+            self.assertTrue(scanning.wait(WAIT_S))
+            second.start()
+            second.join(0.2)  # it waits for the first (or, wrongly, runs beside it)
+            go.set()
+            first.join(WAIT_S)
+            second.join(WAIT_S)
+        self.assertEqual(failures, [])
+        self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
+
+    def test_a_rebuild_the_heap_went_wrong_during_gives_way_to_one_under_the_lock(self):
+        clock = SteppingClock()
+        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n"
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
+                                   {"console": Recorder()}, clock, clock.monotonic)
+        monitor.start()
+        scanning, go = threading.Event(), threading.Event()
+        real_next_event_at = caduceus.next_event_at
+
+        def slow_scan(spec, row):
+            if threading.current_thread() is sweeper and not scanning.is_set():
+                scanning.set()
+                go.wait(WAIT_S)
+            return real_next_event_at(spec, row)
+
+        def failed_operation():  # it put an entry in, then its transaction was rolled back
+            row = dict(monitor.store.check("a"), first_seen_at=clock.now - 3000)
+            monitor._schedule(monitor.config.checks["a"], row)
+            monitor._heap_may_be_wrong()
+
+        sweeper = threading.Thread(target=monitor.sweep)
+        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
+            sweeper.start()
+            self.assertTrue(scanning.wait(WAIT_S))
+            failed_operation()
+            go.set()
+            sweeper.join(WAIT_S)
+        self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
+
     @staticmethod
     def heap_entries(monitor: caduceus.Monitor) -> dict[str, float]:
         """Each alert's next event as the heap has it (its latest entry)."""
