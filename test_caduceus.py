@@ -2043,53 +2043,56 @@ class SweepHeapTest(unittest.TestCase):
             self.assertEqual(monitor.next_sweep_at(), self.scan(monitor), f"step {step}")
             self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor), f"step {step}")
 
-    def test_the_periodic_rebuild_holds_up_no_check_in_and_keeps_what_they_scheduled(self):
-        clock = SteppingClock()
-        config = config_from(self, "[alerts]\ndefault_channels = [\"console\"]\n"
-                             + "".join(f"[alerts.{name}]\nevery = \"1h\"\n" for name in ("a", "b", "c")))
-        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config,
-                                   {"console": Recorder()}, clock, clock.monotonic)
+    def monitor_of(self, clock: SteppingClock, every: dict[str, str]) -> caduceus.Monitor:
+        """A started monitor of alerts ``{name: every}``, its heap not yet built."""
+        text = "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
+            f"[alerts.{name}]\nevery = \"{value}\"\n" for name, value in every.items())
+        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")),
+                                   config_from(self, text), {"console": Recorder()}, clock, clock.monotonic)
         monitor.start()
-        monitor.sweep()  # the first rebuild, a full one
-        clock.advance(caduceus.REINDEX_EVERY_S + 1)  # the safety net's is due; no alert is
+        return monitor
+
+    @contextlib.contextmanager
+    def rebuild_held(self, thread: threading.Thread) -> Iterator[threading.Event]:
+        """Start ``thread`` and hold the rebuild it makes half-way (its rows read, not yet
+        all worked through) until the block ends: the block runs beside it."""
         scanning, go = threading.Event(), threading.Event()
         real_next_event_at = caduceus.next_event_at
 
         def slow_scan(spec, row):
-            if threading.current_thread() is sweeper and not scanning.is_set():
-                scanning.set()  # the rebuild has read its rows and is working through them
+            if threading.current_thread() is thread and not scanning.is_set():
+                scanning.set()
                 go.wait(WAIT_S)
             return real_next_event_at(spec, row)
 
-        sweeper = threading.Thread(target=monitor.sweep)
         with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
-            sweeper.start()
+            thread.start()
             self.assertTrue(scanning.wait(WAIT_S))
+            try:
+                yield go
+            finally:
+                go.set()
+                thread.join(WAIT_S)
+
+    def test_the_periodic_rebuild_holds_up_no_check_in_and_keeps_what_they_scheduled(self):
+        clock = SteppingClock()
+        monitor = self.monitor_of(clock, {"a": "1h", "b": "1h", "c": "1h"})
+        monitor.sweep()  # the first rebuild
+        clock.advance(caduceus.REINDEX_EVERY_S + 1)  # the safety net's is due; no alert is
+        with self.rebuild_held(threading.Thread(target=monitor.sweep)):
             check_in = threading.Thread(target=monitor.ping, args=("b",))
             check_in.start()
             check_in.join(WAIT_S)
             self.assertFalse(check_in.is_alive(), "a check-in waited for the rebuild")
-            go.set()
-            sweeper.join(WAIT_S)
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(self.heap_entries(monitor)["b"], clock.now + 3600, "b's check-in is not forgotten")
 
     def test_a_rebuild_overtaken_by_a_reload_gives_way_to_one_of_the_new_config(self):
         clock = SteppingClock()
-        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n[alerts.b]\nevery = \"2h\"\n"
-        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
-                                   {"console": Recorder()}, clock, clock.monotonic)
-        monitor.start()  # the heap must be rebuilt: the sweep does it beside the writer
-        scanning, go = threading.Event(), threading.Event()
-        real_next_event_at = caduceus.next_event_at
-
-        def slow_scan(spec, row):
-            if threading.current_thread() is sweeper and not scanning.is_set():
-                scanning.set()
-                go.wait(WAIT_S)
-            return real_next_event_at(spec, row)
-
-        new_config, failures = config_from(self, text.replace('"2h"', '"20m"')), []
+        monitor = self.monitor_of(clock, {"a": "1h", "b": "2h"})  # its heap is rebuilt by the sweep
+        faster = dataclasses.replace(monitor.config.checks["b"], every_s=1200.0)
+        new_config = dataclasses.replace(monitor.config, checks={**monitor.config.checks, "b": faster})
+        failures = []
 
         def reload():
             try:
@@ -2097,33 +2100,19 @@ class SweepHeapTest(unittest.TestCase):
             except BaseException as exc:  # pragma: no cover - the failure this test is for
                 failures.append(exc)
 
-        sweeper, reloader = threading.Thread(target=monitor.sweep), threading.Thread(target=reload)
-        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
-            sweeper.start()
-            self.assertTrue(scanning.wait(WAIT_S))
+        reloader = threading.Thread(target=reload)
+        with self.rebuild_held(threading.Thread(target=monitor.sweep)):
             reloader.start()  # b's deadline moves earlier while the old config's rebuild is under way
-            go.set()
-            sweeper.join(WAIT_S)
-            reloader.join(WAIT_S)
+        reloader.join(WAIT_S)
         self.assertEqual(failures, [])
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(monitor.next_sweep_at(), clock.now + 1200)
 
     def test_two_rebuilds_at_once_one_waits_for_the_other(self):
         clock = SteppingClock()
-        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n"
-        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
-                                   {"console": Recorder()}, clock, clock.monotonic)
-        monitor.start()
+        monitor = self.monitor_of(clock, {"a": "1h"})
         monitor.sweep()
-        scanning, go, failures = threading.Event(), threading.Event(), []
-        real_next_event_at = caduceus.next_event_at
-
-        def slow_scan(spec, row):
-            if threading.current_thread() is first and not scanning.is_set():
-                scanning.set()
-                go.wait(WAIT_S)
-            return real_next_event_at(spec, row)
+        failures = []
 
         def rebuild():
             try:
@@ -2131,45 +2120,22 @@ class SweepHeapTest(unittest.TestCase):
             except BaseException as exc:  # pragma: no cover - the failure this test is for
                 failures.append(exc)
 
-        first, second = threading.Thread(target=rebuild), threading.Thread(target=rebuild)
-        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
-            first.start()
-            self.assertTrue(scanning.wait(WAIT_S))
+        second = threading.Thread(target=rebuild)
+        with self.rebuild_held(threading.Thread(target=rebuild)):
             second.start()
             second.join(0.2)  # it waits for the first (or, wrongly, runs beside it)
-            go.set()
-            first.join(WAIT_S)
-            second.join(WAIT_S)
+        second.join(WAIT_S)
         self.assertEqual(failures, [])
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
 
     def test_a_rebuild_the_heap_went_wrong_during_gives_way_to_one_under_the_lock(self):
         clock = SteppingClock()
-        text = "[alerts]\ndefault_channels = [\"console\"]\n[alerts.a]\nevery = \"1h\"\n"
-        monitor = caduceus.Monitor(open_store(self, os.path.join(temp_dir(self), "db.sqlite3")), config_from(self, text),
-                                   {"console": Recorder()}, clock, clock.monotonic)
-        monitor.start()
-        scanning, go = threading.Event(), threading.Event()
-        real_next_event_at = caduceus.next_event_at
-
-        def slow_scan(spec, row):
-            if threading.current_thread() is sweeper and not scanning.is_set():
-                scanning.set()
-                go.wait(WAIT_S)
-            return real_next_event_at(spec, row)
-
-        def failed_operation():  # it put an entry in, then its transaction was rolled back
+        monitor = self.monitor_of(clock, {"a": "1h"})
+        with self.rebuild_held(threading.Thread(target=monitor.sweep)):
+            # An operation put an entry in, then its transaction was rolled back.
             row = dict(monitor.store.check("a"), first_seen_at=clock.now - 3000)
             monitor._schedule(monitor.config.checks["a"], row)
             monitor._heap_may_be_wrong()
-
-        sweeper = threading.Thread(target=monitor.sweep)
-        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
-            sweeper.start()
-            self.assertTrue(scanning.wait(WAIT_S))
-            failed_operation()
-            go.set()
-            sweeper.join(WAIT_S)
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
 
     @staticmethod
