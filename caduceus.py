@@ -2935,13 +2935,14 @@ class Store(_Outbox, _GroupCommit):
         if self._owner == threading.get_ident():  # inside a transaction: its own view is the one
             return self.checks()
         with self._reading() as reader:
-            with self._lock:
-                reader.execute("BEGIN")
-                reader.execute("SELECT 1 FROM checks LIMIT 1").fetchall()  # the snapshot begins here
             try:
+                with self._lock:
+                    reader.execute("BEGIN")
+                    reader.execute("SELECT 1 FROM checks LIMIT 1").fetchall()  # the snapshot begins here
                 return reader.execute("SELECT * FROM checks ORDER BY name").fetchall()
             finally:
-                reader.execute("COMMIT")
+                if reader.in_transaction:  # a reader left in one would read this snapshot for ever
+                    reader.execute("ROLLBACK")
 
     def check(self, name: str) -> sqlite3.Row | None:
         """One check's row, or None."""

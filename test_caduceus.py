@@ -1455,6 +1455,30 @@ class StoreTest(unittest.TestCase):
         store.record_ping("job", 20.0, caduceus.Ping(caduceus.LOG, body="next"))
         self.assertEqual(store.last_body("job"), "next")
 
+    def test_a_snapshot_read_leaves_no_reader_stuck_in_it(self):
+        self.store.sync_checks(["job"], 0.0)
+        real_reading = self.store._reading
+
+        @contextlib.contextmanager
+        def failing_reading():
+            with real_reading() as reader:
+                class Failing:  # the reader, whose read of the rows fails after the snapshot began
+                    in_transaction = property(lambda _: reader.in_transaction)
+
+                    def execute(self, sql, *args):
+                        if sql.startswith("SELECT *"):
+                            raise sqlite3.OperationalError("disk I/O error")
+                        return reader.execute(sql, *args)
+                yield Failing()
+
+        with unittest.mock.patch.object(self.store, "_reading", failing_reading):
+            with self.assertRaises(sqlite3.OperationalError):
+                self.store.checks_as_committed()
+        self.assertEqual([row["n_pings"] for row in self.store.checks_as_committed()], [0])
+        self.store.record_ping("job", 1.0, caduceus.Ping())
+        self.assertEqual([row["n_pings"] for row in self.store.checks_as_committed()], [1], "a stale snapshot")
+        self.assertEqual(self.store.check("job")["n_pings"], 1)
+
     def test_a_signal_for_an_alert_without_a_row_stores_nothing(self):
         self.store.sync_checks(["job"], 0.0)
         for returning in (True, False):
