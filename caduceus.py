@@ -2932,8 +2932,6 @@ class Store(_Outbox, _GroupCommit):
         """All check rows as the last commit left them, read without holding up
         writers: the snapshot is taken under the write lock, so no transaction
         is half done in it, and read beside the writer (WAL)."""
-        if self._owner == threading.get_ident():  # inside a transaction: its own view is the one
-            return self.checks()
         with self._reading() as reader:
             try:
                 with self._lock:
@@ -3593,15 +3591,18 @@ class _NextEvents:
                 rows = self.store.checks_as_committed()
                 events = {spec.name: next_event_at(spec, row) for row in rows
                           for spec in (config.checks.get(row["name"]),) if spec is not None}
-            finally:
+            except BaseException:
                 with self._heap_lock:
-                    rescheduled, self._rescheduled = self._rescheduled, None
-            self._install(events, rescheduled, dirtied, config)
+                    self._rescheduled = None
+                raise
+            self._install(events, dirtied, config)
 
-    def _install(self, events: dict[str, float], rescheduled: set[str], dirtied: int, config: Config) -> None:
-        """Make ``events`` the heap, but for the alerts rescheduled meanwhile; not if
-        the heap went wrong again (or the config changed) since the rebuild began."""
+    def _install(self, events: dict[str, float], dirtied: int, config: Config) -> None:
+        """Make ``events`` the heap, but for the alerts rescheduled since the rebuild
+        began (up to this moment: under the same hold of the lock); not if the heap
+        went wrong again (or the config changed) meanwhile."""
         with self._heap_lock:
+            rescheduled, self._rescheduled = self._rescheduled, None
             if self._heap_dirtied != dirtied or config is not self.config:
                 return
             versions = dict(self._heap_version)

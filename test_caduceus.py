@@ -2132,6 +2132,28 @@ class SweepHeapTest(unittest.TestCase):
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(monitor.next_sweep_at(), clock.now + 1200)
 
+    def test_an_alert_scheduled_just_before_a_rebuild_installs_its_heap_keeps_its_entry(self):
+        clock = SteppingClock()
+        monitor = self.monitor_of(clock, {"a": "1h", "b": "2h"})
+        monitor.sweep()
+        clock.advance(caduceus.REINDEX_EVERY_S + 1)
+        real_install, waiting, go = monitor._install, threading.Event(), threading.Event()
+
+        def install_later(*args):
+            waiting.set()  # the rows are read and worked through; the heap not yet replaced
+            go.wait(WAIT_S)
+            return real_install(*args)
+
+        sweeper = threading.Thread(target=monitor.sweep)
+        with unittest.mock.patch.object(monitor, "_install", install_later):
+            sweeper.start()
+            self.assertTrue(waiting.wait(WAIT_S))
+            monitor.pause("b", clock.now + 60)  # b's next event moves 2 h earlier, now
+            go.set()
+            sweeper.join(WAIT_S)
+        self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
+        self.assertEqual(monitor.next_sweep_at(), clock.now + 60)
+
     def test_two_rebuilds_at_once_one_waits_for_the_other(self):
         clock = SteppingClock()
         monitor = self.monitor_of(clock, {"a": "1h"})
