@@ -3930,8 +3930,10 @@ class Monitor(_Delivery, _NextEvents):
     def resume(self, name: str, by: str = "") -> bool:
         """End the alert's pause now; False if it was not paused.  Raises
         ``KeyError`` for a name that is not configured."""
-        spec = self.config.checks[name]
+        if name not in self.config.checks:
+            raise KeyError(name)
         with self._operation() as now:
+            spec = self.config.checks[name]  # in the transaction: a reload may have changed it
             row = self.store.check(name)
             resumed = row is not None and row["status"] == PAUSED
             if resumed:

@@ -2154,6 +2154,32 @@ class SweepHeapTest(unittest.TestCase):
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(monitor.next_sweep_at(), clock.now + 60)
 
+    def test_a_resume_across_a_reload_schedules_by_the_new_config(self):
+        clock = SteppingClock()
+        monitor = self.monitor_of(clock, {"a": "1h", "b": "1h"})
+        monitor.sweep()
+        monitor.pause("a")
+        faster = dataclasses.replace(monitor.config.checks["a"], every_s=120.0)
+        new_config = dataclasses.replace(monitor.config, checks={**monitor.config.checks, "a": faster})
+        real_operation, entering, go = monitor._operation, threading.Event(), threading.Event()
+
+        @contextlib.contextmanager
+        def operation_later():
+            if threading.current_thread() is resumer and not entering.is_set():
+                entering.set()  # resume() has begun; its transaction has not
+                go.wait(WAIT_S)
+            with real_operation() as now:
+                yield now
+
+        resumer = threading.Thread(target=monitor.resume, args=("a",))
+        with unittest.mock.patch.object(monitor, "_operation", operation_later):
+            resumer.start()
+            self.assertTrue(entering.wait(WAIT_S))
+            monitor.reload(new_config)
+            go.set()
+            resumer.join(WAIT_S)
+        self.assertEqual(monitor.next_sweep_at(), clock.now + 120)
+
     def test_two_rebuilds_at_once_one_waits_for_the_other(self):
         clock = SteppingClock()
         monitor = self.monitor_of(clock, {"a": "1h"})
