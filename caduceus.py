@@ -2868,6 +2868,12 @@ class Store(_Outbox, _GroupCommit):
             if not keep:
                 reader.close()
 
+    @property
+    def write_lock(self) -> threading.RLock:
+        """The lock every write holds (re-entrant): held across a transaction and
+        what must follow it before another write begins."""
+        return self._lock
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """Run the block as one transaction: all of it is committed, or none.
@@ -4000,21 +4006,24 @@ class Monitor(_Delivery, _NextEvents):
     @contextlib.contextmanager
     def _operation(self) -> Iterator[float]:
         """One transaction, and the time it happens at: the clock is read inside
-        it, after any wall clock step since the previous operation was applied."""
+        it, after any wall clock step since the previous operation was applied.
+        A failed one is accounted for before the next begins (the write lock is
+        held until then), so that one finds the step this one rolled back."""
         offset = previous = None
-        try:
-            with self.store.transaction():
-                previous, now = self._clock_offset, self.clock()
-                offset = self._clock_offset = now - self.monotonic()
-                if previous is not None and abs(offset - previous) > CLOCK_STEP_TOLERANCE_S:
-                    self._clock_stepped(offset - previous)
-                yield now
-        except BaseException:
-            self._heap_may_be_wrong()  # its entries may have gone with the rollback
-            # The shift was rolled back with the rest: let the next operation find the step again.
-            if offset is not None and self._clock_offset == offset:
-                self._clock_offset = previous
-            raise
+        with self.store.write_lock:
+            try:
+                with self.store.transaction():
+                    previous, now = self._clock_offset, self.clock()
+                    offset = self._clock_offset = now - self.monotonic()
+                    if previous is not None and abs(offset - previous) > CLOCK_STEP_TOLERANCE_S:
+                        self._clock_stepped(offset - previous)
+                    yield now
+            except BaseException:
+                self._heap_may_be_wrong()  # its entries may have gone with the rollback
+                # The shift was rolled back with the rest: let the next operation find the step again.
+                if offset is not None and self._clock_offset == offset:
+                    self._clock_offset = previous
+                raise
 
     def _clock_stepped(self, step_s: float) -> None:
         log.warning("wall clock stepped %s by %s; deadlines keep their elapsed time",

@@ -2180,6 +2180,32 @@ class SweepHeapTest(unittest.TestCase):
             resumer.join(WAIT_S)
         self.assertEqual(monitor.next_sweep_at(), clock.now + 120)
 
+    def test_a_clock_step_found_by_a_failed_operation_is_found_again_by_the_next(self):
+        clock = SteppingClock()
+        monitor = self.monitor_of(clock, {"a": "1h", "b": "1h"})
+        monitor.ping("a")
+        monitor.sweep()
+        clock.advance(1800)
+        clock.step(-3600)  # NTP sets the wall clock back an hour
+        real_mark, marks, beside = monitor._heap_may_be_wrong, [], []
+
+        def mark_with_a_check_in_beside():
+            marks.append(1)
+            if len(marks) == 2:  # the failed operation's own accounting (the first: the step, inside it)
+                clock.advance(0.5)
+                check_in = threading.Thread(target=monitor.ping, args=("b",))
+                beside.append(check_in)
+                check_in.start()
+                check_in.join(0.2)  # it waits for the accounting (or, wrongly, runs in between)
+            real_mark()
+
+        with unittest.mock.patch.object(monitor, "_heap_may_be_wrong", mark_with_a_check_in_beside):
+            with self.assertRaises(ValueError):
+                monitor.pause("a", clock.now - 10)  # refused: after the step was found, in the same transaction
+            beside[0].join(WAIT_S)
+        due = caduceus.deadline(monitor.config.checks["a"], monitor.store.check("a"))[0]
+        self.assertEqual(due - clock.now, 1800.0 - 0.5, "the hour's step is kept: a is due when it was")
+
     def test_two_rebuilds_at_once_one_waits_for_the_other(self):
         clock = SteppingClock()
         monitor = self.monitor_of(clock, {"a": "1h"})
