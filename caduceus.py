@@ -3631,7 +3631,9 @@ class _NextEvents:
             while self._heap and self._heap[0][0] <= now:
                 _, version, name = heapq.heappop(self._heap)
                 if self._heap_version.get(name) == version:
-                    del self._heap_version[name]
+                    # A version of its own, not none: counting again from 1 would
+                    # bring back an older entry still in the heap.
+                    self._heap_version[name] = version + 1
                     due.append(name)
         return due
 

@@ -2206,6 +2206,17 @@ class SweepHeapTest(unittest.TestCase):
         due = caduceus.deadline(monitor.config.checks["a"], monitor.store.check("a"))[0]
         self.assertEqual(due - clock.now, 1800.0 - 0.5, "the hour's step is kept: a is due when it was")
 
+    def test_an_entry_made_stale_stays_stale_after_its_alert_was_swept(self):
+        clock = SteppingClock()
+        monitor = self.monitor_of(clock, {"a": "1h"})
+        monitor.sweep()
+        spec, row = monitor.config.checks["a"], dict(monitor.store.check("a"))
+        now = clock.now  # a's next event: +3600, its first entry
+        monitor._schedule(spec, dict(row, first_seen_at=now + 200 - 3600))  # moved to +200: +3600 is stale
+        self.assertEqual(monitor._pop_due(now + 250), ["a"])  # swept at +250
+        monitor._schedule(spec, dict(row, first_seen_at=now + 5000 - 3600))
+        self.assertEqual(monitor.next_sweep_at(), now + 5000, "the stale +3600 came back")
+
     def test_two_rebuilds_at_once_one_waits_for_the_other(self):
         clock = SteppingClock()
         monitor = self.monitor_of(clock, {"a": "1h"})
