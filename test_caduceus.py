@@ -2077,26 +2077,31 @@ class SweepHeapTest(unittest.TestCase):
         return monitor
 
     @contextlib.contextmanager
-    def rebuild_held(self, thread: threading.Thread) -> Iterator[threading.Event]:
-        """Start ``thread`` and hold the rebuild it makes half-way (its rows read, not yet
-        all worked through) until the block ends: the block runs beside it."""
-        scanning, go = threading.Event(), threading.Event()
-        real_next_event_at = caduceus.next_event_at
+    def held(self, thread: threading.Thread, owner: Any, name: str) -> Iterator[None]:
+        """Start ``thread`` and hold its first call of ``owner.name`` (before the
+        call) until the block ends: the block runs while the thread is there."""
+        reached, go = threading.Event(), threading.Event()
+        real = getattr(owner, name)
 
-        def slow_scan(spec, row):
-            if threading.current_thread() is thread and not scanning.is_set():
-                scanning.set()
+        def held_call(*args, **kwargs):
+            if threading.current_thread() is thread and not reached.is_set():
+                reached.set()
                 go.wait(WAIT_S)
-            return real_next_event_at(spec, row)
+            return real(*args, **kwargs)
 
-        with unittest.mock.patch.object(caduceus, "next_event_at", slow_scan):
+        with unittest.mock.patch.object(owner, name, held_call):
             thread.start()
-            self.assertTrue(scanning.wait(WAIT_S))
+            self.assertTrue(reached.wait(WAIT_S))
             try:
-                yield go
+                yield
             finally:
                 go.set()
                 thread.join(WAIT_S)
+
+    def rebuild_held(self, thread: threading.Thread) -> contextlib.AbstractContextManager:
+        """Start ``thread`` and hold the rebuild it makes half-way (its rows read, not
+        yet all worked through) until the block ends."""
+        return self.held(thread, caduceus, "next_event_at")
 
     def test_the_periodic_rebuild_holds_up_no_check_in_and_keeps_what_they_scheduled(self):
         clock = SteppingClock()
@@ -2137,20 +2142,9 @@ class SweepHeapTest(unittest.TestCase):
         monitor = self.monitor_of(clock, {"a": "1h", "b": "2h"})
         monitor.sweep()
         clock.advance(caduceus.REINDEX_EVERY_S + 1)
-        real_install, waiting, go = monitor._install, threading.Event(), threading.Event()
-
-        def install_later(*args):
-            waiting.set()  # the rows are read and worked through; the heap not yet replaced
-            go.wait(WAIT_S)
-            return real_install(*args)
-
-        sweeper = threading.Thread(target=monitor.sweep)
-        with unittest.mock.patch.object(monitor, "_install", install_later):
-            sweeper.start()
-            self.assertTrue(waiting.wait(WAIT_S))
+        # Held with the rows read and worked through, the heap not yet replaced.
+        with self.held(threading.Thread(target=monitor.sweep), monitor, "_install"):
             monitor.pause("b", clock.now + 60)  # b's next event moves 2 h earlier, now
-            go.set()
-            sweeper.join(WAIT_S)
         self.assertEqual(self.heap_entries(monitor), self.scan_entries(monitor))
         self.assertEqual(monitor.next_sweep_at(), clock.now + 60)
 
@@ -2161,23 +2155,9 @@ class SweepHeapTest(unittest.TestCase):
         monitor.pause("a")
         faster = dataclasses.replace(monitor.config.checks["a"], every_s=120.0)
         new_config = dataclasses.replace(monitor.config, checks={**monitor.config.checks, "a": faster})
-        real_operation, entering, go = monitor._operation, threading.Event(), threading.Event()
-
-        @contextlib.contextmanager
-        def operation_later():
-            if threading.current_thread() is resumer and not entering.is_set():
-                entering.set()  # resume() has begun; its transaction has not
-                go.wait(WAIT_S)
-            with real_operation() as now:
-                yield now
-
-        resumer = threading.Thread(target=monitor.resume, args=("a",))
-        with unittest.mock.patch.object(monitor, "_operation", operation_later):
-            resumer.start()
-            self.assertTrue(entering.wait(WAIT_S))
+        # Held with resume() begun and its transaction not.
+        with self.held(threading.Thread(target=monitor.resume, args=("a",)), monitor, "_operation"):
             monitor.reload(new_config)
-            go.set()
-            resumer.join(WAIT_S)
         self.assertEqual(monitor.next_sweep_at(), clock.now + 120)
 
     def test_a_clock_step_found_by_a_failed_operation_is_found_again_by_the_next(self):
