@@ -2269,10 +2269,75 @@ def _read_toml(path: str) -> dict:
         line = raw[:exc.start].count(b"\n") + 1
         raise ConfigError(f"{path}: expected a UTF-8 text file, got byte 0x{raw[exc.start]:02x} on line "
                           f"{line} (save the config as UTF-8)") from None
+    data = _plain_toml(text)
+    if data is not None:
+        return data
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+#: Each line of plain TOML (see _plain_toml), matched whole: a table header of
+#: bare keys, or a bare key and a one-line value, either with a comment, or a
+#: comment or nothing.  TOML's whitespace is spaces and tabs only; strings and
+#: comments hold no control character but tab (nor, as {C}, a line break).
+_PLAIN_TOML_LINES = re.compile(r"""^[ \t]*(?:
+    \[[ \t]*([A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*)[ \t]*\]  # [table.name]
+  | ([A-Za-z0-9_-]+)[ \t]*=[ \t]*(                                    # key = value:
+        "[^"\\{C}]*"                                                 # a string without escapes,
+      | '[^'{C}]*'                                                   # a literal string,
+      | [+-]?(?:0|[1-9][0-9]*)                                       # a decimal integer,
+      | true | false                                                 # a boolean,
+      | \[[ \t]*(?:"[^"\\{C}]*"[ \t]*,[ \t]*)*(?:"[^"\\{C}]*"[ \t]*)?\]  # a list of strings
+    )
+)?[ \t]*(?:\#[^{C}]*)?$""".replace("{C}", r"\x00-\x08\x0a-\x1f\x7f"), re.VERBOSE | re.MULTILINE)
+
+
+def _plain_toml(text: str) -> dict | None:
+    """``tomllib.loads(text)`` for the plain TOML configs are written in, or
+    None for anything else (the caller then runs tomllib, whose answer or
+    error stands).
+
+    Plain is: table headers of bare keys, and lines of ``key = value`` with a
+    bare key and a value that is a string without escapes, a decimal integer,
+    true or false, or a one-line list of such strings.  Any other construct,
+    and anything TOML forbids (a key or table defined twice, a table through
+    a value), gives None, so a config reads the same either way.  Why:
+    tomllib takes about 16 us a line, 0.16 s at start-up for a config of
+    10,000 alerts; this reader takes a fifth of that.
+    """
+    text = text.replace("\r\n", "\n")  # a lone CR is not plain: it is a control character
+    lines = _PLAIN_TOML_LINES.findall(text)
+    # ^...$ match at most once a line, so as many matches as lines is all of them.
+    if len(lines) != text.count("\n") + 1:
+        return None
+    root: dict = {}
+    table = root
+    headers = set()  # tables defined by a header; implicit super-tables may still get one
+    for header, key, value in lines:
+        if key:
+            if key in table:
+                return None
+            if value[0] in "\"'":
+                table[key] = value[1:-1]
+            elif value[0] == "[":
+                table[key] = re.findall(r'"([^"]*)"', value)
+            elif value[0] in "tf":
+                table[key] = value == "true"
+            else:
+                table[key] = int(value)
+        elif header:
+            keys = tuple(header.replace(" ", "").replace("\t", "").split("."))
+            if keys in headers:
+                return None
+            headers.add(keys)
+            table = root
+            for name in keys:
+                table = table.setdefault(name, {})
+                if not isinstance(table, dict):
+                    return None
+    return root
 
 
 def _check_spec(path: str, name: str, table: Any, default_channels: tuple[str, ...],

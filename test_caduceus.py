@@ -1201,6 +1201,53 @@ class ConfigTest(unittest.TestCase):
             every = "1h
         """, "invalid TOML", "line 3")
 
+    #: Lines for test_plain_toml_reads_as_tomllib_does: plain ones, some of
+    #: which clash (a = "x" and [a.b], b = 1 in [a] and [a.b], the same header
+    #: or key twice), and ones just past plain or not TOML at all.
+    PLAIN_TOML_LINES = (
+        "", "   ", "# note", "\t# note \u00e9", "[a]", "[a.b]", "[ a . b ]", "[b]", "[a.b.c]", "[a] # c",
+        'k = "v"', "k = 'v'", 'k="v#x" # c', 'k = ""', "j = 1", "j = -0", "j = +7", "j = 99999999999999999999",
+        "t = true", "t = false", 'l = ["a", "b",]', "l = []", 'l = [ "a" ]', 's = "tab\there"',
+        's = "\u00e9 \u2603"', 'a = "x"', "b = 1", "-_9 = 0",
+    )
+    OTHER_TOML_LINES = (
+        "#\x01", "[a]x", '["q"]', "[[arr]]", "[a.]", "[]", "j = 007", "j = 1_000", "j = 1.5", "j = 0x1f",
+        "t = True", "l = [,]", 'l = ["a" "b"]', "l = ['a']", "l = [1]", 's = "a\\nb"', 's = """x"""',
+        "s = '''x'''", 's = "ctl\x01"', "\u00e9 = 1", "k.x = 1", '"q" = 1', "k = {x = 1}", 'k = "open',
+        "= 1", "k =", "k = 1 2",
+    )
+
+    def test_plain_toml_reads_as_tomllib_does(self):
+        """The fast reader of plain configs gives tomllib's answer or steps aside (property, fixed seed)."""
+        toml = caduceus.tomllib
+        if toml is None:
+            self.skipTest("no tomllib or tomli on this Python")
+        rng = random.Random(7)
+        read = clashes = 0
+        for _ in range(3000):
+            ends = rng.choice(["\n", "\n", "\r\n", "\r"])
+            lines = [rng.choice(self.PLAIN_TOML_LINES if rng.random() < 0.9 else self.OTHER_TOML_LINES)
+                     for _ in range(rng.randint(1, 7))]
+            text = "".join(line + rng.choice([ends, "\n"]) for line in lines)
+            try:
+                expected = toml.loads(text)
+            except toml.TOMLDecodeError:
+                expected = None
+                clashes += set(lines) <= set(self.PLAIN_TOML_LINES) and "\r" not in text.replace("\r\n", "\n")
+            got = caduceus._plain_toml(text)
+            if got is not None:
+                read += 1
+                self.assertIsNotNone(expected, f"read TOML that tomllib refuses: {text!r}")
+                # json keeps the order of keys, and tells true from 1
+                self.assertEqual(json.dumps(got), json.dumps(expected), text)
+        self.assertGreater(read, 800)
+        self.assertGreater(clashes, 300)
+        with open(os.path.join(HERE, "caduceus.toml.example"), encoding="utf-8") as file:
+            example = file.read()
+        self.assertEqual(caduceus._plain_toml(example), toml.loads(example), "the example is plain")
+        self.assertEqual(caduceus._plain_toml(example.replace("\n", "\r\n")), toml.loads(example),
+                         "Windows line ends are plain")
+
     def test_missing_file_names_the_path(self):
         path = os.path.join(temp_dir(self), "nope.toml")
         with self.assertRaises(caduceus.ConfigError) as caught:
