@@ -2281,7 +2281,7 @@ def _read_toml(path: str) -> dict:
 #: Each line of plain TOML (see _plain_toml), matched whole: a table header of
 #: bare keys, or a bare key and a one-line value, either with a comment, or a
 #: comment or nothing.  TOML's whitespace is spaces and tabs only; strings and
-#: comments hold no control character but tab (nor, as {C}, a line break).
+#: comments hold no control character but tab ({C}, which takes in the line feed).
 _PLAIN_TOML_LINES = re.compile(r"""^[ \t]*(?:
     \[[ \t]*([A-Za-z0-9_-]+(?:[ \t]*\.[ \t]*[A-Za-z0-9_-]+)*)[ \t]*\]  # [table.name]
   | ([A-Za-z0-9_-]+)[ \t]*=[ \t]*(                                    # key = value:
@@ -2304,8 +2304,8 @@ def _plain_toml(text: str) -> dict | None:
     true or false, or a one-line list of such strings.  Any other construct,
     and anything TOML forbids (a key or table defined twice, a table through
     a value), gives None, so a config reads the same either way.  Why:
-    tomllib takes about 16 us a line, 0.16 s at start-up for a config of
-    10,000 alerts; this reader takes a fifth of that.
+    tomllib takes about 4 us a line here, 0.16 s at start-up for a config of
+    10,000 alerts; this reader takes about a third of that.
     """
     text = text.replace("\r\n", "\n")  # a lone CR is not plain: it is a control character
     root: dict = {}
