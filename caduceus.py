@@ -2274,7 +2274,7 @@ def _read_toml(path: str) -> dict:
         return data
     try:
         return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an integer of over 4,300 digits
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
 
 
@@ -2287,7 +2287,7 @@ _PLAIN_TOML_LINES = re.compile(r"""^[ \t]*(?:
   | ([A-Za-z0-9_-]+)[ \t]*=[ \t]*(                                    # key = value:
         "[^"\\{C}]*"                                                 # a string without escapes,
       | '[^'{C}]*'                                                   # a literal string,
-      | [+-]?(?:0|[1-9][0-9]*)                                       # a decimal integer,
+      | [+-]?(?:0|[1-9][0-9]{0,18})                                  # a 64-bit decimal integer,
       | true | false                                                 # a boolean,
       | \[[ \t]*(?:"[^"\\{C}]*"[ \t]*,[ \t]*)*(?:"[^"\\{C}]*"[ \t]*)?\]  # a list of strings
     )

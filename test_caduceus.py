@@ -1252,6 +1252,10 @@ class ConfigTest(unittest.TestCase):
         self.assertEqual(caduceus._plain_toml(example.replace("\n", "\r\n")), toml.loads(example),
                          "Windows line ends are plain")
 
+    def test_an_integer_too_long_for_python_is_a_config_error(self):
+        # Python refuses to read an integer of over 4,300 digits (CVE-2020-10735).
+        self.assertConfigError("[config]\nmax_connections = " + "9" * 5000 + "\n", "invalid TOML")
+
     def test_missing_file_names_the_path(self):
         path = os.path.join(temp_dir(self), "nope.toml")
         with self.assertRaises(caduceus.ConfigError) as caught:
