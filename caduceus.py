@@ -2276,6 +2276,8 @@ def _read_toml(path: str) -> dict:
         return tomllib.loads(text)
     except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an integer of over 4,300 digits
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib reads nested lists and inline tables by recursion
+        raise ConfigError(f"{path}: invalid TOML: lists or inline tables nested too deeply") from None
 
 
 #: Each line of plain TOML (see _plain_toml), matched whole: a table header of

@@ -1256,6 +1256,10 @@ class ConfigTest(unittest.TestCase):
         # Python refuses to read an integer of over 4,300 digits (CVE-2020-10735).
         self.assertConfigError("[config]\nmax_connections = " + "9" * 5000 + "\n", "invalid TOML")
 
+    def test_lists_nested_too_deeply_are_a_config_error(self):
+        self.assertConfigError("[alerts]\ndefault_channels = " + "[" * 5000 + "]" * 5000 + "\n",
+                               "invalid TOML", "nested too deeply")
+
     def test_missing_file_names_the_path(self):
         path = os.path.join(temp_dir(self), "nope.toml")
         with self.assertRaises(caduceus.ConfigError) as caught:
