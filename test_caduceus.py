@@ -1578,6 +1578,10 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store._conn.execute("PRAGMA page_size").fetchone()[0], 8192)
         self.assertEqual(self.store._conn.execute("PRAGMA synchronous").fetchone()[0], 2, "FULL")
 
+    def test_the_page_cache_is_512_kib(self):
+        # Once filled, SQLite's page cache stays resident: 2 MiB by default.
+        self.assertEqual(self.store._conn.execute("PRAGMA cache_size").fetchone()[0], -512)
+
     def test_kept_bodies_stay_within_the_byte_budget_and_rows_within_the_ring(self):
         self.store.sync_checks(["job", "other"], 0.0)
         self.store.history_bytes = 10_000
