@@ -787,7 +787,7 @@ class ConfigTest(unittest.TestCase):
         return message
 
     def test_a_loaded_config_keeps_its_alerts_not_the_parse(self):
-        # 2,000 alerts: what load_config keeps is a small part of what reading took.
+        # 2,000 alerts: a config keeps less than its parsed tables alone, so it keeps no part of them.
         text = "[alerts]\ndefault_channels = [\"console\"]\n" + "".join(
             f"[alerts.job-{number:04d}]\nevery = \"1h\"\nnotify_every = \"1h\"\n" for number in range(2000))
         path = write_config(self, text)
@@ -1210,12 +1210,12 @@ class ConfigTest(unittest.TestCase):
     #: or key twice), and ones just past plain or not TOML at all.
     PLAIN_TOML_LINES = (
         "", "   ", "# note", "\t# note \u00e9", "[a]", "[a.b]", "[ a . b ]", "[b]", "[a.b.c]", "[a] # c",
-        'k = "v"', "k = 'v'", 'k="v#x" # c', 'k = ""', "j = 1", "j = -0", "j = +7", "j = 99999999999999999999",
+        'k = "v"', "k = 'v'", 'k="v#x" # c', 'k = ""', "j = 1", "j = -0", "j = +7", "j = 9223372036854775807",
         "t = true", "t = false", 'l = ["a", "b",]', "l = []", 'l = [ "a" ]', 's = "tab\there"',
         's = "\u00e9 \u2603"', 'a = "x"', "b = 1", "-_9 = 0",
     )
     OTHER_TOML_LINES = (
-        "#\x01", "[a]x", '["q"]', "[[arr]]", "[a.]", "[]", "j = 007", "j = 1_000", "j = 1.5", "j = 0x1f",
+        "#\x01", "j = 99999999999999999999", "[a]x", '["q"]', "[[arr]]", "[a.]", "[]", "j = 007", "j = 1_000", "j = 1.5", "j = 0x1f",
         "t = True", "l = [,]", 'l = ["a" "b"]', "l = ['a']", "l = [1]", 's = "a\\nb"', 's = """x"""',
         "s = '''x'''", 's = "ctl\x01"', "\u00e9 = 1", "k.x = 1", '"q" = 1', "k = {x = 1}", 'k = "open',
         "= 1", "k =", "k = 1 2",
@@ -1254,7 +1254,13 @@ class ConfigTest(unittest.TestCase):
 
     def test_an_integer_too_long_for_python_is_a_config_error(self):
         # Python refuses to read an integer of over 4,300 digits (CVE-2020-10735).
-        self.assertConfigError("[config]\nmax_connections = " + "9" * 5000 + "\n", "invalid TOML")
+        self.assertConfigError("[config]\nmax_connections = " + "9" * 5000 + "\n", "invalid TOML",
+                               "an integer of over 4,300 digits")
+
+    def test_a_time_zone_of_hundreds_of_parts_is_a_config_error(self):
+        # zoneinfo looks a name up as a module path, by recursion
+        self.assertConfigError('[config]\ntimezone = "' + "A/" * 400 + 'B"\n', "config.timezone",
+                               "expected an IANA time zone")
 
     def test_lists_nested_too_deeply_are_a_config_error(self):
         self.assertConfigError("[alerts]\ndefault_channels = " + "[" * 5000 + "]" * 5000 + "\n",
@@ -1578,9 +1584,22 @@ class StoreTest(unittest.TestCase):
         self.assertEqual(self.store._conn.execute("PRAGMA page_size").fetchone()[0], 8192)
         self.assertEqual(self.store._conn.execute("PRAGMA synchronous").fetchone()[0], 2, "FULL")
 
-    def test_the_page_cache_is_512_kib(self):
+    def test_the_page_cache_is_512_kib_on_every_connection(self):
         # Once filled, SQLite's page cache stays resident: 2 MiB by default.
         self.assertEqual(self.store._conn.execute("PRAGMA cache_size").fetchone()[0], -512)
+        with self.store._reading() as reader:
+            self.assertEqual(reader.execute("PRAGMA cache_size").fetchone()[0], -512, "a reader")
+
+    def test_a_snapshot_read_left_half_way_leaves_no_reader_on_it(self):
+        self.store.sync_checks([f"job-{number}" for number in range(100)], 0.0)
+        with self.assertRaises(ZeroDivisionError):
+            with self.store.checks_as_committed() as rows:
+                next(rows)
+                1 / 0
+        self.store.record_ping("job-0", 1.0, caduceus.Ping())
+        with self.store.checks_as_committed() as rows:
+            self.assertEqual(next(rows)["n_pings"], 1, "a stale snapshot")
+        self.assertEqual(self.store.check("job-0")["n_pings"], 1)
 
     def test_kept_bodies_stay_within_the_byte_budget_and_rows_within_the_ring(self):
         self.store.sync_checks(["job", "other"], 0.0)
